@@ -1,0 +1,62 @@
+"""`bpfree` command line: one subcommand per job, each implemented in its own module.
+
+A subcommand module provides `add_arguments(parser)` and `run(args) -> int`; it is imported
+only when its subcommand runs, so `bpfree train` never pays for importing gRPC or Flower.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+from bpfree_core.errors import BpfreeError
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("bpfree_core.cli_train", "train a stack in one process (the golden reference)"),
+    "worker": ("client.worker_cli", "serve one pipeline stage over gRPC"),
+    "pipeline": ("client.pipeline_cli", "train one client's pipeline of stage workers"),
+    "simulate": ("server.simulate", "federated run: K clients x S stages on this machine"),
+    "bench": ("bench.cli", "benchmarks: accuracy, pipeline, throughput sweeps"),
+}
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bpfree", description="Backprop-free training, pipelined and federated.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        if name in argv[:2]:  # import only the subcommand that runs
+            _load(module).add_arguments(p)
+    return parser
+
+
+def _load(module: str):  # noqa: ANN202
+    return importlib.import_module(module)
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv).parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(_load(args._module).run(args) or 0)
+    except BpfreeError as exc:
+        print(f"bpfree {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

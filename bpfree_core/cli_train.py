@@ -1,0 +1,52 @@
+"""`bpfree train`: the single-process reference trainer."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from bpfree_core.config import load_config
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags every job shares: a TOML config, overrides and the common shortcuts."""
+    parser.add_argument("--config", help="TOML config file (sections as in deploy/*.toml)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config value, e.g. --set train.epochs=5 (repeatable)")
+    parser.add_argument("--algorithm", help="ff | symba | sffa | ffcl | uff | bp")
+    parser.add_argument("--dataset", help="mnist | fashion-mnist")
+    parser.add_argument("--layers", help="hidden layer sizes, e.g. 500,500 or 3x1000")
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--data-dir", help="directory with the dataset's IDX .gz files")
+    parser.add_argument("--device", help="cpu | cuda | cuda:N")
+    parser.add_argument("--out", type=Path, help="run directory for metrics, checkpoint, summary")
+
+
+SHORTCUTS = {"algorithm": "model.algorithm", "dataset": "model.dataset", "layers": "model.hidden",
+             "epochs": "train.epochs", "batch_size": "train.batch_size", "lr": "optim.lr",
+             "seed": "train.seed", "data_dir": "train.data_dir", "device": "train.device"}
+
+
+def config_from_args(args: argparse.Namespace):  # noqa: ANN201
+    overrides = [f"{key}={getattr(args, flag)}" for flag, key in SHORTCUTS.items()
+                 if getattr(args, flag, None) is not None]
+    return load_config(args.config, overrides + list(args.set))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
+
+
+def run(args: argparse.Namespace) -> int:
+    from bpfree_core.trainer import train_reference
+
+    cfg = config_from_args(args)
+    summary = train_reference(cfg, args.out, resume=args.resume)
+    summary.pop("weights")
+    print(json.dumps(summary, indent=2))
+    return 0

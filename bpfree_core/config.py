@@ -1,0 +1,313 @@
+"""One typed config tree, loaded from TOML and `--set section.key=value` overrides.
+
+Every field has a default, a unit where it has one, and is validated in `__post_init__`.
+Overrides are coerced to the declared field type; unknown keys are rejected with the valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bpfree_core.errors import ConfigError
+
+ALGORITHMS = ("ff", "symba", "sffa", "ffcl", "uff", "bp")
+DATASETS = ("mnist", "fashion-mnist")
+WIRE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _check_choice(section: str, name: str, value: Any, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ConfigError(f"{section}.{name} = {value!r} is not valid; choose one of {', '.join(valid)}")
+
+
+def _check_positive(section: str, name: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{section}.{name} = {value!r} must be {bound}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    algorithm: str = "ff"                          # one of ALGORITHMS
+    dataset: str = "mnist"                         # one of DATASETS
+    hidden: tuple[int, ...] = (500, 500)           # units per hidden layer, in order
+    conv: tuple[int, ...] = ()                     # conv channels before `hidden` (uff, bp only)
+
+    def __post_init__(self) -> None:
+        _check_choice("model", "algorithm", self.algorithm, ALGORITHMS)
+        _check_choice("model", "dataset", self.dataset, DATASETS)
+        if not self.hidden and not self.conv:
+            raise ConfigError("model.hidden is empty: give at least one layer size, e.g. [500, 500]")
+        for i, n in enumerate(self.hidden):
+            if not isinstance(n, int) or n < 2:
+                raise ConfigError(f"model.hidden[{i}] = {n!r}: every layer needs an integer >= 2 units")
+            if self.algorithm == "sffa" and n % 2:
+                raise ConfigError(
+                    f"model.hidden[{i}] = {n}: sffa splits each layer into positive and negative "
+                    "halves, so every size must be even"
+                )
+        for i, c in enumerate(self.conv):
+            if not isinstance(c, int) or c < 1:
+                raise ConfigError(f"model.conv[{i}] = {c!r}: every conv layer needs >= 1 channel")
+        if self.conv and self.algorithm not in ("uff", "bp"):
+            raise ConfigError(
+                f"model.conv is set but model.algorithm = {self.algorithm!r}: conv layers are "
+                "supported for uff and bp; use model.hidden for the others"
+            )
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    threshold: float = -1.0        # ff: goodness threshold; < 0 means "layer width" (mean-square 1)
+    alpha: float = 4.0             # symba: scale of the goodness gap
+    peer_weight: float = 0.03      # ff/symba: peer-normalisation penalty weight (0 = off)
+    straight_through: bool = True  # ff/symba/sffa: ReLU passes full gradient (avoids dead units)
+    pattern_bits: int = 100        # symba/sffa: length of the class pattern
+    pattern_density: float = 0.1   # symba/sffa: Bernoulli p of a pattern bit
+    icp: bool = True               # symba: carry the intrinsic class pattern into every layer
+    margin: float = 0.0            # ffcl: cosine margin for negative pairs
+    noise_std: float = 0.3         # uff: denoising noise (0 = plain autoencoder)
+    head: bool = True              # train a local softmax readout head per layer
+
+    def __post_init__(self) -> None:
+        _check_positive("objective", "alpha", self.alpha)
+        _check_positive("objective", "peer_weight", self.peer_weight, allow_zero=True)
+        _check_positive("objective", "pattern_bits", self.pattern_bits)
+        if not 0 < self.pattern_density < 1:
+            raise ConfigError(f"objective.pattern_density = {self.pattern_density} must be in (0, 1)")
+        _check_positive("objective", "noise_std", self.noise_std, allow_zero=True)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    optimizer: str = "adam"        # adam | sgd
+    lr: float = 1e-3               # layer learning rate
+    momentum: float = 0.9          # sgd only
+    weight_decay: float = 0.0
+    head_lr: float = 1e-3          # readout-head learning rate
+    cooldown: bool = True          # linear lr decay to 0 over the second half of training
+
+    def __post_init__(self) -> None:
+        _check_choice("optim", "optimizer", self.optimizer, ("adam", "sgd"))
+        _check_positive("optim", "lr", self.lr)
+        _check_positive("optim", "head_lr", self.head_lr)
+        _check_positive("optim", "weight_decay", self.weight_decay, allow_zero=True)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 2
+    batch_size: int = 100
+    seed: int = 0
+    train_limit: int = 0           # use only the first N training images (0 = all)
+    test_limit: int = 0            # evaluate on the first N test images (0 = all)
+    threads: int = 0               # torch threads (0 = torch default)
+    device: str = "cpu"            # cpu | cuda | cuda:N
+    predict: str = "softmax"       # softmax | goodness | both (goodness: ff, symba, sffa only)
+    data_dir: str = ""             # local dataset dir; "" = $BPFREE_DATA_DIR, else download cache
+
+    def __post_init__(self) -> None:
+        _check_positive("train", "epochs", self.epochs)
+        _check_positive("train", "batch_size", self.batch_size)
+        _check_positive("train", "train_limit", self.train_limit, allow_zero=True)
+        _check_positive("train", "test_limit", self.test_limit, allow_zero=True)
+        _check_choice("train", "predict", self.predict, ("softmax", "goodness", "both"))
+        if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
+            raise ConfigError(f"train.device = {self.device!r}; use cpu, cuda or cuda:N")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    stages: int = 2                # stage workers per client; layers are split contiguously
+    wire_dtype: str = "float32"    # float32 | bfloat16 | float16 activations on the wire
+    window: int = 4                # max in-flight batches per link (backpressure)
+    chunk_bytes: int = 1 << 20     # tensor chunk size on the wire (bytes)
+    rpc_timeout: float = 60.0      # deadline of one RPC (seconds)
+    connect_timeout: float = 30.0  # deadline to reach a peer, retries included (seconds)
+    token: str = ""                # shared secret checked on every RPC ("" = none)
+
+    def __post_init__(self) -> None:
+        _check_positive("pipeline", "stages", self.stages)
+        _check_choice("pipeline", "wire_dtype", self.wire_dtype, WIRE_DTYPES)
+        _check_positive("pipeline", "window", self.window)
+        _check_positive("pipeline", "chunk_bytes", self.chunk_bytes)
+        _check_positive("pipeline", "rpc_timeout", self.rpc_timeout)
+        _check_positive("pipeline", "connect_timeout", self.connect_timeout)
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    clients: int = 3               # K federated clients
+    rounds: int = 3
+    local_epochs: int = 1          # epochs each client trains per round
+    partition: str = "iid"         # iid | dirichlet:ALPHA | shards:N
+    min_clients: int = 0           # replies needed to aggregate a round (0 = all clients)
+    proximal_mu: float = 0.0       # FedProx proximal term (0 = plain FedAvg)
+    round_timeout: float = 600.0   # seconds the coordinator waits for replies
+
+    def __post_init__(self) -> None:
+        _check_positive("federation", "clients", self.clients)
+        _check_positive("federation", "rounds", self.rounds)
+        _check_positive("federation", "local_epochs", self.local_epochs)
+        _check_positive("federation", "min_clients", self.min_clients, allow_zero=True)
+        if self.min_clients > self.clients:
+            raise ConfigError(
+                f"federation.min_clients = {self.min_clients} exceeds federation.clients = "
+                f"{self.clients}"
+            )
+        _check_positive("federation", "proximal_mu", self.proximal_mu, allow_zero=True)
+        from bpfree_core.partition import parse_partition  # local: partition imports config-free
+
+        parse_partition(self.partition)
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ExperimentConfig:
+        """Build from nested dicts (TOML or JSON), rejecting unknown sections and keys."""
+        sections = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for name, values in data.items():
+            if name not in sections:
+                raise ConfigError(
+                    f"unknown config section [{name}]; valid sections: {', '.join(sections)}"
+                )
+            if not isinstance(values, dict):
+                raise ConfigError(f"config section [{name}] must be a table of key = value")
+            section_cls = _section_type(name)
+            kwargs[name] = _build_section(name, section_cls, values)
+        return cls(**kwargs)
+
+    def with_overrides(self, overrides: list[str] | tuple[str, ...]) -> ExperimentConfig:
+        """Apply `section.key=value` strings, each coerced to the field's declared type."""
+        data = self.to_dict()
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} is not of the form section.key=value")
+            path, raw = item.split("=", 1)
+            parts = path.strip().split(".")
+            if len(parts) != 2:
+                raise ConfigError(f"override {item!r}: the key must be section.key, e.g. train.epochs")
+            section, key = parts
+            if section not in data:
+                raise ConfigError(
+                    f"override {item!r}: unknown section {section!r}; valid: {', '.join(data)}"
+                )
+            fields = {f.name: f for f in dataclasses.fields(_section_type(section))}
+            if key not in fields:
+                raise ConfigError(
+                    f"override {item!r}: unknown key {section}.{key}; valid keys: "
+                    f"{', '.join(fields)}"
+                )
+            data[section][key] = _coerce(f"{section}.{key}", _field_type(section, key), raw.strip())
+        return ExperimentConfig.from_dict(data)
+
+
+def _section_type(name: str) -> type:
+    hints = typing.get_type_hints(ExperimentConfig)
+    return hints[name]
+
+
+def _field_type(section: str, key: str) -> Any:
+    return typing.get_type_hints(_section_type(section))[key]
+
+
+def _build_section(name: str, section_cls: type, values: dict[str, Any]) -> Any:
+    fields = {f.name for f in dataclasses.fields(section_cls)}
+    unknown = set(values) - fields
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {', '.join(sorted(unknown))} in [{name}]; valid keys: "
+            f"{', '.join(sorted(fields))}"
+        )
+    hints = typing.get_type_hints(section_cls)
+    typed = {k: _coerce(f"{name}.{k}", hints[k], v) for k, v in values.items()}
+    try:
+        return section_cls(**typed)
+    except TypeError as exc:  # pragma: no cover - guarded by the checks above
+        raise ConfigError(f"[{name}]: {exc}") from exc
+
+
+def _coerce(where: str, typ: Any, value: Any) -> Any:
+    """Coerce a TOML value or an override string to `typ`, or raise a ConfigError naming `where`."""
+    origin = typing.get_origin(typ)
+    try:
+        if typ is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+                return True
+            if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if typ is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if typ is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if typ is str:
+            return str(value)
+        if origin is tuple:
+            (inner, _ellipsis) = typing.get_args(typ)
+            if isinstance(value, str):
+                items: list[Any] = []
+                for part in value.strip().strip("[]()").split(","):
+                    part = part.strip()
+                    repeat = re.fullmatch(r"(\d+)x(\d+)", part)  # "3x1000" = 1000,1000,1000
+                    if repeat:
+                        items += [repeat.group(2)] * int(repeat.group(1))
+                    elif part:
+                        items.append(part)
+            elif isinstance(value, list | tuple):
+                items = list(value)
+            else:
+                raise ValueError
+            return tuple(_coerce(where, inner, v) for v in items)
+        if origin in (typing.Union, types.UnionType):
+            raise ValueError  # not used by the config tree
+    except (ValueError, TypeError):
+        pass
+    else:
+        return value
+    name = getattr(typ, "__name__", str(typ))
+    raise ConfigError(f"{where} = {value!r} is not a valid {name}")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load a TOML config file (or defaults), then apply overrides."""
+    config = ExperimentConfig()
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist; pass an existing --config FILE.toml")
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {p} is not valid TOML: {exc}") from exc
+        config = ExperimentConfig.from_dict(data)
+    return config.with_overrides(overrides or [])

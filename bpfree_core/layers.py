@@ -1,0 +1,173 @@
+"""The unit of ownership: a layer that carries its parameters, optimiser, objective and head.
+
+A `LocalLayer` takes a `Packet` (named tensors: positive/negative/neutral activations, labels,
+prediction accumulators), trains itself on it with its local objective, and hands on a packet of
+*detached* outputs. Nothing it returns carries autograd history, so a stack of layers splits into
+contiguous stages at any boundary and no gradient ever crosses one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bpfree_core.config import ExperimentConfig
+
+Packet = dict[str, torch.Tensor]
+
+# Packet keys shared by every objective.
+LABELS = "y"            # (B,) int64 true labels
+LOGITS = "logits"       # (B, C) accumulated head log-probabilities (eval)
+GOODNESS = "goodness"   # (B, C) accumulated goodness per candidate label (eval)
+
+
+def rms_normalize(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Scale each row to unit root-mean-square: strips the length (goodness), keeps direction."""
+    return x / (x.pow(2).mean(dim=1, keepdim=True).sqrt() + eps)
+
+
+class _StraightThroughReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return x.clamp(min=0)
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return grad
+
+
+def relu(x: torch.Tensor, straight_through: bool) -> torch.Tensor:
+    """ReLU; with `straight_through` the full gradient passes even where the unit is 0."""
+    return _StraightThroughReLU.apply(x) if straight_through else F.relu(x)
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run a block with the global RNG seeded, restoring it afterwards (deterministic init)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def layer_seed(base_seed: int, index: int) -> int:
+    """Init seed of layer `index`: the same in every process that builds it."""
+    return base_seed * 7919 + 104729 * (index + 1)
+
+
+class LocalLayer(nn.Module):
+    """Base class: one layer, its optimiser, its local objective and its readout head.
+
+    Subclasses build their modules in `__init__`, then call `self.finish_init()`, and implement
+    `train_step` and `eval_step`.
+    """
+
+    def __init__(self, index: int, num_layers: int, cfg: ExperimentConfig, num_classes: int):
+        super().__init__()
+        self.index = index
+        self.num_layers = num_layers
+        self.cfg = cfg
+        self.num_classes = num_classes
+        self.head: nn.Linear | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.head_optimizer: torch.optim.Optimizer | None = None
+        self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
+
+    # -- construction -------------------------------------------------------------------------
+    def make_head(self, features: int) -> None:
+        """A bias-free linear softmax head, zero-initialised (loeweX), fed detached features."""
+        if self.cfg.objective.head:
+            self.head = nn.Linear(features, self.num_classes, bias=False)
+            nn.init.zeros_(self.head.weight)
+
+    def body_parameters(self) -> list[nn.Parameter]:
+        head = set(map(id, self.head.parameters())) if self.head is not None else set()
+        return [p for p in self.parameters() if id(p) not in head]
+
+    def finish_init(self) -> None:
+        """Create the optimisers once every module exists."""
+        o = self.cfg.optim
+        self.optimizer = _make_optimizer(self.body_parameters(), o.optimizer, o.lr, o.momentum,
+                                         o.weight_decay)
+        if self.head is not None:
+            self.head_optimizer = _make_optimizer(list(self.head.parameters()), o.optimizer,
+                                                  o.head_lr, o.momentum, 0.0)
+
+    # -- schedule -----------------------------------------------------------------------------
+    def set_epoch(self, epoch: int, total_epochs: int) -> None:
+        """Linear cool-down of the learning rates over the second half of training (loeweX)."""
+        o = self.cfg.optim
+        scale = 1.0
+        if o.cooldown and total_epochs > 1:
+            half = total_epochs // 2
+            if epoch >= half:
+                scale = 1.0 - (epoch - half) / (total_epochs - half + 1)
+        for opt, lr in ((self.optimizer, o.lr), (self.head_optimizer, o.head_lr)):
+            if opt is not None:
+                for group in opt.param_groups:
+                    group["lr"] = lr * scale
+
+    # -- optimisation helpers -----------------------------------------------------------------
+    def step_body(self, loss: torch.Tensor) -> None:
+        assert self.optimizer is not None
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+    def step_head(self, features: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        """One head step on detached features; returns head loss and accuracy on the batch."""
+        if self.head is None or self.head_optimizer is None:
+            return {}
+        logits = self.head(features.detach())
+        loss = F.cross_entropy(logits, labels)
+        self.head_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.head_optimizer.step()
+        acc = (logits.argmax(1) == labels).float().mean()
+        return {"head_loss": float(loss), "head_acc": float(acc)}
+
+    def votes(self) -> bool:
+        """Whether this layer's head/goodness counts in prediction (all but the first, as Hinton)."""
+        return self.index > 0 or self.num_layers == 1
+
+    def add_logits(self, packet: Packet, features: torch.Tensor) -> None:
+        if self.head is not None and self.votes():
+            logp = F.log_softmax(self.head(features), dim=1)
+            packet[LOGITS] = packet[LOGITS] + logp if LOGITS in packet else logp
+
+    # -- to implement -------------------------------------------------------------------------
+    def train_step(self, packet: Packet) -> tuple[Packet, dict[str, float]]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def eval_step(self, packet: Packet) -> Packet:
+        raise NotImplementedError
+
+    # -- state ----------------------------------------------------------------------------------
+    def optimizer_state(self) -> dict[str, object]:
+        return {
+            "body": self.optimizer.state_dict() if self.optimizer else None,
+            "head": self.head_optimizer.state_dict() if self.head_optimizer else None,
+        }
+
+    def load_optimizer_state(self, state: dict[str, object]) -> None:
+        if self.optimizer is not None and state.get("body") is not None:
+            self.optimizer.load_state_dict(state["body"])  # type: ignore[arg-type]
+        if self.head_optimizer is not None and state.get("head") is not None:
+            self.head_optimizer.load_state_dict(state["head"])  # type: ignore[arg-type]
+
+
+def _make_optimizer(
+    params: list[nn.Parameter], kind: str, lr: float, momentum: float, weight_decay: float
+) -> torch.optim.Optimizer:
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    # foreach=False: the same kernels on every device count, so runs are bit-reproducible.
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, foreach=False)
+
+
+def detach_packet(packet: Packet) -> Packet:
+    return {k: v.detach() for k, v in packet.items()}

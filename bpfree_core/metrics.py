@@ -1,0 +1,66 @@
+"""Run metrics: JSONL always, TensorBoard when it is installed."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+
+class MetricsWriter:
+    """Appends one JSON object per line to RUN_DIR/metrics.jsonl (and TensorBoard if present)."""
+
+    def __init__(self, run_dir: Path | None, tensorboard: bool = True):
+        self.path = run_dir / "metrics.jsonl" if run_dir else None
+        self.tb = None
+        if run_dir and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tb"))
+            except Exception:  # noqa: BLE001 - tensorboard is optional
+                self.tb = None
+
+    def write(self, record: dict[str, Any], step: int | None = None) -> None:
+        if self.path:
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps(record, sort_keys=True) + "\n")
+        if self.tb is not None and step is not None:
+            for key, value in _flatten(record).items():
+                if isinstance(value, int | float) and math.isfinite(value):
+                    self.tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "/"))
+        else:
+            out[key] = v
+    return out
+
+
+class RunningMeans:
+    """Per-layer running means of train-step metrics over an epoch."""
+
+    def __init__(self) -> None:
+        self.sums: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        self.counts: dict[int, int] = defaultdict(int)
+
+    def add(self, per_layer: dict[int, dict[str, float]]) -> None:
+        for layer, metrics in per_layer.items():
+            self.counts[layer] += 1
+            for k, v in metrics.items():
+                self.sums[layer][k] += v
+
+    def means(self) -> dict[str, dict[str, float]]:
+        return {str(layer): {k: v / self.counts[layer] for k, v in sums.items()}
+                for layer, sums in sorted(self.sums.items())}

@@ -1,0 +1,112 @@
+"""Build a stack of local layers from a config, and split it into contiguous stages."""
+
+from __future__ import annotations
+
+import torch
+
+from bpfree_core.config import ExperimentConfig
+from bpfree_core.data import SPECS
+from bpfree_core.errors import ConfigError
+from bpfree_core.layers import LocalLayer, Packet, layer_seed, seeded
+from bpfree_core.objectives import Objective, get_objective
+
+
+def build_objective(cfg: ExperimentConfig) -> Objective:
+    return get_objective(cfg, SPECS[cfg.model.dataset])
+
+
+def build_layers(
+    cfg: ExperimentConfig, indices: range | None = None, objective: Objective | None = None
+) -> list[LocalLayer]:
+    """Build layers `indices` (default: all) of the stack, each from its own seed.
+
+    Layer i is initialised identically whichever process builds it, so a stage worker that owns
+    layers 2..3 holds exactly what the single-process reference holds there.
+    """
+    objective = objective or build_objective(cfg)
+    sizes = objective.layer_sizes()
+    dims = [objective.input_dim, *sizes]
+    indices = indices if indices is not None else range(len(sizes))
+    layers = []
+    for i in indices:
+        with seeded(layer_seed(cfg.train.seed, i)):
+            layers.append(objective.build_layer(i, len(sizes), dims[i], dims[i + 1]))
+    return layers
+
+
+def split_stages(num_layers: int, stages: int) -> list[range]:
+    """Contiguous, near-equal split of `num_layers` layers into `stages` ranges."""
+    if stages < 1:
+        raise ConfigError(f"pipeline.stages = {stages} must be >= 1")
+    if stages > num_layers:
+        raise ConfigError(
+            f"pipeline.stages = {stages} but the model has only {num_layers} layer(s); use at "
+            f"most {num_layers} stages or add layers to model.hidden"
+        )
+    base, extra = divmod(num_layers, stages)
+    out, start = [], 0
+    for s in range(stages):
+        n = base + (1 if s < extra else 0)
+        out.append(range(start, start + n))
+        start += n
+    return out
+
+
+class Stage:
+    """A contiguous run of layers: what one stage worker (or the reference trainer) owns."""
+
+    def __init__(self, layers: list[LocalLayer], device: str | torch.device = "cpu"):
+        self.layers = layers
+        self.device = torch.device(device)
+        for layer in layers:
+            layer.to(self.device)
+
+    @property
+    def indices(self) -> list[int]:
+        return [layer.index for layer in self.layers]
+
+    def set_epoch(self, epoch: int, total_epochs: int) -> None:
+        for layer in self.layers:
+            layer.set_epoch(epoch, total_epochs)
+
+    def train_step(self, packet: Packet) -> tuple[Packet, dict[int, dict[str, float]]]:
+        packet = {k: v.to(self.device) for k, v in packet.items()}
+        metrics = {}
+        for layer in self.layers:
+            layer.train()
+            packet, metrics[layer.index] = layer.train_step(packet)
+        return packet, metrics
+
+    @torch.no_grad()
+    def eval_step(self, packet: Packet) -> Packet:
+        packet = {k: v.to(self.device) for k, v in packet.items()}
+        for layer in self.layers:
+            layer.eval()
+            packet = layer.eval_step(packet)
+        return packet
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Weights keyed `layers.<global index>.<name>`: the same keys in every process."""
+        return {f"layers.{layer.index}.{k}": v.detach().cpu().clone()
+                for layer in self.layers for k, v in layer.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for layer in self.layers:
+            prefix = f"layers.{layer.index}."
+            own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            expected = set(layer.state_dict())
+            if set(own) != expected:
+                missing, extra = expected - set(own), set(own) - expected
+                raise ConfigError(
+                    f"weights for layer {layer.index} do not match: missing {sorted(missing)}, "
+                    f"unexpected {sorted(extra)}"
+                )
+            layer.load_state_dict(own)
+
+    def optimizer_state(self) -> dict[int, dict[str, object]]:
+        return {layer.index: layer.optimizer_state() for layer in self.layers}
+
+    def load_optimizer_state(self, state: dict[int, dict[str, object]]) -> None:
+        for layer in self.layers:
+            if layer.index in state:
+                layer.load_optimizer_state(state[layer.index])

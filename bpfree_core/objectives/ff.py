@@ -1,0 +1,37 @@
+"""Forward-Forward (Hinton 2022, arXiv 2212.13345), following the loeweX reproduction.
+
+Goodness G = sum of squared ReLU activities; p(positive) = sigmoid(G - theta) with theta = layer
+width by default (the same as mean-square threshold 1); loss = softplus(theta - G+) +
+softplus(G- - theta). Label one-hot in the first 10 pixels; negatives carry a uniformly drawn
+*wrong* label; unit-RMS normalisation between layers; peer normalisation against dead units.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from bpfree_core.objectives import register
+from bpfree_core.objectives.goodness import GoodnessLayer, GoodnessObjective, LossOut
+
+
+class FFLayer(GoodnessLayer):
+    def threshold(self) -> float:
+        t = self.cfg.objective.threshold
+        return float(self.linear.out_features) if t < 0 else t
+
+    def goodness(self, y: torch.Tensor) -> torch.Tensor:
+        return y.pow(2).sum(dim=1)                                          # (B,)
+
+    def loss(self, y_pos: torch.Tensor, y_neg: torch.Tensor) -> LossOut:
+        theta = self.threshold()
+        g_pos, g_neg = self.goodness(y_pos), self.goodness(y_neg)
+        loss = F.softplus(theta - g_pos).mean() + F.softplus(g_neg - theta).mean()
+        ff_acc = 0.5 * ((g_pos > theta).float().mean() + (g_neg < theta).float().mean())
+        return loss, {"ff_acc": float(ff_acc), "g_pos": float(g_pos.mean()),
+                      "g_neg": float(g_neg.mean())}
+
+
+@register("ff")
+class ForwardForward(GoodnessObjective):
+    layer_cls = FFLayer

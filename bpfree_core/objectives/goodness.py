@@ -1,0 +1,175 @@
+"""What FF, SymBa and SFFA share: a linear+ReLU layer trained on positive vs negative inputs.
+
+Packet keys (B = batch, C = classes, D = width):
+  x        (B, D)    first-layer input shared by all roles (label carried by a class pattern)
+  pos/neg  (B, D)    positive / negative activations
+  neutral  (B, D)    activations of the neutral input (softmax readout)
+  cand     (B*C, D)  activations of every candidate label (goodness prediction)
+  y, y_neg (B,)      true and negative labels; y_cand (B*C,) candidate labels
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from bpfree_core.config import ExperimentConfig
+from bpfree_core.layers import GOODNESS, LABELS, LocalLayer, Packet, relu, rms_normalize
+from bpfree_core.objectives.base import Objective
+
+ROLES = ("pos", "neg", "neutral")
+LossOut = tuple[torch.Tensor, dict[str, float]]  # (loss, metrics)
+
+
+def class_patterns(seed: int, num_classes: int, bits: int, density: float) -> torch.Tensor:
+    """A fixed random binary pattern per class (C, bits), the same in every process."""
+    gen = torch.Generator().manual_seed(seed * 31 + 2718)
+    pats = (torch.rand(num_classes, bits, generator=gen) < density).float()
+    pats[torch.arange(num_classes), torch.arange(num_classes) % bits] = 1.0  # never all-zero
+    return pats
+
+
+class GoodnessLayer(LocalLayer):
+    """y = ReLU(W [normalise(x), pattern(label)] + b); subclasses give the loss and goodness."""
+
+    def __init__(
+        self,
+        index: int,
+        num_layers: int,
+        cfg: ExperimentConfig,
+        num_classes: int,
+        in_dim: int,
+        out_dim: int,
+        patterns: torch.Tensor | None = None,
+    ):
+        super().__init__(index, num_layers, cfg, num_classes)
+        extra = 0 if patterns is None else patterns.shape[1]
+        self.linear = nn.Linear(in_dim + extra, out_dim)
+        self.patterns: torch.Tensor | None
+        self.register_buffer("patterns", patterns)
+        # Running mean activity of each unit on positive data (peer normalisation, Hinton/loeweX).
+        self.register_buffer("running_mean", torch.full((out_dim,), 0.5))
+        self.make_head(out_dim)
+        self.finish_init()
+
+    # -- pieces subclasses override --------------------------------------------------------------
+    def loss(self, y_pos: torch.Tensor, y_neg: torch.Tensor) -> LossOut:
+        raise NotImplementedError
+
+    def goodness(self, y: torch.Tensor) -> torch.Tensor:
+        """(B, D) activations -> (B,) goodness used to rank candidate labels."""
+        raise NotImplementedError
+
+    # -- forward ------------------------------------------------------------------------------
+    def codes(self, packet: Packet, key: str, rows: int) -> torch.Tensor | None:
+        if self.patterns is None:
+            return None
+        if key == "neutral":  # the mean pattern carries no class information
+            return self.patterns.mean(0, keepdim=True).expand(rows, -1)
+        return self.patterns[packet[key]]
+
+    def forward_role(self, x: torch.Tensor, codes: torch.Tensor | None) -> torch.Tensor:
+        h = rms_normalize(x.float())                     # (B, D_in)
+        if codes is not None:
+            h = torch.cat([h, codes], dim=1)             # (B, D_in + bits)
+        return relu(self.linear(h), self.cfg.objective.straight_through)  # (B, D_out)
+
+    def role_input(self, packet: Packet, role: str) -> torch.Tensor:
+        return packet[role] if role in packet else packet["x"]
+
+    # -- training -----------------------------------------------------------------------------
+    def train_step(self, packet: Packet) -> tuple[Packet, dict[str, float]]:
+        y = packet[LABELS]
+        b = y.shape[0]
+        code_keys = {"pos": LABELS, "neg": "y_neg", "neutral": "neutral"}
+        x_pos, x_neg = self.role_input(packet, "pos"), self.role_input(packet, "neg")
+        y_pos = self.forward_role(x_pos, self.codes(packet, code_keys["pos"], b))
+        y_neg = self.forward_role(x_neg, self.codes(packet, code_keys["neg"], b))
+        loss, metrics = self.loss(y_pos, y_neg)
+        peer = self.cfg.objective.peer_weight
+        if peer > 0:
+            running = 0.9 * self.running_mean + 0.1 * y_pos.mean(0)
+            loss = loss + peer * (running.mean() - running).pow(2).mean()
+            self.running_mean.copy_(running.detach())
+        self.step_body(loss)
+        with torch.no_grad():
+            neutral = self.forward_role(self.role_input(packet, "neutral"),
+                                        self.codes(packet, "neutral", b))
+        metrics["loss"] = float(loss)
+        metrics.update(self.step_head(rms_normalize(neutral), y))
+        self.steps += 1
+        out = {"pos": y_pos.detach(), "neg": y_neg.detach(), "neutral": neutral, LABELS: y,
+               "y_neg": packet["y_neg"]}
+        return out, metrics
+
+    # -- evaluation ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def eval_step(self, packet: Packet) -> Packet:
+        out: Packet = {k: v for k, v in packet.items() if k in ("logits", GOODNESS, "y_cand")}
+        neutral_in = self.role_input(packet, "neutral")
+        neutral = self.forward_role(neutral_in, self.codes(packet, "neutral", neutral_in.shape[0]))
+        self.add_logits(out, rms_normalize(neutral))
+        out["neutral"] = neutral
+        if "cand" in packet or ("y_cand" in packet and "x" in packet):
+            x = packet["cand"] if "cand" in packet else packet["x"].repeat_interleave(
+                self.num_classes, dim=0)
+            cand = self.forward_role(x, self.codes(packet, "y_cand", x.shape[0]))  # (B*C, D)
+            if self.votes():
+                g = self.goodness(cand).view(-1, self.num_classes)                # (B, C)
+                out[GOODNESS] = out[GOODNESS] + g if GOODNESS in out else g
+            out["cand"] = cand
+        return out
+
+
+class GoodnessObjective(Objective):
+    """Encodes batches for the goodness family; subclasses pick the layer class and labels."""
+
+    supports_goodness = True
+    layer_cls: type[GoodnessLayer] = GoodnessLayer
+    uses_patterns = False      # label carried as a class pattern appended to the input
+
+    def patterns_for(self, index: int) -> torch.Tensor | None:
+        if not self.uses_patterns or not self.injects_at(index):
+            return None
+        o = self.cfg.objective
+        return class_patterns(self.cfg.train.seed, self.num_classes, o.pattern_bits,
+                              o.pattern_density)
+
+    def injects_at(self, index: int) -> bool:
+        return index == 0
+
+    def build_layer(self, index: int, num_layers: int, in_dim: int, out_dim: int) -> LocalLayer:
+        return self.layer_cls(index, num_layers, self.cfg, self.num_classes, in_dim, out_dim,
+                              self.patterns_for(index))
+
+    # Label in the first C pixels (Hinton); the pattern objectives override these two.
+    def embed(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = x.clone()
+        out[:, : self.num_classes] = 0.0
+        out[torch.arange(x.shape[0]), y] = 1.0
+        return out
+
+    def embed_neutral(self, x: torch.Tensor) -> torch.Tensor:
+        out = x.clone()
+        out[:, : self.num_classes] = 1.0 / self.num_classes
+        return out
+
+    def encode_train(self, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> Packet:
+        y_neg = self.wrong_labels(y, gen)
+        if self.uses_patterns:
+            return {"x": x, LABELS: y, "y_neg": y_neg}
+        return {"pos": self.embed(x, y), "neg": self.embed(x, y_neg),
+                "neutral": self.embed_neutral(x), LABELS: y, "y_neg": y_neg}
+
+    def encode_eval(self, x: torch.Tensor, goodness: bool) -> Packet:
+        b, c = x.shape[0], self.num_classes
+        y_cand = torch.arange(c).repeat(b)                                   # (B*C,)
+        if self.uses_patterns:
+            packet: Packet = {"x": x}
+            if goodness:
+                packet["y_cand"] = y_cand
+            return packet
+        packet = {"neutral": self.embed_neutral(x)}
+        if goodness:
+            packet["cand"] = self.embed(x.repeat_interleave(c, dim=0), y_cand)
+        return packet

@@ -1,0 +1,37 @@
+"""SFFA (Terres-Escudero et al. 2024, arXiv 2409.07387): positive/negative neuron partition.
+
+Each layer's units split into a positive half P and a negative half N; fitness
+g = sum_P y^2 / sum y^2 in [0, 1]; loss = binary cross-entropy, -log g(x+) - log(1 - g(x-)).
+The class pattern (Bernoulli(0.1), 100 bits) is appended to the input of the first layer, as the
+authors' code does. Prediction sums g over layers for every candidate class.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bpfree_core.objectives import register
+from bpfree_core.objectives.goodness import GoodnessLayer, GoodnessObjective, LossOut
+
+EPS = 1e-4
+
+
+class SFFALayer(GoodnessLayer):
+    def goodness(self, y: torch.Tensor) -> torch.Tensor:
+        half = y.shape[1] // 2
+        sq = y.pow(2)                                                        # (B, D)
+        g = sq[:, :half].sum(1) / (sq.sum(1) + 1e-12)                        # (B,)
+        return g.clamp(EPS, 1 - EPS)
+
+    def loss(self, y_pos: torch.Tensor, y_neg: torch.Tensor) -> LossOut:
+        g_pos, g_neg = self.goodness(y_pos), self.goodness(y_neg)
+        loss = -(g_pos.log().mean() + (1 - g_neg).log().mean())
+        ff_acc = 0.5 * ((g_pos > 0.5).float().mean() + (g_neg < 0.5).float().mean())
+        return loss, {"ff_acc": float(ff_acc), "g_pos": float(g_pos.mean()),
+                      "g_neg": float(g_neg.mean())}
+
+
+@register("sffa")
+class SFFA(GoodnessObjective):
+    layer_cls = SFFALayer
+    uses_patterns = True

@@ -1,0 +1,32 @@
+"""Process-level settings: device resolution and torch threads."""
+
+from __future__ import annotations
+
+import torch
+
+from bpfree_core.errors import ConfigError
+
+
+def resolve_device(device: str) -> torch.device:
+    """`cpu`, `cuda` or `cuda:N`, checked against what this machine has."""
+    if device == "cpu":
+        return torch.device("cpu")
+    if not device.startswith("cuda"):
+        raise ConfigError(f"device {device!r} is not valid; use cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            f"device {device!r} was asked for but this machine has no usable CUDA GPU "
+            "(torch.cuda.is_available() is False); use --device cpu"
+        )
+    dev = torch.device(device)
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(
+            f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} "
+            "GPU(s), cuda:0 .. cuda:{torch.cuda.device_count() - 1}"
+        )
+    return dev
+
+
+def set_threads(threads: int) -> None:
+    if threads > 0:
+        torch.set_num_threads(threads)

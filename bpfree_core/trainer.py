@@ -1,0 +1,155 @@
+"""The single-process reference trainer: the golden reference for every distributed run.
+
+Every random draw is a pure function of (seed, epoch, batch index), and layer i is initialised
+from its own seed, so a pipeline of stage workers fed `train_packets` reproduces this exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from bpfree_core.checkpoint import atomic_write_json, load_checkpoint, save_checkpoint
+from bpfree_core.config import ExperimentConfig
+from bpfree_core.data import Split, epoch_batches, load_dataset
+from bpfree_core.errors import ConfigError
+from bpfree_core.layers import Packet
+from bpfree_core.metrics import MetricsWriter, RunningMeans
+from bpfree_core.model import Stage, build_layers, build_objective
+from bpfree_core.objectives import Objective
+from bpfree_core.runtime import resolve_device, set_threads
+
+log = logging.getLogger(__name__)
+
+EVAL_BATCH = 1000
+TRAIN_EVAL_SAMPLES = 10_000   # train accuracy is measured on this many training images
+
+
+def batch_generator(seed: int, epoch: int, batch: int) -> torch.Generator:
+    """The generator for every random draw of one batch (negatives, noise)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_033 + batch)
+
+
+def train_packets(
+    objective: Objective, split: Split, cfg: ExperimentConfig, epoch: int
+) -> Iterator[Packet]:
+    """The first-layer packets of one training epoch, in order."""
+    for b, idx in enumerate(epoch_batches(len(split), cfg.train.batch_size, cfg.train.seed, epoch)):
+        yield objective.encode_train(split.images[idx], split.labels[idx],
+                                     batch_generator(cfg.train.seed, epoch, b))
+
+
+def num_train_batches(split: Split, cfg: ExperimentConfig) -> int:
+    return len(split) // cfg.train.batch_size
+
+
+def prediction_modes(objective: Objective, cfg: ExperimentConfig) -> tuple[bool, bool]:
+    """(softmax, goodness) prediction switches for this objective and config."""
+    mode = cfg.train.predict
+    if mode in ("goodness", "both") and not objective.supports_goodness:
+        raise ConfigError(
+            f"train.predict = {mode!r} but {objective.name} has no goodness; use softmax"
+        )
+    return mode in ("softmax", "both"), mode in ("goodness", "both")
+
+
+def evaluate(
+    forward: Callable[[Packet], Packet], objective: Objective, split: Split, cfg: ExperimentConfig
+) -> dict[str, float]:
+    """Accuracy of every prediction method on `split`, running packets through `forward`."""
+    _, goodness = prediction_modes(objective, cfg)
+    correct: dict[str, int] = {}
+    for start in range(0, len(split), EVAL_BATCH):
+        x = split.images[start:start + EVAL_BATCH]
+        y = split.labels[start:start + EVAL_BATCH]
+        out = forward(objective.encode_eval(x, goodness))
+        for method, pred in objective.predict(out).items():
+            correct[method] = correct.get(method, 0) + int((pred.cpu() == y).sum())
+    return {m: c / len(split) for m, c in correct.items()}
+
+
+def headline(acc: dict[str, float], cfg: ExperimentConfig) -> float:
+    """The accuracy a run reports: the configured method, the better of both with `both`."""
+    if cfg.train.predict == "both":
+        return max(acc.values())
+    return acc.get(cfg.train.predict, max(acc.values(), default=0.0))
+
+
+def limited(split: Split, limit: int) -> Split:
+    return split.subset(slice(0, limit)) if limit else split
+
+
+def train_reference(
+    cfg: ExperimentConfig,
+    run_dir: Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train the whole stack in this process; write metrics, checkpoint and summary to run_dir."""
+    set_threads(cfg.train.threads)
+    device = resolve_device(cfg.train.device)
+    data = load_dataset(cfg.model.dataset, cfg.train.data_dir or None)
+    train_split = limited(data.train, cfg.train.train_limit)
+    test_split = limited(data.test, cfg.train.test_limit)
+    objective = build_objective(cfg)
+    stage = Stage(build_layers(cfg, objective=objective), device)
+    first_epoch = 0
+    if run_dir:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run_dir / "config.json", cfg.to_dict())
+        if resume and (run_dir / "checkpoint.pt").exists():
+            state = load_checkpoint(run_dir / "checkpoint.pt")
+            stage.load_state_dict(state["weights"])
+            stage.load_optimizer_state(state["optimizer"])
+            first_epoch = state["epoch"] + 1
+    writer = MetricsWriter(run_dir)
+    start = time.perf_counter()
+    acc: dict[str, float] = {}
+    n_batches = num_train_batches(train_split, cfg)
+    for epoch in range(first_epoch, cfg.train.epochs):
+        stage.set_epoch(epoch, cfg.train.epochs)
+        means = RunningMeans()
+        t0 = time.perf_counter()
+        bar = tqdm(train_packets(objective, train_split, cfg, epoch), total=n_batches,
+                   desc=f"epoch {epoch + 1}/{cfg.train.epochs}", disable=not progress or None,
+                   leave=False)
+        for packet in bar:
+            _, metrics = stage.train_step(packet)
+            means.add(metrics)
+        train_time = time.perf_counter() - t0
+        acc = evaluate(stage.eval_step, objective, test_split, cfg)
+        train_acc = evaluate(stage.eval_step, objective,
+                             train_split.subset(slice(0, TRAIN_EVAL_SAMPLES)), cfg)
+        record = {"epoch": epoch + 1, "layers": means.means(), "test_accuracy": acc,
+                  "train_accuracy": train_acc, "epoch_seconds": train_time,
+                  "samples_per_second": n_batches * cfg.train.batch_size / train_time}
+        writer.write(record, step=epoch + 1)
+        log.info("epoch %d: test %s train %s (%.1fs)", epoch + 1, _fmt(acc), _fmt(train_acc),
+                 train_time)
+        if progress:
+            tqdm.write(f"epoch {epoch + 1}/{cfg.train.epochs}  test {_fmt(acc)}  "
+                       f"train {_fmt(train_acc)}  {train_time:.1f}s")
+        if run_dir:
+            save_checkpoint(run_dir / "checkpoint.pt", {
+                "epoch": epoch, "config": cfg.to_dict(), "weights": stage.state_dict(),
+                "optimizer": stage.optimizer_state()})
+    writer.close()
+    if not acc:  # resumed a finished run: evaluate what was loaded
+        acc = evaluate(stage.eval_step, objective, test_split, cfg)
+    summary = {"algorithm": cfg.model.algorithm, "dataset": cfg.model.dataset,
+               "test_accuracy": headline(acc, cfg), "test_accuracy_by_method": acc,
+               "epochs": cfg.train.epochs, "wall_seconds": time.perf_counter() - start}
+    if run_dir:
+        atomic_write_json(run_dir / "summary.json", summary)
+    summary["weights"] = stage.state_dict()
+    return summary
+
+
+def _fmt(acc: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:.4f}" for k, v in sorted(acc.items()))
