@@ -1,0 +1,60 @@
+"""Config: TOML + overrides coerced to declared types; bad values name the field and the fix."""
+
+import pytest
+
+from bpfree_core.config import ExperimentConfig, load_config
+from bpfree_core.errors import ConfigError
+
+
+def test_overrides_are_coerced_to_field_types():
+    cfg = ExperimentConfig().with_overrides(
+        ["train.epochs=3", "optim.lr=0.01", "model.hidden=3x100", "objective.icp=false",
+         "model.algorithm=symba"])
+    assert cfg.train.epochs == 3 and isinstance(cfg.train.epochs, int)
+    assert cfg.optim.lr == 0.01
+    assert cfg.model.hidden == (100, 100, 100)
+    assert cfg.objective.icp is False
+    assert cfg.model.algorithm == "symba"
+
+
+def test_toml_round_trip(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[model]\nalgorithm = "sffa"\nhidden = [64, 32]\n[train]\nepochs = 4\n')
+    cfg = load_config(path, ["train.seed=7"])
+    assert (cfg.model.algorithm, cfg.model.hidden, cfg.train.epochs, cfg.train.seed) == (
+        "sffa", (64, 32), 4, 7)
+    assert ExperimentConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize(
+    ("override", "words"),
+    [
+        ("model.algorithm=nope", ["model.algorithm", "ff, symba, sffa, ffcl, uff, bp"]),
+        ("train.epochs=two", ["train.epochs", "int"]),
+        ("train.epochs=0", ["train.epochs", "> 0"]),
+        ("model.hidden=100,1", ["model.hidden[1]", ">= 2"]),
+        ("train.nope=1", ["train.nope", "valid keys", "epochs"]),
+        ("nosection.x=1", ["unknown section", "train"]),
+        ("epochs", ["section.key=value"]),
+        ("federation.partition=dirichlet:-1", ["federation.partition", "dirichlet:ALPHA"]),
+        ("pipeline.wire_dtype=int8", ["pipeline.wire_dtype", "bfloat16"]),
+    ],
+)
+def test_bad_values_name_the_field_and_the_fix(override, words):
+    with pytest.raises(ConfigError) as err:
+        ExperimentConfig().with_overrides([override])
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_missing_and_malformed_config_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train\nepochs = 1")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
+    unknown = tmp_path / "unknown.toml"
+    unknown.write_text("[trian]\nepochs = 1\n")
+    with pytest.raises(ConfigError, match=r"unknown config section \[trian\]"):
+        load_config(unknown)

@@ -1,0 +1,76 @@
+"""Reference trainer: deterministic by seed, resumable after a real crash, clear CLI errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from bpfree_core.checkpoint import load_checkpoint
+from bpfree_core.config import load_config
+from bpfree_core.trainer import train_reference
+
+SMALL = ["train.train_limit=2000", "train.test_limit=500", "model.hidden=64,64",
+         "train.threads=1", "train.batch_size=100"]
+
+
+def _cfg(data_dir: Path, *extra: str):
+    return load_config(None, [f"train.data_dir={data_dir}", *SMALL, *extra])
+
+
+def test_same_seed_same_weights_other_seed_other_weights(data_dir):
+    a = train_reference(_cfg(data_dir, "train.epochs=1"), progress=False)["weights"]
+    b = train_reference(_cfg(data_dir, "train.epochs=1"), progress=False)["weights"]
+    c = train_reference(_cfg(data_dir, "train.epochs=1", "train.seed=1"), progress=False)["weights"]
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def _bpfree(*args: str, **kw) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "bpfree_cli", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_killed_run_resumes_to_the_same_weights(data_dir, tmp_path):
+    flags = ["--data-dir", str(data_dir), "--epochs", "4", *sum((["--set", s] for s in SMALL), [])]
+    whole = _bpfree("train", *flags, "--out", str(tmp_path / "whole"))
+    assert whole.wait(timeout=300) == 0, whole.stderr.read()
+
+    crashed = _bpfree("train", *flags, "--out", str(tmp_path / "crashed"))
+    ckpt = tmp_path / "crashed" / "checkpoint.pt"
+    deadline = time.monotonic() + 300
+    while not ckpt.exists() and crashed.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)  # polling for a file the run writes, with a deadline
+    crashed.send_signal(signal.SIGKILL)
+    crashed.wait(timeout=30)
+    epochs_done = load_checkpoint(ckpt)["epoch"] + 1
+    assert epochs_done < 4, "the run finished before it could be killed: nothing was tested"
+
+    resumed = _bpfree("train", *flags, "--out", str(tmp_path / "crashed"), "--resume")
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    a = load_checkpoint(tmp_path / "whole" / "checkpoint.pt")["weights"]
+    b = load_checkpoint(ckpt)["weights"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    summary = json.loads((tmp_path / "crashed" / "summary.json").read_text())
+    assert summary["epochs"] == 4 and summary["test_accuracy"] > 0.3
+
+
+def test_cli_errors_are_one_clear_sentence(tmp_path):
+    cases = [
+        (["train", "--algorithm", "nope"], "valid; choose one of ff, symba, sffa, ffcl, uff, bp"),
+        (["train", "--layers", "100,1"], "model.hidden[1]"),
+        (["train", "--data-dir", str(tmp_path / "missing")], "does not exist"),
+    ]
+    for args, words in cases:
+        proc = _bpfree(*args)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2, (args, err)
+        assert words in err and "Traceback" not in err
