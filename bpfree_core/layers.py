@@ -127,7 +127,7 @@ class LocalLayer(nn.Module):
         loss.backward()
         self.head_optimizer.step()
         acc = (logits.argmax(1) == labels).float().mean()
-        return {"head_loss": float(loss), "head_acc": float(acc)}
+        return {"head_loss": loss.item(), "head_acc": float(acc)}
 
     def votes(self) -> bool:
         """Whether this layer's head/goodness counts in prediction (all but the first, as Hinton)."""

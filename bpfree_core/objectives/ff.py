@@ -28,8 +28,8 @@ class FFLayer(GoodnessLayer):
         g_pos, g_neg = self.goodness(y_pos), self.goodness(y_neg)
         loss = F.softplus(theta - g_pos).mean() + F.softplus(g_neg - theta).mean()
         ff_acc = 0.5 * ((g_pos > theta).float().mean() + (g_neg < theta).float().mean())
-        return loss, {"ff_acc": float(ff_acc), "g_pos": float(g_pos.mean()),
-                      "g_neg": float(g_neg.mean())}
+        return loss, {"ff_acc": float(ff_acc), "g_pos": g_pos.mean().item(),
+                      "g_neg": g_neg.mean().item()}
 
 
 @register("ff")

@@ -95,7 +95,7 @@ class GoodnessLayer(LocalLayer):
         with torch.no_grad():
             neutral = self.forward_role(self.role_input(packet, "neutral"),
                                         self.codes(packet, "neutral", b))
-        metrics["loss"] = float(loss)
+        metrics["loss"] = loss.item()
         metrics.update(self.step_head(rms_normalize(neutral), y))
         self.steps += 1
         out = {"pos": y_pos.detach(), "neg": y_neg.detach(), "neutral": neutral, LABELS: y,

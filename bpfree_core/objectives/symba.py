@@ -27,7 +27,7 @@ class SymBaLayer(GoodnessLayer):
         g_pos, g_neg = self.goodness(y_pos), self.goodness(y_neg)
         loss = F.softplus(-self.cfg.objective.alpha * (g_pos - g_neg)).mean()
         return loss, {"ff_acc": float((g_pos > g_neg).float().mean()),
-                      "g_pos": float(g_pos.mean()), "g_neg": float(g_neg.mean())}
+                      "g_pos": g_pos.mean().item(), "g_neg": g_neg.mean().item()}
 
 
 @register("symba")

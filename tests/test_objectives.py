@@ -1,0 +1,224 @@
+"""Each local objective's loss on small hand-made tensors, checked against numpy arithmetic.
+
+The expected values are computed here from the published formulas, never by calling the code
+under test, so a wrong sign, a sum-for-mean or a missing term fails.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bpfree_core.config import ALGORITHMS, ExperimentConfig, load_config
+from bpfree_core.data import SPECS
+from bpfree_core.errors import ConfigError
+from bpfree_core.model import build_layers, build_objective
+from bpfree_core.objectives import get_objective, registered
+from bpfree_core.objectives.ffcl import cosine_pair_loss
+
+Y_POS = np.array([[1.0, 2.0, 0.0, 1.0], [0.5, 0.0, 0.0, 0.5]], dtype=np.float32)
+Y_NEG = np.array([[0.0, 1.0, 1.0, 0.0], [2.0, 0.0, 1.0, 0.0]], dtype=np.float32)
+
+
+def softplus(u: np.ndarray) -> np.ndarray:
+    return np.log1p(np.exp(u))
+
+
+def cfg_for(algorithm: str, *overrides: str) -> ExperimentConfig:
+    return load_config(None, [f"model.algorithm={algorithm}", "model.hidden=4,4", *overrides])
+
+
+def layer(algorithm: str, *overrides: str):  # noqa: ANN201
+    cfg = cfg_for(algorithm, *overrides)
+    return build_layers(cfg, range(1))[0]
+
+
+def t(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(a)
+
+
+def test_ff_loss_is_softplus_around_threshold_on_sum_of_squares():
+    lay = layer("ff", "objective.threshold=3.0")
+    loss, metrics = lay.loss(t(Y_POS), t(Y_NEG))
+    g_pos = (Y_POS ** 2).sum(1)            # [6, 0.5]
+    g_neg = (Y_NEG ** 2).sum(1)            # [2, 5]
+    expected = softplus(3.0 - g_pos).mean() + softplus(g_neg - 3.0).mean()
+    assert float(loss) == pytest.approx(expected, rel=1e-6)
+    assert metrics["ff_acc"] == pytest.approx(0.5 * (0.5 + 0.5))
+
+
+def test_ff_default_threshold_is_the_layer_width():
+    lay = layer("ff")  # threshold < 0 -> width 4 (mean-square threshold 1)
+    loss, _ = lay.loss(t(Y_POS), t(Y_NEG))
+    g_pos, g_neg = (Y_POS ** 2).sum(1), (Y_NEG ** 2).sum(1)
+    expected = softplus(4.0 - g_pos).mean() + softplus(g_neg - 4.0).mean()
+    assert float(loss) == pytest.approx(expected, rel=1e-6)
+
+
+def test_symba_loss_is_softplus_of_minus_alpha_times_mean_square_gap():
+    lay = layer("symba", "objective.alpha=4.0")
+    loss, metrics = lay.loss(t(Y_POS), t(Y_NEG))
+    gap = (Y_POS ** 2).mean(1) - (Y_NEG ** 2).mean(1)    # [1.5 - 0.5, 0.125 - 1.25]
+    expected = softplus(-4.0 * gap).mean()
+    assert float(loss) == pytest.approx(expected, rel=1e-6)
+    assert metrics["ff_acc"] == pytest.approx(0.5)
+
+
+def test_sffa_loss_is_bce_on_positive_half_energy_ratio():
+    lay = layer("sffa")
+    loss, _ = lay.loss(t(Y_POS), t(Y_NEG))
+    sq_p, sq_n = Y_POS ** 2, Y_NEG ** 2
+    g_pos = sq_p[:, :2].sum(1) / sq_p.sum(1)             # [5/6, 1/2]
+    g_neg = sq_n[:, :2].sum(1) / sq_n.sum(1)             # [1/2, 4/5]
+    expected = -(np.log(g_pos).mean() + np.log(1 - g_neg).mean())
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+
+
+def test_ffcl_cosine_loss_pulls_matching_and_pushes_rolled_pairs():
+    a = np.array([[1.0, 0.0], [1.0, 1.0], [0.0, 2.0]], dtype=np.float32)
+    b = np.array([[1.0, 1.0], [0.0, 1.0], [3.0, 0.0]], dtype=np.float32)
+
+    def cos(u: np.ndarray, v: np.ndarray) -> float:
+        return float(u @ v / (np.linalg.norm(u) * np.linalg.norm(v)))
+
+    pos = [cos(a[i], b[i]) for i in range(3)]
+    neg = [cos(a[i], b[(i - 1) % 3]) for i in range(3)]   # partner = B's batch rolled by one
+    for margin in (0.0, 0.5):
+        expected = np.mean([1 - c for c in pos]) + np.mean([max(0.0, c - margin) for c in neg])
+        loss, _ = cosine_pair_loss(t(a), t(b), margin)
+        assert float(loss) == pytest.approx(expected, rel=1e-6)
+
+
+def test_uff_cell_loss_is_reconstruction_mse_of_rms_normalised_input():
+    cfg = cfg_for("uff", "objective.noise_std=0", "model.hidden=2")
+    cell = build_layers(cfg, range(1))[0]
+    rng = np.random.default_rng(0)
+    w_enc = rng.normal(size=(2, 784)).astype(np.float32) * 0.05
+    b_enc = rng.normal(size=2).astype(np.float32)
+    w_dec = rng.normal(size=(784, 2)).astype(np.float32)
+    b_dec = rng.normal(size=784).astype(np.float32) * 0.1
+    with torch.no_grad():
+        cell.encoder.weight.copy_(t(w_enc))
+        cell.encoder.bias.copy_(t(b_enc))
+        cell.decoder.weight.copy_(t(w_dec))
+        cell.decoder.bias.copy_(t(b_dec))
+    x = rng.uniform(size=(3, 784)).astype(np.float32)
+    h = x / (np.sqrt((x ** 2).mean(1, keepdims=True)) + 1e-8)
+    z = np.maximum(h @ w_enc.T + b_enc, 0)
+    expected = ((z @ w_dec.T + b_dec - h) ** 2).mean()
+    out, metrics = cell.train_step({"x": t(x), "y": torch.tensor([0, 1, 2])})
+    assert metrics["recon_mse"] == pytest.approx(float(expected), rel=1e-4)
+    assert out["x"].shape == (3, 2)
+
+
+def test_uff_denoising_noise_is_reproducible_and_changes_every_step():
+    cfg = cfg_for("uff", "objective.noise_std=0.5")
+    x, y = torch.rand(8, 784), torch.arange(8) % 10
+    first, second = build_layers(cfg, range(1))[0], build_layers(cfg, range(1))[0]
+    _, m1 = first.train_step({"x": x, "y": y})
+    _, m2 = second.train_step({"x": x, "y": y})
+    assert m1["recon_mse"] == m2["recon_mse"]              # same seed, step -> same noise
+    for a, b in zip(first.parameters(), second.parameters(), strict=True):
+        assert torch.equal(a, b)
+    plain = build_layers(cfg.with_overrides(["objective.noise_std=0"]), range(1))[0]
+    _, m0 = plain.train_step({"x": x, "y": y})
+    assert m0["recon_mse"] != m1["recon_mse"]              # the noise is really applied
+
+
+def test_uff_conv_cells_keep_spatial_layout_and_restore_input_size():
+    cfg = cfg_for("uff", "model.conv=4,6", "model.hidden=8")
+    objective = build_objective(cfg)
+    assert objective.layer_sizes() == [4 * 14 * 14, 6 * 7 * 7, 8]
+    cells = build_layers(cfg)
+    packet = objective.encode_train(torch.rand(5, 784), torch.arange(5), torch.Generator())
+    shapes = []
+    for cell in cells:
+        packet, metrics = cell.train_step(packet)
+        shapes.append(tuple(packet["x"].shape))
+        assert math.isfinite(metrics["recon_mse"])
+    assert shapes == [(5, 4, 14, 14), (5, 6, 7, 7), (5, 8)]
+
+
+def test_bp_loss_is_cross_entropy_of_the_network_logits():
+    cfg = cfg_for("bp", "model.hidden=3")
+    (net,) = build_layers(cfg)
+    rng = np.random.default_rng(1)
+    w1 = rng.normal(size=(3, 784)).astype(np.float32) * 0.1
+    b1 = rng.normal(size=3).astype(np.float32)
+    w2 = rng.normal(size=(10, 3)).astype(np.float32)
+    b2 = rng.normal(size=10).astype(np.float32)
+    lin1, lin2 = net.mlp[0], net.mlp[2]
+    with torch.no_grad():
+        lin1.weight.copy_(t(w1))
+        lin1.bias.copy_(t(b1))
+        lin2.weight.copy_(t(w2))
+        lin2.bias.copy_(t(b2))
+    x = rng.uniform(size=(4, 784)).astype(np.float32)
+    y = np.array([3, 0, 9, 3])
+    logits = np.maximum(x @ w1.T + b1, 0) @ w2.T + b2
+    logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    expected = -logp[np.arange(4), y].mean()
+    _, metrics = net.train_step({"x": t(x), "y": torch.from_numpy(y)})
+    assert metrics["loss"] == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_bp_is_one_unpipelinable_unit_also_with_convs():
+    cfg = cfg_for("bp", "model.conv=4", "model.hidden=16")
+    objective = build_objective(cfg)
+    assert objective.pipelinable is False
+    assert len(objective.layer_sizes()) == 1
+    (net,) = build_layers(cfg)
+    out = net.eval_step(objective.encode_eval(torch.rand(2, 784), goodness=False))
+    assert out["logits"].shape == (2, 10)
+    assert torch.allclose(out["logits"].exp().sum(1), torch.ones(2))
+
+
+# -- negatives ----------------------------------------------------------------------------------
+
+@settings(max_examples=60, deadline=None)
+@given(labels=st.lists(st.integers(0, 9), min_size=1, max_size=64), seed=st.integers(0, 2**31))
+def test_negatives_never_carry_the_true_label(labels: list[int], seed: int):
+    y = torch.tensor(labels)
+    for algorithm in ("ff", "symba", "sffa"):
+        objective = build_objective(cfg_for(algorithm))
+        gen = torch.Generator().manual_seed(seed)
+        assert not (objective.wrong_labels(y, gen) == y).any()
+        packet = objective.encode_train(torch.rand(len(labels), 784), y, gen)
+        assert not (packet["y_neg"] == y).any()
+        if "neg" in packet:  # label one-hot in the first pixels: the hot pixel is never the true
+            assert (packet["neg"][:, :10].argmax(1) == packet["y_neg"]).all()
+            assert (packet["pos"][:, :10].argmax(1) == y).all()
+
+
+def test_wrong_labels_cover_every_other_class():
+    objective = build_objective(cfg_for("ff"))
+    y = torch.full((5000,), 4)
+    drawn = objective.wrong_labels(y, torch.Generator().manual_seed(0))
+    assert set(drawn.tolist()) == set(range(10)) - {4}
+
+
+# -- registry -----------------------------------------------------------------------------------
+
+def test_every_configured_algorithm_is_registered():
+    reg = registered()
+    assert set(ALGORITHMS) <= set(reg)
+    for name in ALGORITHMS:
+        assert reg[name].name == name
+        objective = get_objective(cfg_for(name), SPECS["mnist"])
+        assert objective.layer_sizes()
+
+
+def test_unknown_algorithm_lists_the_valid_ones():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["model.algorithm=nope"])
+    for name in ALGORITHMS:
+        assert name in str(err.value)
+    cfg = cfg_for("ff")
+    object.__setattr__(cfg.model, "algorithm", "nope")  # bypass validation: registry checks too
+    with pytest.raises(ConfigError, match="unknown algorithm 'nope'.*ff, symba, sffa, ffcl, uff, bp"):
+        get_objective(cfg, SPECS["mnist"])
