@@ -58,9 +58,9 @@ class FFCLLayer(LocalLayer):
         return True
 
     def forward_pair(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        st = self.cfg.objective.straight_through
-        return (relu(self.a(rms_normalize(a)), st),        # (B, D_out)
-                relu(self.b(rms_normalize(b)), st))        # (B, D_out)
+        st = self.cfg.objective.straight_through  # inputs detached: no gradient goes upstream
+        return (relu(self.a(rms_normalize(a.detach())), st),        # (B, D_out)
+                relu(self.b(rms_normalize(b.detach())), st))        # (B, D_out)
 
     @staticmethod
     def features(h_a: torch.Tensor, h_b: torch.Tensor) -> torch.Tensor:

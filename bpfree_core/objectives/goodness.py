@@ -69,7 +69,7 @@ class GoodnessLayer(LocalLayer):
         return self.patterns[packet[key]]
 
     def forward_role(self, x: torch.Tensor, codes: torch.Tensor | None) -> torch.Tensor:
-        h = rms_normalize(x.float())                     # (B, D_in)
+        h = rms_normalize(x.detach().float())            # (B, D_in); never backprop upstream
         if codes is not None:
             h = torch.cat([h, codes], dim=1)             # (B, D_in + bits)
         return relu(self.linear(h), self.cfg.objective.straight_through)  # (B, D_out)

@@ -76,7 +76,7 @@ class UFFCell(LocalLayer):
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         """The cell's normalised input in its own layout: (B, D) or (B, C, H, W)."""
-        return rms_all(x.reshape(x.shape[0], *self.in_shape).float())
+        return rms_all(x.detach().reshape(x.shape[0], *self.in_shape).float())  # no grad upstream
 
     def train_step(self, packet: Packet) -> tuple[Packet, dict[str, float]]:
         y = packet[LABELS]
