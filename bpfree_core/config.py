@@ -133,6 +133,7 @@ class PipelineConfig:
     rpc_timeout: float = 60.0      # deadline of one RPC (seconds)
     connect_timeout: float = 30.0  # deadline to reach a peer, retries included (seconds)
     token: str = ""                # shared secret checked on every RPC ("" = none)
+    tls_ca: str = ""               # CA (PEM) that signed the workers' TLS certificates ("" = plaintext)
 
     def __post_init__(self) -> None:
         _check_positive("pipeline", "stages", self.stages)

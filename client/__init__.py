@@ -1,0 +1,1 @@
+"""Stage workers, the pipeline driver and the Flower client app."""

@@ -1,0 +1,378 @@
+"""The pipeline driver: feeds stage 0, collects per-stage stats, reads the last stage's output.
+
+    with Pipeline.launch_local(cfg) as pipe:            # S `bpfree worker` processes on loopback
+        pipe.train_epoch(train_packets(objective, split, cfg, 0), epoch=0, total_epochs=1)
+        acc = evaluate(pipe.eval_forward, objective, test_split, cfg)
+
+Data flows driver -> stage 0 -> ... -> stage S-1 over Push streams (each stage forwards its
+outputs itself, so stage i works on batch t while stage i+1 works on t-1), and the last stage's
+eval outputs and end-of-epoch markers come back to the driver over a Pull stream.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+
+from bpfree_core.config import ExperimentConfig
+from bpfree_core.errors import BpfreeError, ConfigError, PeerUnavailableError, StageTimeoutError
+from bpfree_core.layers import LABELS, Packet
+from bpfree_core.model import build_objective, split_stages
+from client.link import Link, PullReader, rpc_exception
+from client.transport import Security, check_chunk_bytes, wait_for_peer
+from client.wire import WireBatch, decode_state, encode_state
+from protos import stage_pb2 as pb
+from protos import stage_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+_STATUS_POLL = 1.0   # seconds between stage health checks while waiting for an epoch to drain
+
+
+def _check_pipelinable(cfg: ExperimentConfig) -> int:
+    objective = build_objective(cfg)
+    if not objective.pipelinable:
+        raise ConfigError(f"model.algorithm = {cfg.model.algorithm!r} trains with gradients across "
+                          "layers, so it cannot be split into pipeline stages; use `bpfree train` "
+                          "or a backprop-free algorithm (ff, symba, sffa, ...)")
+    check_chunk_bytes(cfg.pipeline.chunk_bytes)
+    return len(objective.layer_sizes())
+
+
+def _wire_config(cfg: ExperimentConfig) -> str:
+    """The config a worker receives: the token never travels inside it."""
+    return dataclasses.replace(cfg, pipeline=dataclasses.replace(cfg.pipeline, token="")).to_json()
+
+
+class Pipeline:
+    """S stage workers, configured for one run, driven from this process."""
+
+    def __init__(self, cfg: ExperimentConfig, addresses: list[str], security: Security,
+                 processes: list[subprocess.Popen] | None = None, device: str = "",
+                 tmp_dir: tempfile.TemporaryDirectory | None = None):
+        self.cfg = cfg
+        self.addresses = list(addresses)
+        self.security = security
+        self.processes = processes or []
+        self._tmp_dir = tmp_dir
+        self._closed = False
+        self.run_id = uuid.uuid4().hex
+        self._channels: list[grpc.Channel] = []
+        self._stubs: list[pb_grpc.StageControlStub] = []
+        self._link: Link | None = None
+        self._pull: PullReader | None = None
+        self._eval_seq = 0
+        try:
+            num_layers = _check_pipelinable(cfg)
+            if not addresses:
+                raise ConfigError("a pipeline needs at least one stage worker address")
+            self.ranges = split_stages(num_layers, len(addresses))
+            for address in self.addresses:
+                channel = security.channel(address)
+                self._channels.append(channel)
+                self._stubs.append(pb_grpc.StageControlStub(channel))
+                wait_for_peer(address, security, cfg.pipeline.connect_timeout, channel)
+            self._configure(device)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def launch_local(cls, cfg: ExperimentConfig, *, device: str = "cpu", threads: int = 1,
+                     log_dir: Path | None = None) -> Pipeline:
+        """Spawn cfg.pipeline.stages `bpfree worker` processes on 127.0.0.1 and configure them."""
+        _check_pipelinable(cfg)
+        tmp = tempfile.TemporaryDirectory(prefix="bpfree-pipeline-")
+        logs = Path(log_dir) if log_dir else Path(tmp.name)
+        logs.mkdir(parents=True, exist_ok=True)
+        security = Security(token=cfg.pipeline.token, tls_ca=cfg.pipeline.tls_ca)
+        procs: list[subprocess.Popen] = []
+        try:
+            port_files = []
+            for s in range(cfg.pipeline.stages):
+                port_file = Path(tmp.name) / f"stage{s}.port"
+                port_files.append(port_file)
+                procs.append(_spawn_worker(s, device, threads, port_file, logs / f"stage{s}.log",
+                                           cfg.pipeline.token))
+            addresses = [f"127.0.0.1:{_wait_port(p, f, logs / f'stage{s}.log', cfg.pipeline.connect_timeout)}"
+                         for s, (p, f) in enumerate(zip(procs, port_files, strict=True))]
+        except BaseException:
+            _stop_processes(procs)
+            tmp.cleanup()
+            raise
+        return cls(cfg, addresses, security, processes=procs, tmp_dir=tmp)
+
+    @classmethod
+    def connect(cls, cfg: ExperimentConfig, addresses: list[str]) -> Pipeline:
+        """Use stage workers already running at `addresses` (in stage order) and configure them."""
+        security = Security(token=cfg.pipeline.token, tls_ca=cfg.pipeline.tls_ca)
+        return cls(cfg, addresses, security)
+
+    def _configure(self, device: str) -> None:
+        # Last stage first: each stage checks that its downstream answers when configured.
+        config_json = _wire_config(self.cfg)
+        n = len(self.addresses)
+        for s in reversed(range(n)):
+            request = pb.ConfigureRequest(
+                run_id=self.run_id, layers=list(self.ranges[s]), config_json=config_json,
+                device=device, downstream=self.addresses[s + 1] if s + 1 < n else "", stage=s,
+                num_stages=n)
+            self._call(s, "Configure", request,
+                       timeout=self.cfg.pipeline.connect_timeout + self.cfg.pipeline.rpc_timeout)
+        log.info("pipeline %s: %d stage(s) %s, layers %s", self.run_id[:8], n, self.addresses,
+                 [list(r) for r in self.ranges])
+
+    def _call(self, s: int, method: str, request: Any, timeout: float | None = None) -> Any:
+        try:
+            return getattr(self._stubs[s], method)(
+                request, timeout=timeout or self.cfg.pipeline.rpc_timeout,
+                metadata=self.security.metadata())
+        except grpc.RpcError as exc:
+            raise rpc_exception(self.addresses[s], exc, f"{method} on") from None
+
+    # -- data plane -----------------------------------------------------------------------------
+    def _ensure_streams(self) -> tuple[Link, PullReader]:
+        p = self.cfg.pipeline
+        if self._link is None or self._link.error is not None:
+            if self._link is not None:
+                self._link.close()
+            self._link = Link(self.addresses[0], self.security, window=p.window,
+                              chunk_bytes=p.chunk_bytes, wire_dtype=p.wire_dtype,
+                              timeout=p.rpc_timeout, channel=self._channels[0])
+        if self._pull is None or self._pull.error is not None:
+            if self._pull is not None:
+                self._pull.close()
+            self._pull = PullReader(self.addresses[-1], self._channels[-1], self.security, self.run_id)
+        return self._link, self._pull
+
+    def _stage_failure(self, cause: BpfreeError) -> BpfreeError:
+        """The most specific error: the first failing stage's own sticky error, else `cause`."""
+        for s, stub in enumerate(self._stubs):
+            try:
+                stats = stub.Stats(pb.StatsRequest(), timeout=5.0, metadata=self.security.metadata())
+            except grpc.RpcError as exc:
+                return PeerUnavailableError(f"stage {s} at {self.addresses[s]} stopped answering "
+                                            f"({exc.code().name}) after: {cause}")
+            if stats.error:
+                return BpfreeError(f"stage {s} failed: {stats.error}")
+        return cause
+
+    def train_epoch(self, packets: Iterable[Packet], epoch: int, total_epochs: int) -> dict[str, Any]:
+        """Stream one epoch of first-layer packets through the stages; return the epoch's stats."""
+        self._check_open()
+        link, pull = self._ensure_streams()
+        for s in range(len(self.addresses)):
+            self._call(s, "StartEpoch", pb.EpochRequest(run_id=self.run_id, epoch=epoch,
+                                                        total_epochs=total_epochs))
+        t0 = time.perf_counter()
+        n, samples, blocked = 0, 0, 0.0
+        try:
+            for packet in packets:
+                blocked += link.send(WireBatch(self.run_id, n, pb.TRAIN, epoch, packet))
+                samples += int(packet[LABELS].shape[0]) if LABELS in packet else 0
+                n += 1
+            link.send_end(self.run_id, epoch, n)
+            self._wait_end(pull, epoch)
+        except BpfreeError as exc:
+            raise self._stage_failure(exc) from exc
+        seconds = time.perf_counter() - t0
+        stats = [self._call(s, "FinishEpoch", pb.EpochRequest(run_id=self.run_id, epoch=epoch,
+                                                              timeout=self.cfg.pipeline.rpc_timeout))
+                 for s in range(len(self.addresses))]
+        layers: dict[str, dict[str, float]] = {}
+        for st in stats:
+            layers.update(json.loads(st.layer_metrics_json))
+        return {
+            "epoch": epoch, "batches": n, "samples": samples, "seconds": seconds,
+            "samples_per_second": samples / seconds if seconds > 0 else 0.0,
+            "driver_blocked_seconds": blocked,
+            "layers": dict(sorted(layers.items(), key=lambda kv: int(kv[0]))),
+            "stages": [_stage_dict(s, st) for s, st in enumerate(stats)],
+        }
+
+    def _wait_end(self, pull: PullReader, epoch: int) -> None:
+        """Wait for the end marker from the last stage; check the stages while waiting."""
+        deadline = time.monotonic() + self.cfg.pipeline.rpc_timeout
+        while True:
+            try:
+                item = pull.get(_STATUS_POLL, f"the end of epoch {epoch}")
+            except StageTimeoutError:
+                if self._link is not None and self._link.error is not None:
+                    raise self._link.error from None
+                failure = self._stage_failure(StageTimeoutError("no progress"))
+                if not isinstance(failure, StageTimeoutError):
+                    raise failure from None
+                if time.monotonic() > deadline:
+                    raise StageTimeoutError(
+                        f"the end of epoch {epoch} did not come out of the last stage at "
+                        f"{self.addresses[-1]} within {self.cfg.pipeline.rpc_timeout:g} s after the "
+                        "last batch was sent (pipeline.rpc_timeout)") from None
+                continue
+            if isinstance(item, pb.EndOfEpoch) and item.epoch == epoch:
+                return
+            deadline = time.monotonic() + self.cfg.pipeline.rpc_timeout   # progress: reset
+            log.warning("dropping an unexpected item from the last stage: %s", type(item).__name__)
+
+    def eval_forward(self, packet: Packet) -> Packet:
+        """Run one evaluation packet through every stage (Stage.eval_step) and return the output."""
+        self._check_open()
+        link, pull = self._ensure_streams()
+        seq = self._eval_seq
+        self._eval_seq += 1
+        try:
+            link.send(WireBatch(self.run_id, seq, pb.EVAL, -1, packet))
+            while True:
+                item = pull.get(self.cfg.pipeline.rpc_timeout, f"evaluation batch {seq}")
+                if isinstance(item, WireBatch) and item.seq == seq:
+                    return item.tensors
+                log.warning("dropping a stale item from the last stage")
+        except BpfreeError as exc:
+            raise self._stage_failure(exc) from exc
+
+    # -- weights --------------------------------------------------------------------------------
+    def load_weights(self, state: dict[str, torch.Tensor]) -> None:
+        """Load `layers.<i>.<name>` weights into the stages that own them; resets optimiser state."""
+        self._check_open()
+        for s, r in enumerate(self.ranges):
+            own = {k: v for k, v in state.items() if _layer_of(k) in r}
+            missing = [i for i in r if not any(_layer_of(k) == i for k in own)]
+            if missing:
+                raise ConfigError(f"load_weights: no weights for layer(s) {missing} (stage {s}); "
+                                  "keys must look like layers.<index>.<name>")
+            chunks = encode_state(own, self.cfg.pipeline.chunk_bytes)
+            try:
+                self._stubs[s].LoadWeights(chunks, timeout=self.cfg.pipeline.rpc_timeout,
+                                           metadata=self.security.metadata())
+            except grpc.RpcError as exc:
+                raise rpc_exception(self.addresses[s], exc, "LoadWeights on") from None
+
+    def get_weights(self) -> dict[str, torch.Tensor]:
+        """Every stage's weights, keyed as Stage.state_dict() (`layers.<i>.<name>`)."""
+        self._check_open()
+        state: dict[str, torch.Tensor] = {}
+        for s, stub in enumerate(self._stubs):
+            try:
+                state.update(decode_state(stub.GetWeights(
+                    pb.GetWeightsRequest(), timeout=self.cfg.pipeline.rpc_timeout,
+                    metadata=self.security.metadata())))
+            except grpc.RpcError as exc:
+                raise rpc_exception(self.addresses[s], exc, "GetWeights on") from None
+        return state
+
+    def stats(self) -> list[dict[str, Any]]:
+        return [_stage_dict(s, self._call(s, "Stats", pb.StatsRequest()))
+                for s in range(len(self.addresses))]
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise BpfreeError("this pipeline is closed")
+
+    def close(self) -> None:
+        """Close streams and channels; stop the worker processes this pipeline launched."""
+        if self._closed:
+            return
+        self._closed = True
+        for thing in (self._link, self._pull):
+            if thing is not None:
+                thing.close()
+        for channel in self._channels:
+            channel.close()
+        _stop_processes(self.processes)
+        if self._tmp_dir is not None:
+            self._tmp_dir.cleanup()
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _layer_of(key: str) -> int:
+    parts = key.split(".")
+    if len(parts) < 3 or parts[0] != "layers" or not parts[1].isdigit():
+        raise ConfigError(f"weight key {key!r} is not of the form layers.<index>.<name>")
+    return int(parts[1])
+
+
+def _stage_dict(s: int, st: pb.StageStats) -> dict[str, Any]:
+    return {"stage": s, "address": st.address, "layers": list(st.layers),
+            "train_batches": st.train_batches, "eval_batches": st.eval_batches,
+            "busy_seconds": st.busy_seconds, "idle_seconds": st.idle_seconds,
+            "blocked_seconds": st.blocked_seconds, "bytes_in": st.bytes_in, "bytes_out": st.bytes_out,
+            "rss_mb": st.rss_mb}
+
+
+# ---------------------------------------------------------------------------------------------
+# Local worker processes
+
+
+def worker_env(threads: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    if threads > 0:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    for key in ("FLWR_TELEMETRY_ENABLED", "FLWR_DISABLE_UPDATE_CHECK"):
+        env.setdefault(key, "0" if key == "FLWR_TELEMETRY_ENABLED" else "1")
+    env.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+    env.pop("BPFREE_TOKEN", None)   # the token goes on the command line of our own children only
+    return env
+
+
+def _spawn_worker(stage: int, device: str, threads: int, port_file: Path, log_file: Path,
+                  token: str) -> subprocess.Popen:
+    # A fresh interpreter (never fork: gRPC may already run threads in this process).
+    cmd = [sys.executable, "-m", "bpfree_cli", "worker", "--listen", "127.0.0.1:0", "--device", device,
+           "--threads", str(threads), "--port-file", str(port_file)]
+    env = worker_env(threads)
+    if token:
+        env["BPFREE_TOKEN"] = token   # via the environment: not visible in `ps`
+    with open(log_file, "ab") as out:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT,
+                                start_new_session=True)
+
+
+def _wait_port(proc: subprocess.Popen, port_file: Path, log_file: Path, timeout: float) -> int:
+    """Wait for a spawned worker's port file; fail fast with its log if it exits first."""
+    deadline = time.monotonic() + timeout
+    delay = 0.02
+    while time.monotonic() < deadline:
+        if port_file.exists():
+            return int(port_file.read_text().strip())
+        if proc.poll() is not None:
+            tail = log_file.read_text(errors="replace")[-2000:] if log_file.exists() else ""
+            raise PeerUnavailableError(f"stage worker (pid {proc.pid}) exited with code "
+                                       f"{proc.returncode} before serving; its log ends:\n{tail}")
+        time.sleep(delay)   # polling a file with a deadline, not sleeping as synchronisation
+        delay = min(delay * 1.5, 0.2)
+    raise PeerUnavailableError(f"stage worker (pid {proc.pid}) did not report its port within "
+                               f"{timeout:g} s (pipeline.connect_timeout); see {log_file}")
+
+
+def _stop_processes(procs: list[subprocess.Popen], grace: float = 5.0) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            log.warning("stage worker pid %d ignored SIGTERM for %.0f s; killing it", p.pid, grace)
+            p.kill()
+            p.wait(timeout=grace)

@@ -1,0 +1,178 @@
+"""gRPC plumbing shared by both ends: options, keepalive, TLS, the token check, peer waits.
+
+Everything both ends must agree on (message limits, keepalive) is defined here once, so a
+server and a channel can never disagree (a keepalive mismatch ends long streams with GOAWAY
+"too_many_pings").
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from bpfree_core.errors import ConfigError, PeerUnavailableError
+from protos import stage_pb2 as pb
+from protos import stage_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 64 << 20     # per gRPC message, both directions, both ends
+MAX_CHUNK_BYTES = 32 << 20       # pipeline.chunk_bytes must leave room for the frame header
+KEEPALIVE_MS = 30_000            # ping an idle connection every 30 s ...
+KEEPALIVE_TIMEOUT_MS = 10_000    # ... and drop it if the ping is not answered within 10 s
+TOKEN_HEADER = "x-bpfree-token"
+
+# Data-plane methods: raw bytes in and out (no protobuf (de)serialisation), see protos/stage.proto.
+PUSH_METHOD = "/bpfree.v1.StageData/Push"
+PULL_METHOD = "/bpfree.v1.StageData/Pull"
+
+
+def _common_options() -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.keepalive_time_ms", KEEPALIVE_MS),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+def server_options() -> list[tuple[str, Any]]:
+    # The server accepts pings as often as the client sends them (same constant), never faster.
+    return [*_common_options(),
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", KEEPALIVE_MS),
+            ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_MS),
+            ("grpc.so_reuseport", 0)]
+
+
+def channel_options() -> list[tuple[str, Any]]:
+    return [*_common_options(), ("grpc.enable_retries", 0)]
+
+
+def check_chunk_bytes(chunk_bytes: int) -> None:
+    if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
+        raise ConfigError(f"pipeline.chunk_bytes = {chunk_bytes} must be in 1 .. {MAX_CHUNK_BYTES} "
+                          "(one chunk plus its header must fit one gRPC message)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Security: optional TLS and a shared token
+
+
+@dataclass(frozen=True)
+class Security:
+    """What a process needs to talk to peers: the shared token and TLS files (all optional)."""
+
+    token: str = ""
+    tls_cert: str = ""    # server certificate (PEM) — workers only
+    tls_key: str = ""     # its private key (PEM) — workers only
+    tls_ca: str = ""      # CA (PEM) that signed the peers' certificates; "" = plaintext channels
+
+    def __post_init__(self) -> None:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("TLS needs both --tls-cert and --tls-key (or neither)")
+        for name in ("tls_cert", "tls_key", "tls_ca"):
+            path = getattr(self, name)
+            if path and not Path(path).is_file():
+                raise ConfigError(f"--{name.replace('_', '-')} {path} does not exist")
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return ((TOKEN_HEADER, self.token),) if self.token else ()
+
+    def channel(self, address: str) -> grpc.Channel:
+        if self.tls_ca:
+            creds = grpc.ssl_channel_credentials(root_certificates=Path(self.tls_ca).read_bytes())
+            return grpc.secure_channel(address, creds, options=channel_options())
+        return grpc.insecure_channel(address, options=channel_options())
+
+    def add_port(self, server: grpc.Server, address: str) -> int:
+        if self.tls_cert:
+            creds = grpc.ssl_server_credentials(
+                [(Path(self.tls_key).read_bytes(), Path(self.tls_cert).read_bytes())])
+            return server.add_secure_port(address, creds)
+        return server.add_insecure_port(address)
+
+
+class TokenInterceptor(grpc.ServerInterceptor):
+    """Rejects every RPC whose `x-bpfree-token` metadata is not the shared token."""
+
+    def __init__(self, token: str):
+        self._token = token.encode()
+
+    def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails):  # noqa: ANN201
+        got = dict(details.invocation_metadata or ()).get(TOKEN_HEADER, "")
+        if hmac.compare_digest(got.encode() if isinstance(got, str) else got, self._token):
+            return continuation(details)
+        handler = continuation(details)
+        if handler is None:
+            return None
+        reason = "missing" if not got else "wrong"
+        message = (f"{reason} access token for {details.method}; pass the pipeline's shared token "
+                   "(--token / pipeline.token)")
+
+        def deny(_request: object, context: grpc.ServicerContext) -> None:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+        # Same RPC shape as the real handler, but it reads nothing and answers nothing.
+        if handler.request_streaming and handler.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(deny)
+        if handler.request_streaming:
+            return grpc.stream_unary_rpc_method_handler(deny)
+        if handler.response_streaming:
+            return grpc.unary_stream_rpc_method_handler(deny)
+        return grpc.unary_unary_rpc_method_handler(deny)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reaching a peer
+
+
+def describe(exc: grpc.RpcError) -> str:
+    code = exc.code() if hasattr(exc, "code") else None
+    detail = exc.details() if hasattr(exc, "details") else str(exc)
+    return f"{code.name if code else 'ERROR'}: {detail}"
+
+
+def wait_for_peer(
+    address: str, security: Security, timeout: float, channel: grpc.Channel | None = None
+) -> pb.HealthReply:
+    """Health-check `address` with capped exponential backoff until it answers or `timeout` ends.
+
+    Only "not reachable yet" errors are retried; a peer that answers with an error (a wrong
+    token, say) fails at once with that error.
+    """
+    own = channel is None
+    channel = channel or security.channel(address)
+    stub = pb_grpc.StageControlStub(channel)
+    deadline = time.monotonic() + timeout
+    delay, attempt, last = 0.05, 0, "no attempt made"
+    try:
+        while True:
+            attempt += 1
+            left = deadline - time.monotonic()
+            try:
+                return stub.Health(pb.HealthRequest(), timeout=max(0.05, min(left, 5.0)),
+                                   metadata=security.metadata(), wait_for_ready=True)
+            except grpc.RpcError as exc:
+                if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise
+                last = describe(exc)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise PeerUnavailableError(
+                    f"stage worker at {address} did not answer within {timeout:g} s ({attempt} "
+                    f"attempts; last error {last}); check that `bpfree worker --listen {address}` is "
+                    "running and reachable, or raise pipeline.connect_timeout")
+            time.sleep(min(delay, left))
+            delay = min(delay * 2, 2.0)
+    finally:
+        if own:
+            channel.close()

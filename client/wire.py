@@ -1,0 +1,324 @@
+"""Tensors on the wire: dtype tables, data-plane frames, chunked batches and weight streams.
+
+A data-plane frame (see protos/stage.proto) is
+
+    b"BF" | version u8 | FrameKind u8 | meta_len u32 LE | meta (protobuf) | payload (raw bytes)
+
+A batch is one BATCH frame (header + first payload bytes) and CHUNK frames until every byte of
+its tensors has arrived. Sending copies each tensor's bytes once (into the frame); receiving
+copies each chunk once, straight into a tensor allocated by torch (aligned, writable).
+Every check on received bytes raises `ProtocolError` with one sentence saying what was wrong.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from bpfree_core.errors import ConfigError, ProtocolError
+from bpfree_core.layers import Packet
+from protos import stage_pb2 as pb
+
+PROTOCOL_VERSION = 1
+MAGIC = b"BF"
+_HEADER = struct.Struct("<2sBBI")       # magic, version, kind, meta_len
+HEADER_BYTES = _HEADER.size             # 8
+MAX_META_BYTES = 1 << 20                # a batch header lists a few tensors: 1 MiB is plenty
+MAX_BATCH_BYTES = 8 << 30               # refuse to allocate more than this for one batch
+MAX_TENSORS = 1024
+MAX_DIMS = 8
+
+# name <-> torch dtype <-> proto enum
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+    "float64": torch.float64, "int64": torch.int64, "int32": torch.int32, "int16": torch.int16,
+    "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool,
+}
+_TO_PB = {"float32": pb.FLOAT32, "bfloat16": pb.BFLOAT16, "float16": pb.FLOAT16,
+          "float64": pb.FLOAT64, "int64": pb.INT64, "int32": pb.INT32, "int16": pb.INT16,
+          "int8": pb.INT8, "uint8": pb.UINT8, "bool": pb.BOOL}
+_FROM_PB = {v: k for k, v in _TO_PB.items()}
+_NAME_OF = {v: k for k, v in DTYPES.items()}
+WIRE_FLOATS = ("float32", "bfloat16", "float16")   # encodings a float32 tensor may travel in
+
+# Prediction accumulators stay float32 whatever the wire dtype: rounding them could flip argmax.
+EXACT_KEYS = frozenset({"logits", "goodness"})
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    if dtype not in _NAME_OF:
+        raise ProtocolError(f"tensor dtype {dtype} cannot be sent; supported: {', '.join(DTYPES)}")
+    return _NAME_OF[dtype]
+
+
+def _itemsize(name: str) -> int:
+    return torch.empty((), dtype=DTYPES[name]).element_size()
+
+
+def byte_view(t: torch.Tensor) -> memoryview:
+    """Zero-copy byte view of a contiguous CPU tensor (bf16 has no numpy type: view as int16)."""
+    flat = t.reshape(-1)
+    if flat.dtype == torch.bfloat16:
+        flat = flat.view(torch.int16)
+    return memoryview(flat.numpy()).cast("B")
+
+
+# ---------------------------------------------------------------------------------------------
+# Frames
+
+
+def pack_frame(kind: int, meta: bytes, payload: Iterable[memoryview | bytes] = ()) -> bytes:
+    """One frame as a single bytes object (the one copy on the send side)."""
+    return b"".join([_HEADER.pack(MAGIC, PROTOCOL_VERSION, kind, len(meta)), meta, *payload])
+
+
+def unpack_frame(frame: bytes) -> tuple[int, memoryview, memoryview]:
+    """(kind, meta bytes, payload) of a frame, checking magic, version and lengths."""
+    if len(frame) < HEADER_BYTES:
+        raise ProtocolError(f"frame of {len(frame)} bytes is shorter than the {HEADER_BYTES}-byte "
+                            "frame header; the sender does not speak the bpfree data protocol")
+    magic, version, kind, meta_len = _HEADER.unpack_from(frame)
+    if magic != MAGIC:
+        raise ProtocolError(f"frame starts with {magic!r}, not {MAGIC!r}; the sender does not speak "
+                            "the bpfree data protocol")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(f"frame has protocol version {version} but this worker speaks "
+                            f"{PROTOCOL_VERSION}; run the same bpfree version on every machine")
+    if meta_len > MAX_META_BYTES or HEADER_BYTES + meta_len > len(frame):
+        raise ProtocolError(f"frame says its header is {meta_len} bytes but the frame has only "
+                            f"{len(frame) - HEADER_BYTES} bytes after the fixed header")
+    mv = memoryview(frame)
+    return kind, mv[HEADER_BYTES:HEADER_BYTES + meta_len], mv[HEADER_BYTES + meta_len:]
+
+
+def parse_meta(cls: type, meta: memoryview, what: str):  # noqa: ANN201 - a protobuf message
+    try:
+        return cls.FromString(meta)
+    except Exception as exc:  # noqa: BLE001 - any decode failure means a malformed frame
+        raise ProtocolError(f"{what} header is not a valid {cls.__name__} message ({exc})") from exc
+
+
+def ack_frame(seq: int) -> bytes:
+    return pack_frame(pb.ACK, pb.Ack(seq=seq).SerializeToString())
+
+
+def end_frame(run_id: str, epoch: int, batches: int) -> bytes:
+    return pack_frame(pb.END, pb.EndOfEpoch(run_id=run_id, epoch=epoch, batches=batches)
+                      .SerializeToString())
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches
+
+
+@dataclass
+class WireBatch:
+    """A packet plus what the data plane needs to route and check it."""
+
+    run_id: str
+    seq: int
+    kind: int                       # pb.TRAIN | pb.EVAL
+    epoch: int
+    tensors: Packet = field(default_factory=dict)
+
+
+def _wire_tensor(name: str, t: torch.Tensor, wire_dtype: str) -> tuple[pb.TensorMeta, torch.Tensor]:
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    logical = dtype_name(t.dtype)
+    wire = wire_dtype if (logical == "float32" and name not in EXACT_KEYS) else logical
+    if wire != logical:
+        t = t.to(DTYPES[wire])
+    t = t.contiguous()
+    meta = pb.TensorMeta(name=name, dtype=_TO_PB[logical], wire_dtype=_TO_PB[wire],
+                         shape=list(t.shape), nbytes=t.numel() * t.element_size())
+    return meta, t
+
+
+def encode_batch(batch: WireBatch, chunk_bytes: int, wire_dtype: str = "float32") -> Iterator[bytes]:
+    """Frames of one batch: BATCH (header + first bytes), then CHUNKs of <= chunk_bytes payload."""
+    if wire_dtype not in WIRE_FLOATS:
+        raise ConfigError(f"pipeline.wire_dtype = {wire_dtype!r}; choose one of {', '.join(WIRE_FLOATS)}")
+    metas, views = [], []
+    for name, t in batch.tensors.items():
+        meta, wt = _wire_tensor(name, t, wire_dtype)
+        metas.append(meta)
+        views.append(byte_view(wt))
+    total = sum(m.nbytes for m in metas)
+    header = pb.BatchHeader(run_id=batch.run_id, seq=batch.seq, kind=batch.kind, epoch=batch.epoch,
+                            tensors=metas, total_bytes=total)
+    kind, meta = pb.BATCH, header.SerializeToString()
+    offset = 0
+    pieces: list[memoryview] = []
+    room = chunk_bytes
+    for view in views:
+        pos = 0
+        while pos < len(view):
+            take = min(room, len(view) - pos)
+            pieces.append(view[pos:pos + take])
+            pos += take
+            room -= take
+            if room == 0:
+                yield pack_frame(kind, meta, pieces)
+                offset += chunk_bytes
+                kind, pieces, room = pb.CHUNK, [], chunk_bytes
+                meta = pb.ChunkHeader(seq=batch.seq, offset=offset).SerializeToString()
+    if pieces or kind == pb.BATCH:  # the rest, or an empty batch's header
+        yield pack_frame(kind, meta, pieces)
+
+
+def _check_tensor_meta(m: pb.TensorMeta, seen: set[str]) -> None:
+    if not m.name:
+        raise ProtocolError("a tensor in the batch header has no name")
+    if m.name in seen:
+        raise ProtocolError(f"tensor {m.name!r} appears twice in one batch")
+    seen.add(m.name)
+    for what, code in (("dtype", m.dtype), ("wire dtype", m.wire_dtype)):
+        if code not in _FROM_PB:
+            raise ProtocolError(f"tensor {m.name!r} has unknown {what} {code}; supported: "
+                                f"{', '.join(DTYPES)}")
+    logical, wire = _FROM_PB[m.dtype], _FROM_PB[m.wire_dtype]
+    if wire != logical and not (logical == "float32" and wire in WIRE_FLOATS):
+        raise ProtocolError(f"tensor {m.name!r} is {logical} but travels as {wire}; only float32 "
+                            "may travel as bfloat16 or float16")
+    if len(m.shape) > MAX_DIMS or any(d < 0 for d in m.shape):
+        raise ProtocolError(f"tensor {m.name!r} has invalid shape {list(m.shape)}")
+    need = math.prod(m.shape) * _itemsize(wire)
+    if need != m.nbytes:
+        raise ProtocolError(f"tensor {m.name!r} of shape {list(m.shape)} and wire dtype {wire} needs "
+                            f"{need} bytes but its header says {m.nbytes}")
+
+
+class BatchAssembler:
+    """Rebuilds one batch from its BATCH frame and CHUNK frames, checking every step."""
+
+    def __init__(self, header: pb.BatchHeader):
+        if len(header.tensors) > MAX_TENSORS:
+            raise ProtocolError(f"batch {header.seq} lists {len(header.tensors)} tensors; at most "
+                                f"{MAX_TENSORS} are allowed")
+        seen: set[str] = set()
+        for m in header.tensors:
+            _check_tensor_meta(m, seen)
+        total = sum(m.nbytes for m in header.tensors)
+        if total != header.total_bytes:
+            raise ProtocolError(f"batch {header.seq} says total_bytes = {header.total_bytes} but its "
+                                f"tensors add up to {total}")
+        if total > MAX_BATCH_BYTES:
+            raise ProtocolError(f"batch {header.seq} is {total} bytes, over the {MAX_BATCH_BYTES}-byte "
+                                "limit; use a smaller batch size")
+        self.header = header
+        self.received = 0
+        self._tensors = [torch.empty(tuple(m.shape), dtype=DTYPES[_FROM_PB[m.wire_dtype]])
+                         for m in header.tensors]
+        self._views = [t.reshape(-1).view(torch.uint8).numpy() if t.numel() else None
+                       for t in self._tensors]
+        self._index, self._pos = 0, 0   # tensor being filled, bytes filled in it
+
+    @property
+    def complete(self) -> bool:
+        return self.received == self.header.total_bytes
+
+    def add(self, offset: int, payload: memoryview) -> None:
+        """Copy `payload`, which must start at byte `offset` of the batch, into the tensors."""
+        seq = self.header.seq
+        if offset != self.received:
+            raise ProtocolError(f"batch {seq}: chunk at byte offset {offset} arrived but {self.received} "
+                                "bytes were received so far; a chunk is missing or out of order")
+        if self.received + len(payload) > self.header.total_bytes:
+            raise ProtocolError(f"batch {seq}: chunks carry more than the {self.header.total_bytes} "
+                                "bytes its header announced")
+        pos = 0
+        while pos < len(payload):
+            m = self.header.tensors[self._index]
+            room = m.nbytes - self._pos
+            if room == 0:
+                self._index, self._pos = self._index + 1, 0
+                continue
+            take = min(room, len(payload) - pos)
+            self._views[self._index][self._pos:self._pos + take] = payload[pos:pos + take]
+            self._pos += take
+            pos += take
+        self.received += len(payload)
+
+    def batch(self) -> WireBatch:
+        if not self.complete:
+            raise ProtocolError(f"batch {self.header.seq} ended after {self.received} of "
+                                f"{self.header.total_bytes} bytes; chunks are missing")
+        tensors: Packet = {}
+        for m, t in zip(self.header.tensors, self._tensors, strict=True):
+            if m.wire_dtype != m.dtype:
+                t = t.to(DTYPES[_FROM_PB[m.dtype]])
+            tensors[m.name] = t
+        h = self.header
+        return WireBatch(run_id=h.run_id, seq=h.seq, kind=h.kind, epoch=h.epoch, tensors=tensors)
+
+
+def decode_frames(frames: Iterable[bytes]) -> Iterator[WireBatch | pb.EndOfEpoch]:
+    """Batches and end markers from a frame stream (used by tests and the driver's Pull reader)."""
+    asm: BatchAssembler | None = None
+    for frame in frames:
+        kind, meta, payload = unpack_frame(frame)
+        if kind == pb.CHUNK:
+            if asm is None:
+                raise ProtocolError("a CHUNK frame arrived without a BATCH frame before it")
+            ch = parse_meta(pb.ChunkHeader, meta, "chunk")
+            if ch.seq != asm.header.seq:
+                raise ProtocolError(f"a chunk of batch {ch.seq} arrived inside batch {asm.header.seq}")
+            asm.add(ch.offset, payload)
+        else:
+            if asm is not None:
+                yield asm.batch()   # raises if incomplete
+                asm = None
+            if kind == pb.BATCH:
+                asm = BatchAssembler(parse_meta(pb.BatchHeader, meta, "batch"))
+                asm.add(0, payload)
+            elif kind == pb.END:
+                yield parse_meta(pb.EndOfEpoch, meta, "end-of-epoch")
+            else:
+                raise ProtocolError(f"unexpected frame kind {kind} in a batch stream")
+        if asm is not None and asm.complete:
+            yield asm.batch()
+            asm = None
+    if asm is not None:
+        yield asm.batch()
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights (control plane, protobuf TensorChunk; always exact)
+
+
+def encode_state(state: dict[str, torch.Tensor], chunk_bytes: int) -> Iterator[pb.TensorChunk]:
+    for name, t in state.items():
+        meta, wt = _wire_tensor(name, t, "float32")
+        view = byte_view(wt)
+        yield pb.TensorChunk(meta=meta, offset=0, data=bytes(view[:chunk_bytes]))
+        for off in range(chunk_bytes, len(view), chunk_bytes):
+            yield pb.TensorChunk(offset=off, data=bytes(view[off:off + chunk_bytes]))
+
+
+def decode_state(chunks: Iterable[pb.TensorChunk]) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    seen: set[str] = set()
+    asm: BatchAssembler | None = None
+
+    def finish() -> None:
+        if asm is not None:
+            b = asm.batch()
+            state.update(b.tensors)
+
+    for ch in chunks:
+        if ch.HasField("meta"):
+            finish()
+            _check_tensor_meta(ch.meta, seen)
+            asm = BatchAssembler(pb.BatchHeader(seq=len(state), tensors=[ch.meta],
+                                                total_bytes=ch.meta.nbytes))
+        elif asm is None:
+            raise ProtocolError("a weights chunk without a tensor header came first")
+        asm.add(ch.offset, memoryview(ch.data))
+    finish()
+    return state

@@ -1,0 +1,72 @@
+"""`bpfree worker`: serve one pipeline stage over gRPC until stopped (SIGTERM / Ctrl-C)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import threading
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--listen", default="127.0.0.1:0",
+                        help="HOST:PORT to serve on (port 0 = pick a free one; see --port-file)")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for this stage")
+    parser.add_argument("--token", default=os.environ.get("BPFREE_TOKEN", ""),
+                        help="shared secret every RPC must carry (default $BPFREE_TOKEN)")
+    parser.add_argument("--tls-cert", default="", help="server certificate (PEM)")
+    parser.add_argument("--tls-key", default="", help="server private key (PEM)")
+    parser.add_argument("--tls-ca", default="",
+                        help="CA certificate (PEM) to verify the downstream stage's TLS certificate")
+    parser.add_argument("--port-file", type=Path,
+                        help="write the bound port here once serving (readiness signal)")
+
+
+def run(args: argparse.Namespace) -> int:
+    # Threads first: before torch runs anything (and before gRPC creates its threads).
+    import torch
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    from bpfree_core.runtime import resolve_device
+    from client.transport import Security
+    from client.worker import StageWorker, build_server
+
+    device = str(resolve_device(args.device))   # fail now, clearly, if the GPU is missing
+    security = Security(token=args.token, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                        tls_ca=args.tls_ca)
+    worker = StageWorker(device, security)
+    server, port = build_server(worker, args.listen, security)
+    host = args.listen.rsplit(":", 1)[0]
+    worker.address = f"{host}:{port}"
+    server.start()
+    log.info("stage worker serving on %s (host %s, pid %d, device %s, %d torch thread(s), tls %s, "
+             "token %s); layers are assigned by Configure", worker.address, socket.gethostname(),
+             os.getpid(), device, torch.get_num_threads(), "on" if args.tls_cert else "off",
+             "required" if args.token else "off")
+    if args.port_file:
+        tmp = args.port_file.with_name(args.port_file.name + ".tmp")
+        tmp.write_text(f"{port}\n")
+        os.replace(tmp, args.port_file)   # atomic: readers never see a half-written file
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    log.info("stage worker %s stopping", worker.address)
+    worker.shutdown()
+    server.stop(grace=1.0).wait(timeout=5.0)
+    return 0
+
+
+if __name__ == "__main__":  # python -m client.worker_cli ...
+    import sys
+
+    from bpfree_cli import main
+
+    sys.exit(main(["worker", *sys.argv[1:]]))
