@@ -153,6 +153,7 @@ class FederationConfig:
     min_clients: int = 0           # replies needed to aggregate a round (0 = all clients)
     proximal_mu: float = 0.0       # FedProx proximal term (0 = plain FedAvg)
     round_timeout: float = 600.0   # seconds the coordinator waits for replies
+    executor: str = "pipeline"     # pipeline (S stage workers over gRPC) | inprocess (one process)
 
     def __post_init__(self) -> None:
         _check_positive("federation", "clients", self.clients)
@@ -165,6 +166,8 @@ class FederationConfig:
                 f"{self.clients}"
             )
         _check_positive("federation", "proximal_mu", self.proximal_mu, allow_zero=True)
+        _check_positive("federation", "round_timeout", self.round_timeout)
+        _check_choice("federation", "executor", self.executor, ("pipeline", "inprocess"))
         from bpfree_core.partition import parse_partition  # local: partition imports config-free
 
         parse_partition(self.partition)

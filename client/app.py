@@ -1,0 +1,108 @@
+"""The Flower ClientApp: one federated client, training its partition on its pipeline of stages.
+
+Each "train" message carries the global weights, the round and the resolved experiment config
+(server.messages). The client loads the weights into its executor, runs its local round
+(client.training.local_round) and replies with its weights, example count and metrics.
+
+Per-node settings come from `node_config` (`--node-config` of flower-supernode; filled in by the
+simulation engine for partition-id/num-partitions):
+  partition-id     int   which partition of the training set this client holds
+  num-partitions   int   must equal federation.clients
+  stage-addresses  str   "host:port,host:port": this client's stage workers, in stage order;
+                         absent = launch federation.executor's workers locally for each round
+  data-dir         str   where this node's dataset files are (default: the config's)
+  device           str   cpu | cuda | cuda:N for a locally launched pipeline or in-process run
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
+
+from bpfree_core.config import ExperimentConfig
+from bpfree_core.errors import ConfigError
+from bpfree_core.runtime import set_threads
+from client.training import client_split, local_round, make_executor, train_split
+from server.messages import read_train_content, reply_content
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """Settings a launcher binds into a ClientApp (e.g. `bpfree simulate`'s stage workers)."""
+
+    stage_addresses: dict[int, list[str]] = field(default_factory=dict)  # partition -> addresses
+    log_dir: str | None = None
+
+
+def node_partition(node_config: dict[str, Any], cfg: ExperimentConfig) -> int:
+    """This node's partition id, checked against federation.clients."""
+    for key in ("partition-id", "num-partitions"):
+        if key not in node_config:
+            raise ConfigError(f"node_config has no {key!r}; start the SuperNode with --node-config "
+                              f"\"partition-id=K num-partitions={cfg.federation.clients}\"")
+    pid, num = int(node_config["partition-id"]), int(node_config["num-partitions"])
+    if num != cfg.federation.clients:
+        raise ConfigError(f"node_config num-partitions = {num} but federation.clients = "
+                          f"{cfg.federation.clients}; they must be equal")
+    if not 0 <= pid < num:
+        raise ConfigError(f"node_config partition-id = {pid} is outside 0..{num - 1}")
+    return pid
+
+
+def node_addresses(node_config: dict[str, Any], settings: ClientSettings, pid: int) -> list[str]:
+    if pid in settings.stage_addresses:
+        return list(settings.stage_addresses[pid])
+    raw = str(node_config.get("stage-addresses", "") or "")
+    return [a.strip() for a in raw.split(",") if a.strip()]
+
+
+def node_config_overrides(cfg: ExperimentConfig, node_config: dict[str, Any]) -> ExperimentConfig:
+    """Apply the node's own data-dir and device to the run's config."""
+    train = cfg.train
+    if node_config.get("data-dir"):
+        train = dataclasses.replace(train, data_dir=str(node_config["data-dir"]))
+    if node_config.get("device"):
+        train = dataclasses.replace(train, device=str(node_config["device"]))
+    return dataclasses.replace(cfg, train=train) if train is not cfg.train else cfg
+
+
+def handle_train(msg: Message, context: Context, settings: ClientSettings) -> Message:
+    """One local round for this node's partition; the reply carries weights and metrics."""
+    rnd, weights, cfg = read_train_content(msg.content)
+    node_config = dict(context.node_config)
+    pid = node_partition(node_config, cfg)
+    cfg = node_config_overrides(cfg, node_config)
+    set_threads(cfg.train.threads)
+    data = client_split(cfg, train_split(cfg), pid)
+    executor = make_executor(cfg, node_addresses(node_config, settings, pid), settings.log_dir)
+    try:
+        update = local_round(executor, cfg, data, pid, rnd, weights)
+    finally:
+        executor.close()
+    log.info("client %d round %d: %d examples, %.1fs", pid, rnd + 1, update.num_examples,
+             update.metrics.get("train_seconds", 0.0))
+    return Message(reply_content(update), reply_to=msg)
+
+
+def make_client_app(settings: ClientSettings | None = None, mods: Sequence[Mod] = ()) -> ClientApp:
+    """A ClientApp bound to `settings`; `mods` are Flower client mods (middleware)."""
+    bound = settings or ClientSettings()
+    client_app = ClientApp(mods=list(mods))
+
+    @client_app.train()
+    def _train(msg: Message, context: Context) -> Message:
+        return handle_train(msg, context, bound)
+
+    return client_app
+
+
+app = make_client_app()

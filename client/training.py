@@ -1,0 +1,233 @@
+"""A federated client's local work for one round, and the two executors that can run it.
+
+`local_round` is the single definition of what client k does in round r, whoever runs it:
+- data: its partition `partition_indices(train labels, K, federation.partition, train.seed)[k]`;
+- schedule: global epochs `r * local_epochs + e` (e < local_epochs) out of `rounds * local_epochs`,
+  so batch order, negatives and the learning-rate cool-down continue across rounds exactly as a
+  centralised run's epochs would;
+- randomness: batches and negatives are drawn from `client_seed(train.seed, k)`, so clients draw
+  different streams but every run of client k draws the same one;
+- state: it starts from the global weights with fresh optimiser state every round (FedAvg
+  averages weights only, so optimiser moments would describe weights that no longer exist).
+
+Executors run the same steps two ways: `InProcessExecutor` (one bpfree_core Stage with every layer,
+the reference) and `PipelineExecutor` (client.pipeline.Pipeline: S stage worker processes joined by
+the project's gRPC stream). Fed the same packets, both end with identical weights on CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+from bpfree_core.config import ExperimentConfig
+from bpfree_core.data import Split, load_dataset
+from bpfree_core.errors import ConfigError
+from bpfree_core.layers import LocalLayer, Packet
+from bpfree_core.metrics import RunningMeans
+from bpfree_core.model import Stage, build_layers, build_objective
+from bpfree_core.partition import partition_indices
+from bpfree_core.trainer import limited, train_packets
+from server.aggregate import ClientUpdate, Weights
+
+
+class Executor(Protocol):
+    """Runs a client's layers: the in-process Stage or a pipeline of stage workers."""
+
+    def load_weights(self, state: Weights, proximal_mu: float = 0.0) -> None: ...
+    def get_weights(self) -> Weights: ...
+    def train_epoch(self, packets: Iterable[Packet], epoch: int, total_epochs: int) -> dict: ...
+    def close(self) -> None: ...
+
+
+# -- the plan -------------------------------------------------------------------------------------
+def total_epochs(cfg: ExperimentConfig) -> int:
+    return cfg.federation.rounds * cfg.federation.local_epochs
+
+
+def round_epochs(cfg: ExperimentConfig, rnd: int) -> range:
+    """Global epoch indices trained in round `rnd` (0-based)."""
+    e = cfg.federation.local_epochs
+    return range(rnd * e, (rnd + 1) * e)
+
+
+def client_seed(seed: int, client: int) -> int:
+    """Seed of client `client`'s batch order and negatives (distinct per client, fixed per run)."""
+    return seed * 1_000_037 + 7_919 * (client + 1)
+
+
+def client_config(cfg: ExperimentConfig, client: int) -> ExperimentConfig:
+    """The config a client trains with: the run's, with its own batch/negative seed."""
+    return dataclasses.replace(
+        cfg, train=dataclasses.replace(cfg.train, seed=client_seed(cfg.train.seed, client)))
+
+
+def train_split(cfg: ExperimentConfig) -> Split:
+    """The run's whole training split (train.train_limit applied), before partitioning."""
+    data = load_dataset(cfg.model.dataset, cfg.train.data_dir or None)
+    return limited(data.train, cfg.train.train_limit)
+
+
+def client_split(cfg: ExperimentConfig, train: Split, client: int) -> Split:
+    """Client `client`'s partition of `train`."""
+    k = cfg.federation.clients
+    if not 0 <= client < k:
+        raise ConfigError(f"partition id {client} is out of range for federation.clients = {k}; "
+                          f"valid ids are 0..{k - 1}")
+    idx = partition_indices(train.labels, k, cfg.federation.partition, cfg.train.seed)[client]
+    if len(idx) < cfg.train.batch_size:
+        raise ConfigError(
+            f"client {client} holds {len(idx)} samples under federation.partition = "
+            f"{cfg.federation.partition!r}, fewer than one batch (train.batch_size = "
+            f"{cfg.train.batch_size}); lower the batch size or use a less skewed partition")
+    return train.subset(idx)
+
+
+# -- the round ------------------------------------------------------------------------------------
+def local_round(executor: Executor, cfg: ExperimentConfig, data: Split, client: int, rnd: int,
+                global_weights: Weights) -> ClientUpdate:
+    """Client `client`'s round `rnd`: load the global weights, train its local epochs, report."""
+    ccfg = client_config(cfg, client)
+    objective = build_objective(ccfg)
+    executor.load_weights(global_weights, proximal_mu=cfg.federation.proximal_mu)
+    t0 = time.perf_counter()
+    metrics: dict[str, float] = {}
+    for epoch in round_epochs(cfg, rnd):
+        stats = executor.train_epoch(train_packets(objective, data, ccfg, epoch), epoch,
+                                     total_epochs(cfg))
+        metrics = flatten_numbers(stats, "train")  # the last local epoch's means
+    metrics["train_seconds"] = time.perf_counter() - t0
+    return ClientUpdate(client=client, num_examples=len(data), weights=executor.get_weights(),
+                        metrics=metrics)
+
+
+def flatten_numbers(stats: Any, prefix: str) -> dict[str, float]:
+    """Nested stats -> {"prefix/a/b": float}, keeping only finite-able numbers."""
+    out: dict[str, float] = {}
+    if isinstance(stats, dict):
+        for k, v in stats.items():
+            out.update(flatten_numbers(v, f"{prefix}/{k}"))
+    elif isinstance(stats, int | float) and not isinstance(stats, bool):
+        out[prefix] = float(stats)
+    return out
+
+
+# -- FedProx ----------------------------------------------------------------------------------------
+def attach_proximal(layers: list[LocalLayer], mu: float) -> None:
+    """Add FedProx's (mu/2)||w - w_global||^2 to every layer's local loss (Li et al. 2020).
+
+    Implemented as a gradient hook on each parameter (grad += mu * (w - w_global)), which is
+    exactly the gradient of the proximal term, applied inside the layer's own backward pass; call
+    it right after loading the global weights.
+    """
+    if mu <= 0:
+        return
+    for layer in layers:
+        for p in layer.parameters():
+            anchor = p.detach().clone()
+            p.register_hook(lambda g, p=p, a=anchor: g + mu * (p.detach() - a))
+
+
+# -- executors --------------------------------------------------------------------------------------
+class InProcessExecutor:
+    """Every layer in this process, in one bpfree_core Stage: the reference executor."""
+
+    def __init__(self, cfg: ExperimentConfig, device: str = "cpu"):
+        self.cfg = cfg
+        self.device = device
+        self.objective = build_objective(cfg)
+        self.stage: Stage | None = None
+
+    def load_weights(self, state: Weights, proximal_mu: float = 0.0) -> None:
+        # Fresh layers every round: fresh optimisers, nothing carried over but the weights.
+        self.stage = Stage(build_layers(self.cfg, objective=self.objective), self.device)
+        self.stage.load_state_dict(state)
+        attach_proximal(self.stage.layers, proximal_mu)
+
+    def get_weights(self) -> Weights:
+        return self._stage().state_dict()
+
+    def train_epoch(self, packets: Iterable[Packet], epoch: int, total_epochs: int) -> dict:
+        stage = self._stage()
+        stage.set_epoch(epoch, total_epochs)
+        means = RunningMeans()
+        for packet in packets:
+            _, metrics = stage.train_step(packet)
+            means.add(metrics)
+        return means.means()
+
+    def close(self) -> None:
+        self.stage = None
+
+    def _stage(self) -> Stage:
+        if self.stage is None:
+            raise RuntimeError("load_weights must be called before training")
+        return self.stage
+
+    def __enter__(self) -> InProcessExecutor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class PipelineExecutor:
+    """The client's layers on S stage worker processes (client.pipeline.Pipeline)."""
+
+    def __init__(self, cfg: ExperimentConfig, addresses: list[str] | None = None,
+                 device: str = "cpu", threads: int = 1, log_dir: str | None = None):
+        from client.pipeline import Pipeline  # gRPC is imported only when a pipeline runs
+
+        if addresses:
+            if len(addresses) != cfg.pipeline.stages:
+                raise ConfigError(
+                    f"got {len(addresses)} stage worker address(es) but pipeline.stages = "
+                    f"{cfg.pipeline.stages}; give one address per stage, in stage order")
+            self.pipeline = Pipeline.connect(cfg, list(addresses))
+        else:
+            self.pipeline = Pipeline.launch_local(cfg, device=device, threads=threads,
+                                                  log_dir=log_dir)
+
+    def load_weights(self, state: Weights, proximal_mu: float = 0.0) -> None:
+        if proximal_mu > 0:
+            raise ConfigError(
+                f"federation.proximal_mu = {proximal_mu} needs the proximal term inside every "
+                "stage worker, which the pipeline executor does not support yet; use "
+                "federation.executor = inprocess or proximal_mu = 0")
+        self.pipeline.load_weights(state)
+
+    def get_weights(self) -> Weights:
+        return {k: v.detach().cpu() for k, v in self.pipeline.get_weights().items()}
+
+    def train_epoch(self, packets: Iterable[Packet], epoch: int, total_epochs: int) -> dict:
+        return self.pipeline.train_epoch(packets, epoch, total_epochs)
+
+    def close(self) -> None:
+        self.pipeline.close()
+
+    def __enter__(self) -> PipelineExecutor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def make_executor(cfg: ExperimentConfig, addresses: list[str] | None = None,
+                  log_dir: str | None = None) -> InProcessExecutor | PipelineExecutor:
+    """The executor `federation.executor` names, on `train.device` with `train.threads`."""
+    if cfg.federation.executor == "inprocess":
+        return InProcessExecutor(cfg, cfg.train.device)
+    return PipelineExecutor(cfg, addresses, device=cfg.train.device,
+                            threads=max(cfg.train.threads, 1), log_dir=log_dir)
+
+
+def stack_template(cfg: ExperimentConfig) -> Weights:
+    """Initial global weights: every layer built from its own seed (as any process builds it)."""
+    return Stage(build_layers(cfg)).state_dict()
+
+
+__all__ = ["Executor", "InProcessExecutor", "PipelineExecutor", "attach_proximal", "client_config",
+           "client_seed", "client_split", "local_round", "make_executor", "round_epochs",
+           "stack_template", "total_epochs", "train_split"]

@@ -1,0 +1,109 @@
+"""Layer-wise federated averaging: validate client updates, then average every layer.
+
+FedAvg (McMahan et al. 2017, arXiv:1602.05629), applied layer by layer: every round, every
+tensor of every layer (`layers.<i>.<name>`: weights, biases, readout heads, running-statistic
+buffers) is replaced by the example-weighted mean of the clients' copies. Layers are averaged
+independently, so a later backend can aggregate a layer as soon as its owners reply.
+
+Rules, all deterministic (the same inputs give bit-identical outputs in any process):
+- Updates are taken in client (partition id) order, whatever order the replies arrived in.
+- Floating tensors: sum_k (n_k / N) * w_k, accumulated in float64, cast back to the dtype.
+- A tensor that every client sent back bit-identical (fixed buffers, e.g. class patterns) is
+  kept as is, so rounding never perturbs a constant.
+- Integer tensors are counters (e.g. `steps`): the new value is the old global one plus every
+  client's increment.
+
+Reused by the Flower coordinator (server/app.py), the single-process reference loop
+(server/reference.py) and any later backend: aggregation lives only here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from bpfree_core.errors import AggregationError, ProtocolError
+
+Weights = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """What one client sends back after its local round."""
+
+    client: int                    # partition id
+    num_examples: int              # training examples it used this round (its FedAvg weight)
+    weights: Weights               # keys "layers.<i>.<name>", as Stage.state_dict()
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def layer_of(key: str) -> int:
+    """`layers.3.linear.weight` -> 3."""
+    parts = key.split(".")
+    if len(parts) < 3 or parts[0] != "layers" or not parts[1].isdigit():
+        raise ProtocolError(f"weight key {key!r} is not of the form layers.<index>.<name>")
+    return int(parts[1])
+
+
+def validate_update(update: ClientUpdate, template: Weights) -> None:
+    """Raise ProtocolError unless `update` has exactly the template's tensors, shapes and dtypes."""
+    who = f"client {update.client}"
+    if not isinstance(update.num_examples, int) or update.num_examples <= 0:
+        raise ProtocolError(f"{who} reported num_examples = {update.num_examples!r}; need an int > 0")
+    missing = sorted(set(template) - set(update.weights))
+    extra = sorted(set(update.weights) - set(template))
+    if missing or extra:
+        raise ProtocolError(f"{who} sent the wrong layer tensors: missing {missing[:5]}"
+                            f"{'...' if len(missing) > 5 else ''}, unexpected {extra[:5]}")
+    for key, ref in template.items():
+        got = update.weights[key]
+        if tuple(got.shape) != tuple(ref.shape) or got.dtype != ref.dtype:
+            raise ProtocolError(f"{who} sent {key} as {got.dtype} {tuple(got.shape)}; expected "
+                                f"{ref.dtype} {tuple(ref.shape)}")
+        if got.is_floating_point() and not bool(torch.isfinite(got).all()):
+            raise ProtocolError(f"{who} sent non-finite values in {key}")
+
+
+def fedavg(global_weights: Weights, updates: Sequence[ClientUpdate]) -> Weights:
+    """The example-weighted mean of every tensor across `updates` (validated beforehand)."""
+    if not updates:
+        raise AggregationError("no client updates to aggregate")
+    ordered = sorted(updates, key=lambda u: u.client)
+    total = sum(u.num_examples for u in ordered)
+    shares = [u.num_examples / total for u in ordered]  # python floats: exact float64 ratios
+    out: Weights = {}
+    for key, old in global_weights.items():
+        copies = [u.weights[key] for u in ordered]
+        if all(torch.equal(copies[0], c) for c in copies[1:]) and (
+                old.is_floating_point() or torch.equal(copies[0], old)):
+            out[key] = copies[0].clone()
+        elif old.is_floating_point():
+            acc = torch.zeros(old.shape, dtype=torch.float64)
+            for share, c in zip(shares, copies, strict=True):
+                acc += share * c.to(torch.float64)
+            out[key] = acc.to(old.dtype)
+        else:  # integer counters: add up every client's increment
+            out[key] = old + sum((c - old for c in copies), torch.zeros_like(old))
+    return out
+
+
+def layer_stats(global_weights: Weights, new_weights: Weights,
+                updates: Sequence[ClientUpdate]) -> dict[str, dict[str, float]]:
+    """Per layer: norm of the global update, and the mean distance of clients from the average."""
+    total = sum(u.num_examples for u in updates)
+    sq_update: dict[int, float] = {}
+    sq_spread: dict[int, float] = {}
+    for key, new in new_weights.items():
+        if not new.is_floating_point():
+            continue
+        i = layer_of(key)
+        sq_update[i] = sq_update.get(i, 0.0) + float((new.double() - global_weights[key].double())
+                                                     .pow(2).sum())
+        for u in updates:
+            d = float((u.weights[key].double() - new.double()).pow(2).sum())
+            sq_spread[i] = sq_spread.get(i, 0.0) + d * u.num_examples / total
+    return {str(i): {"update_norm": math.sqrt(sq_update[i]), "client_spread": math.sqrt(sq_spread[i])}
+            for i in sorted(sq_update)}

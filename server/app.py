@@ -1,0 +1,147 @@
+"""The Flower ServerApp: the federated coordinator behind `flwr run .` and `bpfree simulate`.
+
+A custom round loop on `grid.send_and_receive` (server.coordinator) rather than a stock Strategy,
+so the coordinator decides what a failed, late or malformed reply means: each is left out of that
+round's aggregate, counted and logged, and the run continues while at least
+`federation.min_clients` replies are usable.
+
+`flwr run .` reads run_config keys `config-toml` (a bpfree TOML file; a relative path is taken
+relative to the app directory) and `overrides` ("section.key=value;section.key=value"), and
+writes the run directory to run_config `out-dir` if that key exists, else
+$BPFREE_RUNS_DIR/flwr-<run id>, else ./runs/flwr-<run id>.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context, Message, MessageType
+from flwr.serverapp import Grid, ServerApp
+
+from bpfree_core.config import ExperimentConfig, load_config
+from bpfree_core.errors import AggregationError, ProtocolError
+from server.aggregate import Weights
+from server.coordinator import Coordinator, RoundReplies, required_replies
+from server.messages import read_reply, train_content
+
+log = logging.getLogger(__name__)
+
+APP_DIR = Path(__file__).resolve().parents[1]
+NODE_POLL_SECONDS = 0.5
+
+
+class FlowerTransport:
+    """Sends a round's train messages to every connected SuperNode and collects the replies."""
+
+    def __init__(self, grid: Grid, cfg: ExperimentConfig):
+        self.grid = grid
+        self.cfg = cfg
+
+    def nodes(self) -> list[int]:
+        """The connected nodes, waiting (up to federation.round_timeout) for all K to register."""
+        want, need = self.cfg.federation.clients, required_replies(self.cfg)
+        deadline = time.monotonic() + self.cfg.federation.round_timeout
+        while True:
+            nodes = sorted(self.grid.get_node_ids())
+            if len(nodes) >= want or time.monotonic() > deadline:
+                break
+            time.sleep(NODE_POLL_SECONDS)  # nodes register on their own schedule; poll the grid
+        if len(nodes) < need:
+            raise AggregationError(
+                f"only {len(nodes)} of federation.clients = {want} client nodes connected within "
+                f"federation.round_timeout = {self.cfg.federation.round_timeout}s and "
+                f"{need} are needed; start the missing SuperNodes or lower federation.min_clients")
+        if len(nodes) < want:
+            log.warning("only %d of %d client nodes connected; training with those", len(nodes), want)
+        return nodes
+
+    def train_round(self, rnd: int, weights: Weights) -> RoundReplies:
+        nodes = self.nodes()
+        content = train_content(rnd, weights, self.cfg)
+        messages = [Message(content, dst_node_id=node, message_type=MessageType.TRAIN,
+                            group_id=str(rnd + 1)) for node in nodes]
+        t0 = time.perf_counter()
+        replies = list(self.grid.send_and_receive(messages,
+                                                  timeout=self.cfg.federation.round_timeout))
+        out = RoundReplies(sent=len(messages), timed_out=len(messages) - len(replies),
+                           client_wall=time.perf_counter() - t0)
+        for reply in replies:
+            node = f"node {reply.metadata.src_node_id}"
+            if reply.has_error():
+                out.failed[node] = f"{node}: {reply.error.reason}"
+                continue
+            try:
+                out.updates.append(read_reply(reply))
+            except ProtocolError as exc:
+                out.rejected[node] = str(exc)
+        return out
+
+
+@dataclass
+class ServerSettings:
+    """Everything the ServerApp needs besides the grid."""
+
+    cfg: ExperimentConfig
+    run_dir: Path | None
+    resume: bool = False
+    progress: bool = False
+
+
+def run_server(grid: Grid, settings: ServerSettings) -> dict[str, Any]:
+    """The coordinator's whole run; returns the summary (with final "weights")."""
+    coordinator = Coordinator(settings.cfg, settings.run_dir, resume=settings.resume,
+                              progress=settings.progress)
+    return coordinator.run(FlowerTransport(grid, settings.cfg))
+
+
+def make_server_app(settings: ServerSettings,
+                    on_done: Callable[[dict[str, Any]], None] | None = None) -> ServerApp:
+    """A ServerApp bound to `settings` (used by `bpfree simulate`, where run_config is empty)."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        summary = run_server(grid, settings)
+        if on_done is not None:
+            on_done(summary)
+
+    return server_app
+
+
+def config_from_run_config(run_config: dict[str, Any]) -> ExperimentConfig:
+    """The experiment config named by run_config keys `config-toml` and `overrides`."""
+    path = str(run_config.get("config-toml", "") or "")
+    if path and not Path(path).is_absolute():
+        path = str(APP_DIR / path)
+    overrides = [o.strip() for o in str(run_config.get("overrides", "") or "").split(";") if o.strip()]
+    return load_config(path or None, overrides)
+
+
+def run_dir_from_context(context: Context) -> Path:
+    out = str(context.run_config.get("out-dir", "") or "")
+    if out:
+        return Path(out)
+    base = os.environ.get("BPFREE_RUNS_DIR") or "runs"
+    return Path(base) / f"flwr-{context.run_id}"
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """`flwr run .`: config from run_config, run directory from out-dir (see module doc)."""
+    cfg = config_from_run_config(dict(context.run_config))
+    run_dir = run_dir_from_context(context)
+    log.info("bpfree coordinator: %d clients x %d stages, %d rounds, run dir %s",
+             cfg.federation.clients, cfg.pipeline.stages, cfg.federation.rounds, run_dir.resolve())
+    summary = run_server(grid, ServerSettings(cfg, run_dir, resume=bool(
+        context.run_config.get("resume", False))))
+    log.info("bpfree coordinator done: test accuracy %.4f after %d rounds (%.1fs)",
+             summary["test_accuracy"], summary["rounds"], summary["wall_seconds"])

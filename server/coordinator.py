@@ -1,0 +1,254 @@
+"""The federated round loop, independent of how replies arrive (Flower today, Ray later).
+
+Each round: send the global weights to every client (through a `RoundTransport`), keep the replies
+that validate, average every layer (server.aggregate), evaluate the global model on the test set
+in this process, append a metrics line, write a checkpoint. A round needs at least
+`federation.min_clients` accepted replies (0 = all `federation.clients`); clients that fail,
+time out or send a malformed reply are left out of that round, counted and logged.
+
+Run directory: config.json (resolved config), metrics.jsonl (one line per round),
+checkpoints/round-NNNN.pt (global weights after round N), summary.json (at the end).
+A resumed run continues after the last checkpoint; optimiser state is reset every round and all
+randomness is a function of (seed, epoch, batch), so the weights after a checkpointed round are
+the whole state and a killed-and-resumed run ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from tqdm import tqdm
+
+from bpfree_core.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint, save_checkpoint
+from bpfree_core.config import ExperimentConfig
+from bpfree_core.data import load_dataset
+from bpfree_core.errors import AggregationError, ConfigError, ProtocolError
+from bpfree_core.metrics import MetricsWriter
+from bpfree_core.model import Stage, build_layers, build_objective
+from bpfree_core.runtime import set_threads
+from bpfree_core.trainer import evaluate, headline, limited
+from client.training import stack_template
+from server.aggregate import ClientUpdate, Weights, fedavg, layer_stats, validate_update
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+
+
+@dataclass
+class RoundReplies:
+    """What came back for one round, before validation."""
+
+    updates: list[ClientUpdate] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)     # node -> reason (errors)
+    rejected: dict[str, str] = field(default_factory=dict)   # node -> reason (unreadable replies)
+    timed_out: int = 0                                       # sent but no reply in time
+    sent: int = 0
+    client_wall: float = 0.0                                 # seconds until the last reply
+
+
+class RoundTransport(Protocol):
+    """Delivers the global weights to the clients for round `rnd` and collects their updates."""
+
+    def train_round(self, rnd: int, weights: Weights) -> RoundReplies: ...
+
+
+def required_replies(cfg: ExperimentConfig) -> int:
+    return cfg.federation.min_clients or cfg.federation.clients
+
+
+class Coordinator:
+    """Owns the global weights, the run directory and the round loop."""
+
+    def __init__(self, cfg: ExperimentConfig, run_dir: Path | None = None, resume: bool = False,
+                 progress: bool = False):
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.progress = progress
+        self.weights = stack_template(cfg)
+        self.template = {k: v.clone() for k, v in self.weights.items()}
+        self.first_round = 0
+        self.history: list[dict[str, Any]] = []
+        self.totals = {"accepted": 0, "failed": 0, "timed_out": 0, "rejected": 0}
+        if run_dir is not None:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if resume:
+                self._resume(run_dir)
+            atomic_write_json(run_dir / "config.json", cfg.to_dict())
+        objective = build_objective(cfg)
+        self.objective = objective
+        data = load_dataset(cfg.model.dataset, cfg.train.data_dir or None)
+        self.test = limited(data.test, cfg.train.test_limit)
+
+    # -- resume -----------------------------------------------------------------------------------
+    def _resume(self, run_dir: Path) -> None:
+        latest = latest_checkpoint(run_dir)
+        if latest is None:
+            log.info("no checkpoint in %s: starting from round 1", run_dir)
+            return
+        state = load_checkpoint(latest)
+        saved = ExperimentConfig.from_dict(state["config"])
+        diff = config_diff(saved, self.cfg)
+        if diff:
+            raise ConfigError(
+                f"cannot resume {run_dir}: the config differs from the checkpoint's in "
+                f"{', '.join(diff)}; resume with the same config (or start a new --out)")
+        self.weights = state["weights"]
+        self.first_round = int(state["round"])
+        self.totals = dict(state.get("totals", self.totals))
+        # Metric lines of rounds after the checkpoint belong to work that was lost: drop them.
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.exists():
+            kept = [line for line in metrics.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("round", 0) <= self.first_round]
+            atomic_write_bytes(metrics, "".join(line + "\n" for line in kept).encode())
+            self.history = [json.loads(line) for line in kept]
+        log.info("resuming %s after round %d", run_dir, self.first_round)
+
+    # -- the loop -------------------------------------------------------------------------------
+    def run(self, transport: RoundTransport) -> dict[str, Any]:
+        """Run the remaining rounds; return the summary (with the final "weights")."""
+        cfg = self.cfg
+        set_threads(cfg.train.threads)
+        start = time.perf_counter()
+        writer = MetricsWriter(self.run_dir, tensorboard=False)
+        rounds = cfg.federation.rounds
+        bar = tqdm(total=rounds, initial=self.first_round, desc="rounds", unit="round",
+                   disable=not self.progress or None, leave=True)
+        try:
+            for rnd in range(self.first_round, rounds):
+                record = self._round(transport, rnd)
+                writer.write(record, step=rnd + 1)
+                self.history.append(record)
+                self._checkpoint(rnd)
+                bar.update(1)
+                bar.set_postfix(acc=f"{record['test_accuracy_headline']:.4f}",
+                                clients=f"{record['clients']['accepted']}/{record['clients']['sent']}")
+        finally:
+            bar.close()
+            writer.close()
+        return self._summary(time.perf_counter() - start)
+
+    def _round(self, transport: RoundTransport, rnd: int) -> dict[str, Any]:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        replies = transport.train_round(rnd, self.weights)
+        t_clients = time.perf_counter() - t0
+
+        t1 = time.perf_counter()
+        accepted, rejected = self._validate(replies)
+        counts = {"sent": replies.sent, "accepted": len(accepted), "failed": len(replies.failed),
+                  "timed_out": replies.timed_out, "rejected": len(rejected)}
+        for reason in replies.failed.values():
+            log.warning("round %d: a client failed and is left out: %s", rnd + 1, reason)
+        for reason in rejected.values():
+            log.warning("round %d: reply rejected and left out: %s", rnd + 1, reason)
+        if replies.timed_out:
+            log.warning("round %d: %d client(s) did not reply within federation.round_timeout = "
+                        "%ss", rnd + 1, replies.timed_out, cfg.federation.round_timeout)
+        need = required_replies(cfg)
+        if len(accepted) < need:
+            raise AggregationError(
+                f"round {rnd + 1}: only {len(accepted)} usable replies of {replies.sent} sent "
+                f"({counts['failed']} failed, {counts['timed_out']} timed out, {counts['rejected']} "
+                f"rejected) but {need} are needed (federation.min_clients = "
+                f"{cfg.federation.min_clients}, 0 = all {cfg.federation.clients}); the last "
+                "checkpoint is kept: fix the clients and --resume")
+        new = fedavg(self.weights, accepted)
+        stats = layer_stats(self.weights, new, accepted)
+        self.weights = new
+        t_aggregate = time.perf_counter() - t1
+        for key in ("accepted", "failed", "timed_out", "rejected"):
+            self.totals[key] += counts[key]
+
+        t2 = time.perf_counter()
+        acc = self.evaluate(new)
+        t_eval = time.perf_counter() - t2
+        slowest = max((u.metrics.get("train_seconds", 0.0) for u in accepted), default=0.0)
+        return {
+            "round": rnd + 1,
+            "test_accuracy": acc,
+            "test_accuracy_headline": headline(acc, cfg),
+            "clients": counts,
+            "layers": stats,
+            "client_metrics": {str(u.client): {"num_examples": u.num_examples, **u.metrics}
+                               for u in sorted(accepted, key=lambda u: u.client)},
+            "seconds": {"clients": t_clients, "slowest_client_training": slowest,
+                        "aggregate": t_aggregate, "evaluate": t_eval},
+        }
+
+    def _validate(self, replies: RoundReplies) -> tuple[list[ClientUpdate], dict[str, str]]:
+        rejected = dict(replies.rejected)
+        accepted: dict[int, ClientUpdate] = {}
+        for update in replies.updates:
+            try:
+                validate_update(update, self.template)
+                if not 0 <= update.client < self.cfg.federation.clients:
+                    raise ProtocolError(f"reply names partition {update.client}, outside 0.."
+                                        f"{self.cfg.federation.clients - 1}")
+                if update.client in accepted:
+                    raise ProtocolError(f"a second reply for partition {update.client}")
+            except ProtocolError as exc:
+                rejected[f"client {update.client}"] = str(exc)
+                continue
+            accepted[update.client] = update
+        return list(accepted.values()), rejected
+
+    def evaluate(self, weights: Weights) -> dict[str, float]:
+        """Test accuracy of `weights`, evaluated in this process."""
+        stage = Stage(build_layers(self.cfg, objective=self.objective), self.cfg.train.device)
+        stage.load_state_dict(weights)
+        return evaluate(stage.eval_step, self.objective, self.test, self.cfg)
+
+    def _checkpoint(self, rnd: int) -> None:
+        if self.run_dir is None:
+            return
+        t0 = time.perf_counter()
+        save_checkpoint(checkpoint_path(self.run_dir, rnd + 1), {
+            "round": rnd + 1, "config": self.cfg.to_dict(), "weights": self.weights,
+            "totals": self.totals})
+        self.history[-1]["seconds"]["checkpoint"] = time.perf_counter() - t0
+
+    def _summary(self, wall: float) -> dict[str, Any]:
+        cfg = self.cfg
+        acc = self.history[-1]["test_accuracy"] if self.history else self.evaluate(self.weights)
+        summary = {
+            "algorithm": cfg.model.algorithm, "dataset": cfg.model.dataset,
+            "test_accuracy": headline(acc, cfg), "test_accuracy_by_method": acc,
+            "accuracy_per_round": [r["test_accuracy_headline"] for r in self.history],
+            "rounds": len(self.history), "clients": cfg.federation.clients,
+            "stages": cfg.pipeline.stages, "executor": cfg.federation.executor,
+            "partition": cfg.federation.partition, "replies": self.totals,
+            "wall_seconds": wall,
+        }
+        if self.run_dir is not None:
+            atomic_write_json(self.run_dir / "summary.json", summary)
+        return {**summary, "weights": self.weights}
+
+
+def checkpoint_path(run_dir: Path, rnd: int) -> Path:
+    return run_dir / CHECKPOINTS / f"round-{rnd:04d}.pt"
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = sorted((run_dir / CHECKPOINTS).glob("round-*.pt"))
+    return found[-1] if found else None
+
+
+def config_diff(a: ExperimentConfig, b: ExperimentConfig) -> list[str]:
+    """Dotted names of the fields that differ, ignoring those that cannot change the weights."""
+    da, db = a.to_dict(), b.to_dict()
+    return [f"{s}.{k}" for s in da for k in da[s]
+            if da[s][k] != db[s][k] and f"{s}.{k}" not in RESUME_FREE]
+
+
+# Fields a resumed run may change: where and how it runs, not what it computes.
+RESUME_FREE = frozenset({
+    "train.data_dir", "train.device", "train.threads", "federation.executor",
+    "federation.round_timeout", "federation.min_clients", "pipeline.stages", "pipeline.window",
+    "pipeline.chunk_bytes", "pipeline.rpc_timeout", "pipeline.connect_timeout", "pipeline.token"})

@@ -1,0 +1,169 @@
+"""`bpfree simulate`: K federated clients x S pipeline stages on this machine.
+
+The coordinator (server.app) and the K ClientApps run in Flower's simulation engine (Ray, one CPU
+per ClientApp); each client's S stage workers are local `bpfree worker` processes on loopback gRPC,
+started here before the run and stopped (by PID) after it. `--executor inprocess` runs every
+client's layers inside its ClientApp instead (faster; identical weights).
+
+    bpfree simulate                                   # MNIST, 3 clients x 2 stages, 5 rounds
+    bpfree simulate --partition dirichlet:0.3 --out runs/noniid
+    bpfree simulate --resume runs/noniid              # after a crash: continue from the checkpoint
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bpfree_core.cli_train import add_config_arguments, config_from_args
+from bpfree_core.config import ExperimentConfig
+from bpfree_core.errors import BpfreeError, ConfigError
+
+log = logging.getLogger(__name__)
+
+# Without --config: an algorithm that learns fast, and a run that fits in minutes on 2 cores.
+SIMULATE_DEFAULTS = ["model.algorithm=symba", "federation.rounds=5", "train.threads=1"]
+
+SHORTCUTS = {"clients": "federation.clients", "rounds": "federation.rounds",
+             "local_epochs": "federation.local_epochs", "partition": "federation.partition",
+             "executor": "federation.executor", "min_clients": "federation.min_clients",
+             "proximal_mu": "federation.proximal_mu", "stages": "pipeline.stages"}
+
+# Unix socket paths are limited to 107 bytes; Ray puts its sockets ~60 bytes below _temp_dir.
+RAY_TEMP_MAX = 40
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--clients", type=int, help="K federated clients (federation.clients)")
+    parser.add_argument("--stages", type=int, help="S stage workers per client (pipeline.stages)")
+    parser.add_argument("--rounds", type=int, help="federated rounds (federation.rounds)")
+    parser.add_argument("--local-epochs", type=int, help="epochs per client per round")
+    parser.add_argument("--partition", help="iid | dirichlet:ALPHA | shards:N")
+    parser.add_argument("--executor", choices=("pipeline", "inprocess"),
+                        help="pipeline: S worker processes per client over gRPC (default); "
+                             "inprocess: all layers inside the ClientApp")
+    parser.add_argument("--min-clients", type=int, help="usable replies a round needs (0 = all)")
+    parser.add_argument("--proximal-mu", type=float, help="FedProx proximal term (0 = FedAvg)")
+    parser.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                        help="continue RUN_DIR from its last checkpoint (its config.json is used; "
+                             "--set may change only how it runs, e.g. train.threads)")
+    parser.add_argument("--no-plot", action="store_true", help="skip RUN_DIR/accuracy.png")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def resolve(args: argparse.Namespace) -> tuple[ExperimentConfig, Path, bool]:
+    """(config, run directory, resume?) from the command line."""
+    extra = [f"{key}={getattr(args, flag)}" for flag, key in SHORTCUTS.items()
+             if getattr(args, flag, None) is not None]
+    if args.resume:
+        if args.config:
+            raise ConfigError("--resume takes the config from RUN_DIR/config.json; drop --config "
+                              "(use --set for what may change, e.g. train.threads)")
+        saved = args.resume / "config.json"
+        if not saved.is_file():
+            raise ConfigError(f"--resume {args.resume}: no config.json there; is it a run directory "
+                              "written by `bpfree simulate --out`?")
+        if args.out and args.out.resolve() != args.resume.resolve():
+            raise ConfigError("--resume RUN_DIR continues RUN_DIR in place; drop --out")
+        base = ExperimentConfig.from_dict(json.loads(saved.read_text()))
+        return base.with_overrides(extra + list(args.set)), args.resume, True
+    if not args.config:
+        args.set = SIMULATE_DEFAULTS + list(args.set)
+    args.set = list(args.set) + extra
+    cfg = config_from_args(args)
+    run_dir = args.out or Path("runs") / time.strftime("simulate-%Y%m%d-%H%M%S")
+    return cfg, run_dir, False
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg, run_dir, resume = resolve(args)
+    summary = simulate(cfg, run_dir, resume=resume, progress=not args.no_progress)
+    summary.pop("weights", None)
+    if not args.no_plot:
+        from server.plot import plot_accuracy
+
+        summary["plot"] = str(plot_accuracy(run_dir))
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def simulate(cfg: ExperimentConfig, run_dir: Path, resume: bool = False, progress: bool = False,
+             mods: Sequence[Any] = ()) -> dict[str, Any]:
+    """Run the federation in Flower's simulation engine; return the summary with "weights".
+
+    `mods` are Flower client mods wrapped around every ClientApp (tests use them to corrupt a
+    reply on the way out).
+    """
+    from client.app import ClientSettings, make_client_app
+    from server.app import ServerSettings, make_server_app
+
+    for key, value in (("FLWR_TELEMETRY_ENABLED", "0"), ("FLWR_DISABLE_UPDATE_CHECK", "1"),
+                       ("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1"),
+                       ("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0"), ("RAY_USAGE_STATS_ENABLED", "0")):
+        os.environ.setdefault(key, value)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log_dir = run_dir / "logs"
+    pipelines: list[Any] = []
+    result: dict[str, Any] = {}
+    try:
+        addresses = launch_stage_workers(cfg, log_dir, pipelines)
+        server_app = make_server_app(ServerSettings(cfg, run_dir, resume=resume, progress=progress),
+                                     on_done=result.update)
+        client_app = make_client_app(ClientSettings(addresses, str(log_dir)), mods)
+        run_flower_simulation(server_app, client_app, cfg.federation.clients, run_dir / "tmp")
+    finally:
+        for pipeline in pipelines:
+            pipeline.close()  # stops its worker processes by PID
+    if not result:
+        raise BpfreeError("the simulation ended without a result from the coordinator; see the "
+                          "log above for the client or server error")
+    return result
+
+
+def launch_stage_workers(cfg: ExperimentConfig, log_dir: Path,
+                         pipelines: list[Any]) -> dict[int, list[str]]:
+    """Start S `bpfree worker` processes per client (pipeline executor); {client: addresses}."""
+    if cfg.federation.executor != "pipeline":
+        return {}
+    from client.pipeline import Pipeline
+
+    addresses = {}
+    for k in range(cfg.federation.clients):
+        pipeline = Pipeline.launch_local(cfg, device=cfg.train.device,
+                                         threads=max(cfg.train.threads, 1),
+                                         log_dir=log_dir / f"client{k}")
+        pipelines.append(pipeline)
+        addresses[k] = list(pipeline.addresses)
+        log.info("client %d: stage workers %s", k, addresses[k])
+    return addresses
+
+
+def run_flower_simulation(server_app: Any, client_app: Any, num_clients: int, tmp: Path) -> None:
+    """The one place that starts Flower's simulation engine (its Python API is deprecated in
+    favour of `flwr run`; switching is a change here only)."""
+    from flwr.simulation import run_simulation
+
+    tmp.mkdir(parents=True, exist_ok=True)
+    ray_tmp, scratch = tmp / "ray", None
+    if len(str(ray_tmp.resolve())) > RAY_TEMP_MAX:  # too deep for Ray's socket paths
+        scratch = Path(tempfile.mkdtemp(prefix="bpfree-ray-"))
+        ray_tmp = scratch
+    try:
+        run_simulation(
+            server_app=server_app, client_app=client_app, num_supernodes=num_clients,
+            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                            "init_args": {"num_cpus": min(os.cpu_count() or 2, num_clients),
+                                          "_temp_dir": str(ray_tmp.resolve()),
+                                          "include_dashboard": False}})
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
