@@ -163,7 +163,9 @@ def wait_for_peer(
                                    metadata=security.metadata(), wait_for_ready=True)
             except grpc.RpcError as exc:
                 if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                    raise
+                    raise PeerUnavailableError(
+                        f"stage worker at {address} refused us ({describe(exc)}); check the shared "
+                        "token (--token / pipeline.token) and TLS settings") from None
                 last = describe(exc)
             left = deadline - time.monotonic()
             if left <= 0:
