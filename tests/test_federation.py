@@ -1,0 +1,200 @@
+"""Federation through real Flower simulation, real stage workers over gRPC, real MNIST.
+
+The single-process federated reference (server.reference) is the oracle: the Flower run with
+pipeline clients must end with identical weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from bpfree_core.checkpoint import load_checkpoint
+from bpfree_core.config import load_config
+from bpfree_core.errors import AggregationError
+from server.aggregate import ClientUpdate
+from server.coordinator import Coordinator, RoundReplies
+from server.reference import federated_reference
+from server.simulate import simulate
+
+SMALL = ["train.train_limit=3000", "train.test_limit=1000", "model.hidden=200,200",
+         "model.algorithm=symba", "train.threads=1", "federation.clients=3", "pipeline.stages=2"]
+
+
+def _cfg(data_dir: Path, *extra: str):
+    return load_config(None, [f"train.data_dir={data_dir}", *SMALL, *extra])
+
+
+def _recorder(folder: Path):
+    """A Flower client mod that saves every reply's weights and metrics to `folder`.
+
+    Defined inside a function so Ray pickles it by value into its actors.
+    """
+    def record(msg, context, call_next):
+        from server.messages import read_reply
+
+        reply = call_next(msg, context)
+        update = read_reply(reply)
+        rnd = int(msg.content.config_records["config"]["round"])
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save({"num_examples": update.num_examples, "weights": update.weights},
+                   folder / f"round{rnd}-client{update.client}.pt")
+        return reply
+    return record
+
+
+def test_pipeline_federation_learns_averages_replies_and_equals_the_reference(data_dir, tmp_path):
+    cfg = _cfg(data_dir, "federation.rounds=2", "federation.executor=pipeline")
+    replies = tmp_path / "replies"
+    summary = simulate(cfg, tmp_path / "run", mods=[_recorder(replies)])
+
+    # It learns: well above chance after one round, better after two.
+    acc = summary["accuracy_per_round"]
+    assert len(acc) == 2 and 0.3 < acc[0] < acc[1], acc
+    assert summary["replies"] == {"accepted": 6, "failed": 0, "timed_out": 0, "rejected": 0}
+
+    # The aggregate of round 2 is the example-weighted mean of the three replies of round 2.
+    final = load_checkpoint(tmp_path / "run" / "checkpoints" / "round-0002.pt")["weights"]
+    got = [torch.load(replies / f"round1-client{k}.pt") for k in range(3)]
+    total = sum(r["num_examples"] for r in got)
+    assert total == 3000
+    for key, value in final.items():
+        if value.is_floating_point():
+            mean = sum(r["num_examples"] * r["weights"][key].double() for r in got) / total
+            assert torch.allclose(value.double(), mean, rtol=0, atol=1e-6), key
+
+    # Identical to the single-process federated reference, bit for bit.
+    reference = federated_reference(cfg)
+    assert final.keys() == reference.keys()
+    assert all(torch.equal(final[k], reference[k]) for k in final), \
+        [k for k in final if not torch.equal(final[k], reference[k])]
+
+    run = tmp_path / "run"
+    assert json.loads((run / "config.json").read_text())["federation"]["clients"] == 3
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["round"] for x in lines] == [1, 2]
+    assert set(lines[0]["layers"]) == {"0", "1"}
+    assert json.loads((run / "summary.json").read_text())["rounds"] == 2
+
+
+def _saboteur():
+    """A client mod: client 1 replies with a mis-shaped layer, client 2 crashes."""
+    def sabotage(msg, context, call_next):
+        pid = int(context.node_config["partition-id"])
+        if pid == 2:
+            raise RuntimeError("client 2 lost its disk")
+        reply = call_next(msg, context)
+        if pid == 1:
+            arrays = reply.content.array_records["arrays"]
+            from flwr.app import Array
+
+            arrays["layers.1.linear.weight"] = Array(torch.zeros(3, 3).numpy())
+        return reply
+    return sabotage
+
+
+def test_bad_and_failed_replies_are_left_out_and_counted(data_dir, tmp_path):
+    cfg = _cfg(data_dir, "federation.rounds=1", "federation.executor=inprocess",
+               "federation.min_clients=1")
+    replies = tmp_path / "replies"
+    summary = simulate(cfg, tmp_path / "run", mods=[_recorder(replies), _saboteur()])
+    assert summary["replies"] == {"accepted": 1, "failed": 1, "timed_out": 0, "rejected": 1}
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
+    assert record["clients"] == {"sent": 3, "accepted": 1, "failed": 1, "timed_out": 0,
+                                 "rejected": 1}
+    # Only client 0's reply went into the aggregate (the mean of one reply is that reply).
+    only = torch.load(replies / "round0-client0.pt")["weights"]
+    final = summary["weights"]
+    assert all(torch.equal(final[k], only[k]) for k in final if final[k].is_floating_point())
+
+
+class _Replies:
+    """A transport double for the coordinator's own decision: too few usable replies."""
+
+    def __init__(self, updates: list[ClientUpdate]):
+        self.updates = updates
+
+    def train_round(self, rnd, weights):
+        return RoundReplies(updates=self.updates, failed={"node 7": "boom"}, sent=3, timed_out=1)
+
+
+def test_too_few_usable_replies_stops_the_run_and_names_the_setting(data_dir, tmp_path):
+    cfg = _cfg(data_dir, "federation.min_clients=2")
+    coordinator = Coordinator(cfg, tmp_path / "run")
+    one = ClientUpdate(0, 10, {k: v.clone() for k, v in coordinator.weights.items()})
+    with pytest.raises(AggregationError, match="federation.min_clients = 2"):
+        coordinator.run(_Replies([one]))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def _bpfree(*args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "bpfree_cli", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def test_dirichlet_run_killed_and_resumed_ends_with_the_reference_weights(data_dir, tmp_path):
+    run = tmp_path / "run"
+    flags = ["--data-dir", str(data_dir), *sum((["--set", s] for s in SMALL), []),
+             "--partition", "dirichlet:0.5", "--rounds", "3", "--executor", "inprocess",
+             "--no-progress"]
+    crashed = _bpfree("simulate", *flags, "--out", str(run))
+    first = run / "checkpoints" / "round-0001.pt"
+    deadline = time.monotonic() + 240
+    while not first.exists() and crashed.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)  # polling for a file the run writes, with a deadline
+    os.killpg(crashed.pid, signal.SIGKILL)  # the CLI and the Ray processes it started
+    out = crashed.communicate(timeout=60)[0]
+    assert first.exists(), out[-3000:]
+    done = sorted(p.name for p in (run / "checkpoints").glob("round-*.pt"))
+    assert "round-0003.pt" not in done, "the run finished before it was killed: nothing tested"
+
+    resumed = _bpfree("simulate", "--resume", str(run), "--no-progress")
+    out = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, out[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["rounds"] == 3 and summary["partition"] == "dirichlet:0.5"
+    assert [json.loads(x)["round"] for x in (run / "metrics.jsonl").read_text().splitlines()] \
+        == [1, 2, 3]
+    assert (run / "accuracy.png").stat().st_size > 1000
+
+    cfg = _cfg(data_dir, "federation.rounds=3", "federation.partition=dirichlet:0.5",
+               "federation.executor=inprocess")
+    reference = federated_reference(cfg)
+    final = load_checkpoint(run / "checkpoints" / "round-0003.pt")["weights"]
+    assert all(torch.equal(final[k], reference[k]) for k in reference)
+
+
+def test_resume_refuses_a_changed_experiment(data_dir, tmp_path):
+    cfg = _cfg(data_dir, "federation.rounds=1", "federation.executor=inprocess")
+    Coordinator(cfg, tmp_path / "run").run(_InProcess(cfg))
+    changed = _cfg(data_dir, "federation.rounds=1", "optim.lr=0.5")
+    with pytest.raises(Exception, match="optim.lr"):
+        Coordinator(changed, tmp_path / "run", resume=True)
+
+
+class _InProcess:
+    """Clients trained in this process (the reference executor), without Flower."""
+
+    def __init__(self, cfg):
+        from client.training import client_split, train_split
+
+        self.cfg = cfg
+        train = train_split(cfg)
+        self.parts = [client_split(cfg, train, k) for k in range(cfg.federation.clients)]
+
+    def train_round(self, rnd, weights):
+        from client.training import InProcessExecutor, local_round
+
+        updates = [local_round(InProcessExecutor(self.cfg), self.cfg, part, k, rnd, weights)
+                   for k, part in enumerate(self.parts)]
+        return RoundReplies(updates=updates, sent=len(updates))
