@@ -134,9 +134,22 @@ def run_dir_from_context(context: Context) -> Path:
 app = ServerApp()
 
 
+def _log_through_flower() -> None:
+    """Under `flwr run` only Flower's logger reaches `--stream`: route ours through its handlers."""
+    handlers = logging.getLogger("flwr").handlers
+    for name in ("server", "client", "bpfree_core"):
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.INFO)
+        for handler in handlers:
+            if handler not in logger.handlers:
+                logger.addHandler(handler)
+        logger.propagate = False
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """`flwr run .`: config from run_config, run directory from out-dir (see module doc)."""
+    _log_through_flower()
     cfg = config_from_run_config(dict(context.run_config))
     run_dir = run_dir_from_context(context)
     log.info("bpfree coordinator: %d clients x %d stages, %d rounds, run dir %s",

@@ -20,6 +20,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +113,9 @@ def simulate(cfg: ExperimentConfig, run_dir: Path, resume: bool = False, progres
         os.environ.setdefault(key, value)
     run_dir.mkdir(parents=True, exist_ok=True)
     log_dir = run_dir / "logs"
+    log.info("simulating %d clients x %d stages (%s), %d rounds of %d local epoch(s), %s partition; "
+             "run dir %s", cfg.federation.clients, cfg.pipeline.stages, cfg.federation.executor,
+             cfg.federation.rounds, cfg.federation.local_epochs, cfg.federation.partition, run_dir)
     pipelines: list[Any] = []
     result: dict[str, Any] = {}
     try:
@@ -136,20 +140,31 @@ def launch_stage_workers(cfg: ExperimentConfig, log_dir: Path,
         return {}
     from client.pipeline import Pipeline
 
-    addresses = {}
-    for k in range(cfg.federation.clients):
-        pipeline = Pipeline.launch_local(cfg, device=cfg.train.device,
-                                         threads=max(cfg.train.threads, 1),
-                                         log_dir=log_dir / f"client{k}")
-        pipelines.append(pipeline)
-        addresses[k] = list(pipeline.addresses)
-        log.info("client %d: stage workers %s", k, addresses[k])
+    def launch(k: int) -> Any:
+        return Pipeline.launch_local(cfg, device=cfg.train.device, threads=max(cfg.train.threads, 1),
+                                     log_dir=log_dir / f"client{k}")
+
+    # In parallel: each worker spends seconds importing torch; K clients need not wait in line.
+    with ThreadPoolExecutor(max_workers=cfg.federation.clients) as pool:
+        futures = [pool.submit(launch, k) for k in range(cfg.federation.clients)]
+        errors = []
+        for future in futures:
+            try:
+                pipelines.append(future.result())
+            except Exception as exc:  # noqa: BLE001 - collected, the first is re-raised below
+                errors.append(exc)
+    if errors:
+        raise errors[0]
+    addresses = {k: list(p.addresses) for k, p in enumerate(pipelines)}
+    for k, a in addresses.items():
+        log.info("client %d: stage workers %s", k, a)
     return addresses
 
 
 def run_flower_simulation(server_app: Any, client_app: Any, num_clients: int, tmp: Path) -> None:
     """The one place that starts Flower's simulation engine (its Python API is deprecated in
     favour of `flwr run`; switching is a change here only)."""
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # Flower's state DB setup chatter
     from flwr.simulation import run_simulation
 
     tmp.mkdir(parents=True, exist_ok=True)
@@ -157,6 +172,8 @@ def run_flower_simulation(server_app: Any, client_app: Any, num_clients: int, tm
     if len(str(ray_tmp.resolve())) > RAY_TEMP_MAX:  # too deep for Ray's socket paths
         scratch = Path(tempfile.mkdtemp(prefix="bpfree-ray-"))
         ray_tmp = scratch
+    flwr_log = logging.getLogger("flwr")
+    flwr_log.propagate = False  # Flower prints through its own handler; no duplicates, no DEBUG
     try:
         run_simulation(
             server_app=server_app, client_app=client_app, num_supernodes=num_clients,
@@ -167,3 +184,4 @@ def run_flower_simulation(server_app: Any, client_app: Any, num_clients: int, tm
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
+    shutil.rmtree(ray_tmp, ignore_errors=True)  # Ray's session files: kept only if the run failed
