@@ -32,6 +32,7 @@ from bpfree_core.errors import BpfreeError, ConfigError, PeerUnavailableError, S
 from bpfree_core.layers import LABELS, Packet
 from bpfree_core.model import build_objective, split_stages
 from client.link import Link, PullReader, rpc_exception
+from client.memory import tune_malloc
 from client.transport import Security, check_chunk_bytes, wait_for_peer
 from client.wire import WireBatch, decode_state, encode_state
 from protos import stage_pb2 as pb
@@ -76,6 +77,7 @@ class Pipeline:
         self._link: Link | None = None
         self._pull: PullReader | None = None
         self._eval_seq = 0
+        tune_malloc()   # frames and received tensors reuse heap pages instead of page-faulting
         try:
             num_layers = _check_pipelinable(cfg)
             if not addresses:
@@ -98,21 +100,13 @@ class Pipeline:
         """Spawn cfg.pipeline.stages `bpfree worker` processes on 127.0.0.1 and configure them."""
         _check_pipelinable(cfg)
         tmp = tempfile.TemporaryDirectory(prefix="bpfree-pipeline-")
-        logs = Path(log_dir) if log_dir else Path(tmp.name)
-        logs.mkdir(parents=True, exist_ok=True)
         security = Security(token=cfg.pipeline.token, tls_ca=cfg.pipeline.tls_ca)
-        procs: list[subprocess.Popen] = []
         try:
-            port_files = []
-            for s in range(cfg.pipeline.stages):
-                port_file = Path(tmp.name) / f"stage{s}.port"
-                port_files.append(port_file)
-                procs.append(_spawn_worker(s, device, threads, port_file, logs / f"stage{s}.log",
-                                           cfg.pipeline.token))
-            addresses = [f"127.0.0.1:{_wait_port(p, f, logs / f'stage{s}.log', cfg.pipeline.connect_timeout)}"
-                         for s, (p, f) in enumerate(zip(procs, port_files, strict=True))]
+            procs, addresses = launch_workers(cfg.pipeline.stages, Path(tmp.name), device=device,
+                                              threads=threads, log_dir=log_dir,
+                                              token=cfg.pipeline.token,
+                                              timeout=cfg.pipeline.connect_timeout)
         except BaseException:
-            _stop_processes(procs)
             tmp.cleanup()
             raise
         return cls(cfg, addresses, security, processes=procs, tmp_dir=tmp)
@@ -293,7 +287,7 @@ class Pipeline:
                 thing.close()
         for channel in self._channels:
             channel.close()
-        _stop_processes(self.processes)
+        stop_processes(self.processes)
         if self._tmp_dir is not None:
             self._tmp_dir.cleanup()
 
@@ -335,7 +329,30 @@ def worker_env(threads: int) -> dict[str, str]:
     return env
 
 
-def _spawn_worker(stage: int, device: str, threads: int, port_file: Path, log_file: Path,
+def launch_workers(n: int, tmp_dir: Path, *, device: str = "cpu", threads: int = 1,
+                   log_dir: Path | None = None, token: str = "",
+                   timeout: float = 30.0) -> tuple[list[subprocess.Popen], list[str]]:
+    """Spawn `n` `bpfree worker` processes on 127.0.0.1:0; return them and their addresses.
+
+    Readiness is each worker's port file, waited for with a deadline; on any failure every
+    process started so far is stopped by PID.
+    """
+    logs = Path(log_dir) if log_dir else tmp_dir
+    logs.mkdir(parents=True, exist_ok=True)
+    procs: list[subprocess.Popen] = []
+    try:
+        port_files = [tmp_dir / f"stage{s}.port" for s in range(n)]
+        for s in range(n):
+            procs.append(_spawn_worker(device, threads, port_files[s], logs / f"stage{s}.log", token))
+        addresses = [f"127.0.0.1:{_wait_port(p, f, logs / f'stage{s}.log', timeout)}"
+                     for s, (p, f) in enumerate(zip(procs, port_files, strict=True))]
+    except BaseException:
+        stop_processes(procs)
+        raise
+    return procs, addresses
+
+
+def _spawn_worker(device: str, threads: int, port_file: Path, log_file: Path,
                   token: str) -> subprocess.Popen:
     # A fresh interpreter (never fork: gRPC may already run threads in this process).
     cmd = [sys.executable, "-m", "bpfree_cli", "worker", "--listen", "127.0.0.1:0", "--device", device,
@@ -365,7 +382,7 @@ def _wait_port(proc: subprocess.Popen, port_file: Path, log_file: Path, timeout:
                                f"{timeout:g} s (pipeline.connect_timeout); see {log_file}")
 
 
-def _stop_processes(procs: list[subprocess.Popen], grace: float = 5.0) -> None:
+def stop_processes(procs: list[subprocess.Popen], grace: float = 5.0) -> None:
     for p in procs:
         if p.poll() is None:
             p.terminate()

@@ -32,6 +32,9 @@ def run(args: argparse.Namespace) -> int:
     # Threads first: before torch runs anything (and before gRPC creates its threads).
     import torch
 
+    from client.memory import tune_malloc
+
+    tune_malloc()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     from bpfree_core.runtime import resolve_device

@@ -307,3 +307,18 @@ def test_tls_with_token_trains_and_plaintext_is_refused(tmp_path: Path, data_dir
             assert set(pipe.get_weights()) == set(Stage(build_layers(cfg)).state_dict())
     finally:
         served.close()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_worker_cli_refuses_a_missing_gpu_clearly(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from client.pipeline import REPO_ROOT, worker_env
+
+    done = subprocess.run([sys.executable, "-m", "bpfree_cli", "worker", "--device", "cuda:0",
+                           "--port-file", str(tmp_path / "port")], cwd=REPO_ROOT, env=worker_env(1),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "no usable CUDA GPU" in done.stderr and "--device cpu" in done.stderr
+    assert not (tmp_path / "port").exists()

@@ -1,0 +1,241 @@
+"""Pipeline benchmark: samples/s of S stage processes against the sequential reference, per-stage
+busy/idle time, and the activation stream's bytes/s next to raw TCP and raw-bytes gRPC.
+
+    python -m bench.pipeline --data-dir ../shared/datasets   # -> bench/results/pipeline.{md,json}
+
+Every measurement is an importable function (a sweep tool reuses them):
+`reference_throughput`, `pipeline_throughput`, `stream_throughput`, plus bench/ceilings.py.
+Numbers come from this machine at the time of the run; the report records `uptime` load so a
+reader can judge how much other work shared the cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+
+from bench.ceilings import grpc_raw_throughput, matmul_flops, tcp_throughput
+from bpfree_core.config import ExperimentConfig
+from bpfree_core.data import load_dataset
+from bpfree_core.model import Stage, build_layers, build_objective
+from bpfree_core.trainer import limited, train_packets
+from client.link import Link
+from client.memory import tune_malloc
+from client.pipeline import Pipeline, launch_workers, stop_processes
+from client.transport import Security, wait_for_peer
+from client.wire import WireBatch
+from protos import stage_pb2 as pb
+from protos import stage_pb2_grpc as pb_grpc
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def balanced_config(data_dir: str, *extra: str) -> ExperimentConfig:
+    """4 equal hidden layers of 1000 units: S = 1, 2, 4 split it into equal stages."""
+    return ExperimentConfig().with_overrides([
+        "model.hidden=4x1000", "train.batch_size=100", "train.train_limit=3000",
+        "train.threads=1", f"train.data_dir={data_dir}", "pipeline.window=4", *extra])
+
+
+def _load(cfg: ExperimentConfig):  # noqa: ANN202
+    data = load_dataset(cfg.model.dataset, cfg.train.data_dir or None)
+    return build_objective(cfg), limited(data.train, cfg.train.train_limit)
+
+
+def reference_throughput(cfg: ExperimentConfig, epochs: int = 1) -> dict[str, Any]:
+    """Samples/s of the single-process reference loop (packets + train_step), 1 torch thread.
+
+    With the same malloc settings as the workers (client/memory.py), so the comparison is about
+    pipelining, not about page faults.
+    """
+    tune_malloc()
+    torch.set_num_threads(1)
+    objective, split = _load(cfg)
+    stage = Stage(build_layers(cfg, objective=objective))
+    samples, t0 = 0, time.perf_counter()
+    for epoch in range(epochs):
+        stage.set_epoch(epoch, epochs)
+        for packet in train_packets(objective, split, cfg, epoch):
+            stage.train_step(packet)
+            samples += int(packet["y"].shape[0])
+    seconds = time.perf_counter() - t0
+    return {"samples": samples, "seconds": seconds, "samples_per_second": samples / seconds}
+
+
+def pipeline_throughput(cfg: ExperimentConfig, epochs: int = 2) -> dict[str, Any]:
+    """Samples/s of cfg.pipeline.stages local worker processes (1 torch thread each).
+
+    The first epoch warms up (allocations, connections); the last one is reported, with each
+    stage's busy/idle/blocked seconds and its resident memory after every epoch.
+    """
+    objective, split = _load(cfg)
+    with Pipeline.launch_local(cfg, threads=1) as pipe:
+        runs = [pipe.train_epoch(train_packets(objective, split, cfg, e), e, epochs)
+                for e in range(epochs)]
+    last = runs[-1]
+    return {"samples": last["samples"], "seconds": last["seconds"],
+            "samples_per_second": last["samples_per_second"], "stages": last["stages"],
+            "rss_mb_per_epoch": [[s["rss_mb"] for s in r["stages"]] for r in runs]}
+
+
+def stream_throughput(batch_bytes: int, wire_dtype: str = "float32", total_bytes: int = 512 << 20,
+                      window: int = 4, chunk_bytes: int = 1 << 20) -> dict[str, Any]:
+    """Activation-stream bytes/s: driver -> one worker that owns no layers (decode, check, drop).
+
+    The whole data path is measured: float32 tensors framed (and cast for bf16) by the driver,
+    sent over the Push stream, reassembled into tensors and acked by the worker; time runs from
+    the first batch to the worker's confirmation that the end-of-epoch marker was processed.
+    `float32_bytes_per_second` counts the activations' float32 size, `wire_bytes_per_second`
+    what actually crossed the socket.
+    """
+    cfg = ExperimentConfig().with_overrides([
+        "model.hidden=10", f"pipeline.window={window}", f"pipeline.chunk_bytes={chunk_bytes}",
+        f"pipeline.wire_dtype={wire_dtype}"])
+    rows = batch_bytes // (4 * 1024)
+    x = torch.rand(rows, 1024)                                         # (rows, 1024) float32
+    count = max(4, total_bytes // batch_bytes)
+    with tempfile.TemporaryDirectory() as tmp:
+        procs, (address,) = launch_workers(1, Path(tmp), threads=1)
+        try:
+            security = Security()
+            with security.channel(address) as channel:
+                wait_for_peer(address, security, 30, channel)
+                stub = pb_grpc.StageControlStub(channel)
+                stub.Configure(pb.ConfigureRequest(run_id="bench", layers=[],
+                                                   config_json=cfg.to_json()), timeout=60)
+                link = Link(address, security, window=window, chunk_bytes=chunk_bytes,
+                            wire_dtype=wire_dtype, timeout=60, channel=channel)
+                for epoch, n in ((0, 4), (1, count)):   # epoch 0 warms the stream up
+                    stub.StartEpoch(pb.EpochRequest(run_id="bench", epoch=epoch, total_epochs=2),
+                                    timeout=10)
+                    t0 = time.perf_counter()
+                    for seq in range(n):
+                        link.send(WireBatch("bench", seq, pb.TRAIN, epoch, {"x": x}))
+                    link.send_end("bench", epoch, n)
+                    stats = stub.FinishEpoch(pb.EpochRequest(run_id="bench", epoch=epoch, timeout=120),
+                                             timeout=130)
+                    seconds = time.perf_counter() - t0
+                link.close()
+        except grpc.RpcError as exc:
+            raise RuntimeError(f"stream benchmark failed: {exc}") from exc
+        finally:
+            stop_processes(procs)
+    return {"batch_bytes": rows * 1024 * 4, "wire_dtype": wire_dtype, "batches": count,
+            "seconds": seconds, "float32_bytes_per_second": count * rows * 1024 * 4 / seconds,
+            "wire_bytes_per_second": stats.bytes_in / seconds}
+
+
+# ---------------------------------------------------------------------------------------------
+
+def _load_avg() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def run(data_dir: str, quick: bool = False) -> dict[str, Any]:
+    total = (64 << 20) if quick else (512 << 20)
+    out: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                                       "torch": torch.__version__, "grpc": grpc.__version__,
+                                       "load_before": _load_avg()}}
+    print(f"load average before: {out['machine']['load_before']}", flush=True)
+    out["matmul_gflops_1thread"] = matmul_flops() / 1e9
+    out["transport"] = []
+    for size in (1 << 20, 4 << 20):
+        row = {"batch_bytes": size, "tcp": tcp_throughput(size, total),
+               "grpc_raw": grpc_raw_throughput(size, total)}
+        for wire in ("float32", "bfloat16"):
+            row[f"stream_{wire}"] = stream_throughput(size, wire, total)
+        out["transport"].append(row)
+        print(f"{size >> 20} MiB: tcp {row['tcp'] / 2**30:.2f} GiB/s, grpc raw "
+              f"{row['grpc_raw'] / 2**30:.2f}, stream f32 "
+              f"{row['stream_float32']['float32_bytes_per_second'] / 2**30:.2f}, stream bf16 "
+              f"{row['stream_bfloat16']['float32_bytes_per_second'] / 2**30:.2f} (float32-equivalent)",
+              flush=True)
+    cfg = balanced_config(data_dir, *(["train.train_limit=1000"] if quick else []))
+    out["net"] = {"hidden": list(cfg.model.hidden), "batch_size": cfg.train.batch_size,
+                  "images": cfg.train.train_limit, "algorithm": cfg.model.algorithm}
+    out["reference"] = reference_throughput(cfg)
+    print(f"reference (1 process, 1 thread): {out['reference']['samples_per_second']:.0f} samples/s",
+          flush=True)
+    out["pipeline"] = []
+    for stages in (1, 2):
+        for wire in ("float32", "bfloat16"):
+            r = pipeline_throughput(cfg.with_overrides([f"pipeline.stages={stages}",
+                                                        f"pipeline.wire_dtype={wire}"]))
+            r.update(S=stages, wire_dtype=wire,
+                     speedup=r["samples_per_second"] / out["reference"]["samples_per_second"])
+            r["efficiency"] = r["speedup"] / stages
+            out["pipeline"].append(r)
+            print(f"S={stages} {wire}: {r['samples_per_second']:.0f} samples/s, speed-up "
+                  f"{r['speedup']:.2f}, efficiency {r['efficiency']:.0%}, busy "
+                  + ", ".join(f"{s['busy_seconds']:.2f}s" for s in r["stages"]), flush=True)
+    out["machine"]["load_after"] = _load_avg()
+    return out
+
+
+def write_report(res: dict[str, Any], path: Path) -> None:
+    m = res["machine"]
+    lines = [
+        "# Pipeline benchmark", "",
+        f"`python -m bench.pipeline` on {m['cpus']} CPU cores ({m['platform']}), torch {m['torch']}, "
+        f"grpcio {m['grpc']}; load average before {m['load_before']}, after {m['load_after']} "
+        "(other work shared these cores). One float32 matmul thread: "
+        f"{res['matmul_gflops_1thread']:.0f} GFLOP/s.", "",
+        "## Activation stream vs raw transports (loopback, separate processes)", "",
+        "| batch | raw TCP | raw-bytes gRPC | stream fp32 | stream bf16 (fp32-equivalent) "
+        "| bf16 wire bytes | fp32 stream / TCP |",
+        "|---|---|---|---|---|---|---|"]
+    for r in res["transport"]:
+        f32, b16 = r["stream_float32"], r["stream_bfloat16"]
+        lines.append(
+            f"| {r['batch_bytes'] >> 20} MiB | {r['tcp'] / 2**30:.2f} GiB/s "
+            f"| {r['grpc_raw'] / 2**30:.2f} GiB/s "
+            f"| {f32['float32_bytes_per_second'] / 2**30:.2f} GiB/s "
+            f"| {b16['float32_bytes_per_second'] / 2**30:.2f} GiB/s "
+            f"| {b16['wire_bytes_per_second'] / 2**30:.2f} GiB/s "
+            f"| {f32['float32_bytes_per_second'] / r['tcp']:.0%} |")
+    net = res["net"]
+    ref = res["reference"]["samples_per_second"]
+    lines += [
+        "", f"## Training throughput ({net['algorithm']}, hidden {net['hidden']}, batch "
+        f"{net['batch_size']}, {net['images']} MNIST images, 1 torch thread per process)", "",
+        f"Sequential reference (one process, one thread): **{ref:.0f} samples/s**.", "",
+        "| stages | wire | samples/s | speed-up | efficiency (speed-up / S) | busy s per stage "
+        "| idle s per stage | blocked s per stage | RSS MB per stage, epoch 1 -> 2 |",
+        "|---|---|---|---|---|---|---|---|---|"]
+    for r in res["pipeline"]:
+        st = r["stages"]
+        rss = " / ".join(f"{a:.0f}->{b:.0f}" for a, b in zip(*r["rss_mb_per_epoch"], strict=True))
+        busy, idle, blocked = (" / ".join(f"{s[k]:.2f}" for s in st)
+                               for k in ("busy_seconds", "idle_seconds", "blocked_seconds"))
+        lines.append(
+            f"| {r['S']} | {r['wire_dtype']} | {r['samples_per_second']:.0f} | {r['speedup']:.2f} "
+            f"| {r['efficiency']:.0%} | {busy} | {idle} | {blocked} | {rss} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", default=os.environ.get("BPFREE_DATA_DIR", ""))
+    parser.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "pipeline",
+                        help="report path without suffix (.md and .json are written)")
+    args = parser.parse_args(argv)
+    res = run(args.data_dir, args.quick)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
+    write_report(res, args.out.with_suffix(".md"))
+    print(f"wrote {args.out.with_suffix('.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
