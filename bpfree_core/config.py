@@ -21,6 +21,7 @@ from bpfree_core.errors import ConfigError
 ALGORITHMS = ("ff", "symba", "sffa", "ffcl", "uff", "bp")
 DATASETS = ("mnist", "fashion-mnist")
 WIRE_DTYPES = ("float32", "bfloat16", "float16")
+PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")   # Ray placement-group strategies
 
 
 def _check_choice(section: str, name: str, value: Any, valid: tuple[str, ...]) -> None:
@@ -134,9 +135,20 @@ class PipelineConfig:
     connect_timeout: float = 30.0  # deadline to reach a peer, retries included (seconds)
     token: str = ""                # shared secret checked on every RPC ("" = none)
     tls_ca: str = ""               # CA (PEM) that signed the workers' TLS certificates ("" = plaintext)
+    stage_num_cpus: float = 1.0    # ray backend: CPUs each stage actor reserves
+    stage_num_gpus: float = 0.0    # ray backend: GPUs each stage actor reserves (0 = CPU stage)
+    bind_host: str = ""            # ray backend: host stage actors serve on ("" = the node's IP)
 
     def __post_init__(self) -> None:
         _check_positive("pipeline", "stages", self.stages)
+        _check_positive("pipeline", "stage_num_cpus", self.stage_num_cpus, allow_zero=True)
+        _check_positive("pipeline", "stage_num_gpus", self.stage_num_gpus, allow_zero=True)
+        if self.stage_num_cpus == 0 and self.stage_num_gpus == 0:
+            raise ConfigError("pipeline.stage_num_cpus and pipeline.stage_num_gpus are both 0; a Ray "
+                              "stage must reserve some CPU or GPU (e.g. stage_num_cpus = 1)")
+        if self.stage_num_gpus > 1 and not float(self.stage_num_gpus).is_integer():
+            raise ConfigError(f"pipeline.stage_num_gpus = {self.stage_num_gpus}: above 1 it must be "
+                              "a whole number of GPUs (fractions are for sharing one GPU)")
         _check_choice("pipeline", "wire_dtype", self.wire_dtype, WIRE_DTYPES)
         _check_positive("pipeline", "window", self.window)
         _check_positive("pipeline", "chunk_bytes", self.chunk_bytes)
@@ -154,6 +166,9 @@ class FederationConfig:
     proximal_mu: float = 0.0       # FedProx proximal term (0 = plain FedAvg)
     round_timeout: float = 600.0   # seconds the coordinator waits for replies
     executor: str = "pipeline"     # pipeline (S stage workers over gRPC) | inprocess (one process)
+    backend: str = "flower"        # flower (Flower simulation engine) | ray (stage actors on Ray)
+    ray_address: str = ""          # ray backend: "" = start Ray here; auto | HOST:PORT = join one
+    placement: str = "PACK"        # ray backend: how a client's stages spread over nodes
 
     def __post_init__(self) -> None:
         _check_positive("federation", "clients", self.clients)
@@ -168,6 +183,8 @@ class FederationConfig:
         _check_positive("federation", "proximal_mu", self.proximal_mu, allow_zero=True)
         _check_positive("federation", "round_timeout", self.round_timeout)
         _check_choice("federation", "executor", self.executor, ("pipeline", "inprocess"))
+        _check_choice("federation", "backend", self.backend, ("flower", "ray"))
+        _check_choice("federation", "placement", self.placement, PLACEMENTS)
         from bpfree_core.partition import parse_partition  # local: partition imports config-free
 
         parse_partition(self.partition)

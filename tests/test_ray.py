@@ -1,0 +1,233 @@
+"""The Ray backend on a real local Ray cluster (`ray start --head --block`, stopped by PID).
+
+All Ray tests live in this file so the cluster start-up (~10 s on 2 cores) is paid once.
+The pure placement arithmetic and device choice are tested first, without Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from bpfree_core.config import ExperimentConfig
+from bpfree_core.errors import ConfigError, PeerUnavailableError
+from client.ray_stage import stage_device
+from server.ray_backend import NAMESPACE, PlacementError, check_capacity, simulate_ray
+
+REPO = Path(__file__).resolve().parents[1]
+START_DEADLINE = 90.0   # seconds for `ray start --head` to come up on a busy 2-core box
+
+
+def small_cfg(data_dir: Path, *overrides: str) -> ExperimentConfig:
+    return ExperimentConfig().with_overrides([
+        "model.algorithm=symba", "model.hidden=[120,120]", "federation.clients=2",
+        "pipeline.stages=2", "federation.rounds=1", "train.train_limit=3000",
+        "train.test_limit=1000", "train.threads=1", "pipeline.stage_num_cpus=0.5",
+        "pipeline.bind_host=127.0.0.1", "federation.backend=ray", f"train.data_dir={data_dir}",
+        *overrides])
+
+
+# -- without Ray ----------------------------------------------------------------------------------
+def test_device_comes_from_rays_assignment() -> None:
+    assert stage_device([], cuda_available=True) == "cpu"      # no GPU reserved: CPU stage
+    assert stage_device([3], cuda_available=True) == "cuda:0"  # Ray narrows CUDA_VISIBLE_DEVICES
+    with pytest.raises(RuntimeError, match="sees no CUDA device"):
+        stage_device(["0"], cuda_available=False)
+
+
+def test_capacity_check_names_what_is_missing(tmp_path: Path) -> None:
+    cpu_node, gpu_node = {"CPU": 8.0}, {"CPU": 8.0, "GPU": 1.0}
+    gpu = small_cfg(tmp_path, "pipeline.stage_num_gpus=1")
+    with pytest.raises(PlacementError, match=r"needs 4 GPU .* cluster has 0 GPU"):
+        check_capacity(gpu, [cpu_node, cpu_node])
+    check_capacity(gpu, [gpu_node] * 4)
+    with pytest.raises(PlacementError, match="STRICT_PACK"):   # 2 GPUs needed on one node
+        check_capacity(small_cfg(tmp_path, "pipeline.stage_num_gpus=1",
+                                 "federation.placement=STRICT_PACK"), [gpu_node] * 4)
+    with pytest.raises(PlacementError, match="no node has that"):
+        check_capacity(small_cfg(tmp_path, "pipeline.stage_num_cpus=16"), [cpu_node] * 8)
+    with pytest.raises(PlacementError, match="STRICT_SPREAD"):
+        check_capacity(small_cfg(tmp_path, "federation.placement=STRICT_SPREAD"), [cpu_node])
+
+
+def test_ray_config_errors() -> None:
+    with pytest.raises(ConfigError, match="placement"):
+        ExperimentConfig().with_overrides(["federation.placement=ROUND_ROBIN"])
+    with pytest.raises(ConfigError, match="both 0"):
+        ExperimentConfig().with_overrides(["pipeline.stage_num_cpus=0"])
+    with pytest.raises(ConfigError, match="whole number"):
+        ExperimentConfig().with_overrides(["pipeline.stage_num_gpus=1.5"])
+
+
+def test_unreachable_head_fails_fast(tmp_path: Path, data_dir: Path) -> None:
+    with socket.socket() as s:   # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = small_cfg(data_dir, f"federation.ray_address=127.0.0.1:{port}")
+    with pytest.raises(PeerUnavailableError, match="does not answer"):
+        simulate_ray(cfg, tmp_path / "run")
+
+
+# -- a real local Ray cluster -----------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _stop(proc: subprocess.Popen, grace: float = 20.0) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)   # --block: SIGTERM to this PID stops the whole head
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=grace)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> str:
+    """A 2-CPU Ray head on this machine, this process connected to it; yields its address."""
+    import ray
+
+    if ray.is_initialized():
+        pytest.fail("Ray is already initialised in this test process by an earlier test")
+    tmp = tempfile.mkdtemp(prefix="bpr-", dir="/tmp")   # short: Ray's unix socket paths
+    port = _free_port()
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
+    ray_bin = Path(sys.executable).with_name("ray")
+    log_path = Path(tmp) / "head.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [str(ray_bin) if ray_bin.exists() else "ray", "start", "--head", "--block",
+             "--num-cpus=2", "--num-gpus=0", f"--port={port}",
+             f"--ray-client-server-port={_free_port()}", "--include-dashboard=false",
+             f"--temp-dir={tmp}", "--disable-usage-stats"],
+            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    address = f"127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + START_DEADLINE
+        while "Ray runtime started" not in log_path.read_text(errors="replace"):
+            if proc.poll() is not None:
+                pytest.fail(f"ray start exited ({proc.returncode}):\n{log_path.read_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"ray start not ready in {START_DEADLINE} s:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.2)   # polling the head's log for its readiness line, with a deadline
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        yield address
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        _stop(proc)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _our_actors() -> list[str]:
+    import ray
+
+    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["namespace"] == NAMESPACE]
+
+
+def _live_groups() -> list[str]:
+    from ray.util import placement_group_table
+
+    return [g["name"] for g in placement_group_table().values() if g["state"] != "REMOVED"]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+@pytest.fixture(scope="module")
+def ray_run(ray_cluster: str, data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One 2-client x 2-stage round on the cluster (shared by the tests that read its result)."""
+    cfg = small_cfg(data_dir, "pipeline.token=t0ken")
+    run_dir = tmp_path_factory.mktemp("ray-run")
+    summary = simulate_ray(cfg, run_dir)
+    return {"cfg": cfg, "summary": summary, "run_dir": run_dir}
+
+
+def test_two_clients_two_stages_learn_on_ray(ray_run: dict) -> None:
+    summary = ray_run["summary"]
+    assert summary["backend"] == "ray" and summary["rounds"] == 1
+    assert summary["replies"]["accepted"] == 2
+    assert summary["test_accuracy"] > 0.3, summary   # chance is 0.1
+    actors = [a for stages in summary["stage_actors"].values() for a in stages]
+    assert len(actors) == 4
+    assert {a["device"] for a in actors} == {"cpu"}           # no GPU reserved -> CPU
+    assert all(a["address"].startswith("127.0.0.1:") for a in actors)
+    assert all(a["torch_threads"] == 1 for a in actors)
+    assert len({a["pid"] for a in actors}) == 4                # one process per stage
+    saved = json.loads((ray_run["run_dir"] / "ray_stages.json").read_text())
+    assert [a["address"] for a in saved["0"]] == [a["address"] for a in summary["stage_actors"]["0"]]
+
+
+def test_nothing_is_left_behind(ray_run: dict) -> None:
+    assert _our_actors() == []
+    assert _live_groups() == []
+    pids = [a["pid"] for stages in ray_run["summary"]["stage_actors"].values() for a in stages]
+    deadline = time.monotonic() + 15
+    while not all(_gone(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)   # ray.kill ends the worker processes asynchronously
+    assert all(_gone(p) for p in pids), "stage actor processes still running"
+
+
+def test_ray_backend_equals_in_process_reference(ray_run: dict) -> None:
+    from server.reference import federated_reference
+
+    reference = federated_reference(ray_run["cfg"])
+    weights = ray_run["summary"]["weights"]
+    assert weights.keys() == reference.keys()
+    different = [k for k in reference if not torch.equal(weights[k], reference[k])]
+    assert not different, f"weights differ from the in-process reference: {different}"
+
+
+def test_gpu_stage_on_gpu_less_cluster_fails_at_placement(ray_cluster: str, data_dir: Path,
+                                                          tmp_path: Path) -> None:
+    before = _live_groups()
+    cfg = small_cfg(data_dir, "pipeline.stage_num_gpus=1")
+    t0 = time.monotonic()
+    with pytest.raises(PlacementError, match=r"needs 4 GPU .* cluster has 0 GPU"):
+        simulate_ray(cfg, tmp_path / "run")
+    assert time.monotonic() - t0 < cfg.pipeline.connect_timeout   # not a placement wait
+    assert _live_groups() == before and _our_actors() == []
+
+
+def test_placement_that_does_not_fit_in_time_fails_and_cleans_up(ray_cluster: str, data_dir: Path,
+                                                                 tmp_path: Path) -> None:
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    blocker = placement_group([{"CPU": 2.0}], name="test-blocker")   # the whole cluster
+    try:
+        assert blocker.wait(timeout_seconds=30)
+        cfg = small_cfg(data_dir, "pipeline.connect_timeout=3")
+        with pytest.raises(PlacementError, match=r"could not place .* free now \{0 CPU\} of \{2 CPU\}"):
+            simulate_ray(cfg, tmp_path / "run")
+        assert _live_groups() == ["test-blocker"] and _our_actors() == []
+    finally:
+        remove_placement_group(blocker)
+
+
+def test_actor_that_cannot_serve_fails_and_cleans_up(ray_cluster: str, data_dir: Path,
+                                                     tmp_path: Path) -> None:
+    # 203.0.113.7 (TEST-NET-3) is no address of this machine: the stage cannot bind it.
+    cfg = small_cfg(data_dir, "pipeline.bind_host=203.0.113.7")
+    with pytest.raises(PeerUnavailableError, match="cannot listen on 203.0.113.7"):
+        simulate_ray(cfg, tmp_path / "run")
+    assert _live_groups() == [] and _our_actors() == []
