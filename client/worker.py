@@ -93,6 +93,7 @@ class _Setup:
     outbox: queue.Queue
     stop: threading.Event = field(default_factory=threading.Event)
     thread: threading.Thread | None = None
+    pulling: bool = False          # a driver is reading this (last) stage's output
 
 
 def _rss_mb() -> float:
@@ -119,7 +120,6 @@ class StageWorker(pb_grpc.StageControlServicer):
         self._ended = threading.Event()
         self._error = ""
         self._counters = _Counters()
-        self._pulling = False
 
     # -- helpers ------------------------------------------------------------------------------
     def _require(self, run_id: str | None = None) -> _Setup:
@@ -411,9 +411,9 @@ class StageWorker(pb_grpc.StageControlServicer):
             if setup.link is not None:
                 raise StateError(f"{self._describe()} is not the last stage; pull from the last one")
             with self._lock:
-                if self._pulling:
+                if setup.pulling:
                     raise StateError("another driver is already pulling this stage's output")
-                self._pulling = True
+                setup.pulling = True
         except BpfreeError as exc:
             self._abort(context, exc)
         try:
@@ -436,7 +436,7 @@ class StageWorker(pb_grpc.StageControlServicer):
                         yield frame
         finally:
             with self._lock:
-                self._pulling = False
+                setup.pulling = False
 
     # -- compute ----------------------------------------------------------------------------------
     def _compute(self, setup: _Setup) -> None:

@@ -20,7 +20,7 @@ from bpfree_core.data import load_dataset
 from bpfree_core.errors import BpfreeError, ConfigError
 from bpfree_core.model import build_layers, build_objective
 from bpfree_core.trainer import evaluate, limited, train_packets, train_reference
-from client.pipeline import Pipeline
+from client.pipeline import Pipeline, launch_workers, stop_processes
 
 # 3 layers so that S = 1, 2, 3 all split it; 1000 real MNIST images, 2 epochs (lr cool-down on).
 BASE = ["model.hidden=3x120", "train.batch_size=100", "train.train_limit=1000",
@@ -141,6 +141,24 @@ def test_weights_round_trip_and_load_resets_training(data_dir: Path, tmp_path: P
         with pytest.raises(ConfigError, match=r"no weights for layer\(s\) \[2\]"):
             pipe.load_weights({k: v for k, v in init.items() if not k.startswith("layers.2.")})
     pipe.close()   # idempotent
+
+
+def test_connect_to_running_workers_twice(data_dir: Path, tmp_path: Path) -> None:
+    """Workers started elsewhere: each connect reconfigures them from scratch; close() spares them."""
+    cfg = _cfg(data_dir, "pipeline.stages=2", "train.epochs=1")
+    ref = reference(cfg, tmp_path)
+    data = load_dataset("mnist", data_dir)
+    split = limited(data.train, cfg.train.train_limit)
+    objective = build_objective(cfg)
+    procs, addresses = launch_workers(2, tmp_path)
+    try:
+        for _ in range(2):
+            with Pipeline.connect(cfg, addresses) as pipe:
+                pipe.train_epoch(train_packets(objective, split, cfg, 0), 0, 1)
+                _assert_identical(pipe.get_weights(), ref["weights"])
+            assert all(p.poll() is None for p in procs), "close() stopped workers it did not launch"
+    finally:
+        stop_processes(procs)
 
 
 def test_a_stage_killed_mid_epoch_is_reported_within_the_deadline(data_dir: Path) -> None:
