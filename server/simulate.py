@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bpfree_core.cli_train import add_config_arguments, config_from_args
-from bpfree_core.config import ExperimentConfig
+from bpfree_core.config import PLACEMENTS, ExperimentConfig
 from bpfree_core.errors import BpfreeError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,9 @@ SIMULATE_DEFAULTS = ["model.algorithm=symba", "federation.rounds=5", "train.thre
 SHORTCUTS = {"clients": "federation.clients", "rounds": "federation.rounds",
              "local_epochs": "federation.local_epochs", "partition": "federation.partition",
              "executor": "federation.executor", "min_clients": "federation.min_clients",
-             "proximal_mu": "federation.proximal_mu", "stages": "pipeline.stages"}
+             "proximal_mu": "federation.proximal_mu", "stages": "pipeline.stages",
+             "backend": "federation.backend", "address": "federation.ray_address",
+             "placement": "federation.placement"}
 
 # Unix socket paths are limited to 107 bytes; Ray puts its sockets ~60 bytes below _temp_dir.
 RAY_TEMP_MAX = 40
@@ -54,6 +56,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "inprocess: all layers inside the ClientApp")
     parser.add_argument("--min-clients", type=int, help="usable replies a round needs (0 = all)")
     parser.add_argument("--proximal-mu", type=float, help="FedProx proximal term (0 = FedAvg)")
+    parser.add_argument("--backend", choices=("flower", "ray"),
+                        help="flower: Flower simulation engine (default); ray: every stage a Ray "
+                             "actor placed on a Ray cluster (see --address, --placement)")
+    parser.add_argument("--address", help="ray backend: auto | HEAD_IP:PORT of a running Ray "
+                                          "cluster (default: start Ray on this machine)")
+    parser.add_argument("--placement", choices=PLACEMENTS,
+                        help="ray backend: how each client's stages spread over nodes (PACK)")
     parser.add_argument("--resume", type=Path, metavar="RUN_DIR",
                         help="continue RUN_DIR from its last checkpoint (its config.json is used; "
                              "--set may change only how it runs, e.g. train.threads)")
@@ -104,6 +113,10 @@ def simulate(cfg: ExperimentConfig, run_dir: Path, resume: bool = False, progres
     `mods` are Flower client mods wrapped around every ClientApp (tests use them to corrupt a
     reply on the way out).
     """
+    if cfg.federation.backend == "ray":   # stage actors on a Ray cluster: server/ray_backend.py
+        from server.ray_backend import simulate_ray
+
+        return simulate_ray(cfg, run_dir, resume=resume, progress=progress)
     from client.app import ClientSettings, make_client_app
     from server.app import ServerSettings, make_server_app
 

@@ -231,3 +231,23 @@ def test_actor_that_cannot_serve_fails_and_cleans_up(ray_cluster: str, data_dir:
     with pytest.raises(PeerUnavailableError, match="cannot listen on 203.0.113.7"):
         simulate_ray(cfg, tmp_path / "run")
     assert _live_groups() == [] and _our_actors() == []
+
+
+def test_cli_simulate_joins_the_cluster(ray_cluster: str, data_dir: Path, tmp_path: Path) -> None:
+    """`bpfree simulate --backend ray --address HOST:PORT --placement SPREAD`, as a user runs it."""
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "bpfree_cli", "simulate", "--backend", "ray", "--address", ray_cluster,
+         "--placement", "SPREAD", "--clients", "2", "--stages", "2", "--rounds", "1",
+         "--set", "model.hidden=[60,60]", "--set", "train.train_limit=1000",
+         "--set", "train.test_limit=200", "--set", "pipeline.stage_num_cpus=0.5",
+         "--set", "pipeline.bind_host=127.0.0.1", "--set", f"train.data_dir={data_dir}",
+         "--out", str(out), "--no-plot", "--no-progress"],
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert summary["backend"] == "ray" and summary["replies"]["accepted"] == 2
+    assert json.loads((out / "config.json").read_text())["federation"]["placement"] == "SPREAD"
+    assert (out / "ray_stages.json").is_file() and (out / "checkpoints" / "round-0001.pt").is_file()
+    assert _our_actors() == [] and _live_groups() == []
