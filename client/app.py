@@ -10,14 +10,18 @@ simulation engine for partition-id/num-partitions):
   num-partitions   int   must equal federation.clients
   stage-addresses  str   "host:port,host:port": this client's stage workers, in stage order;
                          absent = launch federation.executor's workers locally for each round
+  stage-tls-ca     str   CA certificate (PEM) that signed the stage workers' TLS certificates
   data-dir         str   where this node's dataset files are (default: the config's)
   device           str   cpu | cuda | cuda:N for a locally launched pipeline or in-process run
+The stage workers' shared token, if they require one, comes from this node's $BPFREE_TOKEN (it
+never travels through Flower).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,13 +70,17 @@ def node_addresses(node_config: dict[str, Any], settings: ClientSettings, pid: i
 
 
 def node_config_overrides(cfg: ExperimentConfig, node_config: dict[str, Any]) -> ExperimentConfig:
-    """Apply the node's own data-dir and device to the run's config."""
-    train = cfg.train
+    """Apply the node's own data dir, device, stage TLS CA and stage token to the run's config."""
+    train, pipeline = cfg.train, cfg.pipeline
     if node_config.get("data-dir"):
         train = dataclasses.replace(train, data_dir=str(node_config["data-dir"]))
     if node_config.get("device"):
         train = dataclasses.replace(train, device=str(node_config["device"]))
-    return dataclasses.replace(cfg, train=train) if train is not cfg.train else cfg
+    if node_config.get("stage-tls-ca"):
+        pipeline = dataclasses.replace(pipeline, tls_ca=str(node_config["stage-tls-ca"]))
+    if os.environ.get("BPFREE_TOKEN"):
+        pipeline = dataclasses.replace(pipeline, token=os.environ["BPFREE_TOKEN"])
+    return dataclasses.replace(cfg, train=train, pipeline=pipeline)
 
 
 def handle_train(msg: Message, context: Context, settings: ClientSettings) -> Message:
