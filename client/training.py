@@ -180,6 +180,11 @@ class PipelineExecutor:
                  device: str = "cpu", threads: int = 1, log_dir: str | None = None):
         from client.pipeline import Pipeline  # gRPC is imported only when a pipeline runs
 
+        if cfg.federation.proximal_mu > 0:
+            raise ConfigError(
+                f"federation.proximal_mu = {cfg.federation.proximal_mu} needs the proximal term "
+                "inside every stage worker's local loss, which the pipeline executor does not "
+                "support yet; use federation.executor = inprocess, or proximal_mu = 0")
         if addresses:
             if len(addresses) != cfg.pipeline.stages:
                 raise ConfigError(
@@ -191,12 +196,7 @@ class PipelineExecutor:
                                                   log_dir=log_dir)
 
     def load_weights(self, state: Weights, proximal_mu: float = 0.0) -> None:
-        if proximal_mu > 0:
-            raise ConfigError(
-                f"federation.proximal_mu = {proximal_mu} needs the proximal term inside every "
-                "stage worker, which the pipeline executor does not support yet; use "
-                "federation.executor = inprocess or proximal_mu = 0")
-        self.pipeline.load_weights(state)
+        self.pipeline.load_weights(state)  # proximal_mu > 0 was refused in __init__
 
     def get_weights(self) -> Weights:
         return {k: v.detach().cpu() for k, v in self.pipeline.get_weights().items()}

@@ -250,5 +250,7 @@ def config_diff(a: ExperimentConfig, b: ExperimentConfig) -> list[str]:
 # Fields a resumed run may change: where and how it runs, not what it computes.
 RESUME_FREE = frozenset({
     "train.data_dir", "train.device", "train.threads", "federation.executor",
-    "federation.round_timeout", "federation.min_clients", "pipeline.stages", "pipeline.window",
-    "pipeline.chunk_bytes", "pipeline.rpc_timeout", "pipeline.connect_timeout", "pipeline.token"})
+    "federation.round_timeout", "federation.min_clients", "federation.backend",
+    "federation.ray_address", "federation.placement", "pipeline.stages", "pipeline.window",
+    "pipeline.chunk_bytes", "pipeline.rpc_timeout", "pipeline.connect_timeout", "pipeline.token",
+    "pipeline.tls_ca", "pipeline.stage_num_cpus", "pipeline.stage_num_gpus", "pipeline.bind_host"})

@@ -198,3 +198,28 @@ class _InProcess:
         updates = [local_round(InProcessExecutor(self.cfg), self.cfg, part, k, rnd, weights)
                    for k, part in enumerate(self.parts)]
         return RoundReplies(updates=updates, sent=len(updates))
+
+
+def test_fedprox_pulls_a_client_toward_the_global_weights(data_dir):
+    from bpfree_core.errors import ConfigError
+    from client.training import (
+        InProcessExecutor,
+        PipelineExecutor,
+        client_split,
+        local_round,
+        stack_template,
+        train_split,
+    )
+
+    def drift(mu: float) -> float:
+        cfg = _cfg(data_dir, f"federation.proximal_mu={mu}", "federation.executor=inprocess")
+        start = stack_template(cfg)
+        part = client_split(cfg, train_split(cfg), 0)
+        out = local_round(InProcessExecutor(cfg), cfg, part, 0, 0, start).weights
+        return sum(float((out[k] - start[k]).pow(2).sum()) for k in start
+                   if start[k].is_floating_point()) ** 0.5
+
+    plain, prox = drift(0.0), drift(5.0)
+    assert prox < 0.8 * plain, (plain, prox)
+    with pytest.raises(ConfigError, match="federation.proximal_mu"):
+        PipelineExecutor(_cfg(data_dir, "federation.proximal_mu=0.1"))
