@@ -87,7 +87,8 @@ class StageActor:
         self.server.start()
         log.info("stage actor serving on %s (node %s, pid %d, device %s, GPUs %s)",
                  self.worker.address, node_ip, os.getpid(), device, gpu_ids)
-        return {"address": self.worker.address, "node_ip": node_ip, "host": socket.gethostname(),
+        return {"address": self.worker.address, "node_ip": node_ip,
+                "node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(),
                 "pid": os.getpid(), "device": device, "gpu_ids": [str(g) for g in gpu_ids],
                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
                 "torch_threads": torch.get_num_threads()}

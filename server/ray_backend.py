@@ -222,7 +222,7 @@ class StageCluster:
                                                name=f"{self.run_tag}-client{k}"))
         for k, group in enumerate(self.groups):
             # Ray waits forever on a request that cannot be met: always wait with a deadline.
-            if not group.wait(timeout_seconds=max(deadline - time.monotonic(), 0.1)):
+            if not group.wait(timeout_seconds=max(math.ceil(deadline - time.monotonic()), 1)):
                 available, cluster = ray.available_resources(), ray.cluster_resources()
                 free = {r: available.get(r, 0.0) for r in bundle}
                 total = {r: cluster.get(r, 0.0) for r in bundle}
@@ -266,7 +266,7 @@ class StageCluster:
             self.addresses.setdefault(k, []).append(info["address"])
         for k in range(k_clients):
             log.info("client %d: stages %s", k, ", ".join(
-                f"{i['address']} ({i['device']}, node {i['node_ip']})" for i in self.infos[k]))
+                f"{i['address']} ({i['device']}, node {i['node_id'][:8]})" for i in self.infos[k]))
 
     def close(self) -> None:
         """Stop every actor (gracefully, then ray.kill) and remove every placement group."""

@@ -1,6 +1,7 @@
-"""The Ray backend on a real local Ray cluster (`ray start --head --block`, stopped by PID).
+"""The Ray backend on a real 2-node Ray cluster on this machine, started with deploy/ray/head.sh
+and worker.sh (`ray start --block`, stopped by PID).
 
-All Ray tests live in this file so the cluster start-up (~10 s on 2 cores) is paid once.
+All Ray tests live in this file so the cluster start-up (~20 s on 2 cores) is paid once.
 The pure placement arithmetic and device choice are tested first, without Ray.
 """
 
@@ -96,41 +97,57 @@ def _stop(proc: subprocess.Popen, grace: float = 20.0) -> None:
             proc.wait(timeout=grace)
 
 
+def _start_node(script: str, args: list[str], log_path: Path) -> subprocess.Popen:
+    """Run deploy/ray/<script> (it execs `ray start --block`) and wait for its readiness line."""
+    env = {**os.environ, "PYTHON": sys.executable}
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(["bash", str(REPO / "deploy" / "ray" / script), *args], stdout=log,
+                                stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True)
+    deadline = time.monotonic() + START_DEADLINE
+    while "will now block" not in log_path.read_text(errors="replace"):
+        if proc.poll() is not None:
+            pytest.fail(f"{script} exited ({proc.returncode}):\n{log_path.read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            _stop(proc)
+            pytest.fail(f"{script} not ready in {START_DEADLINE} s:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.2)   # polling the node's log for its readiness line, with a deadline
+    return proc
+
+
 @pytest.fixture(scope="module")
 def ray_cluster() -> str:
-    """A 2-CPU Ray head on this machine, this process connected to it; yields its address."""
+    """A 2-node Ray cluster on this machine (deploy/ray/head.sh + worker.sh, 1 CPU each), this
+    process connected to it; yields the head's address. Module scope: Ray stays out of the other
+    test files' way (Flower's simulation starts its own)."""
     import ray
 
     if ray.is_initialized():
         pytest.fail("Ray is already initialised in this test process by an earlier test")
-    tmp = tempfile.mkdtemp(prefix="bpr-", dir="/tmp")   # short: Ray's unix socket paths
+    # Short temp dirs: Ray's unix socket paths live under them.
+    tmps = [tempfile.mkdtemp(prefix="bprh-", dir="/tmp"), tempfile.mkdtemp(prefix="bprw-", dir="/tmp")]
     port = _free_port()
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
-    ray_bin = Path(sys.executable).with_name("ray")
-    log_path = Path(tmp) / "head.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [str(ray_bin) if ray_bin.exists() else "ray", "start", "--head", "--block",
-             "--num-cpus=2", "--num-gpus=0", f"--port={port}",
-             f"--ray-client-server-port={_free_port()}", "--include-dashboard=false",
-             f"--temp-dir={tmp}", "--disable-usage-stats"],
-            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     address = f"127.0.0.1:{port}"
+    nodes: list[subprocess.Popen] = []
     try:
-        deadline = time.monotonic() + START_DEADLINE
-        while "Ray runtime started" not in log_path.read_text(errors="replace"):
-            if proc.poll() is not None:
-                pytest.fail(f"ray start exited ({proc.returncode}):\n{log_path.read_text()[-3000:]}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"ray start not ready in {START_DEADLINE} s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.2)   # polling the head's log for its readiness line, with a deadline
+        nodes.append(_start_node("head.sh", [
+            "--port", str(port), "--num-cpus", "1", "--num-gpus", "0", "--temp-dir", tmps[0],
+            "--", f"--ray-client-server-port={_free_port()}"], Path(tmps[0]) / "node.log"))
+        nodes.append(_start_node("worker.sh", [
+            "--address", address, "--num-cpus", "1", "--num-gpus", "0", "--temp-dir", tmps[1]],
+            Path(tmps[1]) / "node.log"))
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        deadline = time.monotonic() + START_DEADLINE
+        while sum(n["Alive"] for n in ray.nodes()) < 2:
+            assert time.monotonic() < deadline, "the worker node did not register with the head"
+            time.sleep(0.2)   # polling the GCS node table, with a deadline
         yield address
     finally:
         if ray.is_initialized():
             ray.shutdown()
-        _stop(proc)
-        shutil.rmtree(tmp, ignore_errors=True)
+        for proc in reversed(nodes):
+            _stop(proc)
+        for tmp in tmps:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _our_actors() -> list[str]:
@@ -157,7 +174,7 @@ def _gone(pid: int) -> bool:
 @pytest.fixture(scope="module")
 def ray_run(ray_cluster: str, data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """One 2-client x 2-stage round on the cluster (shared by the tests that read its result)."""
-    cfg = small_cfg(data_dir, "pipeline.token=t0ken")
+    cfg = small_cfg(data_dir, "pipeline.token=t0ken", "federation.placement=STRICT_SPREAD")
     run_dir = tmp_path_factory.mktemp("ray-run")
     summary = simulate_ray(cfg, run_dir)
     return {"cfg": cfg, "summary": summary, "run_dir": run_dir}
@@ -174,6 +191,8 @@ def test_two_clients_two_stages_learn_on_ray(ray_run: dict) -> None:
     assert all(a["address"].startswith("127.0.0.1:") for a in actors)
     assert all(a["torch_threads"] == 1 for a in actors)
     assert len({a["pid"] for a in actors}) == 4                # one process per stage
+    for stages in summary["stage_actors"].values():            # STRICT_SPREAD: one node per stage
+        assert len({a["node_id"] for a in stages}) == 2
     saved = json.loads((ray_run["run_dir"] / "ray_stages.json").read_text())
     assert [a["address"] for a in saved["0"]] == [a["address"] for a in summary["stage_actors"]["0"]]
 
@@ -213,7 +232,7 @@ def test_placement_that_does_not_fit_in_time_fails_and_cleans_up(ray_cluster: st
                                                                  tmp_path: Path) -> None:
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    blocker = placement_group([{"CPU": 2.0}], name="test-blocker")   # the whole cluster
+    blocker = placement_group([{"CPU": 1.0}] * 2, strategy="SPREAD", name="test-blocker")  # all
     try:
         assert blocker.wait(timeout_seconds=30)
         cfg = small_cfg(data_dir, "pipeline.connect_timeout=3")
@@ -234,12 +253,12 @@ def test_actor_that_cannot_serve_fails_and_cleans_up(ray_cluster: str, data_dir:
 
 
 def test_cli_simulate_joins_the_cluster(ray_cluster: str, data_dir: Path, tmp_path: Path) -> None:
-    """`bpfree simulate --backend ray --address HOST:PORT --placement SPREAD`, as a user runs it."""
+    """`bpfree simulate --backend ray --address HOST:PORT --placement STRICT_PACK`, as a user runs it."""
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
         [sys.executable, "-m", "bpfree_cli", "simulate", "--backend", "ray", "--address", ray_cluster,
-         "--placement", "SPREAD", "--clients", "2", "--stages", "2", "--rounds", "1",
+         "--placement", "STRICT_PACK", "--clients", "2", "--stages", "2", "--rounds", "1",
          "--set", "model.hidden=[60,60]", "--set", "train.train_limit=1000",
          "--set", "train.test_limit=200", "--set", "pipeline.stage_num_cpus=0.5",
          "--set", "pipeline.bind_host=127.0.0.1", "--set", f"train.data_dir={data_dir}",
@@ -248,6 +267,8 @@ def test_cli_simulate_joins_the_cluster(ray_cluster: str, data_dir: Path, tmp_pa
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert summary["backend"] == "ray" and summary["replies"]["accepted"] == 2
-    assert json.loads((out / "config.json").read_text())["federation"]["placement"] == "SPREAD"
+    assert json.loads((out / "config.json").read_text())["federation"]["placement"] == "STRICT_PACK"
+    stages = json.loads((out / "ray_stages.json").read_text())
+    assert all(len({a["node_id"] for a in client}) == 1 for client in stages.values())  # packed
     assert (out / "ray_stages.json").is_file() and (out / "checkpoints" / "round-0001.pt").is_file()
     assert _our_actors() == [] and _live_groups() == []
