@@ -67,18 +67,20 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
-    threshold: float = -1.0        # ff: goodness threshold; < 0 means "layer width" (mean-square 1)
+    goodness: str = "sum"          # ff: sum | mean of squared activities (mean = logits / width)
+    threshold: float = -1.0        # ff: goodness threshold; < 0: layer width (sum), 1 (mean)
     alpha: float = 4.0             # symba: scale of the goodness gap
     peer_weight: float = 0.03      # ff/symba: peer-normalisation penalty weight (0 = off)
     straight_through: bool = True  # ff/symba/sffa: ReLU passes full gradient (avoids dead units)
     pattern_bits: int = 100        # symba/sffa: length of the class pattern
     pattern_density: float = 0.1   # symba/sffa: Bernoulli p of a pattern bit
     icp: bool = True               # symba: carry the intrinsic class pattern into every layer
-    margin: float = 0.0            # ffcl: cosine margin for negative pairs
+    margin: float = 0.8            # ffcl: cosine margin for mismatched pairs (0 collapses ReLU codes)
     noise_std: float = 0.3         # uff: denoising noise (0 = plain autoencoder)
     head: bool = True              # train a local softmax readout head per layer
 
     def __post_init__(self) -> None:
+        _check_choice("objective", "goodness", self.goodness, ("sum", "mean"))
         _check_positive("objective", "alpha", self.alpha)
         _check_positive("objective", "peer_weight", self.peer_weight, allow_zero=True)
         _check_positive("objective", "pattern_bits", self.pattern_bits)
@@ -90,10 +92,10 @@ class ObjectiveConfig:
 @dataclass(frozen=True)
 class OptimConfig:
     optimizer: str = "adam"        # adam | sgd
-    lr: float = 1e-3               # layer learning rate
+    lr: float = 2e-3               # layer learning rate (tuned on MNIST: bench/results/accuracy.md)
     momentum: float = 0.9          # sgd only
     weight_decay: float = 0.0
-    head_lr: float = 1e-3          # readout-head learning rate
+    head_lr: float = 1e-2          # readout-head learning rate
     cooldown: bool = True          # linear lr decay to 0 over the second half of training
 
     def __post_init__(self) -> None:

@@ -17,11 +17,14 @@ from bpfree_core.objectives.goodness import GoodnessLayer, GoodnessObjective, Lo
 
 class FFLayer(GoodnessLayer):
     def threshold(self) -> float:
-        t = self.cfg.objective.threshold
-        return float(self.linear.out_features) if t < 0 else t
+        o = self.cfg.objective
+        if o.threshold >= 0:
+            return o.threshold
+        return float(self.linear.out_features) if o.goodness == "sum" else 1.0
 
     def goodness(self, y: torch.Tensor) -> torch.Tensor:
-        return y.pow(2).sum(dim=1)                                          # (B,)
+        sq = y.pow(2)                                                       # (B, D)
+        return sq.sum(dim=1) if self.cfg.objective.goodness == "sum" else sq.mean(dim=1)  # (B,)
 
     def loss(self, y_pos: torch.Tensor, y_neg: torch.Tensor) -> LossOut:
         theta = self.threshold()

@@ -1,0 +1,191 @@
+"""Accuracy benchmark: every objective on full MNIST with the single-process reference trainer.
+
+    python -m bench.accuracy --data-dir ../shared/datasets --out bench/results
+
+writes bench/results/accuracy.md (the table) and accuracy.json (numbers, per-epoch curves), after
+every finished run, so a long benchmark that is stopped keeps what it finished. Run directories
+(metrics.jsonl, checkpoints) go to runs/bench-accuracy/ (git-ignored).
+
+`--only ff,bp` picks runs, `--epochs` / `--train-limit` shrink them (smoke runs), `--set` adds
+config overrides to every run. Nets and epochs are sized for a 2-core CPU; see the table's notes
+for what we would run on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bpfree_core.config import load_config
+from bpfree_core.trainer import train_reference
+
+
+@dataclass(frozen=True)
+class Run:
+    name: str                      # row id (also the run directory name)
+    label: str                     # what the table shows
+    overrides: tuple[str, ...]     # config overrides on top of the defaults
+    target: float                  # our target test accuracy
+    anchor: str                    # the published number we compare to
+
+
+# Nets and epochs sized so the whole benchmark fits ~60-75 min on 2 shared CPU cores (--jobs 2).
+# Learning rates per family from short full-MNIST sweeps (2x500, 4 epochs).
+RUNS = (
+    Run("ff", "FF (Hinton loss, label pixels)",
+        ("model.algorithm=ff", "model.hidden=2x1000", "train.epochs=10", "train.predict=both"),
+        0.985, "98.64% (Hinton, 4x2000, 60 ep); loeweX 98.55% (3x1000, 100 ep)"),
+    Run("symba", "SymBa + ICP",
+        ("model.algorithm=symba", "model.hidden=2x1000", "train.epochs=10", "optim.lr=3e-3",
+         "train.predict=both"),
+        0.985, "98.58% (HCL-FF Table 1)"),
+    Run("symba-noicp", "SymBa, label pixels (no ICP)",
+        ("model.algorithm=symba", "objective.icp=false", "model.hidden=2x1000", "train.epochs=10",
+         "optim.lr=3e-3", "train.predict=both"),
+        0.985, "98.58% (with ICP)"),
+    Run("sffa", "SFFA",
+        ("model.algorithm=sffa", "model.hidden=2x1000", "train.epochs=10", "optim.lr=1e-3",
+         "train.predict=both"),
+        0.98, "not confirmed (paper tables unreadable)"),
+    Run("ffcl", "FFCL (two nets, cosine contrast) + local heads",
+        ("model.algorithm=ffcl", "model.hidden=2x1000", "train.epochs=10"),
+        0.95, "~63% (784-64-64-10, unconfirmed)"),
+    Run("uff", "UFF, denoising AE cells (DAEFF) + local heads",
+        ("model.algorithm=uff", "model.hidden=2x1000", "train.epochs=10"),
+        0.97, "not confirmed"),
+    Run("bp", "Backprop baseline (same MLP)",
+        ("model.algorithm=bp", "model.hidden=2x1000", "train.epochs=10"),
+        0.98, "~98.6% (Hinton's BP baseline, ~1.4% error)"),
+    Run("uff-conv", "UFF, conv AE cells (CAEFF) + local heads",
+        ("model.algorithm=uff", "model.conv=16,32", "model.hidden=500", "train.epochs=8",
+         "optim.head_lr=3e-3"),
+        0.97, "not confirmed (CAEFF: best UFF variant)"),
+)
+
+
+def machine(threads: int) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {threads} torch thread(s), torch {torch.__version__}"
+
+
+def net_of(cfg: Any) -> str:
+    conv = "conv " + "-".join(map(str, cfg.model.conv)) + " + " if cfg.model.conv else ""
+    return conv + "x".join(map(str, cfg.model.hidden))
+
+
+def run_one(run: Run, args: argparse.Namespace) -> dict[str, Any]:
+    overrides = list(run.overrides) + [f"train.data_dir={args.data_dir}",
+                                       f"train.threads={args.threads}"]
+    if args.epochs:
+        overrides.append(f"train.epochs={args.epochs}")
+    if args.train_limit:
+        overrides.append(f"train.train_limit={args.train_limit}")
+    cfg = load_config(None, overrides + list(args.set))
+    run_dir = args.runs_dir / run.name
+    if run_dir.exists():  # a fresh run: stale metrics would be appended to otherwise
+        for f in run_dir.glob("*"):
+            if f.is_file():
+                f.unlink()
+    t0 = time.perf_counter()
+    summary = train_reference(cfg, run_dir, progress=False)
+    wall = time.perf_counter() - t0
+    curve = [json.loads(line)["test_accuracy"] for line in (run_dir / "metrics.jsonl").open()]
+    by_method = summary["test_accuracy_by_method"]
+    return {"name": run.name, "label": run.label, "algorithm": cfg.model.algorithm,
+            "net": net_of(cfg), "epochs": cfg.train.epochs, "batch_size": cfg.train.batch_size,
+            "train_images": cfg.train.train_limit or 60000,
+            "softmax": by_method.get("softmax"), "goodness": by_method.get("goodness"),
+            "best": max(by_method.values()), "target": run.target, "anchor": run.anchor,
+            "wall_seconds": wall, "curve": curve, "machine": machine(args.threads),
+            "overrides": overrides + list(args.set), "config": cfg.to_dict()}
+
+
+def pct(v: float | None) -> str:
+    return "—" if v is None else f"{100 * v:.2f}%"
+
+
+def write_table(results: list[dict[str, Any]], out: Path, note: str) -> None:
+    lines = [
+        "# Accuracy on MNIST (full 60k train / 10k test), reference trainer",
+        "",
+        "Generated by `python -m bench.accuracy --data-dir ../shared/datasets --out bench/results`.",
+        "Test accuracy after the last epoch; softmax = local heads (one forward pass, neutral "
+        "label), goodness = best-of-10 candidate labels. Wall time includes the per-epoch test "
+        "and train-subset evaluations.",
+        "",
+        "| algorithm | net | epochs | test acc softmax | test acc goodness | target | met | "
+        "published | wall time | machine |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        met = "yes" if r["best"] >= r["target"] else "no"
+        limit = "" if r["train_images"] == 60000 else f" ({r['train_images']} train imgs)"
+        lines.append(
+            f"| {r['label']} | {r['net']} | {r['epochs']}{limit} | {pct(r['softmax'])} | "
+            f"{pct(r['goodness'])} | {pct(r['target'])} | {met} | {r['anchor']} | "
+            f"{r['wall_seconds'] / 60:.1f} min | {r['machine']} |")
+    if note:
+        lines += ["", note]
+    lines += ["", "Per-epoch test accuracy (best method):", ""]
+    for r in results:
+        curve = " ".join(f"{100 * max(c.values()):.1f}" for c in r["curve"])
+        lines.append(f"- {r['label']}: {curve}")
+    (out / "accuracy.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data-dir", required=True, help="directory with the MNIST IDX .gz files")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--runs-dir", type=Path, default=Path("runs/bench-accuracy"))
+    parser.add_argument("--only", default="", help="comma-separated run names: "
+                        + ", ".join(r.name for r in RUNS))
+    parser.add_argument("--epochs", type=int, default=0, help="override every run's epochs")
+    parser.add_argument("--train-limit", type=int, default=0, help="use N training images")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument("--note", default="", help="text added under the table")
+    args = parser.parse_args(argv)
+    wanted = [n for n in args.only.split(",") if n]
+    unknown = set(wanted) - {r.name for r in RUNS}
+    if unknown:
+        parser.error(f"unknown run(s) {sorted(unknown)}; valid: {', '.join(r.name for r in RUNS)}")
+    runs = [r for r in RUNS if not wanted or r.name in wanted]
+    args.out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict[str, Any]] = {}
+    # Each run in its own process (spawned: a clean torch per run, its own thread setting).
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn")) as pool:
+        futures = {}
+        for run in runs:
+            print(f"[bench.accuracy] start {run.name}: {' '.join(run.overrides)}", flush=True)
+            futures[pool.submit(run_one, run, args)] = run
+        for future in as_completed(futures):
+            r = future.result()
+            results[r["name"]] = r
+            print(f"[bench.accuracy] {r['name']}: softmax {pct(r['softmax'])} goodness "
+                  f"{pct(r['goodness'])} in {r['wall_seconds']:.0f}s", flush=True)
+            done = [results[run.name] for run in runs if run.name in results]  # table order
+            (args.out / "accuracy.json").write_text(json.dumps(done, indent=2) + "\n")
+            write_table(done, args.out, args.note)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
