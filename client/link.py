@@ -135,14 +135,15 @@ class Link:
     def error(self) -> BpfreeError | None:
         return self._error
 
-    def close(self) -> None:
+    def close(self, grace: float = 2.0) -> None:
+        """End the stream: let the stage drain what was sent for up to `grace` s, then cancel."""
         if self._closed:
             return
         self._closed = True
         self._out.put(None)
         if self._call is not None:
-            if self._reader is not None:
-                self._reader.join(timeout=2.0)
+            if self._reader is not None and grace > 0:
+                self._reader.join(timeout=grace)
             self._call.cancel()
         if self._own_channel:
             self._channel.close()

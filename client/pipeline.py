@@ -343,6 +343,7 @@ def launch_workers(n: int, tmp_dir: Path, *, device: str = "cpu", threads: int =
     try:
         port_files = [tmp_dir / f"stage{s}.port" for s in range(n)]
         for s in range(n):
+            port_files[s].unlink(missing_ok=True)   # a stale file from an earlier run is no signal
             procs.append(_spawn_worker(device, threads, port_files[s], logs / f"stage{s}.log", token))
         addresses = [f"127.0.0.1:{_wait_port(p, f, logs / f'stage{s}.log', timeout)}"
                      for s, (p, f) in enumerate(zip(procs, port_files, strict=True))]

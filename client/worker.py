@@ -505,7 +505,7 @@ class StageWorker(pb_grpc.StageControlServicer):
         if setup is not None:
             setup.stop.set()
             if setup.link is not None:
-                setup.link.close()
+                setup.link.close(grace=0)   # the process is going away: no draining
 
 
 def build_server(worker: StageWorker, listen: str, security: Security,

@@ -63,8 +63,12 @@ def run(args: argparse.Namespace) -> int:
     stop.wait()
     log.info("stage worker %s stopping", worker.address)
     worker.shutdown()
-    server.stop(grace=1.0).wait(timeout=5.0)
-    return 0
+    server.stop(grace=0.5).wait(timeout=5.0)
+    log.info("stage worker %s stopped", worker.address)
+    # Everything is closed; skip the interpreter teardown, which spends seconds in gRPC core and
+    # torch C++ shutdown (measured: 2-3 s) and would make every `stop by PID` slow.
+    logging.shutdown()
+    os._exit(0)
 
 
 if __name__ == "__main__":  # python -m client.worker_cli ...
