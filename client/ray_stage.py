@@ -91,7 +91,7 @@ class StageActor:
                 "node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(),
                 "pid": os.getpid(), "device": device, "gpu_ids": [str(g) for g in gpu_ids],
                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-                "torch_threads": torch.get_num_threads()}
+                "torch_threads": torch.get_num_threads(), "tls": bool(cert)}
 
     def stop(self) -> None:
         """Stop serving (the backend kills the actor afterwards)."""

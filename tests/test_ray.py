@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -114,11 +115,21 @@ def _start_node(script: str, args: list[str], log_path: Path) -> subprocess.Pope
     return proc
 
 
+@dataclass(frozen=True)
+class Cluster:
+    address: str   # the head's HOST:PORT
+    tls_ca: str    # the CA that signed every node's stage certificate (nodes started with --certs)
+
+    def cfg(self, data_dir: Path, *overrides: str) -> ExperimentConfig:
+        """A small run on this cluster: TLS to every stage, like a real deployment."""
+        return small_cfg(data_dir, f"pipeline.tls_ca={self.tls_ca}", *overrides)
+
+
 @pytest.fixture(scope="module")
-def ray_cluster() -> str:
-    """A 2-node Ray cluster on this machine (deploy/ray/head.sh + worker.sh, 1 CPU each), this
-    process connected to it; yields the head's address. Module scope: Ray stays out of the other
-    test files' way (Flower's simulation starts its own)."""
+def ray_cluster() -> Cluster:
+    """A 2-node Ray cluster on this machine (deploy/ray/head.sh + worker.sh --certs, 1 CPU each),
+    this process connected to it. Module scope: Ray stays out of the other test files' way
+    (Flower's simulation starts its own)."""
     import ray
 
     if ray.is_initialized():
@@ -127,20 +138,24 @@ def ray_cluster() -> str:
     tmps = [tempfile.mkdtemp(prefix="bprh-", dir="/tmp"), tempfile.mkdtemp(prefix="bprw-", dir="/tmp")]
     port = _free_port()
     address = f"127.0.0.1:{port}"
+    certs = Path(tmps[0]) / "certs"   # stages bind 127.0.0.1 here, so that is the name to certify
+    subprocess.run(["bash", str(REPO / "deploy" / "make-certs.sh"), str(certs), "IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=60)
     nodes: list[subprocess.Popen] = []
     try:
         nodes.append(_start_node("head.sh", [
             "--port", str(port), "--num-cpus", "1", "--num-gpus", "0", "--temp-dir", tmps[0],
-            "--", f"--ray-client-server-port={_free_port()}"], Path(tmps[0]) / "node.log"))
+            "--certs", str(certs), "--", f"--ray-client-server-port={_free_port()}"],
+            Path(tmps[0]) / "node.log"))
         nodes.append(_start_node("worker.sh", [
-            "--address", address, "--num-cpus", "1", "--num-gpus", "0", "--temp-dir", tmps[1]],
-            Path(tmps[1]) / "node.log"))
+            "--address", address, "--num-cpus", "1", "--num-gpus", "0", "--temp-dir", tmps[1],
+            "--certs", str(certs)], Path(tmps[1]) / "node.log"))
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
         deadline = time.monotonic() + START_DEADLINE
         while sum(n["Alive"] for n in ray.nodes()) < 2:
             assert time.monotonic() < deadline, "the worker node did not register with the head"
             time.sleep(0.2)   # polling the GCS node table, with a deadline
-        yield address
+        yield Cluster(address, str(certs / "ca.crt"))
     finally:
         if ray.is_initialized():
             ray.shutdown()
@@ -172,9 +187,9 @@ def _gone(pid: int) -> bool:
 
 
 @pytest.fixture(scope="module")
-def ray_run(ray_cluster: str, data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+def ray_run(ray_cluster: Cluster, data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """One 2-client x 2-stage round on the cluster (shared by the tests that read its result)."""
-    cfg = small_cfg(data_dir, "pipeline.token=t0ken", "federation.placement=STRICT_SPREAD")
+    cfg = ray_cluster.cfg(data_dir, "pipeline.token=t0ken", "federation.placement=STRICT_SPREAD")
     run_dir = tmp_path_factory.mktemp("ray-run")
     summary = simulate_ray(cfg, run_dir)
     return {"cfg": cfg, "summary": summary, "run_dir": run_dir}
@@ -190,6 +205,7 @@ def test_two_clients_two_stages_learn_on_ray(ray_run: dict) -> None:
     assert {a["device"] for a in actors} == {"cpu"}           # no GPU reserved -> CPU
     assert all(a["address"].startswith("127.0.0.1:") for a in actors)
     assert all(a["torch_threads"] == 1 for a in actors)
+    assert all(a["tls"] for a in actors)                       # certificates from `ray start` env
     assert len({a["pid"] for a in actors}) == 4                # one process per stage
     for stages in summary["stage_actors"].values():            # STRICT_SPREAD: one node per stage
         assert len({a["node_id"] for a in stages}) == 2
@@ -217,10 +233,10 @@ def test_ray_backend_equals_in_process_reference(ray_run: dict) -> None:
     assert not different, f"weights differ from the in-process reference: {different}"
 
 
-def test_gpu_stage_on_gpu_less_cluster_fails_at_placement(ray_cluster: str, data_dir: Path,
+def test_gpu_stage_on_gpu_less_cluster_fails_at_placement(ray_cluster: Cluster, data_dir: Path,
                                                           tmp_path: Path) -> None:
     before = _live_groups()
-    cfg = small_cfg(data_dir, "pipeline.stage_num_gpus=1")
+    cfg = ray_cluster.cfg(data_dir, "pipeline.stage_num_gpus=1")
     t0 = time.monotonic()
     with pytest.raises(PlacementError, match=r"needs 4 GPU .* cluster has 0 GPU"):
         simulate_ray(cfg, tmp_path / "run")
@@ -228,14 +244,15 @@ def test_gpu_stage_on_gpu_less_cluster_fails_at_placement(ray_cluster: str, data
     assert _live_groups() == before and _our_actors() == []
 
 
-def test_placement_that_does_not_fit_in_time_fails_and_cleans_up(ray_cluster: str, data_dir: Path,
+def test_placement_that_does_not_fit_in_time_fails_and_cleans_up(ray_cluster: Cluster,
+                                                                 data_dir: Path,
                                                                  tmp_path: Path) -> None:
     from ray.util.placement_group import placement_group, remove_placement_group
 
     blocker = placement_group([{"CPU": 1.0}] * 2, strategy="SPREAD", name="test-blocker")  # all
     try:
         assert blocker.wait(timeout_seconds=30)
-        cfg = small_cfg(data_dir, "pipeline.connect_timeout=3")
+        cfg = ray_cluster.cfg(data_dir, "pipeline.connect_timeout=3")
         with pytest.raises(PlacementError, match=r"could not place .* free now \{0 CPU\} of \{2 CPU\}"):
             simulate_ray(cfg, tmp_path / "run")
         assert _live_groups() == ["test-blocker"] and _our_actors() == []
@@ -243,25 +260,27 @@ def test_placement_that_does_not_fit_in_time_fails_and_cleans_up(ray_cluster: st
         remove_placement_group(blocker)
 
 
-def test_actor_that_cannot_serve_fails_and_cleans_up(ray_cluster: str, data_dir: Path,
+def test_actor_that_cannot_serve_fails_and_cleans_up(ray_cluster: Cluster, data_dir: Path,
                                                      tmp_path: Path) -> None:
     # 203.0.113.7 (TEST-NET-3) is no address of this machine: the stage cannot bind it.
-    cfg = small_cfg(data_dir, "pipeline.bind_host=203.0.113.7")
+    cfg = ray_cluster.cfg(data_dir, "pipeline.bind_host=203.0.113.7")
     with pytest.raises(PeerUnavailableError, match="cannot listen on 203.0.113.7"):
         simulate_ray(cfg, tmp_path / "run")
     assert _live_groups() == [] and _our_actors() == []
 
 
-def test_cli_simulate_joins_the_cluster(ray_cluster: str, data_dir: Path, tmp_path: Path) -> None:
+def test_cli_simulate_joins_the_cluster(ray_cluster: Cluster, data_dir: Path, tmp_path: Path) -> None:
     """`bpfree simulate --backend ray --address HOST:PORT --placement STRICT_PACK`, as a user runs it."""
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
-        [sys.executable, "-m", "bpfree_cli", "simulate", "--backend", "ray", "--address", ray_cluster,
+        [sys.executable, "-m", "bpfree_cli", "simulate", "--backend", "ray", "--address",
+         ray_cluster.address,
          "--placement", "STRICT_PACK", "--clients", "2", "--stages", "2", "--rounds", "1",
          "--set", "model.hidden=[60,60]", "--set", "train.train_limit=1000",
          "--set", "train.test_limit=200", "--set", "pipeline.stage_num_cpus=0.5",
          "--set", "pipeline.bind_host=127.0.0.1", "--set", f"train.data_dir={data_dir}",
+         "--set", f"pipeline.tls_ca={ray_cluster.tls_ca}",
          "--out", str(out), "--no-plot", "--no-progress"],
         capture_output=True, text=True, env=env, cwd=REPO, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
