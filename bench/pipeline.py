@@ -39,10 +39,13 @@ from protos import stage_pb2_grpc as pb_grpc
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+BALANCED = "1000,1000,926,926"   # 784*1000 + 1000*1000 = 1000*926 + 926*926 multiply-adds
+
+
 def balanced_config(data_dir: str, *extra: str) -> ExperimentConfig:
-    """4 equal hidden layers of 1000 units: S = 1, 2, 4 split it into equal stages."""
+    """4 layers whose two halves cost the same (equal in x out products): S = 2 is balanced."""
     return ExperimentConfig().with_overrides([
-        "model.hidden=4x1000", "train.batch_size=100", "train.train_limit=3000",
+        f"model.hidden={BALANCED}", "train.batch_size=100", "train.train_limit=6000",
         "train.threads=1", f"train.data_dir={data_dir}", "pipeline.window=4", *extra])
 
 
@@ -51,7 +54,7 @@ def _load(cfg: ExperimentConfig):  # noqa: ANN202
     return build_objective(cfg), limited(data.train, cfg.train.train_limit)
 
 
-def reference_throughput(cfg: ExperimentConfig, epochs: int = 1) -> dict[str, Any]:
+def reference_throughput(cfg: ExperimentConfig, epochs: int = 2) -> dict[str, Any]:
     """Samples/s of the single-process reference loop (packets + train_step), 1 torch thread.
 
     With the same malloc settings as the workers (client/memory.py), so the comparison is about
@@ -61,13 +64,13 @@ def reference_throughput(cfg: ExperimentConfig, epochs: int = 1) -> dict[str, An
     torch.set_num_threads(1)
     objective, split = _load(cfg)
     stage = Stage(build_layers(cfg, objective=objective))
-    samples, t0 = 0, time.perf_counter()
-    for epoch in range(epochs):
+    for epoch in range(epochs):   # like pipeline_throughput: the last epoch is reported
+        samples, t0 = 0, time.perf_counter()
         stage.set_epoch(epoch, epochs)
         for packet in train_packets(objective, split, cfg, epoch):
             stage.train_step(packet)
             samples += int(packet["y"].shape[0])
-    seconds = time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
     return {"samples": samples, "seconds": seconds, "samples_per_second": samples / seconds}
 
 
@@ -140,7 +143,13 @@ def _load_avg() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def run(data_dir: str, quick: bool = False) -> dict[str, Any]:
+def _median(fn, reps: int, *args: Any):  # noqa: ANN001, ANN202 - repeat a noisy measurement
+    runs = [fn(*args) for _ in range(reps)]
+    key = (lambda r: r["float32_bytes_per_second"]) if isinstance(runs[0], dict) else (lambda r: r)
+    return sorted(runs, key=key)[len(runs) // 2]
+
+
+def run(data_dir: str, quick: bool = False, reps: int = 3) -> dict[str, Any]:
     total = (64 << 20) if quick else (512 << 20)
     out: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                                        "torch": torch.__version__, "grpc": grpc.__version__,
@@ -149,10 +158,10 @@ def run(data_dir: str, quick: bool = False) -> dict[str, Any]:
     out["matmul_gflops_1thread"] = matmul_flops() / 1e9
     out["transport"] = []
     for size in (1 << 20, 4 << 20):
-        row = {"batch_bytes": size, "tcp": tcp_throughput(size, total),
-               "grpc_raw": grpc_raw_throughput(size, total)}
+        row = {"batch_bytes": size, "tcp": _median(tcp_throughput, reps, size, total),
+               "grpc_raw": _median(grpc_raw_throughput, reps, size, total)}
         for wire in ("float32", "bfloat16"):
-            row[f"stream_{wire}"] = stream_throughput(size, wire, total)
+            row[f"stream_{wire}"] = _median(stream_throughput, reps, size, wire, total)
         out["transport"].append(row)
         print(f"{size >> 20} MiB: tcp {row['tcp'] / 2**30:.2f} GiB/s, grpc raw "
               f"{row['grpc_raw'] / 2**30:.2f}, stream f32 "
@@ -173,6 +182,8 @@ def run(data_dir: str, quick: bool = False) -> dict[str, Any]:
             r.update(S=stages, wire_dtype=wire,
                      speedup=r["samples_per_second"] / out["reference"]["samples_per_second"])
             r["efficiency"] = r["speedup"] / stages
+            busy = [st["busy_seconds"] for st in r["stages"]]
+            r["balance_bound"] = sum(busy) / max(busy)   # best speed-up these busy times allow
             out["pipeline"].append(r)
             print(f"S={stages} {wire}: {r['samples_per_second']:.0f} samples/s, speed-up "
                   f"{r['speedup']:.2f}, efficiency {r['efficiency']:.0%}, busy "
@@ -208,9 +219,9 @@ def write_report(res: dict[str, Any], path: Path) -> None:
         "", f"## Training throughput ({net['algorithm']}, hidden {net['hidden']}, batch "
         f"{net['batch_size']}, {net['images']} MNIST images, 1 torch thread per process)", "",
         f"Sequential reference (one process, one thread): **{ref:.0f} samples/s**.", "",
-        "| stages | wire | samples/s | speed-up | efficiency (speed-up / S) | busy s per stage "
-        "| idle s per stage | blocked s per stage | RSS MB per stage, epoch 1 -> 2 |",
-        "|---|---|---|---|---|---|---|---|---|"]
+        "| stages | wire | samples/s | speed-up | efficiency (speed-up / S) | balance bound "
+        "| busy s per stage | idle s per stage | blocked s per stage | RSS MB per stage, epoch 1 -> 2 |",
+        "|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["pipeline"]:
         st = r["stages"]
         rss = " / ".join(f"{a:.0f}->{b:.0f}" for a, b in zip(*r["rss_mb_per_epoch"], strict=True))
@@ -218,18 +229,78 @@ def write_report(res: dict[str, Any], path: Path) -> None:
                                for k in ("busy_seconds", "idle_seconds", "blocked_seconds"))
         lines.append(
             f"| {r['S']} | {r['wire_dtype']} | {r['samples_per_second']:.0f} | {r['speedup']:.2f} "
-            f"| {r['efficiency']:.0%} | {busy} | {idle} | {blocked} | {rss} |")
+            f"| {r['efficiency']:.0%} | {r['balance_bound']:.2f} | {busy} | {idle} | {blocked} | {rss} |")
+    lines += ["", *_verdict_and_projection(res)]
     path.write_text("\n".join(lines) + "\n")
+
+
+def _verdict_and_projection(res: dict[str, Any]) -> list[str]:
+    """Targets met or not, and what the measured numbers imply for 4-8 stages and for GPUs."""
+    from bench.model import PipelineModel
+
+    s2 = next(r for r in res["pipeline"] if r["S"] == 2 and r["wire_dtype"] == "float32")
+    ratios = [r["stream_float32"]["float32_bytes_per_second"] / r["tcp"] for r in res["transport"]]
+    grpc_ratios = [r["stream_float32"]["float32_bytes_per_second"] / r["grpc_raw"]
+                   for r in res["transport"]]
+    net = res["net"]
+    ref = res["reference"]
+    per_batch = ref["seconds"] / (ref["samples"] // net["batch_size"])   # all layers, one core
+    batches = 60_000 // net["batch_size"]                      # project a full MNIST epoch
+    width = max(net["hidden"])
+    link32 = 3 * net["batch_size"] * width * 4                 # pos + neg + neutral, float32
+    bw = min(r["stream_float32"]["float32_bytes_per_second"] for r in res["transport"])
+    out = [
+        "## Targets", "",
+        f"* Pipeline efficiency, S = 2, float32 wire: **{s2['efficiency']:.0%}** (target >= 95%; "
+        f"the measured busy times allow at most {s2['balance_bound'] / 2:.0%}). "
+        + ("Met." if s2["efficiency"] >= 0.95 else "Not met on this run; see the notes below."),
+        "* Activation stream / raw TCP, float32: "
+        + ", ".join(f"{r['batch_bytes'] >> 20} MiB **{x:.0%}**" for r, x in zip(res["transport"], ratios,
+                                                                               strict=True))
+        + " (target >= 40%). " + ("Met." if min(ratios) >= 0.40 else "Not met on this run.")
+        + " Against raw-bytes gRPC (the ceiling of any gRPC transport): "
+        + ", ".join(f"{x:.0%}" for x in grpc_ratios) + ".",
+        "", "## Scaling (analytic model `bench/model.py` fed with the numbers above; not measured)", "",
+        "Two cores cannot host 4-8 stage processes plus a driver, so larger S is projected: each stage "
+        f"gets 1/S of the measured per-batch compute ({per_batch * 1e3:.0f} ms for all layers on one "
+        f"core), each link carries {link32 / 2**20:.2f} MiB per batch in float32 (half in bf16) at the "
+        f"slowest measured stream rate ({bw / 2**30:.2f} GiB/s), window 4, {batches} batches per epoch "
+        f"(fill and drain cost (S-1)/(N+S-1)). Layers stay {width} wide, "
+        "so a deeper net would be needed to really give each of 8 stages work; the model keeps the "
+        "per-stage compute at total/S to show where the wire starts to dominate.", "",
+        "| S | device (assumed speed vs one CPU core) | wire | compute/stage ms | transfer/link ms "
+        "| predicted efficiency |",
+        "|---|---|---|---|---|---|"]
+    for device, speed in (("CPU core per stage", 1.0), ("GPU per stage (~50x)", 50.0)):
+        for stages in (2, 4, 8):
+            for wire, factor in (("float32", 1.0), ("bfloat16", 0.5)):
+                compute = per_batch / speed / stages
+                model = PipelineModel(compute=(compute,) * stages,
+                                      link_bytes=(link32 * factor,) * (stages - 1),
+                                      bandwidth=bw, window=4)
+                t = model.epoch_seconds(batches)
+                eff = (per_batch / speed * batches) / (stages * t)
+                out.append(f"| {stages} | {device} | {wire} | {compute * 1e3:.2f} "
+                           f"| {model.transfer()[0] * 1e3 if stages > 1 else 0:.2f} | {eff:.0%} |")
+    out += ["", "The model charges the wire as link time only; sending and receiving also take CPU from "
+            "the stage's own core (framing, gRPC's copies), which it leaves out.", "",
+            "Reading: with a CPU core per stage the wire costs little next to compute, so efficiency "
+            "is set by balance and by how many cores are really free. With a GPU per stage compute "
+            "shrinks ~50x while the bytes stay the same, so links dominate: use bf16 on the wire, "
+            "larger batches (compute grows with B x width^2, bytes with B x width), wider layers, or "
+            "put several stages on one GPU so that only every k-th boundary crosses the network."]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", default=os.environ.get("BPFREE_DATA_DIR", ""))
     parser.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
+    parser.add_argument("--reps", type=int, default=3, help="repeats of each transport measurement")
     parser.add_argument("--out", type=Path, default=RESULTS / "pipeline",
                         help="report path without suffix (.md and .json are written)")
     args = parser.parse_args(argv)
-    res = run(args.data_dir, args.quick)
+    res = run(args.data_dir, args.quick, args.reps)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
     write_report(res, args.out.with_suffix(".md"))
