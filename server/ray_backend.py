@@ -386,6 +386,10 @@ def simulate_ray(cfg: ExperimentConfig, run_dir: Path, resume: bool = False,
                  progress: bool = False) -> dict[str, Any]:
     """The federation with stage actors on Ray; returns the summary with "weights"."""
     check_ray_config(cfg)
+    log.info("ray backend: %d client(s) x %d stage(s), {%s} per stage, placement %s; stages use "
+             "the devices Ray assigns, the coordinator evaluates on train.device = %s",
+             cfg.federation.clients, cfg.pipeline.stages, _fmt(stage_bundle(cfg)),
+             cfg.federation.placement, cfg.train.device)
     with ray_session(cfg):
         coordinator = Coordinator(cfg, run_dir, resume=resume, progress=progress)
         cluster = StageCluster(cfg)

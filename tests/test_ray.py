@@ -291,3 +291,15 @@ def test_cli_simulate_joins_the_cluster(ray_cluster: Cluster, data_dir: Path, tm
     assert all(len({a["node_id"] for a in client}) == 1 for client in stages.values())  # packed
     assert (out / "ray_stages.json").is_file() and (out / "checkpoints" / "round-0001.pt").is_file()
     assert _our_actors() == [] and _live_groups() == []
+
+
+def test_cluster_yaml_is_a_valid_ray_up_config() -> None:
+    """deploy/ray/cluster.yaml passes Ray's own cluster-config schema (what `ray up` checks)."""
+    import yaml
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = prepare_config(yaml.safe_load((REPO / "deploy" / "ray" / "cluster.yaml").read_text()))
+    validate_config(config)
+    assert config["provider"]["type"] == "local"
+    assert all("RAY_USAGE_STATS_ENABLED=0" in c for c in (config["head_start_ray_commands"][-1],
+                                                          config["worker_start_ray_commands"][-1]))
