@@ -303,3 +303,22 @@ def test_cluster_yaml_is_a_valid_ray_up_config() -> None:
     assert config["provider"]["type"] == "local"
     assert all("RAY_USAGE_STATS_ENABLED=0" in c for c in (config["head_start_ray_commands"][-1],
                                                           config["worker_start_ray_commands"][-1]))
+
+
+def test_a_dead_stage_fails_only_its_client(ray_cluster: Cluster, data_dir: Path) -> None:
+    """Kill one of client 1's stage actors: client 1 is counted failed, client 0's reply is
+    aggregated (federation.min_clients = 1), and the run still removes everything."""
+    import ray
+
+    from server.coordinator import Coordinator
+    from server.ray_backend import RayTransport, StageCluster
+
+    cfg = ray_cluster.cfg(data_dir, "federation.min_clients=1", "pipeline.connect_timeout=5",
+                          "model.hidden=[60,60]", "train.train_limit=1000", "train.test_limit=200")
+    with StageCluster(cfg) as cluster:
+        victim = ray.get_actor(cluster.infos[1][1]["name"], namespace=NAMESPACE)
+        ray.kill(victim, no_restart=True)
+        summary = Coordinator(cfg).run(RayTransport(cfg, cluster.addresses))
+    assert summary["replies"] == {"accepted": 1, "failed": 1, "timed_out": 0, "rejected": 0}
+    assert summary["test_accuracy"] > 0.2
+    assert _our_actors() == [] and _live_groups() == []
