@@ -131,6 +131,10 @@ class StageWorker(pb_grpc.StageControlServicer):
                              f"{setup.run_id!r}; reconfigure it for the new run")
         return setup
 
+    def _in_flight(self, setup: _Setup) -> bool:
+        """Whether an epoch is running with batches still queued here (an idle one may be dropped)."""
+        return self._epoch_active and not self._ended.is_set() and not setup.inbox.empty()
+
     def _describe(self) -> str:
         setup = self._setup
         if setup is None:
@@ -218,14 +222,25 @@ class StageWorker(pb_grpc.StageControlServicer):
                  req.stage, req.num_stages, list(indices), device, req.downstream or "(driver pulls)")
         return setup
 
+    def _renew_link(self, setup: _Setup) -> Link:
+        old = setup.link
+        assert old is not None
+        old.close(grace=0)
+        p = setup.cfg.pipeline
+        wait_for_peer(old.address, self.security, p.connect_timeout)
+        return Link(old.address, self.security, window=p.window, chunk_bytes=p.chunk_bytes,
+                    wire_dtype=p.wire_dtype, timeout=p.rpc_timeout)
+
     def LoadWeights(self, request_iterator: Iterator[pb.TensorChunk],
                     context: grpc.ServicerContext) -> pb.WeightsReply:
         try:
             setup = self._require()
             state = decode_state(request_iterator)
             with self._step_lock:
-                if self._epoch_active and not self._ended.is_set():
-                    raise StateError(f"epoch {self._epoch} is running; load weights between epochs")
+                if self._in_flight(setup):
+                    raise StateError(f"batches of epoch {self._epoch} are still being trained; load "
+                                     "weights between epochs")
+                self._epoch_active = False   # an unfinished (failed) epoch is abandoned
                 setup.stage.load_state_dict(state)
                 for layer in setup.stage.layers:
                     layer.finish_init()   # fresh optimiser state bound to the loaded parameters
@@ -247,12 +262,15 @@ class StageWorker(pb_grpc.StageControlServicer):
         try:
             setup = self._require(request.run_id)
             with self._lock:
-                if self._epoch_active and not self._ended.is_set() and not self._error:
-                    raise StateError(f"epoch {self._epoch} has not finished; call FinishEpoch first")
+                if self._in_flight(setup) and not self._error:
+                    raise StateError(f"batches of epoch {self._epoch} are still being trained; wait "
+                                     "for FinishEpoch first")
                 if self._error:   # a failed epoch: drop whatever it left in the queues
                     for q in (setup.inbox, setup.outbox):
                         while not q.empty():
                             q.get_nowait()
+                if setup.link is not None and setup.link.error is not None:
+                    setup.link = self._renew_link(setup)   # a broken stream is reopened, not reused
                 with self._step_lock:
                     setup.stage.set_epoch(request.epoch, request.total_epochs)
                 self._epoch, self._epoch_active, self._expected_seq = request.epoch, True, 0

@@ -124,7 +124,7 @@ def test_bf16_wire_halves_bytes_and_stays_within_tolerance(data_dir: Path, tmp_p
     assert out["epochs"][0]["stages"][1]["bytes_in"] < 0.55 * ref32
 
 
-def test_weights_round_trip_and_load_resets_training(data_dir: Path, tmp_path: Path) -> None:
+def test_weights_round_trip_load_resets_training_and_failure_recovery(data_dir: Path, tmp_path: Path) -> None:
     cfg = _cfg(data_dir, "pipeline.stages=2", "train.epochs=1")
     ref = reference(cfg, tmp_path)
     data = load_dataset("mnist", data_dir)
@@ -141,6 +141,15 @@ def test_weights_round_trip_and_load_resets_training(data_dir: Path, tmp_path: P
         _assert_identical(pipe.get_weights(), ref["weights"])
         with pytest.raises(ConfigError, match=r"no weights for layer\(s\) \[2\]"):
             pipe.load_weights({k: v for k, v in init.items() if not k.startswith("layers.2.")})
+        # A batch the first layer cannot take fails loudly, naming the stage and the batch ...
+        bad = next(train_packets(objective, split, cfg, 0))
+        bad = {**bad, "pos": bad["pos"][:, :700]}
+        with pytest.raises(BpfreeError, match="stage 0 failed: stage 0 .* failed on batch 0"):
+            pipe.train_epoch([bad], 0, 1)
+        # ... and the same pipeline recovers: the next epoch is exact again.
+        pipe.load_weights(init)
+        pipe.train_epoch(train_packets(objective, split, cfg, 0), 0, 1)
+        _assert_identical(pipe.get_weights(), ref["weights"])
     pipe.close()   # idempotent
 
 
