@@ -60,6 +60,14 @@ def test_ff_default_threshold_is_the_layer_width():
     assert float(loss) == pytest.approx(expected, rel=1e-6)
 
 
+def test_ff_mean_goodness_is_mean_of_squares_with_threshold_one():
+    lay = layer("ff", "objective.goodness=mean")
+    loss, _ = lay.loss(t(Y_POS), t(Y_NEG))
+    g_pos, g_neg = (Y_POS ** 2).mean(1), (Y_NEG ** 2).mean(1)
+    expected = softplus(1.0 - g_pos).mean() + softplus(g_neg - 1.0).mean()
+    assert float(loss) == pytest.approx(expected, rel=1e-6)
+
+
 def test_symba_loss_is_softplus_of_minus_alpha_times_mean_square_gap():
     lay = layer("symba", "objective.alpha=4.0")
     loss, metrics = lay.loss(t(Y_POS), t(Y_NEG))

@@ -1,0 +1,40 @@
+"""Every objective learns real MNIST: short runs of the reference trainer, far above chance (10%).
+
+Small on purpose (a few thousand images, 2 epochs, narrow nets, 1 thread): these show each
+algorithm *learns*; the full-MNIST accuracy claims live in bench/results/accuracy.md.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from bpfree_core.config import load_config
+from bpfree_core.trainer import train_reference
+
+SMALL = ("train.train_limit=6000", "train.test_limit=1000", "train.epochs=2", "train.threads=1",
+         "model.hidden=200,200")
+ONE_LAYER = "model.hidden=300"   # goodness voting skips the first layer unless it is the only one
+
+# (algorithm + extra overrides, minimum test accuracy per prediction method); chance is 0.1.
+CASES = [
+    (("model.algorithm=ff", ONE_LAYER), {"goodness": 0.7, "softmax": 0.75}),
+    (("model.algorithm=ff",), {"softmax": 0.7}),
+    (("model.algorithm=symba", ONE_LAYER), {"goodness": 0.75, "softmax": 0.75}),
+    (("model.algorithm=symba", "objective.icp=false", ONE_LAYER), {"goodness": 0.75}),
+    (("model.algorithm=sffa", ONE_LAYER), {"goodness": 0.75, "softmax": 0.7}),
+    (("model.algorithm=ffcl",), {"softmax": 0.8}),
+    (("model.algorithm=uff",), {"softmax": 0.8}),
+    (("model.algorithm=uff", "model.conv=8", "model.hidden=100"), {"softmax": 0.8}),
+    (("model.algorithm=bp",), {"softmax": 0.85}),
+]
+
+
+@pytest.mark.parametrize(("extra", "minimum"), CASES,
+                         ids=[" ".join(extra) for extra, _ in CASES])
+def test_objective_learns_real_mnist(data_dir, extra: tuple[str, ...], minimum: dict[str, float]):
+    predict = "both" if "goodness" in minimum else "softmax"
+    cfg = load_config(None, [*SMALL, *extra, f"train.data_dir={data_dir}", f"train.predict={predict}"])
+    summary = train_reference(cfg, None, progress=False)
+    for method, floor in minimum.items():
+        acc = summary["test_accuracy_by_method"][method]
+        assert acc > floor, f"{' '.join(extra)}: {method} accuracy {acc:.3f} <= {floor}"
