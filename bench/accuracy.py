@@ -161,8 +161,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    parser.add_argument("--note", default="", help="text added under the table")
+    parser.add_argument("--note", default="", help="text (or @FILE) added under the table")
+    parser.add_argument("--render-only", action="store_true",
+                        help="rewrite accuracy.md from --out's accuracy.json (e.g. with a new --note)")
     args = parser.parse_args(argv)
+    if args.note.startswith("@"):
+        args.note = Path(args.note[1:]).read_text().strip()
+    if args.render_only:
+        write_table(json.loads((args.out / "accuracy.json").read_text()), args.out, args.note)
+        return 0
     wanted = [n for n in args.only.split(",") if n]
     unknown = set(wanted) - {r.name for r in RUNS}
     if unknown:

@@ -6,6 +6,8 @@ algorithm *learns*; the full-MNIST accuracy claims live in bench/results/accurac
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from bpfree_core.config import load_config
@@ -38,3 +40,17 @@ def test_objective_learns_real_mnist(data_dir, extra: tuple[str, ...], minimum: 
     for method, floor in minimum.items():
         acc = summary["test_accuracy_by_method"][method]
         assert acc > floor, f"{' '.join(extra)}: {method} accuracy {acc:.3f} <= {floor}"
+
+
+def test_accuracy_benchmark_writes_table_and_json(data_dir, tmp_path):
+    from bench.accuracy import main
+
+    out = tmp_path / "results"
+    assert main(["--data-dir", str(data_dir), "--out", str(out), "--runs-dir", str(tmp_path / "runs"),
+                 "--only", "bp,uff", "--epochs", "1", "--train-limit", "1000",
+                 "--set", "train.test_limit=500"]) == 0
+    rows = json.loads((out / "accuracy.json").read_text())
+    assert [r["name"] for r in rows] == ["uff", "bp"]            # table order, not finish order
+    assert all(r["softmax"] > 0.5 and r["epochs"] == 1 for r in rows)
+    table = (out / "accuracy.md").read_text()
+    assert "| Backprop baseline (same MLP) | 1000x1000 | 1 (1000 train imgs) |" in table
