@@ -120,6 +120,7 @@ def stream_throughput(batch_bytes: int, wire_dtype: str = "float32", total_bytes
                 for epoch, n in ((0, 4), (1, count)):   # epoch 0 warms the stream up
                     stub.StartEpoch(pb.EpochRequest(run_id="bench", epoch=epoch, total_epochs=2),
                                     timeout=10)
+                    cpu0 = (time.process_time(), _cpu_seconds(procs[0].pid))
                     t0 = time.perf_counter()
                     for seq in range(n):
                         link.send(WireBatch("bench", seq, pb.TRAIN, epoch, {"x": x}))
@@ -127,6 +128,7 @@ def stream_throughput(batch_bytes: int, wire_dtype: str = "float32", total_bytes
                     stats = stub.FinishEpoch(pb.EpochRequest(run_id="bench", epoch=epoch, timeout=120),
                                              timeout=130)
                     seconds = time.perf_counter() - t0
+                    cpu = (time.process_time() - cpu0[0], _cpu_seconds(procs[0].pid) - cpu0[1])
                 link.close()
         except grpc.RpcError as exc:
             raise RuntimeError(f"stream benchmark failed: {exc}") from exc
@@ -134,7 +136,16 @@ def stream_throughput(batch_bytes: int, wire_dtype: str = "float32", total_bytes
             stop_processes(procs)
     return {"batch_bytes": rows * 1024 * 4, "wire_dtype": wire_dtype, "batches": count,
             "seconds": seconds, "float32_bytes_per_second": count * rows * 1024 * 4 / seconds,
-            "wire_bytes_per_second": stats.bytes_in / seconds}
+            "wire_bytes_per_second": stats.bytes_in / seconds,
+            # CPU seconds per GiB of float32 activations: robust to other load on the machine
+            "sender_cpu_s_per_gib": cpu[0] / (count * rows * 4096 / 2**30),
+            "receiver_cpu_s_per_gib": cpu[1] / (count * rows * 4096 / 2**30)}
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process, all threads (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,8 +213,8 @@ def write_report(res: dict[str, Any], path: Path) -> None:
         f"{res['matmul_gflops_1thread']:.0f} GFLOP/s.", "",
         "## Activation stream vs raw transports (loopback, separate processes)", "",
         "| batch | raw TCP | raw-bytes gRPC | stream fp32 | stream bf16 (fp32-equivalent) "
-        "| bf16 wire bytes | fp32 stream / TCP |",
-        "|---|---|---|---|---|---|---|"]
+        "| bf16 wire bytes | fp32 stream / TCP | CPU s per GiB fp32 (sender / receiver) |",
+        "|---|---|---|---|---|---|---|---|"]
     for r in res["transport"]:
         f32, b16 = r["stream_float32"], r["stream_bfloat16"]
         lines.append(
@@ -212,7 +223,8 @@ def write_report(res: dict[str, Any], path: Path) -> None:
             f"| {f32['float32_bytes_per_second'] / 2**30:.2f} GiB/s "
             f"| {b16['float32_bytes_per_second'] / 2**30:.2f} GiB/s "
             f"| {b16['wire_bytes_per_second'] / 2**30:.2f} GiB/s "
-            f"| {f32['float32_bytes_per_second'] / r['tcp']:.0%} |")
+            f"| {f32['float32_bytes_per_second'] / r['tcp']:.0%} "
+            f"| {f32['sender_cpu_s_per_gib']:.2f} / {f32['receiver_cpu_s_per_gib']:.2f} |")
     net = res["net"]
     ref = res["reference"]["samples_per_second"]
     lines += [

@@ -59,6 +59,22 @@ def _itemsize(name: str) -> int:
     return torch.empty((), dtype=DTYPES[name]).element_size()
 
 
+_GRAIN = 32768   # elements: below torch's parallel grain size, so a cast runs on this thread only
+
+
+def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`t.to(dtype)` (same rounding) in slices small enough that torch never wakes its thread pool.
+
+    Casting runs on gRPC threads next to training: a pool of spinning OpenMP threads there
+    tripled the sender's CPU per GiB in bf16 (measured 1.5 s/GiB instead of 0.5 s/GiB).
+    """
+    out = torch.empty(t.shape, dtype=dtype)
+    src, dst = t.reshape(-1), out.view(-1)
+    for i in range(0, src.numel(), _GRAIN):
+        dst[i:i + _GRAIN].copy_(src[i:i + _GRAIN])
+    return out
+
+
 def byte_view(t: torch.Tensor) -> memoryview:
     """Zero-copy byte view of a contiguous CPU tensor (bf16 has no numpy type: view as int16)."""
     flat = t.reshape(-1)
@@ -132,9 +148,9 @@ def _wire_tensor(name: str, t: torch.Tensor, wire_dtype: str) -> tuple[pb.Tensor
         t = t.cpu()
     logical = dtype_name(t.dtype)
     wire = wire_dtype if (logical == "float32" and name not in EXACT_KEYS) else logical
-    if wire != logical:
-        t = t.to(DTYPES[wire])
     t = t.contiguous()
+    if wire != logical:
+        t = cast(t, DTYPES[wire])
     meta = pb.TensorMeta(name=name, dtype=_TO_PB[logical], wire_dtype=_TO_PB[wire],
                          shape=list(t.shape), nbytes=t.numel() * t.element_size())
     return meta, t
@@ -252,7 +268,7 @@ class BatchAssembler:
         tensors: Packet = {}
         for m, t in zip(self.header.tensors, self._tensors, strict=True):
             if m.wire_dtype != m.dtype:
-                t = t.to(DTYPES[_FROM_PB[m.dtype]])
+                t = cast(t, DTYPES[_FROM_PB[m.dtype]])
             tensors[m.name] = t
         h = self.header
         return WireBatch(run_id=h.run_id, seq=h.seq, kind=h.kind, epoch=h.epoch, tensors=tensors)
