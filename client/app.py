@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -85,6 +86,7 @@ def node_config_overrides(cfg: ExperimentConfig, node_config: dict[str, Any]) ->
 
 def handle_train(msg: Message, context: Context, settings: ClientSettings) -> Message:
     """One local round for this node's partition; the reply carries weights and metrics."""
+    t0 = time.perf_counter()
     rnd, weights, cfg = read_train_content(msg.content)
     node_config = dict(context.node_config)
     pid = node_partition(node_config, cfg)
@@ -96,8 +98,9 @@ def handle_train(msg: Message, context: Context, settings: ClientSettings) -> Me
         update = local_round(executor, cfg, data, pid, rnd, weights)
     finally:
         executor.close()
+    update.metrics["handler_seconds"] = time.perf_counter() - t0  # all of this client's round
     log.info("client %d round %d: %d examples, %.1fs", pid, rnd + 1, update.num_examples,
-             update.metrics.get("train_seconds", 0.0))
+             update.metrics["handler_seconds"])
     return Message(reply_content(update), reply_to=msg)
 
 

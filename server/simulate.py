@@ -194,6 +194,11 @@ def run_flower_simulation(server_app: Any, client_app: Any, num_clients: int, tm
                             "init_args": {"num_cpus": min(os.cpu_count() or 2, num_clients),
                                           "_temp_dir": str(ray_tmp.resolve()),
                                           "include_dashboard": False}})
+    except RuntimeError as exc:  # Flower wraps engine failures (e.g. Ray not starting) this way
+        cause = exc.__cause__.__cause__ if exc.__cause__ and exc.__cause__.__cause__ else exc.__cause__
+        where = "" if scratch is not None else f"; Ray's session logs are in {ray_tmp}"
+        raise BpfreeError(f"Flower's simulation engine stopped: {cause or exc}{where}. On a busy "
+                          "machine, retry when it is quieter") from exc
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)

@@ -223,3 +223,12 @@ def test_fedprox_pulls_a_client_toward_the_global_weights(data_dir):
     assert prox < 0.8 * plain, (plain, prox)
     with pytest.raises(ConfigError, match="federation.proximal_mu"):
         PipelineExecutor(_cfg(data_dir, "federation.proximal_mu=0.1"))
+
+
+def test_simulate_cli_names_the_bad_field(data_dir, capsys):
+    from bpfree_cli import main
+
+    code = main(["simulate", "--data-dir", str(data_dir), "--partition", "dirichlet:-1"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "federation.partition" in err and "dirichlet:ALPHA" in err
