@@ -132,8 +132,8 @@ def ray_cluster() -> Cluster:
     (Flower's simulation starts its own)."""
     import ray
 
-    if ray.is_initialized():
-        pytest.fail("Ray is already initialised in this test process by an earlier test")
+    if ray.is_initialized():   # an earlier test's Ray (e.g. a Flower simulation) is done with
+        ray.shutdown()
     # Short temp dirs: Ray's unix socket paths live under them.
     tmps = [tempfile.mkdtemp(prefix="bprh-", dir="/tmp"), tempfile.mkdtemp(prefix="bprw-", dir="/tmp")]
     port = _free_port()
