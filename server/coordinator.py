@@ -103,11 +103,12 @@ class Coordinator:
         self.totals = dict(state.get("totals", self.totals))
         # Metric lines of rounds after the checkpoint belong to work that was lost: drop them.
         metrics = run_dir / "metrics.jsonl"
-        if metrics.exists():
-            kept = [line for line in metrics.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("round", 0) <= self.first_round]
-            atomic_write_bytes(metrics, "".join(line + "\n" for line in kept).encode())
-            self.history = [json.loads(line) for line in kept]
+        kept = [r for r in _read_records(metrics) if r.get("round", 0) <= self.first_round]
+        if state.get("record") and all(r.get("round") != self.first_round for r in kept):
+            kept.append(state["record"])  # killed between the checkpoint and its metrics line
+        atomic_write_bytes(metrics, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept)
+                           .encode())
+        self.history = kept
         log.info("resuming %s after round %d", run_dir, self.first_round)
 
     # -- the loop -------------------------------------------------------------------------------
@@ -123,9 +124,11 @@ class Coordinator:
         try:
             for rnd in range(self.first_round, rounds):
                 record = self._round(transport, rnd)
+                # Checkpoint first (it carries this round's record), then the metrics line: a
+                # crash in between leaves a line that resume restores from the checkpoint.
+                self._checkpoint(rnd, record)
                 writer.write(record, step=rnd + 1)
                 self.history.append(record)
-                self._checkpoint(rnd)
                 bar.update(1)
                 bar.set_postfix(acc=f"{record['test_accuracy_headline']:.4f}",
                                 clients=f"{record['clients']['accepted']}/{record['clients']['sent']}")
@@ -205,14 +208,14 @@ class Coordinator:
         stage.load_state_dict(weights)
         return evaluate(stage.eval_step, self.objective, self.test, self.cfg)
 
-    def _checkpoint(self, rnd: int) -> None:
+    def _checkpoint(self, rnd: int, record: dict[str, Any]) -> None:
         if self.run_dir is None:
             return
         t0 = time.perf_counter()
         save_checkpoint(checkpoint_path(self.run_dir, rnd + 1), {
             "round": rnd + 1, "config": self.cfg.to_dict(), "weights": self.weights,
-            "totals": self.totals})
-        self.history[-1]["seconds"]["checkpoint"] = time.perf_counter() - t0
+            "totals": self.totals, "record": record})
+        record["seconds"]["checkpoint"] = time.perf_counter() - t0
 
     def _summary(self, wall: float) -> dict[str, Any]:
         cfg = self.cfg
@@ -229,6 +232,17 @@ class Coordinator:
         if self.run_dir is not None:
             atomic_write_json(self.run_dir / "summary.json", summary)
         return {**summary, "weights": self.weights}
+
+
+def _read_records(path: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl records; a line cut short by a crash is skipped."""
+    records = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            log.warning("skipping a truncated line in %s", path)
+    return records
 
 
 def checkpoint_path(run_dir: Path, rnd: int) -> Path:

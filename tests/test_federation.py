@@ -232,3 +232,16 @@ def test_simulate_cli_names_the_bad_field(data_dir, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "federation.partition" in err and "dirichlet:ALPHA" in err
+
+
+def test_resume_restores_a_lost_metrics_line_and_skips_a_torn_one(data_dir, tmp_path):
+    cfg = _cfg(data_dir, "federation.rounds=2", "federation.executor=inprocess")
+    run = tmp_path / "run"
+    whole = Coordinator(cfg, run).run(_InProcess(cfg))
+    # A crash after round 1's checkpoint, before its metrics line was complete:
+    (run / "checkpoints" / "round-0002.pt").unlink()
+    (run / "metrics.jsonl").write_text('{"round": 1, "test_acc')
+    resumed = Coordinator(cfg, run, resume=True).run(_InProcess(cfg))
+    rounds = [json.loads(x)["round"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rounds == [1, 2]
+    assert all(torch.equal(whole["weights"][k], resumed["weights"][k]) for k in whole["weights"])
