@@ -175,9 +175,12 @@ class Pipeline:
                                                         total_epochs=total_epochs))
         t0 = time.perf_counter()
         n, samples, blocked = 0, 0, 0.0
+        sends: list[list[float]] = []   # per batch [send start, send returned], Unix seconds
         try:
             for packet in packets:
+                sent = time.time()
                 blocked += link.send(WireBatch(self.run_id, n, pb.TRAIN, epoch, packet))
+                sends.append([sent, time.time()])
                 samples += int(packet[LABELS].shape[0]) if LABELS in packet else 0
                 n += 1
             link.send_end(self.run_id, epoch, n)
@@ -194,7 +197,7 @@ class Pipeline:
         return {
             "epoch": epoch, "batches": n, "samples": samples, "seconds": seconds,
             "samples_per_second": samples / seconds if seconds > 0 else 0.0,
-            "driver_blocked_seconds": blocked,
+            "driver_blocked_seconds": blocked, "driver_timeline": sends,
             "layers": dict(sorted(layers.items(), key=lambda kv: int(kv[0]))),
             "stages": [_stage_dict(s, st) for s, st in enumerate(stats)],
         }
@@ -310,7 +313,9 @@ def _stage_dict(s: int, st: pb.StageStats) -> dict[str, Any]:
             "train_batches": st.train_batches, "eval_batches": st.eval_batches,
             "busy_seconds": st.busy_seconds, "idle_seconds": st.idle_seconds,
             "blocked_seconds": st.blocked_seconds, "bytes_in": st.bytes_in, "bytes_out": st.bytes_out,
-            "rss_mb": st.rss_mb}
+            "rss_mb": st.rss_mb,
+            # per train batch [start, step end, handed off] in Unix seconds (bench/timeline.py)
+            "timeline": [list(st.timeline[i:i + 3]) for i in range(0, len(st.timeline), 3)]}
 
 
 # ---------------------------------------------------------------------------------------------

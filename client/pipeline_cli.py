@@ -72,7 +72,10 @@ def train_pipeline(cfg: ExperimentConfig, pipe: Pipeline, run_dir: Path | None =
                              train_split.subset(slice(0, TRAIN_EVAL_SAMPLES)), cfg)
         record = {"epoch": epoch + 1, "layers": stats["layers"], "test_accuracy": acc,
                   "train_accuracy": train_acc, "epoch_seconds": stats["seconds"],
-                  "samples_per_second": stats["samples_per_second"], "stages": stats["stages"]}
+                  "samples_per_second": stats["samples_per_second"],
+                  # per-batch timelines stay out of the JSONL (`bpfree bench sweep` plots them)
+                  "stages": [{k: v for k, v in s.items() if k != "timeline"}
+                             for s in stats["stages"]]}
         writer.write(record, step=epoch + 1)
         line = (f"epoch {epoch + 1}/{cfg.train.epochs}  test {_fmt(acc)}  train {_fmt(train_acc)}  "
                 f"{stats['seconds']:.1f}s  {stats['samples_per_second']:.0f} samples/s  busy "

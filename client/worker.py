@@ -52,6 +52,7 @@ from protos import stage_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 _POLL = 0.1
+_TIMELINE_MAX = 3 * 10_000   # per-batch timing kept per epoch: 3 doubles a batch, 240 KB at most
 
 
 class StateError(ProtocolError):
@@ -76,6 +77,7 @@ class _Counters:
     bytes_out: int = 0
     link_base: int = 0           # the downstream link's byte count when these counters started
     means: RunningMeans = field(default_factory=RunningMeans)
+    timeline: list[float] = field(default_factory=list)   # (start, end, handed off) per batch
 
 
 @dataclass
@@ -313,7 +315,8 @@ class StageWorker(pb_grpc.StageControlServicer):
             train_batches=c.train_batches, eval_batches=c.eval_batches, busy_seconds=c.busy,
             idle_seconds=c.idle, blocked_seconds=c.blocked, bytes_in=c.bytes_in,
             bytes_out=c.bytes_out + (setup.link.bytes_out - c.link_base if setup and setup.link else 0),
-            layer_metrics_json=json.dumps(c.means.means()), error=self._error, rss_mb=_rss_mb())
+            layer_metrics_json=json.dumps(c.means.means()), error=self._error, rss_mb=_rss_mb(),
+            timeline=c.timeline)
 
     def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthReply:
         setup = self._setup
@@ -484,6 +487,7 @@ class StageWorker(pb_grpc.StageControlServicer):
             self._ended.set()
             return
         t0 = time.perf_counter()
+        wall0 = time.time()   # Unix time: stages' timelines line up (bench/timeline.py)
         with self._step_lock:
             if item.kind == pb.TRAIN:
                 out, metrics = setup.stage.train_step(item.tensors)
@@ -492,10 +496,16 @@ class StageWorker(pb_grpc.StageControlServicer):
             else:
                 out = setup.stage.eval_step(item.tensors)
                 c.eval_batches += 1
-        c.busy += time.perf_counter() - t0
+        busy = time.perf_counter() - t0
+        c.busy += busy
+        record = item.kind == pb.TRAIN and len(c.timeline) < _TIMELINE_MAX
         if item.kind == pb.TRAIN and setup.link is None:
+            if record:
+                c.timeline += (wall0, wall0 + busy, wall0 + busy)
             return   # the last stage's training output is not needed by anyone
         self._forward(setup, WireBatch(item.run_id, item.seq, item.kind, item.epoch, out), c)
+        if record:
+            c.timeline += (wall0, wall0 + busy, time.time())
 
     def _forward(self, setup: _Setup, item: WireBatch | _End, c: _Counters) -> None:
         t0 = time.perf_counter()

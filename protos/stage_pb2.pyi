@@ -181,7 +181,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StageStats(_message.Message):
-    __slots__ = ("address", "layers", "epoch", "train_batches", "eval_batches", "busy_seconds", "idle_seconds", "blocked_seconds", "bytes_in", "bytes_out", "layer_metrics_json", "error", "rss_mb")
+    __slots__ = ("address", "layers", "epoch", "train_batches", "eval_batches", "busy_seconds", "idle_seconds", "blocked_seconds", "bytes_in", "bytes_out", "layer_metrics_json", "error", "rss_mb", "timeline")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -195,6 +195,7 @@ class StageStats(_message.Message):
     LAYER_METRICS_JSON_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     RSS_MB_FIELD_NUMBER: _ClassVar[int]
+    TIMELINE_FIELD_NUMBER: _ClassVar[int]
     address: str
     layers: _containers.RepeatedScalarFieldContainer[int]
     epoch: int
@@ -208,7 +209,8 @@ class StageStats(_message.Message):
     layer_metrics_json: str
     error: str
     rss_mb: float
-    def __init__(self, address: _Optional[str] = ..., layers: _Optional[_Iterable[int]] = ..., epoch: _Optional[int] = ..., train_batches: _Optional[int] = ..., eval_batches: _Optional[int] = ..., busy_seconds: _Optional[float] = ..., idle_seconds: _Optional[float] = ..., blocked_seconds: _Optional[float] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., layer_metrics_json: _Optional[str] = ..., error: _Optional[str] = ..., rss_mb: _Optional[float] = ...) -> None: ...
+    timeline: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, address: _Optional[str] = ..., layers: _Optional[_Iterable[int]] = ..., epoch: _Optional[int] = ..., train_batches: _Optional[int] = ..., eval_batches: _Optional[int] = ..., busy_seconds: _Optional[float] = ..., idle_seconds: _Optional[float] = ..., blocked_seconds: _Optional[float] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., layer_metrics_json: _Optional[str] = ..., error: _Optional[str] = ..., rss_mb: _Optional[float] = ..., timeline: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class HealthRequest(_message.Message):
     __slots__ = ()
