@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -190,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = bench_config(args)
     load_before = _uptime()
-    res: dict[str, Any] = {"command": "python -m bench.federated " + " ".join(argv or []),
+    shown = sys.argv[1:] if argv is None else argv
+    res: dict[str, Any] = {"command": "nice python -m bench.federated " + " ".join(shown),
                            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
                                       f"torch {torch.__version__}",
                            "load_before": load_before,

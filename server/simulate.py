@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -131,15 +132,18 @@ def simulate(cfg: ExperimentConfig, run_dir: Path, resume: bool = False, progres
              cfg.federation.rounds, cfg.federation.local_epochs, cfg.federation.partition, run_dir)
     pipelines: list[Any] = []
     result: dict[str, Any] = {}
+    engine = FlowerSimulation(run_dir / "tmp", cfg.federation.clients)
     try:
+        engine.start_ray()  # before the stage workers load the cores with torch imports
         addresses = launch_stage_workers(cfg, log_dir, pipelines)
         server_app = make_server_app(ServerSettings(cfg, run_dir, resume=resume, progress=progress),
                                      on_done=result.update)
         client_app = make_client_app(ClientSettings(addresses, str(log_dir)), mods)
-        run_flower_simulation(server_app, client_app, cfg.federation.clients, run_dir / "tmp")
+        engine.run(server_app, client_app)
     finally:
         for pipeline in pipelines:
             pipeline.close()  # stops its worker processes by PID
+        engine.close()
     if not result:
         raise BpfreeError("the simulation ended without a result from the coordinator; see the "
                           "log above for the client or server error")
@@ -174,32 +178,66 @@ def launch_stage_workers(cfg: ExperimentConfig, log_dir: Path,
     return addresses
 
 
-def run_flower_simulation(server_app: Any, client_app: Any, num_clients: int, tmp: Path) -> None:
-    """The one place that starts Flower's simulation engine (its Python API is deprecated in
-    favour of `flwr run`; switching is a change here only)."""
-    logging.getLogger("alembic").setLevel(logging.WARNING)  # Flower's state DB setup chatter
-    from flwr.simulation import run_simulation
+class FlowerSimulation:
+    """The one place that drives Flower's simulation engine (its Python API is deprecated in
+    favour of `flwr run`; switching is a change here only).
 
-    tmp.mkdir(parents=True, exist_ok=True)
-    ray_tmp, scratch = tmp / "ray", None
-    if len(str(ray_tmp.resolve())) > RAY_TEMP_MAX:  # too deep for Ray's socket paths
-        scratch = Path(tempfile.mkdtemp(prefix="bpfree-ray-"))
-        ray_tmp = scratch
-    flwr_log = logging.getLogger("flwr")
-    flwr_log.propagate = False  # Flower prints through its own handler; no duplicates, no DEBUG
-    try:
-        run_simulation(
-            server_app=server_app, client_app=client_app, num_supernodes=num_clients,
-            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                            "init_args": {"num_cpus": min(os.cpu_count() or 2, num_clients),
-                                          "_temp_dir": str(ray_tmp.resolve()),
-                                          "include_dashboard": False}})
-    except RuntimeError as exc:  # Flower wraps engine failures (e.g. Ray not starting) this way
-        cause = exc.__cause__.__cause__ if exc.__cause__ and exc.__cause__.__cause__ else exc.__cause__
-        where = "" if scratch is not None else f"; Ray's session logs are in {ray_tmp}"
-        raise BpfreeError(f"Flower's simulation engine stopped: {cause or exc}{where}. On a busy "
-                          "machine, retry when it is quieter") from exc
-    finally:
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
-    shutil.rmtree(ray_tmp, ignore_errors=True)  # Ray's session files: kept only if the run failed
+    Ray is started first, on its own and with retries: Ray gives its processes a fixed 30 s to
+    come up, which a busy 2-core machine (say, while stage workers import torch) can miss.
+    Flower then reuses the running Ray and shuts it down at the end.
+    """
+
+    RAY_ATTEMPTS = 3
+
+    def __init__(self, tmp: Path, num_clients: int):
+        self.num_clients = num_clients
+        tmp.mkdir(parents=True, exist_ok=True)
+        self.ray_tmp, self.scratch = tmp / "ray", None
+        if len(str(self.ray_tmp.resolve())) > RAY_TEMP_MAX:  # too deep for Ray's socket paths
+            self.scratch = Path(tempfile.mkdtemp(prefix="bpfree-ray-"))
+            self.ray_tmp = self.scratch
+        self.init_args = {"num_cpus": min(os.cpu_count() or 2, num_clients),
+                          "_temp_dir": str(self.ray_tmp.resolve()), "include_dashboard": False,
+                          "logging_level": "WARNING", "log_to_driver": True}
+
+    def start_ray(self) -> None:
+        import ray
+
+        # As Flower's Ray backend does: actors see this process's import path.
+        pythonpath = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
+        for attempt in range(1, self.RAY_ATTEMPTS + 1):
+            try:
+                ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **self.init_args)
+                return
+            except Exception as exc:  # noqa: BLE001 - Ray raises plain Exception on a slow start
+                ray.shutdown()
+                if attempt == self.RAY_ATTEMPTS:
+                    raise BpfreeError(f"Ray did not start in {attempt} attempts ({exc}); the "
+                                      "machine is too busy, retry when it is quieter") from exc
+                log.warning("Ray did not start (%s); retrying (%d/%d)", exc, attempt,
+                            self.RAY_ATTEMPTS)
+
+    def run(self, server_app: Any, client_app: Any) -> None:
+        logging.getLogger("alembic").setLevel(logging.WARNING)  # Flower's state DB chatter
+        from flwr.simulation import run_simulation
+
+        logging.getLogger("flwr").propagate = False  # Flower prints through its own handler
+        try:
+            run_simulation(
+                server_app=server_app, client_app=client_app, num_supernodes=self.num_clients,
+                backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                                "init_args": dict(self.init_args)})
+        except RuntimeError as exc:  # Flower wraps engine failures this way
+            inner = exc.__cause__
+            cause = inner.__cause__ if inner is not None and inner.__cause__ else inner
+            where = "" if self.scratch is not None else f"; Ray's session logs are in {self.ray_tmp}"
+            raise BpfreeError(f"Flower's simulation engine stopped: {cause or exc}{where}") from exc
+        shutil.rmtree(self.ray_tmp, ignore_errors=True)  # Ray's session files: kept on failure
+
+    def close(self) -> None:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
