@@ -73,10 +73,10 @@ RUNS = (
         0.97, "not confirmed (CAEFF: best UFF variant)"),
     # Longer runs of the two strongest local objectives (loeweX's 3x1000 net).
     Run("ff-long", "FF (Hinton loss, label pixels)",
-        ("model.algorithm=ff", "model.hidden=3x1000", "train.epochs=24", "train.predict=both"),
+        ("model.algorithm=ff", "model.hidden=3x1000", "train.epochs=15", "train.predict=both"),
         0.985, "loeweX 98.55% (3x1000, 100 ep)"),
     Run("symba-long", "SymBa + ICP",
-        ("model.algorithm=symba", "model.hidden=3x1000", "train.epochs=24", "optim.lr=3e-3",
+        ("model.algorithm=symba", "model.hidden=3x1000", "train.epochs=15", "optim.lr=3e-3",
          "train.predict=both"),
         0.985, "98.58% (HCL-FF Table 1)"),
 )
