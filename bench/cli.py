@@ -64,7 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.set_defaults(_bench_run=run_sweep_cli)
     for name, (module, help_text) in FORWARDED.items():
         p = sub.add_parser(name, help=help_text, description=f"{help_text} (runs `python -m "
-                           f"{module}` with the arguments that follow)", add_help=False)
+                           f"{module}` with the arguments that follow)", add_help=False,
+                           prefix_chars="\x01")   # every following word, --help too, goes on
         p.add_argument("args", nargs=argparse.REMAINDER)
         p.set_defaults(_bench_module=module)
 

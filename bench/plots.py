@@ -71,9 +71,9 @@ def plot_timeline(res: dict[str, Any], path: Path) -> Path:
     base = _baseline(res)
     rows = sorted((r for r in _pipeline_rows(res, "stages") if r["wire"] == base["wire"]),
                   key=lambda r: r["stages"])
-    labels = [k for k in res["timelines"]
-              if any(k.startswith(f"S={r['stages']} K=1 B={r['batch_size']} W={r['width']} "
-                                  f"{r['wire']} win={r['window']}") for r in rows)]
+    wanted = [f"S={r['stages']} K=1 B={r['batch_size']} W={r['width']} {r['wire']} win={r['window']}"
+              for r in rows]
+    labels = [k for k in wanted if k in res["timelines"]]
     labels = labels or list(res["timelines"])[:1]
     height = 0.8 + sum(0.7 + 0.45 * (1 + len(res["timelines"][k]["stages"])) for k in labels)
     fig, axes = plt.subplots(len(labels), 1, figsize=(9, height), squeeze=False)
@@ -94,7 +94,8 @@ def plot_timeline(res: dict[str, Any], path: Path) -> Path:
     uniq = dict(zip(names, handles, strict=True))
     axes[0, 0].legend(uniq.values(), [{"busy": "train_step", "blocked": "hand-off downstream",
                                        "send": "driver handing a batch to stage 0"}[n]
-                                      for n in uniq], fontsize=7, loc="upper right", ncol=3)
+                                      for n in uniq], fontsize=7, loc="lower right",
+                      bbox_to_anchor=(1.0, 1.12), ncol=3, frameon=False)
     axes[-1, 0].set_xlabel("seconds since the epoch's first event (gaps = idle, waiting for input)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

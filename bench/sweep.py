@@ -88,10 +88,10 @@ class Plan:
 
 
 PRESETS: dict[str, Plan] = {
-    # The committed table and plots: ~6-8 minutes on 2 busy cores.
+    # The committed table and plots: ~5 minutes on 2 busy cores.
     "readme": Plan(baseline=Point(), values={
         "stages": (1, 2, 4), "wire": WIRE_DTYPES, "batch_size": (25, 50, 100, 200, 400),
-        "width": (250, 500, 1000), "window": (1, 2, 4, 8), "clients": (1, 2)}),
+        "width": (250, 500, 1000), "window": (1, 2, 4, 8), "clients": (1, 2)}, epochs=3),
     # Seconds: what the tests run.
     "tiny": Plan(baseline=Point(stages=2, batch_size=50, width=64), values={"stages": (1, 2)},
                  layers=2, images=400, epochs=1, rounds=1, ceiling_mib=16),
@@ -121,7 +121,9 @@ def measure_ceilings(total_mib: int) -> dict[str, float]:
     from bench.pipeline import stream_throughput
 
     total = total_mib * MIB
-    out = {"matmul_gflops_per_core": matmul_flops(1024, threads=1, seconds=1.0) / 1e9,
+    # best of three short runs: the least disturbed one is closest to what a free core does
+    out = {"matmul_gflops_per_core": max(matmul_flops(1024, threads=1, seconds=0.4)
+                                         for _ in range(3)) / 1e9,
            "tcp_bytes_per_s": tcp_throughput(MIB, total),
            "grpc_raw_bytes_per_s": grpc_raw_throughput(MIB, total)}
     stream = stream_throughput(MIB, "float32", total)
@@ -203,13 +205,36 @@ def run_pipeline_point(cfg: ExperimentConfig, pool: WorkerPool, epochs: int) -> 
                     cfg.train.train_limit)
     runs = []
     total = epochs + 1
+    pids = [p.pid for p in pool.procs[:cfg.pipeline.stages]]
     with Pipeline.connect(cfg, pool.addresses[:cfg.pipeline.stages]) as pipe:
         for e in range(total):
+            cpu0 = [time.process_time(), *map(cpu_seconds, pids)]
             t0 = time.perf_counter()
             stats = pipe.train_epoch(train_packets(objective, split, cfg, e), e, total)
             stats["call_seconds"] = time.perf_counter() - t0   # + StartEpoch / FinishEpoch RPCs
+            # CPU seconds of the driver and of each worker process (all threads: compute, gRPC)
+            stats["cpu_seconds"] = [b - a for a, b in zip(
+                cpu0, [time.process_time(), *map(cpu_seconds, pids)], strict=True)]
             runs.append(stats)
     return min(runs[1:] or runs, key=lambda r: r["seconds"])
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process, all its threads (Linux /proc; 0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def predict(model: Any, batches: int, batch_size: int, cpu_per_batch: list[float],
+            cores: int) -> float:
+    """bench/model.py's samples/s, with one more bound: all processes' CPU work per batch shared
+    by `cores` cores (the model gives every stage a core of its own; here S + 1 processes and
+    their gRPC threads share 2)."""
+    period = max(model.period(), sum(cpu_per_batch) / cores)
+    return batches * batch_size / (model.fill() + max(batches - 1, 0) * period)
 
 
 def run_federated_point(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
@@ -248,7 +273,9 @@ def analyse_pipeline(p: Point, cfg: ExperimentConfig, epoch: dict[str, Any], flo
     driver = _driver_seconds(epoch)
     model = PipelineModel(compute=(driver, *per_batch), link_bytes=tuple(b / n for b in link_bytes),
                           bandwidth=ceilings["stream_bytes_per_s"], window=p.window)
-    predicted = model.throughput(n, p.batch_size)
+    cpu = [x / n for x in epoch.get("cpu_seconds", [])]
+    cores = os.cpu_count() or 1
+    predicted = predict(model, n, p.batch_size, cpu, cores)
     measured = epoch["samples_per_second"]
     b = max(range(len(st)), key=lambda i: busy[i])        # the bottleneck stage
     coordination = max(epoch.get("call_seconds", wall) - wall, 0.0)
@@ -257,7 +284,9 @@ def analyse_pipeline(p: Point, cfg: ExperimentConfig, epoch: dict[str, Any], flo
         **dataclasses.asdict(p), "kind": "pipeline", "batches": n, "samples": epoch["samples"],
         "epoch_seconds": wall, "samples_per_s": measured, "predicted_samples_per_s": predicted,
         "model_error": predicted / measured - 1 if measured else float("nan"),
-        "model_period_ms": model.period() * 1e3,
+        "model_only_samples_per_s": model.throughput(n, p.batch_size),   # without the core bound
+        "model_period_ms": model.period() * 1e3, "cores_bound_ms": sum(cpu) / cores * 1e3,
+        "cpu_ms_per_batch": [x * 1e3 for x in cpu],   # driver, stage 0, ... (compute + gRPC)
         "busy_s": busy, "idle_s": [s["idle_seconds"] for s in st],
         "blocked_s": [s["blocked_seconds"] for s in st],
         "compute_ms_per_batch": [t * 1e3 for t in per_batch], "driver_ms_per_batch": driver * 1e3,
@@ -293,8 +322,7 @@ def analyse_federated(p: Point, cfg: ExperimentConfig, fed: dict[str, Any], flop
         # K client pipelines at once on `cpus` cores: the K = 1 rate times K, unless the cores run
         # out (all CPU work per sample / cores), plus the measured coordination per round.
         cpus = os.cpu_count() or 1
-        cpu_per_sample = (sum(ref["busy_s"]) + ref["driver_ms_per_batch"] / 1e3 * ref["batches"]) \
-            / ref["samples"]
+        cpu_per_sample = sum(ref["cpu_ms_per_batch"]) / 1e3 / ref["batch_size"]
         rate = min(p.clients * ref["predicted_samples_per_s"], cpus / cpu_per_sample)
         predicted = examples / (examples / rate + coordination)
     return {
@@ -464,7 +492,8 @@ def _uptime() -> str:
 
 CSV_FIELDS = [
     "kind", "stages", "clients", "batch_size", "width", "wire", "window", "samples_per_s",
-    "predicted_samples_per_s", "model_error", "bubble_fraction", "busy_s", "idle_s", "blocked_s",
+    "predicted_samples_per_s", "model_error", "model_only_samples_per_s", "cores_bound_ms",
+    "cpu_ms_per_batch", "bubble_fraction", "busy_s", "idle_s", "blocked_s",
     "compute_ms_per_batch", "driver_ms_per_batch", "link_bytes_per_batch", "link_bytes_per_s",
     "link_vs_grpc_raw", "gflops_per_stage", "compute_vs_matmul", "round_seconds", "round_compute_s",
     "round_communication_s", "round_coordination_s", "epoch_seconds", "batches", "samples",
