@@ -13,6 +13,7 @@ client's layers inside its ClientApp instead (faster; identical weights).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -233,6 +234,9 @@ class FlowerSimulation:
             where = "" if self.scratch is not None else f"; Ray's session logs are in {self.ray_tmp}"
             raise BpfreeError(f"Flower's simulation engine stopped: {cause or exc}{where}") from exc
         shutil.rmtree(self.ray_tmp, ignore_errors=True)  # Ray's session files: kept on failure
+        if self.scratch is None:
+            with contextlib.suppress(OSError):
+                self.ray_tmp.parent.rmdir()  # RUN_DIR/tmp, if nothing else is in it
 
     def close(self) -> None:
         import ray
