@@ -22,6 +22,7 @@ ALGORITHMS = ("ff", "symba", "sffa", "ffcl", "uff", "bp")
 DATASETS = ("mnist", "fashion-mnist")
 WIRE_DTYPES = ("float32", "bfloat16", "float16")
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")   # Ray placement-group strategies
+SECRET_FIELDS = (("pipeline", "token"),)   # never written to disk, never sent through Flower
 
 
 def _check_choice(section: str, name: str, value: Any, valid: tuple[str, ...]) -> None:
@@ -140,6 +141,7 @@ class PipelineConfig:
     stage_num_cpus: float = 1.0    # ray backend: CPUs each stage actor reserves
     stage_num_gpus: float = 0.0    # ray backend: GPUs each stage actor reserves (0 = CPU stage)
     bind_host: str = ""            # ray backend: host stage actors serve on ("" = the node's IP)
+    restarts: int = 2              # reruns of a client's round after a stage failure (0 = none)
 
     def __post_init__(self) -> None:
         _check_positive("pipeline", "stages", self.stages)
@@ -156,6 +158,7 @@ class PipelineConfig:
         _check_positive("pipeline", "chunk_bytes", self.chunk_bytes)
         _check_positive("pipeline", "rpc_timeout", self.rpc_timeout)
         _check_positive("pipeline", "connect_timeout", self.connect_timeout)
+        _check_positive("pipeline", "restarts", self.restarts, allow_zero=True)
 
 
 @dataclass(frozen=True)
@@ -206,6 +209,20 @@ class ExperimentConfig:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def public_dict(self) -> dict[str, Any]:
+        """to_dict() with secrets blanked: what may be written to disk or sent to another party.
+
+        The shared token is never persisted: a resumed run takes it from $BPFREE_TOKEN or --set.
+        """
+        data = self.to_dict()
+        for section, key in SECRET_FIELDS:
+            data[section][key] = ""
+        return data
+
+    def public(self) -> ExperimentConfig:
+        """This config with secrets blanked (see public_dict)."""
+        return ExperimentConfig.from_dict(self.public_dict())
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ExperimentConfig:

@@ -69,6 +69,9 @@ class Pipeline:
         self.addresses = list(addresses)
         self.security = security
         self.processes = processes or []
+        self.device = device
+        self.threads = 1
+        self.log_dir: Path | None = None   # where launched workers log (restarts append there)
         self._tmp_dir = tmp_dir
         self._closed = False
         self.run_id = uuid.uuid4().hex
@@ -109,7 +112,9 @@ class Pipeline:
         except BaseException:
             tmp.cleanup()
             raise
-        return cls(cfg, addresses, security, processes=procs, tmp_dir=tmp)
+        pipe = cls(cfg, addresses, security, processes=procs, device=device, tmp_dir=tmp)
+        pipe.threads, pipe.log_dir = threads, Path(log_dir) if log_dir else None
+        return pipe
 
     @classmethod
     def connect(cls, cfg: ExperimentConfig, addresses: list[str]) -> Pipeline:
@@ -271,6 +276,68 @@ class Pipeline:
                 raise rpc_exception(self.addresses[s], exc, "GetWeights on") from None
         return state
 
+    # -- recovery -------------------------------------------------------------------------------
+    def recover(self) -> list[int]:
+        """Make a failed pipeline usable again; return the stages whose process was restarted.
+
+        Stages this pipeline launched that died or stopped answering are killed (by PID) and
+        respawned; stages at fixed addresses (connect) must answer again within
+        pipeline.connect_timeout (someone else restarts them). Then every stage is reconfigured
+        under a new run id, so nothing of the failed epoch (queued batches, open streams) can
+        leak into the next one; weights and optimiser state start afresh (load_weights next).
+        """
+        self._check_open()
+        for thing in (self._link, self._pull):
+            if thing is not None:
+                thing.close()
+        self._link = self._pull = None
+        restarted = []
+        for s in range(len(self.addresses)):
+            if self.processes and not self._answers(s):
+                self._respawn(s)
+                restarted.append(s)
+        for s, address in enumerate(self.addresses):
+            self._channels[s].close()
+            self._channels[s] = self.security.channel(address)
+            self._stubs[s] = pb_grpc.StageControlStub(self._channels[s])
+            wait_for_peer(address, self.security, self.cfg.pipeline.connect_timeout,
+                          self._channels[s])
+        self.run_id = uuid.uuid4().hex
+        self._eval_seq = 0
+        self._configure(self.device)
+        return restarted
+
+    def _answers(self, s: int) -> bool:
+        if self.processes[s].poll() is not None:
+            return False
+        try:
+            self._stubs[s].Health(pb.HealthRequest(), timeout=5.0, metadata=self.security.metadata())
+            return True
+        except grpc.RpcError:
+            return False   # alive but hung (or refusing): it is replaced like a dead one
+
+    def _respawn(self, s: int) -> None:
+        old = self.processes[s]
+        if old.poll() is None:
+            old.kill()
+        old.wait(timeout=10)
+        assert self._tmp_dir is not None
+        tmp = Path(self._tmp_dir.name)
+        logs = self.log_dir or tmp
+        port_file = tmp / f"stage{s}.port"
+        port_file.unlink(missing_ok=True)   # the dead worker's port is no signal
+        proc = _spawn_worker(self.device or "cpu", self.threads, port_file, logs / f"stage{s}.log",
+                             self.cfg.pipeline.token)
+        self.processes[s] = proc
+        try:
+            port = _wait_port(proc, port_file, logs / f"stage{s}.log", self.cfg.pipeline.connect_timeout)
+        except BaseException:
+            stop_processes([proc])
+            raise
+        self.addresses[s] = f"127.0.0.1:{port}"
+        log.warning("pipeline %s: stage %d (pid %d, exit code %s) restarted as pid %d at %s",
+                    self.run_id[:8], s, old.pid, old.returncode, proc.pid, self.addresses[s])
+
     def stats(self) -> list[dict[str, Any]]:
         return [_stage_dict(s, self._call(s, "Stats", pb.StatsRequest()))
                 for s in range(len(self.addresses))]
@@ -362,7 +429,7 @@ def _spawn_worker(device: str, threads: int, port_file: Path, log_file: Path,
                   token: str) -> subprocess.Popen:
     # A fresh interpreter (never fork: gRPC may already run threads in this process).
     cmd = [sys.executable, "-m", "bpfree_cli", "worker", "--listen", "127.0.0.1:0", "--device", device,
-           "--threads", str(threads), "--port-file", str(port_file)]
+           "--threads", str(threads), "--port-file", str(port_file), "--parent-pid", str(os.getpid())]
     env = worker_env(threads)
     if token:
         env["BPFREE_TOKEN"] = token   # via the environment: not visible in `ps`

@@ -88,7 +88,24 @@ def client_split(cfg: ExperimentConfig, train: Split, client: int) -> Split:
 # -- the round ------------------------------------------------------------------------------------
 def local_round(executor: Executor, cfg: ExperimentConfig, data: Split, client: int, rnd: int,
                 global_weights: Weights) -> ClientUpdate:
-    """Client `client`'s round `rnd`: load the global weights, train its local epochs, report."""
+    """Client `client`'s round `rnd`: load the global weights, train its local epochs, report.
+
+    A stage failure is survived up to pipeline.restarts times (client.supervisor): the stages
+    are recovered and the round reruns from `global_weights`, ending exactly as an undisturbed
+    round would. The update's metrics count the reruns ("restarts").
+    """
+    from client.supervisor import with_restarts
+
+    update, events = with_restarts(
+        executor, cfg.pipeline.restarts,
+        lambda: _round_once(executor, cfg, data, client, rnd, global_weights),
+        f"client {client} round {rnd + 1}")
+    update.metrics["restarts"] = float(len(events))
+    return update
+
+
+def _round_once(executor: Executor, cfg: ExperimentConfig, data: Split, client: int, rnd: int,
+                global_weights: Weights) -> ClientUpdate:
     ccfg = client_config(cfg, client)
     objective = build_objective(ccfg)
     executor.load_weights(global_weights, proximal_mu=cfg.federation.proximal_mu)
@@ -203,6 +220,10 @@ class PipelineExecutor:
 
     def train_epoch(self, packets: Iterable[Packet], epoch: int, total_epochs: int) -> dict:
         return self.pipeline.train_epoch(packets, epoch, total_epochs)
+
+    def recover(self) -> list[int]:
+        """After a stage failure: restart or reconnect the stages (Pipeline.recover)."""
+        return self.pipeline.recover()
 
     def close(self) -> None:
         self.pipeline.close()

@@ -26,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CA certificate (PEM) to verify the downstream stage's TLS certificate")
     parser.add_argument("--port-file", type=Path,
                         help="write the bound port here once serving (readiness signal)")
+    parser.add_argument("--parent-pid", type=int, default=0,
+                        help="stop when this process (the launcher) is gone, e.g. killed with "
+                             "SIGKILL: a launched worker never outlives its driver")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -60,6 +63,9 @@ def run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    if args.parent_pid:
+        threading.Thread(target=_watch_parent, args=(args.parent_pid, stop), name="parent",
+                         daemon=True).start()
     stop.wait()
     log.info("stage worker %s stopping", worker.address)
     worker.shutdown()
@@ -69,6 +75,14 @@ def run(args: argparse.Namespace) -> int:
     # torch C++ shutdown (measured: 2-3 s) and would make every `stop by PID` slow.
     logging.shutdown()
     os._exit(0)
+
+
+def _watch_parent(parent: int, stop: threading.Event, every: float = 0.5) -> None:
+    """Set `stop` once `parent` is no longer our parent (it died; we were re-parented)."""
+    while not stop.wait(every):
+        if os.getppid() != parent:
+            log.warning("launcher pid %d is gone; stopping", parent)
+            stop.set()
 
 
 if __name__ == "__main__":  # python -m client.worker_cli ...

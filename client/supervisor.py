@@ -1,0 +1,62 @@
+"""A client's round that survives a stage failure: recover the stages, rerun the round.
+
+A round is a pure function of (global weights, client, round) — local_round loads the global
+weights with fresh optimiser state and all randomness comes from (seed, epoch, batch) — so a
+rerun from the round's starting weights ends exactly where an undisturbed round ends. Recovery
+is the executor's job (Pipeline.recover: respawn dead local stage processes, or wait for remote
+ones to answer again, then reconfigure every stage); this module only bounds and logs the reruns.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from bpfree_core.errors import BpfreeError, ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Deterministic user errors: rerunning cannot fix them, so they are never retried.
+NOT_RETRIED = (ConfigError, DataError)
+
+
+class RoundFailedError(BpfreeError):
+    """A round failed on every attempt pipeline.restarts allowed (or could not be recovered)."""
+
+
+def with_restarts(executor: Any, restarts: int, attempt: Callable[[], T],
+                  what: str) -> tuple[T, list[dict[str, Any]]]:
+    """Run `attempt()`; after a stage failure call `executor.recover()` and run it again.
+
+    At most `restarts` reruns. Returns the result and one record per recovery (error, restarted
+    stages, seconds to recover). Executors without `recover` (in-process) are never retried.
+    """
+    recover = getattr(executor, "recover", None)
+    events: list[dict[str, Any]] = []
+    while True:
+        try:
+            return attempt(), events
+        except NOT_RETRIED:
+            raise
+        except BpfreeError as exc:
+            if recover is None:
+                raise
+            if len(events) >= restarts:
+                raise RoundFailedError(
+                    f"{what} failed {len(events) + 1} time(s), the limit set by pipeline.restarts = "
+                    f"{restarts}; last error: {exc}. Fix the failing stage (see its log) or raise "
+                    "pipeline.restarts") from exc
+            log.warning("%s: attempt %d failed (%s); recovering the stages and rerunning the round "
+                        "from its starting weights", what, len(events) + 1, exc)
+            t0 = time.perf_counter()
+            try:
+                restarted = recover()
+            except BpfreeError as rexc:
+                raise RoundFailedError(f"{what} failed ({exc}) and its stages could not be "
+                                       f"recovered: {rexc}") from rexc
+            events.append({"error": str(exc), "restarted_stages": list(restarted or []),
+                           "recover_seconds": time.perf_counter() - t0})

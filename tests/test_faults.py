@@ -1,0 +1,329 @@
+"""Faults a real cluster produces, done for real: processes killed by PID on loopback.
+
+* a stage worker SIGKILLed while an epoch streams: the client notices within a deadline,
+  respawns the stage, reconfigures and reruns the round from its starting weights, ending with
+  exactly the weights of an undisturbed round; the reruns are bounded (pipeline.restarts);
+* a federated client (its Flower ClientApp actor) SIGKILLed mid-round: the round aggregates the
+  others, counts the failure, and the client contributes again the next round;
+* the coordinator SIGKILLed mid-run with pipeline clients: its stage workers exit on their own,
+  and --resume ends with the uninterrupted run's weights, every round's metrics line once;
+* a checkpoint write killed part-way leaves the previous checkpoint intact and loadable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from bpfree_core.checkpoint import load_checkpoint, save_checkpoint
+from bpfree_core.config import ExperimentConfig, load_config
+from bpfree_core.errors import BpfreeError
+from client.pipeline import REPO_ROOT, worker_env
+from client.supervisor import RoundFailedError
+from client.training import (
+    InProcessExecutor,
+    PipelineExecutor,
+    client_split,
+    local_round,
+    stack_template,
+    train_split,
+)
+from server.coordinator import latest_checkpoint
+
+ROUND = ["model.hidden=100,100", "train.batch_size=100", "train.train_limit=1000",
+         "train.test_limit=500", "train.threads=1", "train.seed=5", "federation.clients=1",
+         "federation.rounds=2", "pipeline.stages=2", "pipeline.window=2", "pipeline.rpc_timeout=20",
+         "pipeline.connect_timeout=30"]
+
+
+def _cfg(data_dir: Path, *extra: str) -> ExperimentConfig:
+    return load_config(None, [f"train.data_dir={data_dir}", *ROUND, *extra])
+
+
+@pytest.fixture(autouse=True)
+def one_thread():  # noqa: ANN201 - the in-process reference runs on one thread, as each stage does
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _wait_until(what: str, check, timeout: float) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    delay = 0.02
+    while not check():
+        assert time.monotonic() < deadline, f"{what} did not happen within {timeout:g} s"
+        time.sleep(delay)   # polling a real condition with a deadline
+        delay = min(delay * 1.5, 0.25)
+
+
+class StageKiller:
+    """Wraps a PipelineExecutor: SIGKILLs stage `stage`'s process after `after` batches of an
+    epoch have been handed to the pipeline, on each of the first `times` attempts."""
+
+    def __init__(self, executor: PipelineExecutor, stage: int, after: int, times: int = 1):
+        self.inner, self.stage, self.after, self.times = executor, stage, after, times
+        self.killed: list[int] = []
+        self.noticed: list[float] = []   # seconds from the kill to the driver's exception
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def train_epoch(self, packets, epoch: int, total_epochs: int) -> dict:  # noqa: ANN001
+        t_kill: list[float] = []
+
+        def feed():  # noqa: ANN202
+            for b, packet in enumerate(packets):
+                if b == self.after and len(self.killed) < self.times:
+                    proc = self.inner.pipeline.processes[self.stage]
+                    os.kill(proc.pid, signal.SIGKILL)
+                    proc.wait(timeout=10)
+                    self.killed.append(proc.pid)
+                    t_kill.append(time.monotonic())
+                yield packet
+
+        try:
+            return self.inner.train_epoch(feed(), epoch, total_epochs)
+        except BpfreeError:
+            if t_kill:
+                self.noticed.append(time.monotonic() - t_kill[0])
+            raise
+
+
+def test_a_killed_stage_is_restarted_and_the_round_ends_exactly_as_undisturbed(data_dir: Path) -> None:
+    cfg = _cfg(data_dir)
+    part = client_split(cfg, train_split(cfg), 0)
+    start = stack_template(cfg)
+    want = local_round(InProcessExecutor(cfg), cfg, part, 0, 1, start)   # round 2: lr schedule on
+
+    with PipelineExecutor(cfg) as executor:
+        first_pids = [p.pid for p in executor.pipeline.processes]
+        killer = StageKiller(executor, stage=1, after=5)
+        got = local_round(killer, cfg, part, 0, 1, start)
+        new_pids = [p.pid for p in executor.pipeline.processes]
+
+        assert killer.killed == [first_pids[1]] and not _alive(first_pids[1])
+        assert new_pids[0] == first_pids[0] and new_pids[1] != first_pids[1]   # only stage 1 respawned
+        assert killer.noticed[0] < cfg.pipeline.rpc_timeout, killer.noticed
+        assert got.metrics["restarts"] == 1.0
+        assert list(got.weights) == list(want.weights)
+        differ = [k for k in want.weights if not torch.equal(got.weights[k], want.weights[k])]
+        assert not differ, f"the rerun round differs from an undisturbed one in {differ}"
+        procs = list(executor.pipeline.processes)
+    assert not any(_alive(p.pid) for p in procs), "close() left a restarted worker running"
+
+
+def test_restarts_are_bounded_and_exhaustion_says_which_setting(data_dir: Path) -> None:
+    cfg = _cfg(data_dir, "pipeline.restarts=1")
+    part = client_split(cfg, train_split(cfg), 0)
+    with PipelineExecutor(cfg) as executor:
+        killer = StageKiller(executor, stage=0, after=2, times=5)
+        t0 = time.monotonic()
+        with pytest.raises(RoundFailedError, match=r"failed 2 time\(s\).*pipeline.restarts = 1"):
+            local_round(killer, cfg, part, 0, 0, stack_template(cfg))
+        assert len(killer.killed) == 2 and time.monotonic() - t0 < 120
+
+
+# -- checkpoints --------------------------------------------------------------------------------
+
+_WRITER = """
+import sys, torch
+from pathlib import Path
+from bpfree_core.checkpoint import save_checkpoint
+print("writing", flush=True)
+save_checkpoint(Path(sys.argv[1]), {"round": 2, "weights": {"w": torch.ones(60_000_000)}})
+print("done", flush=True)
+"""
+
+
+def test_a_checkpoint_write_killed_part_way_leaves_the_old_one_intact(tmp_path: Path) -> None:
+    path = tmp_path / "checkpoints" / "round-0001.pt"
+    old = {"round": 1, "weights": {"w": torch.arange(10.0)}}
+    save_checkpoint(path, old)
+    before = path.read_bytes()
+    # A real process writes a 240 MB checkpoint over it and is SIGKILLed once its temp file has
+    # started to grow (the signal: a .tmp file next to the target with bytes in it).
+    proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(path)], cwd=REPO_ROOT,
+                            env=worker_env(1), stdout=subprocess.PIPE, text=True)
+    try:
+        _wait_until("the checkpoint temp file growing",
+                    lambda: any(p.stat().st_size > 0 for p in path.parent.glob(".*.tmp"))
+                    or proc.poll() is not None, 120)
+        proc.kill()
+        out = proc.communicate(timeout=30)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "done" not in out, "the write finished before the kill: nothing was tested"
+    assert path.read_bytes() == before
+    assert torch.equal(load_checkpoint(path)["weights"]["w"], old["weights"]["w"])
+    junk = list(path.parent.glob(".*.tmp"))
+    assert junk, "the killed writer left no temp file: the write was not interrupted part-way"
+    assert latest_checkpoint(tmp_path) == path   # the torn temp file is never taken for a checkpoint
+
+
+def test_a_failing_write_raises_and_leaves_nothing_behind(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    import bpfree_core.checkpoint as ck
+
+    path = tmp_path / "round-0001.pt"
+    save_checkpoint(path, {"round": 1})
+    real_fdopen = os.fdopen
+
+    class Full:  # a file that fails after 1000 bytes, as a full disk does
+        def __init__(self, fh):  # noqa: ANN001
+            self.fh, self.n = fh, 0
+
+        def write(self, data: bytes) -> int:
+            if self.n + len(data) > 1000:
+                self.fh.write(data[: 1000 - self.n])
+                raise OSError(28, "No space left on device")
+            self.n += len(data)
+            return self.fh.write(data)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.fh, name)
+
+        def __enter__(self) -> Full:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.fh.close()
+
+    monkeypatch.setattr(ck.os, "fdopen", lambda fd, mode: Full(real_fdopen(fd, mode)))
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(path, {"round": 2, "weights": torch.zeros(10_000)})
+    monkeypatch.undo()
+    assert load_checkpoint(path) == {"round": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["round-0001.pt"]
+
+
+# -- whole processes: the coordinator and the clients --------------------------------------------
+
+FED = ["train.train_limit=2000", "train.test_limit=500", "model.hidden=100,100",
+       "model.algorithm=symba", "train.threads=1", "federation.clients=2", "pipeline.stages=2"]
+
+
+def _bpfree(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "bpfree_cli", *args],
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, cwd=REPO_ROOT)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+                cmd = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"worker" in cmd:
+                found.append(int(entry.name))
+    return found
+
+
+def test_coordinator_killed_mid_run_workers_exit_and_resume_matches(data_dir: Path, tmp_path: Path) -> None:
+    from server.reference import federated_reference
+
+    run = tmp_path / "run"
+    flags = ["--data-dir", str(data_dir), *sum((["--set", s] for s in FED), []), "--rounds", "3",
+             "--executor", "pipeline", "--no-progress", "--no-plot"]
+    crashed = _bpfree("simulate", *flags, "--out", str(run))
+    first = run / "checkpoints" / "round-0001.pt"
+    try:
+        _wait_until("round 1's checkpoint", lambda: first.exists() or crashed.poll() is not None, 300)
+        workers = _children(crashed.pid)
+        os.killpg(crashed.pid, signal.SIGKILL)   # the coordinator and the Ray processes it started
+        out = crashed.communicate(timeout=60)[0]
+    finally:
+        if crashed.poll() is None:
+            os.killpg(crashed.pid, signal.SIGKILL)
+    assert first.exists(), out[-3000:]
+    assert latest_checkpoint(run) != run / "checkpoints" / "round-0003.pt", "finished before the kill"
+    # Its stage workers (own sessions, untouched by the kill) notice their launcher is gone.
+    assert len(workers) == 4, workers
+    _wait_until("the orphaned stage workers exiting", lambda: not any(map(_alive, workers)), 30)
+
+    resumed = _bpfree("simulate", "--resume", str(run), "--no-progress", "--no-plot")
+    out = resumed.communicate(timeout=400)[0]
+    assert resumed.returncode == 0, out[-3000:]
+    rounds = [json.loads(x)["round"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rounds == [1, 2, 3]
+    cfg = load_config(None, [f"train.data_dir={data_dir}", *FED, "federation.rounds=3"])
+    reference = federated_reference(cfg)
+    final = load_checkpoint(run / "checkpoints" / "round-0003.pt")["weights"]
+    assert all(torch.equal(final[k], reference[k]) for k in reference)
+
+
+def _client_killer(folder: Path):  # noqa: ANN202 - a Flower client mod, pickled by value into Ray
+    """Client 1's ClientApp writes its PID in round 1 and waits (deadline 120 s) to be killed;
+    every reply's partition and round is recorded."""
+    def mod(msg, context, call_next):  # noqa: ANN001, ANN202
+        import os
+        import threading
+        from pathlib import Path
+
+        pid = int(context.node_config["partition-id"])
+        rnd = int(msg.content.config_records["config"]["round"])
+        marker = Path(folder) / f"round{rnd}-client{pid}.pid"
+        marker.write_text(str(os.getpid()))
+        if pid == 1 and rnd == 0:
+            threading.Event().wait(120)   # the test SIGKILLs this process meanwhile
+            raise RuntimeError("client 1 was not killed")
+        return call_next(msg, context)
+    return mod
+
+
+def test_a_killed_client_is_left_out_then_rejoins(data_dir: Path, tmp_path: Path) -> None:
+    import threading
+
+    from server.simulate import simulate
+
+    cfg = load_config(None, [f"train.data_dir={data_dir}", *FED, "federation.clients=3",
+                             "federation.rounds=2", "federation.executor=inprocess",
+                             "federation.min_clients=2"])
+    folder = tmp_path / "pids"
+    folder.mkdir()
+    marker = folder / "round0-client1.pid"
+    killed: list[int] = []
+
+    def kill_when_ready() -> None:
+        _wait_until("client 1 starting round 1", marker.exists, 240)
+        _wait_until("client 1's PID", lambda: marker.read_text().strip() != "", 10)
+        pid = int(marker.read_text())
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+
+    killer = threading.Thread(target=kill_when_ready, daemon=True)
+    killer.start()
+    summary = simulate(cfg, tmp_path / "run", mods=[_client_killer(folder)])
+    killer.join(timeout=5)
+    assert killed, "client 1 was never killed"
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["clients"] == {"sent": 3, "accepted": 2, "failed": 1, "timed_out": 0,
+                                     "rejected": 0}
+    assert set(records[0]["client_metrics"]) == {"0", "2"}
+    # Round 2: client 1 is back (its ClientApp actor was restarted) and every client contributes.
+    assert records[1]["clients"]["accepted"] == 3 and records[1]["clients"]["failed"] == 0
+    assert set(records[1]["client_metrics"]) == {"0", "1", "2"}
+    assert int((folder / "round1-client1.pid").read_text()) != killed[0]
+    assert summary["replies"] == {"accepted": 5, "failed": 1, "timed_out": 0, "rejected": 0}
