@@ -102,7 +102,7 @@ def train_reference(
     first_epoch = 0
     if run_dir:
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(run_dir / "config.json", cfg.to_dict())
+        atomic_write_json(run_dir / "config.json", cfg.public_dict())
         if resume and (run_dir / "checkpoint.pt").exists():
             state = load_checkpoint(run_dir / "checkpoint.pt")
             stage.load_state_dict(state["weights"])
@@ -137,7 +137,7 @@ def train_reference(
                        f"train {_fmt(train_acc)}  {train_time:.1f}s")
         if run_dir:
             save_checkpoint(run_dir / "checkpoint.pt", {
-                "epoch": epoch, "config": cfg.to_dict(), "weights": stage.state_dict(),
+                "epoch": epoch, "config": cfg.public_dict(), "weights": stage.state_dict(),
                 "optimizer": stage.optimizer_state()})
     writer.close()
     if not acc:  # resumed a finished run: evaluate what was loaded

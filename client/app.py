@@ -46,6 +46,7 @@ class ClientSettings:
 
     stage_addresses: dict[int, list[str]] = field(default_factory=dict)  # partition -> addresses
     log_dir: str | None = None
+    token: str = field(default="", repr=False)   # the stage workers' token (never in messages)
 
 
 def node_partition(node_config: dict[str, Any], cfg: ExperimentConfig) -> int:
@@ -70,7 +71,8 @@ def node_addresses(node_config: dict[str, Any], settings: ClientSettings, pid: i
     return [a.strip() for a in raw.split(",") if a.strip()]
 
 
-def node_config_overrides(cfg: ExperimentConfig, node_config: dict[str, Any]) -> ExperimentConfig:
+def node_config_overrides(cfg: ExperimentConfig, node_config: dict[str, Any],
+                          token: str = "") -> ExperimentConfig:
     """Apply the node's own data dir, device, stage TLS CA and stage token to the run's config."""
     train, pipeline = cfg.train, cfg.pipeline
     if node_config.get("data-dir"):
@@ -79,8 +81,9 @@ def node_config_overrides(cfg: ExperimentConfig, node_config: dict[str, Any]) ->
         train = dataclasses.replace(train, device=str(node_config["device"]))
     if node_config.get("stage-tls-ca"):
         pipeline = dataclasses.replace(pipeline, tls_ca=str(node_config["stage-tls-ca"]))
-    if os.environ.get("BPFREE_TOKEN"):
-        pipeline = dataclasses.replace(pipeline, token=os.environ["BPFREE_TOKEN"])
+    token = token or os.environ.get("BPFREE_TOKEN", "")
+    if token:
+        pipeline = dataclasses.replace(pipeline, token=token)
     return dataclasses.replace(cfg, train=train, pipeline=pipeline)
 
 
@@ -90,7 +93,7 @@ def handle_train(msg: Message, context: Context, settings: ClientSettings) -> Me
     rnd, weights, cfg = read_train_content(msg.content)
     node_config = dict(context.node_config)
     pid = node_partition(node_config, cfg)
-    cfg = node_config_overrides(cfg, node_config)
+    cfg = node_config_overrides(cfg, node_config, settings.token)
     set_threads(cfg.train.threads)
     data = client_split(cfg, train_split(cfg), pid)
     executor = make_executor(cfg, node_addresses(node_config, settings, pid), settings.log_dir)

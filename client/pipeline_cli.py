@@ -59,8 +59,7 @@ def train_pipeline(cfg: ExperimentConfig, pipe: Pipeline, run_dir: Path | None =
     prediction_modes(objective, cfg)   # a bad train.predict fails before any training
     if run_dir:
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(run_dir / "config.json", {**cfg.to_dict(), "pipeline": {
-            **cfg.to_dict()["pipeline"], "token": "***" if cfg.pipeline.token else ""}})
+        atomic_write_json(run_dir / "config.json", cfg.public_dict())   # no token on disk
     writer = MetricsWriter(run_dir)
     start = time.perf_counter()
     acc: dict[str, float] = {}
@@ -90,7 +89,7 @@ def train_pipeline(cfg: ExperimentConfig, pipe: Pipeline, run_dir: Path | None =
                "epochs": cfg.train.epochs, "stages": len(pipe.addresses),
                "wire_dtype": cfg.pipeline.wire_dtype, "wall_seconds": time.perf_counter() - start}
     if run_dir:
-        save_checkpoint(run_dir / "weights.pt", {"config": cfg.to_dict(), "weights": weights})
+        save_checkpoint(run_dir / "weights.pt", {"config": cfg.public_dict(), "weights": weights})
         atomic_write_json(run_dir / "summary.json", summary)
     summary["weights"] = weights
     return summary

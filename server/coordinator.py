@@ -79,7 +79,7 @@ class Coordinator:
             run_dir.mkdir(parents=True, exist_ok=True)
             if resume:
                 self._resume(run_dir)
-            atomic_write_json(run_dir / "config.json", cfg.to_dict())
+            atomic_write_json(run_dir / "config.json", cfg.public_dict())  # no token on disk
         objective = build_objective(cfg)
         self.objective = objective
         data = load_dataset(cfg.model.dataset, cfg.train.data_dir or None)
@@ -213,7 +213,7 @@ class Coordinator:
             return
         t0 = time.perf_counter()
         save_checkpoint(checkpoint_path(self.run_dir, rnd + 1), {
-            "round": rnd + 1, "config": self.cfg.to_dict(), "weights": self.weights,
+            "round": rnd + 1, "config": self.cfg.public_dict(), "weights": self.weights,
             "totals": self.totals, "record": record})
         record["seconds"]["checkpoint"] = time.perf_counter() - t0
 
@@ -267,4 +267,5 @@ RESUME_FREE = frozenset({
     "federation.round_timeout", "federation.min_clients", "federation.backend",
     "federation.ray_address", "federation.placement", "pipeline.stages", "pipeline.window",
     "pipeline.chunk_bytes", "pipeline.rpc_timeout", "pipeline.connect_timeout", "pipeline.token",
-    "pipeline.tls_ca", "pipeline.stage_num_cpus", "pipeline.stage_num_gpus", "pipeline.bind_host"})
+    "pipeline.tls_ca", "pipeline.restarts", "pipeline.stage_num_cpus", "pipeline.stage_num_gpus",
+    "pipeline.bind_host"})

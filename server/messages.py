@@ -30,7 +30,8 @@ NUM_EXAMPLES, PARTITION_ID = "num-examples", "partition-id"
 def train_content(rnd: int, weights: Weights, cfg: ExperimentConfig) -> RecordDict:
     return RecordDict({
         ARRAYS: ArrayRecord(weights),
-        CONFIG: ConfigRecord({"round": rnd, "experiment": cfg.to_json()}),
+        # The token stays home: each client has its own ($BPFREE_TOKEN or ClientSettings.token).
+        CONFIG: ConfigRecord({"round": rnd, "experiment": json.dumps(cfg.public_dict())}),
     })
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -44,6 +45,7 @@ SHORTCUTS = {"clients": "federation.clients", "rounds": "federation.rounds",
 
 # Unix socket paths are limited to 107 bytes; Ray puts its sockets ~60 bytes below _temp_dir.
 RAY_TEMP_MAX = 40
+CLIENT_ACTOR_RESTARTS = 100   # Ray restarts of one ClientApp actor over a run
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -87,13 +89,22 @@ def resolve(args: argparse.Namespace) -> tuple[ExperimentConfig, Path, bool]:
         if args.out and args.out.resolve() != args.resume.resolve():
             raise ConfigError("--resume RUN_DIR continues RUN_DIR in place; drop --out")
         base = ExperimentConfig.from_dict(json.loads(saved.read_text()))
-        return base.with_overrides(extra + list(args.set)), args.resume, True
+        return env_token(base.with_overrides(extra + list(args.set))), args.resume, True
     if not args.config:
         args.set = SIMULATE_DEFAULTS + list(args.set)
     args.set = list(args.set) + extra
-    cfg = config_from_args(args)
+    cfg = env_token(config_from_args(args))
     run_dir = args.out or Path("runs") / time.strftime("simulate-%Y%m%d-%H%M%S")
     return cfg, run_dir, False
+
+
+def env_token(cfg: ExperimentConfig) -> ExperimentConfig:
+    """pipeline.token from $BPFREE_TOKEN unless --set gave one: the token is never saved in
+    RUN_DIR (config.json and checkpoints blank it), so a resumed run gets it from here."""
+    token = os.environ.get("BPFREE_TOKEN", "")
+    if token and not cfg.pipeline.token:
+        return dataclasses.replace(cfg, pipeline=dataclasses.replace(cfg.pipeline, token=token))
+    return cfg
 
 
 def run(args: argparse.Namespace) -> int:
@@ -139,7 +150,7 @@ def simulate(cfg: ExperimentConfig, run_dir: Path, resume: bool = False, progres
         addresses = launch_stage_workers(cfg, log_dir, pipelines)
         server_app = make_server_app(ServerSettings(cfg, run_dir, resume=resume, progress=progress),
                                      on_done=result.update)
-        client_app = make_client_app(ClientSettings(addresses, str(log_dir)), mods)
+        client_app = make_client_app(ClientSettings(addresses, str(log_dir), cfg.pipeline.token), mods)
         engine.run(server_app, client_app)
     finally:
         for pipeline in pipelines:
@@ -226,7 +237,10 @@ class FlowerSimulation:
         try:
             run_simulation(
                 server_app=server_app, client_app=client_app, num_supernodes=self.num_clients,
-                backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                # max_restarts: Ray restarts a ClientApp actor that died (killed, OOM), so its
+                # round fails (counted) but the client is back for the next round.
+                backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0,
+                                                     "max_restarts": CLIENT_ACTOR_RESTARTS},
                                 "init_args": dict(self.init_args)})
         except RuntimeError as exc:  # Flower wraps engine failures this way
             inner = exc.__cause__
