@@ -61,6 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="other config overrides, e.g. model.algorithm=symba")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.add_argument("--render-only", action="store_true", help="rewrite OUT's table, CSV and plots "
+                   "from OUT/throughput.json (derived columns recomputed); measure nothing")
     s.set_defaults(_bench_run=run_sweep_cli)
     for name, (module, help_text) in FORWARDED.items():
         p = sub.add_parser(name, help=help_text, description=f"{help_text} (runs `python -m "
@@ -115,6 +117,12 @@ def run_sweep_cli(args: argparse.Namespace) -> int:
     from bench.sweep import run_sweep, summary_rows, text_table
     from bpfree_core.config import load_config
 
+    if args.render_only:
+        from bench.sweep import rerender
+
+        res = rerender(args.out)
+        print(text_table(*summary_rows(res)))
+        return 0
     plan = plan_from_args(args)
     if not args.data_dir:
         raise ConfigError("--data-dir is needed: the directory holding the MNIST IDX .gz files "

@@ -43,7 +43,10 @@ def plot_stages(res: dict[str, Any], path: Path) -> Path:
         s = [r["stages"] for r in rs]
         (line,) = ax.plot(s, [r["samples_per_s"] for r in rs], "o-", label=f"measured, {wire}")
         ax.plot(s, [r["predicted_samples_per_s"] for r in rs], "x--", color=line.get_color(),
-                label=f"model, {wire}")
+                label=f"model (means), {wire}")
+        if all("replay_samples_per_s" in r for r in rs):
+            ax.plot(s, [r["replay_samples_per_s"] for r in rs], "s:", color=line.get_color(),
+                    mfc="none", label=f"replay (per-batch times), {wire}")
     one = [r for r in rows if r["stages"] == 1 and r["wire"] == "float32"]
     if one:
         top = max(r["stages"] for r in rows)
@@ -60,7 +63,7 @@ def plot_stages(res: dict[str, Any], path: Path) -> Path:
     ax.set_title(f"Throughput vs stages (B={b['batch_size']}, W={b['width']}, "
                  f"window {b['window']})", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -90,8 +93,10 @@ def plot_timeline(res: dict[str, Any], path: Path) -> Path:
         ax.set_xlim(0, span(segs) * 1.01 or 1)
         ax.set_title(f"{label}: one epoch, {span(segs):.2f} s", fontsize=9)
         ax.grid(axis="x", alpha=0.3)
-    handles, names = axes[0, 0].get_legend_handles_labels()
-    uniq = dict(zip(names, handles, strict=True))
+    uniq: dict[str, Any] = {}
+    for ax in axes[:, 0]:
+        handles, names = ax.get_legend_handles_labels()
+        uniq.update(zip(names, handles, strict=True))
     axes[0, 0].legend(uniq.values(), [{"busy": "train_step", "blocked": "hand-off downstream",
                                        "send": "driver handing a batch to stage 0"}[n]
                                       for n in uniq], fontsize=7, loc="lower right",

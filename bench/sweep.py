@@ -285,6 +285,7 @@ def analyse_pipeline(p: Point, cfg: ExperimentConfig, epoch: dict[str, Any], flo
         "epoch_seconds": wall, "samples_per_s": measured, "predicted_samples_per_s": predicted,
         "model_error": predicted / measured - 1 if measured else float("nan"),
         "model_only_samples_per_s": model.throughput(n, p.batch_size),   # without the core bound
+        **replay_columns(epoch, model.transfer(), p.window, epoch["samples"], measured),
         "model_period_ms": model.period() * 1e3, "cores_bound_ms": sum(cpu) / cores * 1e3,
         "cpu_ms_per_batch": [x * 1e3 for x in cpu],   # driver, stage 0, ... (compute + gRPC)
         "busy_s": busy, "idle_s": [s["idle_seconds"] for s in st],
@@ -304,6 +305,34 @@ def analyse_pipeline(p: Point, cfg: ExperimentConfig, epoch: dict[str, Any], flo
         "round_communication_s": max(wall - busy[b], 0.0), "round_coordination_s": coordination,
         "load_1min": load_average()[0],
     }
+
+
+def replay_columns(epoch: dict[str, Any], transfer: list[float], window: int, samples: int,
+                   measured: float) -> dict[str, float]:
+    """The trace-driven prediction (bench/timeline.replay: per-batch step times, same rules)."""
+    from bench.timeline import replay
+
+    seconds = replay(epoch, transfer, window)
+    rate = samples / seconds if seconds > 0 else float("nan")
+    return {"replay_samples_per_s": rate,
+            "replay_error": rate / measured - 1 if measured else float("nan")}
+
+
+def rerender(out: Path) -> dict[str, Any]:
+    """Recompute the derived columns of OUT/throughput.json from its stored timelines; rewrite all."""
+    path = out / "throughput.json"
+    if not path.is_file():
+        raise ConfigError(f"--render-only: {path} does not exist; run a sweep into {out} first")
+    res = json.loads(path.read_text())
+    bw = res["ceilings"]["stream_bytes_per_s"]
+    for row in res["rows"]:
+        label = Point(**{f.name: row[f.name] for f in dataclasses.fields(Point)}).label()
+        if row["kind"] == "pipeline" and label in res["timelines"]:
+            row.update(replay_columns(res["timelines"][label],
+                                      [b / bw for b in row["link_bytes_per_batch"]], row["window"],
+                                      row["samples"], row["samples_per_s"]))
+    write_outputs(res, out)
+    return res
 
 
 def analyse_federated(p: Point, cfg: ExperimentConfig, fed: dict[str, Any], flops: list[float],
@@ -492,7 +521,8 @@ def _uptime() -> str:
 
 CSV_FIELDS = [
     "kind", "stages", "clients", "batch_size", "width", "wire", "window", "samples_per_s",
-    "predicted_samples_per_s", "model_error", "model_only_samples_per_s", "cores_bound_ms",
+    "predicted_samples_per_s", "model_error", "replay_samples_per_s", "replay_error",
+    "model_only_samples_per_s", "cores_bound_ms",
     "cpu_ms_per_batch", "bubble_fraction", "busy_s", "idle_s", "blocked_s",
     "compute_ms_per_batch", "driver_ms_per_batch", "link_bytes_per_batch", "link_bytes_per_s",
     "link_vs_grpc_raw", "gflops_per_stage", "compute_vs_matmul", "round_seconds", "round_compute_s",
@@ -525,7 +555,7 @@ def write_outputs(res: dict[str, Any], out: Path) -> list[Path]:
 
 
 def summary_rows(res: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    head = ["S", "K", "B", "W", "wire", "win", "samples/s", "model", "err", "bubble",
+    head = ["S", "K", "B", "W", "wire", "win", "samples/s", "model", "err", "replay", "err", "bubble",
             "busy s/stage", "MiB/s per link", "link/gRPC", "GFLOP/s/stage", "cmp/matmul",
             "round s: compute/comm/coord"]
     rows = []
@@ -534,7 +564,8 @@ def summary_rows(res: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             str(r["stages"]), str(r["clients"]), str(r["batch_size"]), str(r["width"]),
             {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[r["wire"]], str(r["window"]),
             f"{r['samples_per_s']:.0f}", f"{r['predicted_samples_per_s']:.0f}",
-            f"{r['model_error']:+.0%}", _pct(r["bubble_fraction"]),
+            f"{r['model_error']:+.0%}", _num(r.get("replay_samples_per_s")),
+            _signed(r.get("replay_error")), _pct(r["bubble_fraction"]),
             "/".join(f"{x:.2f}" for x in r["busy_s"]) or "-",
             "/".join(f"{x / MIB:.0f}" for x in r["link_bytes_per_s"]) or "-",
             _pct(r["link_vs_grpc_raw"]),
@@ -543,6 +574,14 @@ def summary_rows(res: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             f"{r['round_compute_s']:.2f}/{r['round_communication_s']:.2f}/"
             f"{r['round_coordination_s']:.2f}"])
     return head, rows
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None or x != x else f"{x:.0f}"
+
+
+def _signed(x: float | None) -> str:
+    return "-" if x is None or x != x else f"{x:+.0%}"
 
 
 def _pct(x: float) -> str:
@@ -567,6 +606,7 @@ def markdown(res: dict[str, Any], pngs: list[Path]) -> str:
         f"{', GPU ' + m['gpu'] if m['gpu'] else ''}; load average (1/5/15 min) before "
         f"{res['load_before']}, after {res['load_after']} (other work shared these cores: compare "
         "rows as ratios within this run).  ",
+        *([f"Note: {res['note']}  "] if res.get("note") else []),
         f"Net: ff, {plan['layers']} hidden layers of W units, MNIST, {plan['images']} training images "
         f"per epoch and client; 1 torch thread per process; best of {plan['epochs']} measured "
         "epoch(s) after a warm-up; K > 1 rows are real `bpfree simulate` runs "
@@ -581,9 +621,12 @@ def markdown(res: dict[str, Any], pngs: list[Path]) -> str:
         lines[-1] += f" GPU matmul {c['matmul_gflops_per_gpu']:.0f} GFLOP/s |"
     lines += [
         "", "## Points", "",
-        "`model` = bench/model.py fed with this row's measured per-stage compute per batch, the "
-        "driver's packet time, bytes per batch per link and the activation stream's bytes/s; "
-        "`err` = model / measured - 1. `bubble` = 1 - sum(busy) / (S x epoch wall). Links: "
+        "`model` = bench/model.py fed with this row's measured mean per-stage compute per batch, "
+        "the driver's packet time, bytes per batch per link and the activation stream's bytes/s, "
+        "plus a shared-core bound (all processes' CPU seconds per batch / cores); `replay` = the "
+        "same rules applied batch by batch to the measured per-batch step times "
+        "(bench/timeline.replay), which captures their variance; `err` = prediction / measured - 1. "
+        "`bubble` = 1 - sum(busy) / (S x epoch wall). Links: "
         "driver->stage 0, stage 0->1, ... (K > 1: Flower weight traffic, down + up). "
         "`link/gRPC` = busiest link / raw gRPC ceiling; `cmp/matmul` = fastest stage's achieved "
         "GFLOP/s / the one-core matmul ceiling. Round (K = 1: one epoch) = compute of the "
