@@ -330,7 +330,7 @@ class Pipeline:
                              self.cfg.pipeline.token)
         self.processes[s] = proc
         try:
-            port = _wait_port(proc, port_file, logs / f"stage{s}.log", self.cfg.pipeline.connect_timeout)
+            port = wait_port(proc, port_file, logs / f"stage{s}.log", self.cfg.pipeline.connect_timeout)
         except BaseException:
             stop_processes([proc])
             raise
@@ -417,7 +417,7 @@ def launch_workers(n: int, tmp_dir: Path, *, device: str = "cpu", threads: int =
         for s in range(n):
             port_files[s].unlink(missing_ok=True)   # a stale file from an earlier run is no signal
             procs.append(_spawn_worker(device, threads, port_files[s], logs / f"stage{s}.log", token))
-        addresses = [f"127.0.0.1:{_wait_port(p, f, logs / f'stage{s}.log', timeout)}"
+        addresses = [f"127.0.0.1:{wait_port(p, f, logs / f'stage{s}.log', timeout)}"
                      for s, (p, f) in enumerate(zip(procs, port_files, strict=True))]
     except BaseException:
         stop_processes(procs)
@@ -438,7 +438,7 @@ def _spawn_worker(device: str, threads: int, port_file: Path, log_file: Path,
                                 start_new_session=True)
 
 
-def _wait_port(proc: subprocess.Popen, port_file: Path, log_file: Path, timeout: float) -> int:
+def wait_port(proc: subprocess.Popen, port_file: Path, log_file: Path, timeout: float) -> int:
     """Wait for a spawned worker's port file; fail fast with its log if it exits first."""
     deadline = time.monotonic() + timeout
     delay = 0.02

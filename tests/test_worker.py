@@ -322,3 +322,32 @@ def test_worker_cli_refuses_a_missing_gpu_clearly(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "no usable CUDA GPU" in done.stderr and "--device cpu" in done.stderr
     assert not (tmp_path / "port").exists()
+
+
+def test_worker_cli_serves_tls_with_token(tmp_path: Path, data_dir: Path) -> None:
+    """`bpfree worker --tls-cert --tls-key --token` as a process: the driver needs the CA and token."""
+    import subprocess
+    import sys
+
+    from client.pipeline import REPO_ROOT, stop_processes, worker_env
+
+    cert, key = _self_signed(tmp_path)
+    port_file = tmp_path / "port"
+    env = {**worker_env(1), "BPFREE_TOKEN": "cli-token"}
+    proc = subprocess.Popen([sys.executable, "-m", "bpfree_cli", "worker", "--tls-cert", str(cert),
+                             "--tls-key", str(key), "--tls-ca", str(cert), "--port-file", str(port_file)],
+                            cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        from client.pipeline import wait_port
+
+        log_file = tmp_path / "none.log"
+        address = f"127.0.0.1:{wait_port(proc, port_file, log_file, 60)}"
+        cfg = _cfg(data_dir, f"pipeline.tls_ca={cert}", "pipeline.token=cli-token")
+        with Pipeline.connect(cfg, [address]) as pipe:
+            assert set(pipe.get_weights()) == set(Stage(build_layers(cfg)).state_dict())
+        with pytest.raises(PeerUnavailableError, match="UNAUTHENTICATED"):
+            Pipeline.connect(cfg.with_overrides(["pipeline.token="]), [address])
+    finally:
+        stop_processes([proc])
+    out = proc.stdout.read().decode() if proc.stdout else ""
+    assert "tls on, token required" in out and "pid" in out
