@@ -92,9 +92,12 @@ def machine(threads: int) -> str:
     return f"{cpu}, {os.cpu_count()} cores, {threads} torch thread(s), torch {torch.__version__}"
 
 
-def net_of(cfg: Any) -> str:
-    conv = "conv " + "-".join(map(str, cfg.model.conv)) + " + " if cfg.model.conv else ""
-    return conv + "x".join(map(str, cfg.model.hidden))
+def net_of(cfg: dict[str, Any]) -> str:
+    """Layer widths from the input on, e.g. 784-1000-1000, or c16-c32-500 for stride-2 convs."""
+    model = cfg["model"]
+    convs = [f"c{c}" for c in model["conv"]]
+    head = [] if convs else ["784"]
+    return "-".join(head + convs + [str(n) for n in model["hidden"]])
 
 
 def run_one(run: Run, args: argparse.Namespace) -> dict[str, Any]:
@@ -116,7 +119,7 @@ def run_one(run: Run, args: argparse.Namespace) -> dict[str, Any]:
     curve = [json.loads(line)["test_accuracy"] for line in (run_dir / "metrics.jsonl").open()]
     by_method = summary["test_accuracy_by_method"]
     return {"name": run.name, "label": run.label, "algorithm": cfg.model.algorithm,
-            "net": net_of(cfg), "epochs": cfg.train.epochs, "batch_size": cfg.train.batch_size,
+            "net": net_of(cfg.to_dict()), "epochs": cfg.train.epochs, "batch_size": cfg.train.batch_size,
             "train_images": cfg.train.train_limit or 60000,
             "softmax": by_method.get("softmax"), "goodness": by_method.get("goodness"),
             "best": max(by_method.values()), "target": run.target, "anchor": run.anchor,
@@ -145,7 +148,7 @@ def write_table(results: list[dict[str, Any]], out: Path, note: str) -> None:
         met = "yes" if r["best"] >= r["target"] else "no"
         limit = "" if r["train_images"] == 60000 else f" ({r['train_images']} train imgs)"
         lines.append(
-            f"| {r['label']} | {r['net']} | {r['epochs']}{limit} | {pct(r['softmax'])} | "
+            f"| {r['label']} | {net_of(r['config'])} | {r['epochs']}{limit} | {pct(r['softmax'])} | "
             f"{pct(r['goodness'])} | {pct(r['target'])} | {met} | {r['anchor']} | "
             f"{r['wall_seconds'] / 60:.1f} min | {r['machine']} |")
     if note:

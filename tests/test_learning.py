@@ -53,7 +53,7 @@ def test_accuracy_benchmark_writes_table_and_json(data_dir, tmp_path):
     assert [r["name"] for r in rows] == ["uff", "bp"]            # table order, not finish order
     assert all(r["softmax"] > 0.5 and r["epochs"] == 1 for r in rows)
     table = (out / "accuracy.md").read_text()
-    assert "| Backprop baseline (same MLP) | 1000x1000 | 1 (1000 train imgs) |" in table
+    assert "| Backprop baseline (same MLP) | 784-1000-1000 | 1 (1000 train imgs) |" in table
     # a later `--only` run refreshes its rows and keeps the others
     assert main(["--data-dir", str(data_dir), "--out", str(out), "--runs-dir", str(tmp_path / "runs"),
                  "--only", "bp", "--epochs", "1", "--train-limit", "600",
