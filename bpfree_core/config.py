@@ -227,6 +227,8 @@ class ExperimentConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ExperimentConfig:
         """Build from nested dicts (TOML or JSON), rejecting unknown sections and keys."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"a config must be a table of [section] tables, not {type(data).__name__}")
         sections = {f.name: f for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {}
         for name, values in data.items():

@@ -49,6 +49,10 @@ WIRE_FLOATS = ("float32", "bfloat16", "float16")   # encodings a float32 tensor 
 EXACT_KEYS = frozenset({"logits", "goodness"})
 
 
+class LimitError(ProtocolError):
+    """Well-formed but over a size limit (a stage answers RESOURCE_EXHAUSTED)."""
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     if dtype not in _NAME_OF:
         raise ProtocolError(f"tensor dtype {dtype} cannot be sent; supported: {', '.join(DTYPES)}")
@@ -104,7 +108,9 @@ def unpack_frame(frame: bytes) -> tuple[int, memoryview, memoryview]:
     if version != PROTOCOL_VERSION:
         raise ProtocolError(f"frame has protocol version {version} but this worker speaks "
                             f"{PROTOCOL_VERSION}; run the same bpfree version on every machine")
-    if meta_len > MAX_META_BYTES or HEADER_BYTES + meta_len > len(frame):
+    if meta_len > MAX_META_BYTES:
+        raise LimitError(f"frame header of {meta_len} bytes is over the {MAX_META_BYTES}-byte limit")
+    if HEADER_BYTES + meta_len > len(frame):
         raise ProtocolError(f"frame says its header is {meta_len} bytes but the frame has only "
                             f"{len(frame) - HEADER_BYTES} bytes after the fixed header")
     mv = memoryview(frame)
@@ -215,7 +221,7 @@ class BatchAssembler:
 
     def __init__(self, header: pb.BatchHeader):
         if len(header.tensors) > MAX_TENSORS:
-            raise ProtocolError(f"batch {header.seq} lists {len(header.tensors)} tensors; at most "
+            raise LimitError(f"batch {header.seq} lists {len(header.tensors)} tensors; at most "
                                 f"{MAX_TENSORS} are allowed")
         seen: set[str] = set()
         for m in header.tensors:
@@ -225,7 +231,7 @@ class BatchAssembler:
             raise ProtocolError(f"batch {header.seq} says total_bytes = {header.total_bytes} but its "
                                 f"tensors add up to {total}")
         if total > MAX_BATCH_BYTES:
-            raise ProtocolError(f"batch {header.seq} is {total} bytes, over the {MAX_BATCH_BYTES}-byte "
+            raise LimitError(f"batch {header.seq} is {total} bytes, over the {MAX_BATCH_BYTES}-byte "
                                 "limit; use a smaller batch size")
         self.header = header
         self.received = 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import queue
 import resource
@@ -37,6 +38,7 @@ from client.transport import Security, TokenInterceptor, check_chunk_bytes, serv
 from client.wire import (
     PROTOCOL_VERSION,
     BatchAssembler,
+    LimitError,
     WireBatch,
     ack_frame,
     decode_state,
@@ -154,6 +156,8 @@ class StageWorker(pb_grpc.StageControlServicer):
     def _abort(context: grpc.ServicerContext, exc: Exception) -> None:
         if isinstance(exc, StateError):
             code = grpc.StatusCode.FAILED_PRECONDITION
+        elif isinstance(exc, LimitError):
+            code = grpc.StatusCode.RESOURCE_EXHAUSTED
         elif isinstance(exc, ProtocolError | ConfigError):
             code = grpc.StatusCode.INVALID_ARGUMENT
         elif isinstance(exc, PeerUnavailableError):
@@ -178,6 +182,8 @@ class StageWorker(pb_grpc.StageControlServicer):
             cfg = ExperimentConfig.from_dict(json.loads(req.config_json))
         except json.JSONDecodeError as exc:
             raise ConfigError(f"config_json is not valid JSON ({exc})") from exc
+        except (TypeError, AttributeError, OverflowError) as exc:   # valid JSON, wrong shape
+            raise ConfigError(f"config_json is not a bpfree config ({exc})") from exc
         objective = build_objective(cfg)
         if not objective.pipelinable:
             raise StateError(f"model.algorithm = {cfg.model.algorithm!r} needs gradients across "
@@ -263,6 +269,9 @@ class StageWorker(pb_grpc.StageControlServicer):
     def StartEpoch(self, request: pb.EpochRequest, context: grpc.ServicerContext) -> pb.EpochReply:
         try:
             setup = self._require(request.run_id)
+            if not 0 <= request.epoch < request.total_epochs:
+                raise ProtocolError(f"StartEpoch epoch = {request.epoch} of total_epochs = "
+                                    f"{request.total_epochs}: need 0 <= epoch < total_epochs")
             with self._lock:
                 if self._in_flight(setup) and not self._error:
                     raise StateError(f"batches of epoch {self._epoch} are still being trained; wait "
@@ -289,6 +298,9 @@ class StageWorker(pb_grpc.StageControlServicer):
             if not self._epoch_active or request.epoch != self._epoch:
                 raise StateError(f"epoch {request.epoch} is not running on this stage (current: "
                                  f"{self._epoch}); call StartEpoch first")
+            if not math.isfinite(request.timeout) or request.timeout < 0:
+                raise ProtocolError(f"FinishEpoch timeout = {request.timeout} must be a finite "
+                                    "number of seconds >= 0 (0 = the default 60 s)")
             timeout = request.timeout or 60.0
             remaining = context.time_remaining()
             if remaining is not None:
