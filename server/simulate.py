@@ -46,6 +46,7 @@ SHORTCUTS = {"clients": "federation.clients", "rounds": "federation.rounds",
 # Unix socket paths are limited to 107 bytes; Ray puts its sockets ~60 bytes below _temp_dir.
 RAY_TEMP_MAX = 40
 CLIENT_ACTOR_RESTARTS = 100   # Ray restarts of one ClientApp actor over a run
+CLIENT_TASK_RETRIES = 1       # reruns of a client's round after its actor died mid-round
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -237,10 +238,14 @@ class FlowerSimulation:
         try:
             run_simulation(
                 server_app=server_app, client_app=client_app, num_supernodes=self.num_clients,
-                # max_restarts: Ray restarts a ClientApp actor that died (killed, OOM), so its
-                # round fails (counted) but the client is back for the next round.
+                # Ray restarts a ClientApp actor that died (killed, OOM) and reruns the message it
+                # was handling once (a round is deterministic: the rerun gives the same reply);
+                # a client that dies again is left out of that round (counted) and is back the
+                # next round. Without this a dead actor stays in Flower's pool and fails every
+                # message it is given for the rest of the run.
                 backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0,
-                                                     "max_restarts": CLIENT_ACTOR_RESTARTS},
+                                                     "max_restarts": CLIENT_ACTOR_RESTARTS,
+                                                     "max_task_retries": CLIENT_TASK_RETRIES},
                                 "init_args": dict(self.init_args)})
         except RuntimeError as exc:  # Flower wraps engine failures this way
             inner = exc.__cause__
