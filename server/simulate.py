@@ -127,6 +127,7 @@ def simulate(cfg: ExperimentConfig, run_dir: Path, resume: bool = False, progres
     `mods` are Flower client mods wrapped around every ClientApp (tests use them to corrupt a
     reply on the way out).
     """
+    preflight(cfg)
     if cfg.federation.backend == "ray":   # stage actors on a Ray cluster: server/ray_backend.py
         from server.ray_backend import simulate_ray
 
@@ -161,6 +162,17 @@ def simulate(cfg: ExperimentConfig, run_dir: Path, resume: bool = False, progres
         raise BpfreeError("the simulation ended without a result from the coordinator; see the "
                           "log above for the client or server error")
     return result
+
+
+def preflight(cfg: ExperimentConfig) -> None:
+    """Refuse in a second what would otherwise fail after Ray, Flower and the workers started."""
+    from bpfree_core.data import dataset_dir
+    from bpfree_core.model import build_objective, split_stages
+
+    if cfg.train.data_dir or os.environ.get("BPFREE_DATA_DIR"):
+        dataset_dir(cfg.model.dataset, cfg.train.data_dir or None)   # names the missing dir/file
+    if cfg.federation.executor == "pipeline" and build_objective(cfg).pipelinable:
+        split_stages(len(build_objective(cfg).layer_sizes()), cfg.pipeline.stages)
 
 
 def launch_stage_workers(cfg: ExperimentConfig, log_dir: Path,

@@ -333,3 +333,29 @@ def test_a_killed_client_is_left_out_then_rejoins(data_dir: Path, tmp_path: Path
     assert set(records[1]["client_metrics"]) == {"0", "1", "2"}
     assert int((folder / "round1-client1.0.pid").read_text()) not in killed
     assert summary["replies"] == {"accepted": 5, "failed": 1, "timed_out": 0, "rejected": 0}
+
+
+# -- bad configs and missing data: one sentence naming the field or file, before anything starts ---
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--data-dir", "/nonexistent-bpfree"], ["/nonexistent-bpfree does not exist", "--data-dir"]),
+    (["--data-dir", "{empty}"], ["mnist files missing in", "train-images-idx3-ubyte.gz"]),
+    (["--partition", "zipf:3"], ["federation.partition = 'zipf:3'", "dirichlet:ALPHA"]),
+    (["--stages", "5", "--set", "model.hidden=30,20"], ["pipeline.stages = 5", "at most 2 stages"]),
+    (["--clients", "2", "--min-clients", "3"], ["federation.min_clients = 3", "federation.clients"]),
+    (["--set", "pipeline.restarts=-1"], ["pipeline.restarts = -1", ">= 0"]),
+    (["--resume", "{empty}"], ["no config.json there"]),
+])
+def test_bad_simulate_input_fails_fast_with_one_clear_sentence(args, says, data_dir, tmp_path,  # noqa: ANN001
+                                                                capsys) -> None:  # noqa: ANN001
+    from bpfree_cli import main
+
+    args = [a.replace("{empty}", str(tmp_path)) for a in args]
+    base = [] if "--data-dir" in args or "--resume" in args else ["--data-dir", str(data_dir)]
+    t0 = time.monotonic()
+    assert main(["simulate", *base, *args, "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    assert time.monotonic() - t0 < 30   # refused before Ray, Flower or any worker started
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("bpfree simulate: error: ") and "Traceback" not in err
+    for s in says:
+        assert s in err, err
