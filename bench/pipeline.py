@@ -246,11 +246,15 @@ def write_report(res: dict[str, Any], path: Path) -> None:
         f"{net['batch_size']}, {net['images']} MNIST images, 1 torch thread per process)", "",
         f"Sequential reference (one process, one thread): **{ref:.0f} samples/s** (median of "
         f"{len(res['rounds'])} rounds; each pipeline row is compared with the reference measured "
-        "in the same round, and shows the round with its median efficiency and the range over all).",
+        "in the same round, and shows the round with its median efficiency and the range over all). "
+        "'Bottleneck stage busy / epoch wall' needs no reference: it is how much of the epoch the "
+        "busiest stage spent computing, i.e. how little the pipeline itself (fill, drain, waits on "
+        "the wire) cost; it is the figure to trust when other load makes the reference drift.",
         "",
-        "| stages | wire | samples/s | reference samples/s | speed-up | efficiency (range) | balance bound "
+        "| stages | wire | samples/s | reference samples/s | speed-up | efficiency (range) "
+        "| bottleneck stage busy / epoch wall | balance bound "
         "| busy s per stage | idle s per stage | blocked s per stage | RSS MB per stage, epoch 1 -> 2 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|"]
+        "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["pipeline"]:
         st = r["stages"]
         rss = " / ".join(f"{a:.0f}->{b:.0f}" for a, b in zip(*r["rss_mb_per_epoch"], strict=True))
@@ -260,6 +264,7 @@ def write_report(res: dict[str, Any], path: Path) -> None:
             f"| {r['S']} | {r['wire_dtype']} | {r['samples_per_second']:.0f} "
             f"| {r['reference']['samples_per_second']:.0f} | {r['speedup']:.2f} "
             f"| {r['efficiency']:.0%} ({r['efficiency_range'][0]:.0%}-{r['efficiency_range'][1]:.0%}) "
+            f"| {max(s['busy_seconds'] for s in st) / r['seconds']:.0%} "
             f"| {r['balance_bound']:.2f} | {busy} | {idle} | {blocked} | {rss} |")
     lines += ["", *_verdict_and_projection(res)]
     path.write_text("\n".join(lines) + "\n")
