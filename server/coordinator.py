@@ -117,7 +117,7 @@ class Coordinator:
         cfg = self.cfg
         set_threads(cfg.train.threads)
         start = time.perf_counter()
-        writer = MetricsWriter(self.run_dir, tensorboard=False)
+        writer = MetricsWriter(self.run_dir)  # JSONL always, TensorBoard when installed
         rounds = cfg.federation.rounds
         bar = tqdm(total=rounds, initial=self.first_round, desc="rounds", unit="round",
                    disable=not self.progress or None, leave=True)
