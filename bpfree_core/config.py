@@ -220,10 +220,6 @@ class ExperimentConfig:
             data[section][key] = ""
         return data
 
-    def public(self) -> ExperimentConfig:
-        """This config with secrets blanked (see public_dict)."""
-        return ExperimentConfig.from_dict(self.public_dict())
-
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ExperimentConfig:
         """Build from nested dicts (TOML or JSON), rejecting unknown sections and keys."""

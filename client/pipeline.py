@@ -11,7 +11,6 @@ eval outputs and end-of-epoch markers come back to the driver over a Pull stream
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -56,7 +55,7 @@ def _check_pipelinable(cfg: ExperimentConfig) -> int:
 
 def _wire_config(cfg: ExperimentConfig) -> str:
     """The config a worker receives: the token never travels inside it."""
-    return dataclasses.replace(cfg, pipeline=dataclasses.replace(cfg.pipeline, token="")).to_json()
+    return json.dumps(cfg.public_dict(), sort_keys=True)
 
 
 class Pipeline:
