@@ -28,7 +28,7 @@ class MetricsWriter:
             with open(self.path, "a") as fh:
                 fh.write(json.dumps(record, sort_keys=True) + "\n")
         if self.tb is not None and step is not None:
-            for key, value in _flatten(record).items():
+            for key, value in flatten(record).items():
                 if isinstance(value, int | float) and math.isfinite(value):
                     self.tb.add_scalar(key, value, step)
 
@@ -37,15 +37,22 @@ class MetricsWriter:
             self.tb.close()
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts -> {"prefix" + "a/b": value}."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
-            out.update(_flatten(v, key + "/"))
+            out.update(flatten(v, key + "/"))
         else:
             out[key] = v
     return out
+
+
+def flat_numbers(d: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """`flatten`, keeping only the numbers (as floats); bools, strings and lists are dropped."""
+    return {k: float(v) for k, v in flatten(d, prefix).items()
+            if isinstance(v, int | float) and not isinstance(v, bool)}
 
 
 class RunningMeans:

@@ -20,13 +20,13 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Iterable
-from typing import Any, Protocol
+from typing import Protocol
 
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.data import Split, load_dataset
 from bpfree_core.errors import ConfigError
 from bpfree_core.layers import LocalLayer, Packet
-from bpfree_core.metrics import RunningMeans
+from bpfree_core.metrics import RunningMeans, flat_numbers
 from bpfree_core.model import Stage, build_layers, build_objective
 from bpfree_core.partition import partition_indices
 from bpfree_core.trainer import limited, train_packets
@@ -114,21 +114,10 @@ def _round_once(executor: Executor, cfg: ExperimentConfig, data: Split, client: 
     for epoch in round_epochs(cfg, rnd):
         stats = executor.train_epoch(train_packets(objective, data, ccfg, epoch), epoch,
                                      total_epochs(cfg))
-        metrics = flatten_numbers(stats, "train")  # the last local epoch's means
+        metrics = flat_numbers(stats, "train/")  # the last local epoch's means
     metrics["train_seconds"] = time.perf_counter() - t0
     return ClientUpdate(client=client, num_examples=len(data), weights=executor.get_weights(),
                         metrics=metrics)
-
-
-def flatten_numbers(stats: Any, prefix: str) -> dict[str, float]:
-    """Nested stats -> {"prefix/a/b": float}, keeping only finite-able numbers."""
-    out: dict[str, float] = {}
-    if isinstance(stats, dict):
-        for k, v in stats.items():
-            out.update(flatten_numbers(v, f"{prefix}/{k}"))
-    elif isinstance(stats, int | float) and not isinstance(stats, bool):
-        out[prefix] = float(stats)
-    return out
 
 
 # -- FedProx ----------------------------------------------------------------------------------------
