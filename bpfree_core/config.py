@@ -116,6 +116,7 @@ class TrainConfig:
     threads: int = 0               # torch threads (0 = torch default)
     device: str = "cpu"            # cpu | cuda | cuda:N
     predict: str = "softmax"       # softmax | goodness | both (goodness: ff, symba, sffa only)
+    jitter: int = 0                # shift training images by up to +-N pixels (Hinton: 2; 0 = off)
     data_dir: str = ""             # local dataset dir; "" = $BPFREE_DATA_DIR, else download cache
 
     def __post_init__(self) -> None:
@@ -123,6 +124,9 @@ class TrainConfig:
         _check_positive("train", "batch_size", self.batch_size)
         _check_positive("train", "train_limit", self.train_limit, allow_zero=True)
         _check_positive("train", "test_limit", self.test_limit, allow_zero=True)
+        if not isinstance(self.jitter, int) or not 0 <= self.jitter <= 8:
+            raise ConfigError(f"train.jitter = {self.jitter!r}: give whole pixels in 0..8 (2 is "
+                              "Hinton's jitter)")
         _check_choice("train", "predict", self.predict, ("softmax", "goodness", "both"))
         if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
             raise ConfigError(f"train.device = {self.device!r}; use cpu, cuda or cuda:N")

@@ -41,8 +41,28 @@ def train_packets(
 ) -> Iterator[Packet]:
     """The first-layer packets of one training epoch, in order."""
     for b, idx in enumerate(epoch_batches(len(split), cfg.train.batch_size, cfg.train.seed, epoch)):
-        yield objective.encode_train(split.images[idx], split.labels[idx],
-                                     batch_generator(cfg.train.seed, epoch, b))
+        gen = batch_generator(cfg.train.seed, epoch, b)
+        x = split.images[idx]
+        if cfg.train.jitter:
+            x = jitter(x, objective.spec.shape, cfg.train.jitter, gen)
+        yield objective.encode_train(x, split.labels[idx], gen)
+
+
+def jitter(x: torch.Tensor, shape: tuple[int, int, int], pixels: int,
+           gen: torch.Generator) -> torch.Tensor:
+    """Shift every image by its own random (dy, dx) in [-pixels, pixels], zero fill.
+
+    x (B, C*H*W) -> (B, C*H*W). Drawn from the batch's generator, so every process agrees.
+    """
+    c, h, w = shape
+    b = x.shape[0]
+    padded = torch.nn.functional.pad(x.view(b, c, h, w), (pixels,) * 4)  # (B, C, H+2p, W+2p)
+    dy, dx = torch.randint(0, 2 * pixels + 1, (2, b), generator=gen)
+    rows = (dy[:, None] + torch.arange(h))[:, None, :, None]              # (B, 1, H, 1)
+    cols = (dx[:, None] + torch.arange(w))[:, None, None, :]              # (B, 1, 1, W)
+    out = padded[torch.arange(b)[:, None, None, None], torch.arange(c)[None, :, None, None],
+                 rows, cols]                                               # (B, C, H, W)
+    return out.reshape(b, c * h * w)
 
 
 def num_train_batches(split: Split, cfg: ExperimentConfig) -> int:

@@ -74,3 +74,31 @@ def test_cli_errors_are_one_clear_sentence(tmp_path):
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 2, (args, err)
         assert words in err and "Traceback" not in err
+
+
+def test_jitter_shifts_each_image_within_bounds_and_is_reproducible():
+    import pytest
+
+    from bpfree_core.errors import ConfigError
+    from bpfree_core.trainer import batch_generator, jitter
+
+    x = torch.zeros(400, 28 * 28)
+    x[:, 14 * 28 + 14] = 1.0                                     # one lit pixel at (14, 14)
+    out = jitter(x, (1, 28, 28), 2, batch_generator(0, 0, 0))
+    assert out.shape == x.shape and torch.equal(out.sum(1), torch.ones(400))   # moved, not lost
+    rows, cols = out.view(400, 28, 28).nonzero()[:, 1:].T
+    offsets = set(zip((rows - 14).tolist(), (cols - 14).tolist(), strict=True))
+    assert offsets == {(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)}  # all 25, no more
+    assert torch.equal(out, jitter(x, (1, 28, 28), 2, batch_generator(0, 0, 0)))
+    assert not torch.equal(out, jitter(x, (1, 28, 28), 2, batch_generator(0, 0, 1)))
+    with pytest.raises(ConfigError, match="train.jitter"):
+        load_config(None, ["train.jitter=9"])
+
+
+def test_jitter_changes_training_only_when_asked(data_dir):
+    plain = train_reference(_cfg(data_dir, "train.epochs=1"), progress=False)
+    off = train_reference(_cfg(data_dir, "train.epochs=1", "train.jitter=0"), progress=False)
+    on = train_reference(_cfg(data_dir, "train.epochs=1", "train.jitter=2"), progress=False)
+    assert all(torch.equal(plain["weights"][k], off["weights"][k]) for k in plain["weights"])
+    assert not all(torch.equal(plain["weights"][k], on["weights"][k]) for k in plain["weights"])
+    assert on["test_accuracy"] > 0.25             # still learns (chance: 0.1; 1 short epoch)
