@@ -146,7 +146,8 @@ def simulate(cfg: ExperimentConfig, run_dir: Path, resume: bool = False, progres
              cfg.federation.rounds, cfg.federation.local_epochs, cfg.federation.partition, run_dir)
     pipelines: list[Any] = []
     result: dict[str, Any] = {}
-    engine = FlowerSimulation(run_dir / "tmp", cfg.federation.clients)
+    engine = FlowerSimulation(run_dir / "tmp", cfg.federation.clients,
+                              actors=client_actors(cfg))
     try:
         engine.start_ray()  # before the stage workers load the cores with torch imports
         addresses = launch_stage_workers(cfg, log_dir, pipelines)
@@ -203,6 +204,15 @@ def launch_stage_workers(cfg: ExperimentConfig, log_dir: Path,
     return addresses
 
 
+def client_actors(cfg: ExperimentConfig) -> int:
+    """ClientApps that run at once. A pipeline ClientApp only feeds its stage workers (separate
+    processes, outside Ray) and waits on gRPC, so all K run in one wave; an in-process ClientApp
+    trains the layers itself, so at most one per core."""
+    if cfg.federation.executor == "pipeline":
+        return cfg.federation.clients
+    return min(os.cpu_count() or 2, cfg.federation.clients)
+
+
 class FlowerSimulation:
     """The one place that drives Flower's simulation engine (its Python API is deprecated in
     favour of `flwr run`; switching is a change here only).
@@ -214,14 +224,16 @@ class FlowerSimulation:
 
     RAY_ATTEMPTS = 3
 
-    def __init__(self, tmp: Path, num_clients: int):
+    def __init__(self, tmp: Path, num_clients: int, actors: int | None = None):
         self.num_clients = num_clients
         tmp.mkdir(parents=True, exist_ok=True)
         self.ray_tmp, self.scratch = tmp / "ray", None
         if len(str(self.ray_tmp.resolve())) > RAY_TEMP_MAX:  # too deep for Ray's socket paths
             self.scratch = Path(tempfile.mkdtemp(prefix="bpfree-ray-"))
             self.ray_tmp = self.scratch
-        self.init_args = {"num_cpus": min(os.cpu_count() or 2, num_clients),
+        # Ray's CPU count only sets how many ClientApp actors run at once (1 "CPU" each).
+        actors = actors or min(os.cpu_count() or 2, num_clients)
+        self.init_args = {"num_cpus": actors,
                           "_temp_dir": str(self.ray_tmp.resolve()), "include_dashboard": False,
                           "logging_level": "WARNING", "log_to_driver": True}
 
