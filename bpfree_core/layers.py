@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from bpfree_core.config import ExperimentConfig
 
@@ -167,6 +168,23 @@ def _make_optimizer(
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     # foreach=False: the same kernels on every device count, so runs are bit-reproducible.
     return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, foreach=False)
+
+
+def add_proximal_term(layers: list[LocalLayer], mu: float) -> list[RemovableHandle]:
+    """Add FedProx's (mu/2)||w - w_now||^2 to every layer's local loss (Li et al. 2020).
+
+    w_now = the weights at this call (the just-loaded global model). A gradient hook per parameter
+    (grad += mu * (w - w_now)) is exactly the term's gradient, applied in the layer's own backward
+    pass. Returns the hooks' handles: remove them before loading the next global model.
+    """
+    if mu <= 0:
+        return []
+    handles = []
+    for layer in layers:
+        for p in layer.parameters():
+            anchor = p.detach().clone()
+            handles.append(p.register_hook(lambda g, p=p, a=anchor: g + mu * (p.detach() - a)))
+    return handles
 
 
 def detach_packet(packet: Packet) -> Packet:

@@ -246,8 +246,11 @@ class Pipeline:
             raise self._stage_failure(exc) from exc
 
     # -- weights --------------------------------------------------------------------------------
-    def load_weights(self, state: dict[str, torch.Tensor]) -> None:
-        """Load `layers.<i>.<name>` weights into the stages that own them; resets optimiser state."""
+    def load_weights(self, state: dict[str, torch.Tensor], proximal_mu: float = 0.0) -> None:
+        """Load `layers.<i>.<name>` weights into the stages that own them; resets optimiser state.
+
+        `proximal_mu` > 0 adds FedProx's proximal term, anchored at these weights, to every
+        layer's local loss until the next load."""
         self._check_open()
         for s, r in enumerate(self.ranges):
             own = {k: v for k, v in state.items() if _layer_of(k) in r}
@@ -259,6 +262,10 @@ class Pipeline:
             try:
                 self._stubs[s].LoadWeights(chunks, timeout=self.cfg.pipeline.rpc_timeout,
                                            metadata=self.security.metadata())
+                if proximal_mu > 0:
+                    self._stubs[s].SetProximal(pb.ProximalRequest(mu=proximal_mu),
+                                               timeout=self.cfg.pipeline.rpc_timeout,
+                                               metadata=self.security.metadata())
             except grpc.RpcError as exc:
                 raise rpc_exception(self.addresses[s], exc, "LoadWeights on") from None
 

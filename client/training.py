@@ -25,7 +25,7 @@ from typing import Protocol
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.data import Split, load_dataset
 from bpfree_core.errors import ConfigError
-from bpfree_core.layers import LocalLayer, Packet
+from bpfree_core.layers import Packet, add_proximal_term
 from bpfree_core.metrics import RunningMeans, flat_numbers
 from bpfree_core.model import Stage, build_layers, build_objective
 from bpfree_core.partition import partition_indices
@@ -120,22 +120,6 @@ def _round_once(executor: Executor, cfg: ExperimentConfig, data: Split, client: 
                         metrics=metrics)
 
 
-# -- FedProx ----------------------------------------------------------------------------------------
-def attach_proximal(layers: list[LocalLayer], mu: float) -> None:
-    """Add FedProx's (mu/2)||w - w_global||^2 to every layer's local loss (Li et al. 2020).
-
-    Implemented as a gradient hook on each parameter (grad += mu * (w - w_global)), which is
-    exactly the gradient of the proximal term, applied inside the layer's own backward pass; call
-    it right after loading the global weights.
-    """
-    if mu <= 0:
-        return
-    for layer in layers:
-        for p in layer.parameters():
-            anchor = p.detach().clone()
-            p.register_hook(lambda g, p=p, a=anchor: g + mu * (p.detach() - a))
-
-
 # -- executors --------------------------------------------------------------------------------------
 class InProcessExecutor:
     """Every layer in this process, in one bpfree_core Stage: the reference executor."""
@@ -150,7 +134,7 @@ class InProcessExecutor:
         # Fresh layers every round: fresh optimisers, nothing carried over but the weights.
         self.stage = Stage(build_layers(self.cfg, objective=self.objective), self.device)
         self.stage.load_state_dict(state)
-        attach_proximal(self.stage.layers, proximal_mu)
+        add_proximal_term(self.stage.layers, proximal_mu)
 
     def get_weights(self) -> Weights:
         return self._stage().state_dict()
@@ -186,11 +170,6 @@ class PipelineExecutor:
                  device: str = "cpu", threads: int = 1, log_dir: str | None = None):
         from client.pipeline import Pipeline  # gRPC is imported only when a pipeline runs
 
-        if cfg.federation.proximal_mu > 0:
-            raise ConfigError(
-                f"federation.proximal_mu = {cfg.federation.proximal_mu} needs the proximal term "
-                "inside every stage worker's local loss, which the pipeline executor does not "
-                "support yet; use federation.executor = inprocess, or proximal_mu = 0")
         if addresses:
             if len(addresses) != cfg.pipeline.stages:
                 raise ConfigError(
@@ -202,7 +181,7 @@ class PipelineExecutor:
                                                   log_dir=log_dir)
 
     def load_weights(self, state: Weights, proximal_mu: float = 0.0) -> None:
-        self.pipeline.load_weights(state)  # proximal_mu > 0 was refused in __init__
+        self.pipeline.load_weights(state, proximal_mu=proximal_mu)
 
     def get_weights(self) -> Weights:
         return {k: v.detach().cpu() for k, v in self.pipeline.get_weights().items()}
@@ -238,6 +217,6 @@ def stack_template(cfg: ExperimentConfig) -> Weights:
     return Stage(build_layers(cfg)).state_dict()
 
 
-__all__ = ["Executor", "InProcessExecutor", "PipelineExecutor", "attach_proximal", "client_config",
+__all__ = ["Executor", "InProcessExecutor", "PipelineExecutor", "client_config",
            "client_seed", "client_split", "local_round", "make_executor", "round_epochs",
            "stack_template", "total_epochs", "train_split"]

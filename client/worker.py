@@ -30,6 +30,7 @@ import torch
 
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.errors import BpfreeError, ConfigError, PeerUnavailableError, ProtocolError
+from bpfree_core.layers import add_proximal_term
 from bpfree_core.metrics import RunningMeans
 from bpfree_core.model import Stage, build_layers, build_objective
 from bpfree_core.runtime import resolve_device
@@ -55,6 +56,12 @@ log = logging.getLogger(__name__)
 
 _POLL = 0.1
 _TIMELINE_MAX = 3 * 10_000   # per-batch timing kept per epoch: 3 doubles a batch, 240 KB at most
+
+
+def _remove_proximal(setup: _Setup) -> None:
+    for handle in setup.proximal:
+        handle.remove()
+    setup.proximal = []
 
 
 class StateError(ProtocolError):
@@ -98,6 +105,7 @@ class _Setup:
     stop: threading.Event = field(default_factory=threading.Event)
     thread: threading.Thread | None = None
     pulling: bool = False          # a driver is reading this (last) stage's output
+    proximal: list = field(default_factory=list)   # FedProx gradient hooks (SetProximal)
 
 
 def _rss_mb() -> float:
@@ -249,12 +257,31 @@ class StageWorker(pb_grpc.StageControlServicer):
                     raise StateError(f"batches of epoch {self._epoch} are still being trained; load "
                                      "weights between epochs")
                 self._epoch_active = False   # an unfinished (failed) epoch is abandoned
+                _remove_proximal(setup)      # anchored at the old weights: meaningless now
                 setup.stage.load_state_dict(state)
                 for layer in setup.stage.layers:
                     layer.finish_init()   # fresh optimiser state bound to the loaded parameters
         except BpfreeError as exc:
             self._abort(context, exc)
         return pb.WeightsReply(tensors=len(state))
+
+    def SetProximal(self, request: pb.ProximalRequest,
+                    context: grpc.ServicerContext) -> pb.WeightsReply:
+        try:
+            setup = self._require()
+            mu = request.mu
+            if not math.isfinite(mu) or mu < 0:
+                raise ProtocolError(f"SetProximal mu = {mu}: give a finite mu >= 0 (0 removes the "
+                                    "proximal term)")
+            with self._step_lock:
+                if self._in_flight(setup):
+                    raise StateError(f"batches of epoch {self._epoch} are still being trained; set "
+                                     "the proximal term right after LoadWeights")
+                _remove_proximal(setup)
+                setup.proximal = add_proximal_term(setup.stage.layers, mu)
+        except BpfreeError as exc:
+            self._abort(context, exc)
+        return pb.WeightsReply(tensors=len(setup.proximal))
 
     def GetWeights(self, request: pb.GetWeightsRequest,
                    context: grpc.ServicerContext) -> Iterator[pb.TensorChunk]:

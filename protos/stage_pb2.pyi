@@ -160,6 +160,12 @@ class GetWeightsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class ProximalRequest(_message.Message):
+    __slots__ = ("mu",)
+    MU_FIELD_NUMBER: _ClassVar[int]
+    mu: float
+    def __init__(self, mu: _Optional[float] = ...) -> None: ...
+
 class EpochRequest(_message.Message):
     __slots__ = ("run_id", "epoch", "total_epochs", "timeout")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]

@@ -49,6 +49,11 @@ class StageControlStub:
                 request_serializer=protos_dot_stage__pb2.GetWeightsRequest.SerializeToString,
                 response_deserializer=protos_dot_stage__pb2.TensorChunk.FromString,
                 _registered_method=True)
+        self.SetProximal = channel.unary_unary(
+                '/bpfree.v1.StageControl/SetProximal',
+                request_serializer=protos_dot_stage__pb2.ProximalRequest.SerializeToString,
+                response_deserializer=protos_dot_stage__pb2.WeightsReply.FromString,
+                _registered_method=True)
         self.StartEpoch = channel.unary_unary(
                 '/bpfree.v1.StageControl/StartEpoch',
                 request_serializer=protos_dot_stage__pb2.EpochRequest.SerializeToString,
@@ -89,6 +94,13 @@ class StageControlServicer:
 
     def GetWeights(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetProximal(self, request, context):
+        """right after LoadWeights
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -135,6 +147,11 @@ def add_StageControlServicer_to_server(servicer, server):
                     servicer.GetWeights,
                     request_deserializer=protos_dot_stage__pb2.GetWeightsRequest.FromString,
                     response_serializer=protos_dot_stage__pb2.TensorChunk.SerializeToString,
+            ),
+            'SetProximal': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetProximal,
+                    request_deserializer=protos_dot_stage__pb2.ProximalRequest.FromString,
+                    response_serializer=protos_dot_stage__pb2.WeightsReply.SerializeToString,
             ),
             'StartEpoch': grpc.unary_unary_rpc_method_handler(
                     servicer.StartEpoch,
@@ -238,6 +255,33 @@ class StageControl:
             '/bpfree.v1.StageControl/GetWeights',
             protos_dot_stage__pb2.GetWeightsRequest.SerializeToString,
             protos_dot_stage__pb2.TensorChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetProximal(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bpfree.v1.StageControl/SetProximal',
+            protos_dot_stage__pb2.ProximalRequest.SerializeToString,
+            protos_dot_stage__pb2.WeightsReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -377,9 +377,6 @@ def check_ray_config(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"model.algorithm = {cfg.model.algorithm!r} trains with gradients across "
                           "layers, so it cannot be split into stage actors; use a backprop-free "
                           "algorithm (ff, symba, sffa, ...)")
-    if cfg.federation.proximal_mu > 0:
-        raise ConfigError(f"federation.proximal_mu = {cfg.federation.proximal_mu} is not supported "
-                          "by pipeline stages yet; use proximal_mu = 0 with the Ray backend")
 
 
 def simulate_ray(cfg: ExperimentConfig, run_dir: Path, resume: bool = False,

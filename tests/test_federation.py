@@ -200,8 +200,9 @@ class _InProcess:
         return RoundReplies(updates=updates, sent=len(updates))
 
 
-def test_fedprox_pulls_a_client_toward_the_global_weights(data_dir):
-    from bpfree_core.errors import ConfigError
+def test_fedprox_pulls_toward_the_global_weights_and_pipelines_match_the_reference(data_dir):
+    import grpc
+
     from client.training import (
         InProcessExecutor,
         PipelineExecutor,
@@ -210,19 +211,39 @@ def test_fedprox_pulls_a_client_toward_the_global_weights(data_dir):
         stack_template,
         train_split,
     )
+    from protos import stage_pb2 as pb
+
+    def rounds(executor, cfg, n: int) -> tuple[dict, dict]:  # noqa: ANN001
+        start = weights = stack_template(cfg)
+        part = client_split(cfg, train_split(cfg), 0)
+        for rnd in range(n):
+            weights = local_round(executor, cfg, part, 0, rnd, weights).weights
+        return start, weights
 
     def drift(mu: float) -> float:
         cfg = _cfg(data_dir, f"federation.proximal_mu={mu}", "federation.executor=inprocess")
-        start = stack_template(cfg)
-        part = client_split(cfg, train_split(cfg), 0)
-        out = local_round(InProcessExecutor(cfg), cfg, part, 0, 0, start).weights
+        start, out = rounds(InProcessExecutor(cfg), cfg, 1)
         return sum(float((out[k] - start[k]).pow(2).sum()) for k in start
                    if start[k].is_floating_point()) ** 0.5
 
     plain, prox = drift(0.0), drift(5.0)
     assert prox < 0.8 * plain, (plain, prox)
-    with pytest.raises(ConfigError, match="federation.proximal_mu"):
-        PipelineExecutor(_cfg(data_dir, "federation.proximal_mu=0.1"))
+
+    # The term inside 2 stage workers: equal to in process over 2 rounds (round 2 re-anchors it
+    # at the new global weights; a stale term left from round 1 would change the weights).
+    cfg = _cfg(data_dir, "federation.proximal_mu=5.0", "train.train_limit=1000",
+               "federation.rounds=2")
+    _, want = rounds(InProcessExecutor(cfg), cfg, 2)
+    executor = PipelineExecutor(cfg)
+    try:
+        _, got = rounds(executor, cfg, 2)
+        with pytest.raises(grpc.RpcError) as bad:
+            executor.pipeline._stubs[0].SetProximal(pb.ProximalRequest(mu=-1.0), timeout=30)
+        assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "mu" in bad.value.details()
+        assert executor.pipeline._stubs[1].Health(pb.HealthRequest(), timeout=30)  # still serving
+    finally:
+        executor.close()
+    assert all(torch.equal(got[k], want[k]) for k in want)
 
 
 def test_simulate_cli_names_the_bad_field(data_dir, capsys):
