@@ -82,7 +82,9 @@ RUNS = (
 )
 
 
-def machine(threads: int) -> str:
+def machine(threads: int, device: str = "cpu") -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as fh:
@@ -123,7 +125,7 @@ def run_one(run: Run, args: argparse.Namespace) -> dict[str, Any]:
             "train_images": cfg.train.train_limit or 60000,
             "softmax": by_method.get("softmax"), "goodness": by_method.get("goodness"),
             "best": max(by_method.values()), "target": run.target, "anchor": run.anchor,
-            "wall_seconds": wall, "curve": curve, "machine": machine(args.threads),
+            "wall_seconds": wall, "curve": curve, "machine": machine(args.threads, cfg.train.device),
             "overrides": overrides + list(args.set), "config": cfg.to_dict()}
 
 

@@ -79,3 +79,22 @@ def test_other_benchmarks_are_reached_through_bench(capsys: pytest.CaptureFixtur
         bpfree_cli.main(["bench", "pipeline", "--help"])
     assert exc.value.code == 0
     assert "Pipeline benchmark" in capsys.readouterr().out
+
+
+def test_gpu_grid_sizes_runs_to_the_budget_and_renders_a_table(data_dir: Path, tmp_path: Path) -> None:
+    """bench.gpu_grid on the CPU: every run (centralised and federated) finishes, table written."""
+    from bench.gpu_grid import main
+
+    runs = tmp_path / "runs"
+    assert main(["--grid", "smoke", "--device", "cpu", "--budget", "120", "--data-dir",
+                 str(data_dir), "--runs-dir", str(runs)]) == 0
+    results = sorted(p.name for p in runs.glob("*.result.json"))
+    assert results == ["fed-symba-tiny.result.json", "symba-tiny.result.json"]
+    out = tmp_path / "acc.md"
+    assert main(["--grid", "smoke", "--render", str(runs), "--out", str(out)]) == 0
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| ")][1:]
+    assert [r.split(" | ")[0] for r in rows] == ["| symba-tiny", "| fed-symba-tiny"]
+    for row in rows:
+        epochs = row.split(" | ")[3]
+        assert epochs.endswith("(2)") and int(epochs.split()[0]) >= 1
+        assert float(row.split(" | ")[4].rstrip("%")) > 20.0   # learned (chance: 10%)
