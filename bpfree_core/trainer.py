@@ -94,6 +94,27 @@ def evaluate(
     return {m: c / len(split) for m, c in correct.items()}
 
 
+def stuck_layers(layer_means: dict[str, dict[str, float]], lr: float) -> dict[str, str]:
+    """{layer: sentence} for each goodness layer that separated nothing over an epoch.
+
+    Deep layers can sit at chance for the first few hundred steps, so the trainer warns only
+    about a layer stuck two epochs running: by then it is dead or blown up, and a dead ReLU
+    layer gets no gradient from y^2, so it does not recover by itself.
+    """
+    out = {}
+    for name, m in layer_means.items():
+        if not {"g_pos", "g_neg", "ff_acc"} <= m.keys() or m["ff_acc"] > 0.51:
+            continue
+        gap = abs(m["g_pos"] - m["g_neg"]) / max(abs(m["g_pos"]), abs(m["g_neg"]), 1e-12)
+        if gap < 1e-3:
+            state = "its units are dead" if m["g_pos"] == 0 else "its goodness does not depend on the label"
+            out[name] = (f"layer {name} separated nothing for two epochs (mean G+ = "
+                         f"{m['g_pos']:.4g}, G- = {m['g_neg']:.4g}, pos/neg accuracy "
+                         f"{m['ff_acc']:.0%}): {state}; restart with a lower optim.lr (now "
+                         f"{lr:g}; 2000-wide FF layers need <= 5e-4)")
+    return out
+
+
 def headline(acc: dict[str, float], cfg: ExperimentConfig) -> float:
     """The accuracy a run reports: the configured method, the better of both with `both`."""
     if cfg.train.predict == "both":
@@ -132,6 +153,7 @@ def train_reference(
     start = time.perf_counter()
     acc: dict[str, float] = {}
     n_batches = num_train_batches(train_split, cfg)
+    stuck_before: dict[str, str] = {}
     for epoch in range(first_epoch, cfg.train.epochs):
         stage.set_epoch(epoch, cfg.train.epochs)
         means = RunningMeans()
@@ -146,7 +168,15 @@ def train_reference(
         acc = evaluate(stage.eval_step, objective, test_split, cfg)
         train_acc = evaluate(stage.eval_step, objective,
                              train_split.subset(slice(0, TRAIN_EVAL_SAMPLES)), cfg)
+        stuck = stuck_layers(means.means(), cfg.optim.lr)
+        warnings = [msg for name, msg in stuck.items() if name in stuck_before]
+        stuck_before = stuck
+        for w in warnings:
+            log.warning("%s", w)
+            if progress:
+                tqdm.write(f"warning: {w}")
         record = {"epoch": epoch + 1, "layers": means.means(), "test_accuracy": acc,
+                  "warnings": warnings,
                   "train_accuracy": train_acc, "epoch_seconds": train_time,
                   "samples_per_second": n_batches * cfg.train.batch_size / train_time}
         writer.write(record, step=epoch + 1)

@@ -102,3 +102,15 @@ def test_jitter_changes_training_only_when_asked(data_dir):
     assert all(torch.equal(plain["weights"][k], off["weights"][k]) for k in plain["weights"])
     assert not all(torch.equal(plain["weights"][k], on["weights"][k]) for k in plain["weights"])
     assert on["test_accuracy"] > 0.25             # still learns (chance: 0.1; 1 short epoch)
+
+
+def test_a_layer_stuck_for_two_epochs_is_named_with_the_fix(data_dir, tmp_path):
+    # lr 0.5 blows every FF layer up: goodness no longer depends on the label.
+    train_reference(_cfg(data_dir, "train.epochs=2", "optim.lr=0.5", "train.train_limit=1000"),
+                    tmp_path / "bad", progress=False)
+    records = [json.loads(line) for line in (tmp_path / "bad" / "metrics.jsonl").open()]
+    assert records[0]["warnings"] == []                 # one epoch is not enough to judge
+    assert records[1]["warnings"] and all("optim.lr" in w for w in records[1]["warnings"])
+    train_reference(_cfg(data_dir, "train.epochs=2"), tmp_path / "good", progress=False)
+    records = [json.loads(line) for line in (tmp_path / "good" / "metrics.jsonl").open()]
+    assert [r["warnings"] for r in records] == [[], []]
