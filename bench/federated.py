@@ -36,8 +36,8 @@ import torch
 
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.data import load_dataset
-from bpfree_core.model import Stage, build_layers, build_objective
-from bpfree_core.trainer import evaluate, headline, limited, train_reference
+from bpfree_core.model import build_objective
+from bpfree_core.trainer import evaluate_weights, headline, limited, train_reference
 from server.simulate import client_actors
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -79,11 +79,9 @@ def run_centralised(cfg: ExperimentConfig, algorithm: str) -> dict[str, Any]:
 
 
 def _accuracy(cfg: ExperimentConfig, weights: dict[str, torch.Tensor]) -> float:
-    objective = build_objective(cfg)
-    stage = Stage(build_layers(cfg, objective=objective))
-    stage.load_state_dict(weights)
     data = load_dataset(cfg.model.dataset, cfg.train.data_dir or None)
-    acc = evaluate(stage.eval_step, objective, limited(data.test, cfg.train.test_limit), cfg)
+    acc = evaluate_weights(weights, build_objective(cfg), limited(data.test, cfg.train.test_limit),
+                           cfg)
     return headline(acc, cfg)
 
 

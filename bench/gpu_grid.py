@@ -144,8 +144,8 @@ def federated(run: GridRun, rounds: int, data_dir: str, runs_dir: str,
     from bench.accuracy import machine, net_of
     from bpfree_core.config import load_config
     from bpfree_core.data import load_dataset
-    from bpfree_core.model import Stage, build_layers, build_objective
-    from bpfree_core.trainer import evaluate
+    from bpfree_core.model import build_objective
+    from bpfree_core.trainer import evaluate_weights
     from server.reference import federated_reference
 
     cfg = load_config(None, list(run.overrides) + [
@@ -157,9 +157,7 @@ def federated(run: GridRun, rounds: int, data_dir: str, runs_dir: str,
     t0 = time.perf_counter()
 
     def on_round(rnd: int, weights: dict, updates: list) -> None:
-        stage = Stage(build_layers(cfg, objective=objective), cfg.train.device)
-        stage.load_state_dict(weights)
-        curve.append(evaluate(stage.eval_step, objective, test, cfg))
+        curve.append(evaluate_weights(weights, objective, test, cfg))
 
     federated_reference(cfg, on_round=on_round)
     return {"name": run.name, "label": run.label, "algorithm": cfg.model.algorithm,
@@ -169,11 +167,9 @@ def federated(run: GridRun, rounds: int, data_dir: str, runs_dir: str,
             "config": cfg.to_dict()}
 
 
-def pct(v: float | None) -> str:
-    return "—" if v is None else f"{100 * v:.2f}%"
-
-
 def render(results: list[dict[str, Any]], note: str) -> str:
+    from bench.accuracy import pct
+
     lines = [
         "# Accuracy on MNIST on one GPU (full 60k train / 10k test)",
         "",

@@ -94,6 +94,15 @@ def evaluate(
     return {m: c / len(split) for m, c in correct.items()}
 
 
+def evaluate_weights(
+    weights: dict[str, torch.Tensor], objective: Objective, split: Split, cfg: ExperimentConfig
+) -> dict[str, float]:
+    """Accuracy of a whole stack's weights (say, a federated global model) on `split`."""
+    stage = Stage(build_layers(cfg, objective=objective), cfg.train.device)
+    stage.load_state_dict(weights)
+    return evaluate(stage.eval_step, objective, split, cfg)
+
+
 def stuck_layers(layer_means: dict[str, dict[str, float]], lr: float) -> dict[str, str]:
     """{layer: sentence} for each goodness layer that separated nothing over an epoch.
 
@@ -168,14 +177,15 @@ def train_reference(
         acc = evaluate(stage.eval_step, objective, test_split, cfg)
         train_acc = evaluate(stage.eval_step, objective,
                              train_split.subset(slice(0, TRAIN_EVAL_SAMPLES)), cfg)
-        stuck = stuck_layers(means.means(), cfg.optim.lr)
+        layer_means = means.means()
+        stuck = stuck_layers(layer_means, cfg.optim.lr)
         warnings = [msg for name, msg in stuck.items() if name in stuck_before]
         stuck_before = stuck
         for w in warnings:
             log.warning("%s", w)
             if progress:
                 tqdm.write(f"warning: {w}")
-        record = {"epoch": epoch + 1, "layers": means.means(), "test_accuracy": acc,
+        record = {"epoch": epoch + 1, "layers": layer_means, "test_accuracy": acc,
                   "warnings": warnings,
                   "train_accuracy": train_acc, "epoch_seconds": train_time,
                   "samples_per_second": n_batches * cfg.train.batch_size / train_time}

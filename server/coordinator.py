@@ -29,9 +29,9 @@ from bpfree_core.config import ExperimentConfig
 from bpfree_core.data import load_dataset
 from bpfree_core.errors import AggregationError, ConfigError, ProtocolError
 from bpfree_core.metrics import MetricsWriter
-from bpfree_core.model import Stage, build_layers, build_objective
+from bpfree_core.model import build_objective
 from bpfree_core.runtime import set_threads
-from bpfree_core.trainer import evaluate, headline, limited
+from bpfree_core.trainer import evaluate_weights, headline, limited
 from client.training import stack_template
 from server.aggregate import ClientUpdate, Weights, fedavg, layer_stats, validate_update
 
@@ -204,9 +204,7 @@ class Coordinator:
 
     def evaluate(self, weights: Weights) -> dict[str, float]:
         """Test accuracy of `weights`, evaluated in this process."""
-        stage = Stage(build_layers(self.cfg, objective=self.objective), self.cfg.train.device)
-        stage.load_state_dict(weights)
-        return evaluate(stage.eval_step, self.objective, self.test, self.cfg)
+        return evaluate_weights(weights, self.objective, self.test, self.cfg)
 
     def _checkpoint(self, rnd: int, record: dict[str, Any]) -> None:
         if self.run_dir is None:

@@ -224,15 +224,14 @@ class FlowerSimulation:
 
     RAY_ATTEMPTS = 3
 
-    def __init__(self, tmp: Path, num_clients: int, actors: int | None = None):
+    def __init__(self, tmp: Path, num_clients: int, actors: int):
         self.num_clients = num_clients
         tmp.mkdir(parents=True, exist_ok=True)
         self.ray_tmp, self.scratch = tmp / "ray", None
         if len(str(self.ray_tmp.resolve())) > RAY_TEMP_MAX:  # too deep for Ray's socket paths
             self.scratch = Path(tempfile.mkdtemp(prefix="bpfree-ray-"))
             self.ray_tmp = self.scratch
-        # Ray's CPU count only sets how many ClientApp actors run at once (1 "CPU" each).
-        actors = actors or min(os.cpu_count() or 2, num_clients)
+        # Ray's CPU count only sets how many ClientApp actors run at once (client_actors).
         self.init_args = {"num_cpus": actors,
                           "_temp_dir": str(self.ray_tmp.resolve()), "include_dashboard": False,
                           "logging_level": "WARNING", "log_to_driver": True}
