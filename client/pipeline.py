@@ -259,15 +259,17 @@ class Pipeline:
                 raise ConfigError(f"load_weights: no weights for layer(s) {missing} (stage {s}); "
                                   "keys must look like layers.<index>.<name>")
             chunks = encode_state(own, self.cfg.pipeline.chunk_bytes)
+            what = "LoadWeights on"
             try:
                 self._stubs[s].LoadWeights(chunks, timeout=self.cfg.pipeline.rpc_timeout,
                                            metadata=self.security.metadata())
                 if proximal_mu > 0:
+                    what = "SetProximal on"
                     self._stubs[s].SetProximal(pb.ProximalRequest(mu=proximal_mu),
                                                timeout=self.cfg.pipeline.rpc_timeout,
                                                metadata=self.security.metadata())
             except grpc.RpcError as exc:
-                raise rpc_exception(self.addresses[s], exc, "LoadWeights on") from None
+                raise rpc_exception(self.addresses[s], exc, what) from None
 
     def get_weights(self) -> dict[str, torch.Tensor]:
         """Every stage's weights, keyed as Stage.state_dict() (`layers.<i>.<name>`)."""

@@ -29,6 +29,7 @@ from bpfree_core.layers import Packet, add_proximal_term
 from bpfree_core.metrics import RunningMeans, flat_numbers
 from bpfree_core.model import Stage, build_layers, build_objective
 from bpfree_core.partition import partition_indices
+from bpfree_core.runtime import set_threads
 from bpfree_core.trainer import limited, train_packets
 from server.aggregate import ClientUpdate, Weights
 
@@ -125,6 +126,9 @@ class InProcessExecutor:
     """Every layer in this process, in one bpfree_core Stage: the reference executor."""
 
     def __init__(self, cfg: ExperimentConfig, device: str = "cpu"):
+        # GEMM summation order depends on the torch thread count: train with the configured
+        # count, as the stage workers do, or the golden rule fails in the last bits.
+        set_threads(cfg.train.threads)
         self.cfg = cfg
         self.device = device
         self.objective = build_objective(cfg)

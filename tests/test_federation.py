@@ -19,7 +19,7 @@ import torch
 
 from bpfree_core.checkpoint import load_checkpoint
 from bpfree_core.config import load_config
-from bpfree_core.errors import AggregationError
+from bpfree_core.errors import AggregationError, ProtocolError
 from server.aggregate import ClientUpdate
 from server.coordinator import Coordinator, RoundReplies
 from server.reference import federated_reference
@@ -240,6 +240,8 @@ def test_fedprox_pulls_toward_the_global_weights_and_pipelines_match_the_referen
         with pytest.raises(grpc.RpcError) as bad:
             executor.pipeline._stubs[0].SetProximal(pb.ProximalRequest(mu=-1.0), timeout=30)
         assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "mu" in bad.value.details()
+        with pytest.raises(ProtocolError, match="SetProximal on .* finite mu"):
+            executor.pipeline.load_weights(got, proximal_mu=float("inf"))
         assert executor.pipeline._stubs[1].Health(pb.HealthRequest(), timeout=30)  # still serving
     finally:
         executor.close()
