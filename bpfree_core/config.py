@@ -18,7 +18,7 @@ from typing import Any
 
 from bpfree_core.errors import ConfigError
 
-ALGORITHMS = ("ff", "symba", "sffa", "ffcl", "uff", "bp")
+ALGORITHMS = ("ff", "symba", "sffa", "ffcl", "uff", "bp", "cwc")
 DATASETS = ("mnist", "fashion-mnist")
 WIRE_DTYPES = ("float32", "bfloat16", "float16")
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")   # Ray placement-group strategies
@@ -41,7 +41,7 @@ class ModelConfig:
     algorithm: str = "ff"                          # one of ALGORITHMS
     dataset: str = "mnist"                         # one of DATASETS
     hidden: tuple[int, ...] = (500, 500)           # units per hidden layer, in order
-    conv: tuple[int, ...] = ()                     # conv channels before `hidden` (uff, bp only)
+    conv: tuple[int, ...] = ()                     # conv channels before `hidden` (uff, bp, cwc)
 
     def __post_init__(self) -> None:
         _check_choice("model", "algorithm", self.algorithm, ALGORITHMS)
@@ -59,10 +59,10 @@ class ModelConfig:
         for i, c in enumerate(self.conv):
             if not isinstance(c, int) or c < 1:
                 raise ConfigError(f"model.conv[{i}] = {c!r}: every conv layer needs >= 1 channel")
-        if self.conv and self.algorithm not in ("uff", "bp"):
+        if self.conv and self.algorithm not in ("uff", "bp", "cwc"):
             raise ConfigError(
                 f"model.conv is set but model.algorithm = {self.algorithm!r}: conv layers are "
-                "supported for uff and bp; use model.hidden for the others"
+                "supported for uff, bp and cwc; use model.hidden for the others"
             )
 
 

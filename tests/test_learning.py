@@ -28,6 +28,8 @@ CASES = [
     (("model.algorithm=uff",), {"softmax": 0.8}),
     (("model.algorithm=uff", "model.conv=8", "model.hidden=100"), {"softmax": 0.8}),
     (("model.algorithm=bp",), {"softmax": 0.85}),
+    (("model.algorithm=cwc", "model.conv=10,20,40", "model.hidden=[]", "optim.lr=1e-2"),
+     {"goodness": 0.6, "softmax": 0.85}),
 ]
 
 

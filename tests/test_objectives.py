@@ -7,6 +7,7 @@ under test, so a wrong sign, a sum-for-mean or a missing term fails.
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -85,6 +86,28 @@ def test_sffa_loss_is_bce_on_positive_half_energy_ratio():
     g_neg = sq_n[:, :2].sum(1) / sq_n.sum(1)             # [1/2, 4/5]
     expected = -(np.log(g_pos).mean() + np.log(1 - g_neg).mean())
     assert float(loss) == pytest.approx(expected, rel=1e-5)
+
+
+def test_cwc_loss_is_cross_entropy_over_class_group_mean_squares():
+    lay = layer("cwc", "model.hidden=20,20")           # 10 class groups of 2 units
+    y = np.arange(40, dtype=np.float32).reshape(2, 20) / 20.0
+    labels = np.array([3, 9])
+    loss, metrics = lay.loss(t(y), torch.from_numpy(labels))
+    g = (y ** 2).reshape(2, 10, 2).mean(2)               # (B, C): group c = units 2c, 2c+1
+    logp = g - np.log(np.exp(g).sum(1, keepdims=True))
+    expected = -logp[np.arange(2), labels].mean()
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    assert metrics["cwc_acc"] == pytest.approx(0.5)       # the last group is largest: 9 right, 3 wrong
+
+
+@pytest.mark.parametrize(("overrides", "field"), [
+    (("model.hidden=25",), "model.hidden[0] = 25"),
+    (("model.conv=20,15", "model.hidden=[]"), "model.conv[1] = 15"),
+    (("model.conv=10,10,10,10,10,10,10,10,10,10", "model.hidden=[]"), "use at most 9 conv layers"),
+])
+def test_cwc_sizes_that_cannot_split_into_class_groups_are_named(overrides, field):
+    with pytest.raises(ConfigError, match=re.escape(field)):
+        build_layers(cfg_for("cwc", *overrides))
 
 
 def test_ffcl_cosine_loss_pulls_matching_and_pushes_rolled_pairs():
@@ -217,7 +240,8 @@ def test_every_configured_algorithm_is_registered():
     assert set(ALGORITHMS) <= set(reg)
     for name in ALGORITHMS:
         assert reg[name].name == name
-        objective = get_objective(cfg_for(name), SPECS["mnist"])
+        sizes = ["model.hidden=20,20"] if name == "cwc" else []  # cwc: 10 class groups
+        objective = get_objective(cfg_for(name, *sizes), SPECS["mnist"])
         assert objective.layer_sizes()
 
 

@@ -100,6 +100,16 @@ def test_symba_pipeline_matches_reference_exactly(data_dir: Path, tmp_path: Path
     assert out["acc"] == ref["test_accuracy_by_method"]
 
 
+def test_cwc_conv_pipeline_matches_reference_exactly(data_dir: Path, tmp_path: Path) -> None:
+    # Conv feature maps (B, C, H, W) on the wire, grouped convs, batch-statistics BatchNorm.
+    cfg = _cfg(data_dir, "model.algorithm=cwc", "model.conv=10,20", "model.hidden=20",
+               "optim.lr=1e-2", "pipeline.stages=2", "train.epochs=1", "train.predict=both")
+    ref = reference(cfg, tmp_path)
+    out = run_pipeline(cfg)
+    _assert_identical(out["weights"], ref["weights"])
+    assert out["acc"] == ref["test_accuracy_by_method"]
+
+
 def test_bf16_wire_halves_bytes_and_stays_within_tolerance(data_dir: Path, tmp_path: Path) -> None:
     cfg32 = _cfg(data_dir, "pipeline.stages=2")
     ref = reference(cfg32.with_overrides(["pipeline.stages=1"]), tmp_path)
