@@ -8,7 +8,9 @@ import torch
 
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.data import DatasetSpec
-from bpfree_core.layers import LocalLayer, Packet
+from bpfree_core.layers import LABELS, LocalLayer, Packet
+
+Shape = tuple[int, ...]  # a layer's output per sample: (D,) linear, (C, H, W) conv
 
 
 class Objective:
@@ -56,3 +58,42 @@ class Objective:
         """A uniformly drawn label != y for every sample (never the true one)."""
         offset = torch.randint(1, self.num_classes, y.shape, generator=gen)
         return (y + offset) % self.num_classes
+
+
+def numel(shape: Shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+class ShapedObjective(Objective):
+    """A stack of conv layers (model.conv) then linear ones (model.hidden), fed the plain image.
+
+    Subclasses give `shapes()` and the layer class; packets carry x (B, D) or (B, C, H, W)
+    and the labels (training only).
+    """
+
+    layer_cls: ClassVar[type[LocalLayer]]
+
+    def shapes(self) -> list[Shape]:
+        """Input shape of the stack, then every layer's output shape."""
+        raise NotImplementedError
+
+    def layer_sizes(self) -> list[int]:
+        return [numel(s) for s in self.shapes()[1:]]
+
+    def build_layer(self, index: int, num_layers: int, in_dim: int, out_dim: int) -> LocalLayer:
+        shapes = self.shapes()
+        in_shape = shapes[index] if len(shapes[index + 1]) == 3 else (in_dim,)
+        return self.layer_cls(index, num_layers, self.cfg, self.num_classes,  # type: ignore[call-arg]
+                              in_shape, shapes[index + 1])
+
+    def encode_train(self, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> Packet:
+        return {"x": self._layout(x), LABELS: y}
+
+    def encode_eval(self, x: torch.Tensor, goodness: bool) -> Packet:
+        return {"x": self._layout(x)}
+
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(x.shape[0], *self.spec.shape) if self.cfg.model.conv else x

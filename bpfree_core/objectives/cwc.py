@@ -38,16 +38,7 @@ from bpfree_core.config import ExperimentConfig
 from bpfree_core.errors import ConfigError
 from bpfree_core.layers import GOODNESS, LABELS, LocalLayer, Packet, relu, rms_normalize
 from bpfree_core.objectives import register
-from bpfree_core.objectives.base import Objective
-
-Shape = tuple[int, ...]  # (D,) linear, (C, H, W) conv
-
-
-def _numel(shape: Shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
+from bpfree_core.objectives.base import Shape, ShapedObjective, numel
 
 
 class CwCLayer(LocalLayer):
@@ -66,9 +57,9 @@ class CwCLayer(LocalLayer):
                                              groups=groups)
             self.norm: nn.Module = nn.BatchNorm2d(out_shape[0], track_running_stats=False)
         else:
-            self.body = nn.Linear(_numel(in_shape), out_shape[0])
+            self.body = nn.Linear(numel(in_shape), out_shape[0])
             self.norm = nn.BatchNorm1d(out_shape[0], track_running_stats=False)
-        self.make_head(_numel(out_shape))
+        self.make_head(numel(out_shape))
         self.finish_init()
 
     def votes(self) -> bool:
@@ -116,7 +107,9 @@ class CwCLayer(LocalLayer):
 
 
 @register("cwc")
-class ChannelWiseCompetitive(Objective):
+class ChannelWiseCompetitive(ShapedObjective):
+    layer_cls = CwCLayer
+
     supports_goodness = True
 
     def shapes(self) -> list[Shape]:
@@ -143,20 +136,3 @@ class ChannelWiseCompetitive(Objective):
                     f"groups, so use a multiple of {self.num_classes}")
             out.append((n,))
         return out
-
-    def layer_sizes(self) -> list[int]:
-        return [_numel(s) for s in self.shapes()[1:]]
-
-    def build_layer(self, index: int, num_layers: int, in_dim: int, out_dim: int) -> LocalLayer:
-        shapes = self.shapes()
-        in_shape = shapes[index] if len(shapes[index + 1]) == 3 else (in_dim,)
-        return CwCLayer(index, num_layers, self.cfg, self.num_classes, in_shape, shapes[index + 1])
-
-    def encode_train(self, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> Packet:
-        return {"x": self._layout(x), LABELS: y}
-
-    def encode_eval(self, x: torch.Tensor, goodness: bool) -> Packet:
-        return {"x": self._layout(x)}
-
-    def _layout(self, x: torch.Tensor) -> torch.Tensor:
-        return x.view(x.shape[0], *self.spec.shape) if self.cfg.model.conv else x

@@ -32,9 +32,7 @@ from torch import nn
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.layers import LABELS, LocalLayer, Packet, rms_normalize
 from bpfree_core.objectives import register
-from bpfree_core.objectives.base import Objective
-
-Shape = tuple[int, ...]  # (D,) for a linear cell, (C, H, W) for a conv cell
+from bpfree_core.objectives.base import Shape, ShapedObjective, numel
 
 
 def noise_generator(seed: int, index: int, step: int) -> torch.Generator:
@@ -68,7 +66,7 @@ class UFFCell(LocalLayer):
                 in_dim *= n
             self.encoder = nn.Linear(in_dim, out_shape[0])
             self.decoder = nn.Linear(out_shape[0], in_dim)
-        self.make_head(_numel(out_shape))
+        self.make_head(numel(out_shape))
         self.finish_init()
 
     def votes(self) -> bool:
@@ -106,15 +104,11 @@ class UFFCell(LocalLayer):
         return out
 
 
-def _numel(shape: Shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
 
 @register("uff")
-class UnsupervisedFF(Objective):
+class UnsupervisedFF(ShapedObjective):
+    layer_cls = UFFCell
+
     def shapes(self) -> list[Shape]:
         """Input shape of the stack, then the output shape of every cell."""
         c, h, w = self.spec.shape
@@ -124,20 +118,3 @@ class UnsupervisedFF(Objective):
             out.append((ch, h, w))
         out += [(n,) for n in self.cfg.model.hidden]
         return out
-
-    def layer_sizes(self) -> list[int]:
-        return [_numel(s) for s in self.shapes()[1:]]
-
-    def build_layer(self, index: int, num_layers: int, in_dim: int, out_dim: int) -> LocalLayer:
-        shapes = self.shapes()
-        in_shape = shapes[index] if len(shapes[index + 1]) == 3 else (in_dim,)
-        return UFFCell(index, num_layers, self.cfg, self.num_classes, in_shape, shapes[index + 1])
-
-    def encode_train(self, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> Packet:
-        return {"x": self._layout(x), LABELS: y}
-
-    def encode_eval(self, x: torch.Tensor, goodness: bool) -> Packet:
-        return {"x": self._layout(x)}
-
-    def _layout(self, x: torch.Tensor) -> torch.Tensor:
-        return x.view(x.shape[0], *self.spec.shape) if self.cfg.model.conv else x
