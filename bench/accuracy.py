@@ -71,6 +71,10 @@ RUNS = (
         ("model.algorithm=uff", "model.conv=16,32", "model.hidden=500", "train.epochs=8",
          "optim.head_lr=3e-3"),
         0.97, "not confirmed (CAEFF: best UFF variant)"),
+    Run("cwc-conv", "CwC, conv CFSE c20-c40-c80-c160, no negatives",
+        ("model.algorithm=cwc", "model.conv=20,40,80,160", "model.hidden=[]", "optim.lr=1e-2",
+         "train.epochs=6", "train.predict=both"),
+        0.987, "99.42% (CwComp, c20-c80-c240-c480, AAAI 2024)"),
     # Longer runs of the two strongest local objectives (loeweX's 3x1000 net).
     Run("ff-long", "FF (Hinton loss, label pixels)",
         ("model.algorithm=ff", "model.hidden=3x1000", "train.epochs=15", "train.predict=both"),

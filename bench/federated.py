@@ -49,7 +49,7 @@ def bench_config(args: argparse.Namespace) -> ExperimentConfig:
         f"model.algorithm={args.algorithm}", "model.hidden=500,500", "train.threads=1",
         f"federation.clients={args.clients}", f"pipeline.stages={args.stages}",
         f"federation.rounds={args.rounds}", "federation.local_epochs=1",
-        "federation.partition=iid", "federation.executor=pipeline"])
+        "federation.partition=iid", "federation.executor=pipeline", *args.set])
 
 
 def run_federated_pipelined(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
@@ -116,7 +116,7 @@ def report(res: dict[str, Any], cfg: ExperimentConfig, args: argparse.Namespace)
         f"Command: `{res['command']}`  ",
         f"Machine: {res['machine']}; load before/after: `{res['load_before']}` / "
         f"`{res['load_after']}`  ",
-        f"Model: {cfg.model.algorithm}, layers {list(cfg.model.hidden)}, batch "
+        f"Model: {cfg.model.algorithm}, layers {_layers(cfg)}, lr {cfg.optim.lr:g}, batch "
         f"{cfg.train.batch_size}, 1 torch thread per process; data: MNIST "
         f"{'all 60000' if not cfg.train.train_limit else cfg.train.train_limit} training images, "
         "10000 test images.  ",
@@ -194,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--algorithm", default="symba")
     parser.add_argument("--train-limit", type=int, default=0, help="0 = all 60000 images")
     parser.add_argument("--skip-centralised", action="store_true")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override after the bench's own, e.g. model.conv=20,40")
     parser.add_argument("--out", type=Path, default=RESULTS / "federated.md")
     parser.add_argument("--render", type=Path, metavar="FILE.json",
                         help="only re-render the markdown from a saved results JSON")
@@ -229,6 +231,11 @@ def main(argv: list[str] | None = None) -> int:
     args.out.with_suffix(".json").write_text(json.dumps(res, indent=2, default=str) + "\n")
     print(args.out.read_text())
     return 0
+
+
+def _layers(cfg: ExperimentConfig) -> str:
+    conv = [f"c{c}" for c in cfg.model.conv]
+    return "-".join(conv + [str(n) for n in cfg.model.hidden])
 
 
 def _uptime() -> str:

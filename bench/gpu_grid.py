@@ -49,6 +49,8 @@ FF = ("model.algorithm=ff", "train.predict=both")
 SYMBA = ("model.algorithm=symba", "train.predict=both")
 SFFA = ("model.algorithm=sffa", "train.predict=both")
 UFF = ("model.algorithm=uff", "optim.head_lr=3e-3")
+CWC = ("model.algorithm=cwc", "model.conv=20,40,80,160", "model.hidden=[]", "optim.lr=1e-2",
+       "train.predict=both")
 FED4 = ("federation.clients=4", "federation.executor=inprocess")
 A_FF = "98.64% (Hinton, 4x2000, 60 ep); loeweX 98.55% (3x1000, 100 ep)"
 A_SYMBA = "98.58% (HCL-FF Table 1)"
@@ -91,6 +93,23 @@ GRIDS: dict[str, tuple[GridRun, ...]] = {
                 FF + ("model.hidden=3x1000",) + J2 + FED4, 100, 0.987),
         GridRun("fed-uff-conv64-j2", "UFF conv cells + jitter, 4 IID clients",
                 UFF + ("model.conv=64,128", "model.hidden=1000") + J2 + FED4, 50, 0.987),
+    ),
+    # For the next GPU session: fewer runs, the anchors' epoch budgets (needs ~1 GPU-hour).
+    "next": (
+        GridRun("ff-4x2000-lr5e-4", "FF", FF + ("model.hidden=4x2000", "optim.lr=5e-4"), 60,
+                0.985, A_FF),
+        GridRun("ff-3x1000-lr1e-3", "FF", FF + ("model.hidden=3x1000", "optim.lr=1e-3"), 100,
+                0.985, A_FF),
+        GridRun("symba-3x1000", "SymBa + ICP", SYMBA + ("model.hidden=3x1000", "optim.lr=3e-3"),
+                100, 0.985, A_SYMBA),
+        GridRun("symba-4x2000-lr1e-3", "SymBa + ICP",
+                SYMBA + ("model.hidden=4x2000", "optim.lr=1e-3"), 60, 0.985, A_SYMBA),
+        GridRun("sffa-2x2000-j2-lr3e-4", "SFFA + jitter",
+                SFFA + ("model.hidden=2x2000", "optim.lr=3e-4") + J2, 60, 0.98),
+        GridRun("cwc-c20-160", "CwC conv (CFSE)", CWC, 30, 0.987),
+        GridRun("fed-cwc-c20-160", "CwC conv (CFSE), 4 IID clients", CWC + FED4, 30, 0.987),
+        GridRun("fed-symba-3x1000", "SymBa + ICP, 4 IID clients",
+                SYMBA + ("model.hidden=3x1000", "optim.lr=3e-3") + FED4, 100, 0.987),
     ),
 }
 
