@@ -31,6 +31,11 @@ def rms_normalize(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     return x / (x.pow(2).mean(dim=1, keepdim=True).sqrt() + eps)
 
 
+def rms_all(x: torch.Tensor) -> torch.Tensor:
+    """Unit RMS per sample over every non-batch dimension, shape kept (conv feature maps)."""
+    return rms_normalize(x.flatten(1)).view_as(x)
+
+
 class _StraightThroughReLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]

@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from bpfree_core.config import ExperimentConfig
-from bpfree_core.runtime import set_threads
 from client.training import InProcessExecutor, client_split, local_round, stack_template, train_split
 from server.aggregate import ClientUpdate, Weights, fedavg
 
@@ -24,8 +23,7 @@ def federated_reference(
 
     `on_round(round, new_weights, updates)` is called after each round's aggregation.
     """
-    set_threads(cfg.train.threads)
-    train = train_split(cfg)
+    train = train_split(cfg)  # each InProcessExecutor sets train.threads
     parts = [client_split(cfg, train, k) for k in range(cfg.federation.clients)]
     weights = stack_template(cfg)
     for rnd in range(cfg.federation.rounds if rounds is None else rounds):

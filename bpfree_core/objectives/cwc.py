@@ -36,7 +36,15 @@ from torch import nn
 
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.errors import ConfigError
-from bpfree_core.layers import GOODNESS, LABELS, LocalLayer, Packet, relu, rms_normalize
+from bpfree_core.layers import (
+    GOODNESS,
+    LABELS,
+    LocalLayer,
+    Packet,
+    relu,
+    rms_all,
+    rms_normalize,
+)
 from bpfree_core.objectives import register
 from bpfree_core.objectives.base import Shape, ShapedObjective, numel
 
@@ -66,8 +74,7 @@ class CwCLayer(LocalLayer):
         return True  # no label in the input: every layer's goodness is a fair vote
 
     def forward_body(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.detach().float().reshape(x.shape[0], -1)
-        h = rms_normalize(h).view(x.shape[0], *self.in_shape)     # never backprop upstream
+        h = rms_all(x.detach().reshape(x.shape[0], *self.in_shape).float())  # no grad upstream
         y = relu(self.body(h), self.cfg.objective.straight_through)
         if self.pool:
             y = F.max_pool2d(y, 2)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bpfree_core.config import ExperimentConfig
-from bpfree_core.layers import LABELS, LocalLayer, Packet, rms_normalize
+from bpfree_core.layers import LABELS, LocalLayer, Packet, rms_all, rms_normalize
 from bpfree_core.objectives import register
 from bpfree_core.objectives.base import Shape, ShapedObjective, numel
 
@@ -38,11 +38,6 @@ from bpfree_core.objectives.base import Shape, ShapedObjective, numel
 def noise_generator(seed: int, index: int, step: int) -> torch.Generator:
     """The generator of cell `index`'s denoising noise at its `step`-th update."""
     return torch.Generator().manual_seed(((seed * 1_000_003 + index) * 1_000_033 + step) % 2**62)
-
-
-def rms_all(x: torch.Tensor) -> torch.Tensor:
-    """Unit RMS per sample over every non-batch dimension, shape kept."""
-    return rms_normalize(x.flatten(1)).view_as(x)
 
 
 class UFFCell(LocalLayer):
