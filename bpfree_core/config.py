@@ -79,9 +79,12 @@ class ObjectiveConfig:
     margin: float = 0.8            # ffcl: cosine margin for mismatched pairs (0 collapses ReLU codes)
     noise_std: float = 0.3         # uff: denoising noise (0 = plain autoencoder)
     head: bool = True              # train a local softmax readout head per layer
+    negatives: str = "uniform"     # ff/symba/sffa: uniform wrong label | hard: drawn from the
+                                   # first layer's head, in proportion to its wrong-label belief
 
     def __post_init__(self) -> None:
         _check_choice("objective", "goodness", self.goodness, ("sum", "mean"))
+        _check_choice("objective", "negatives", self.negatives, ("uniform", "hard"))
         _check_positive("objective", "alpha", self.alpha)
         _check_positive("objective", "peer_weight", self.peer_weight, allow_zero=True)
         _check_positive("objective", "pattern_bits", self.pattern_bits)

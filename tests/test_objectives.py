@@ -21,6 +21,7 @@ from bpfree_core.errors import ConfigError
 from bpfree_core.model import build_layers, build_objective
 from bpfree_core.objectives import get_objective, registered
 from bpfree_core.objectives.ffcl import cosine_pair_loss
+from bpfree_core.objectives.goodness import draw_hard_labels
 
 Y_POS = np.array([[1.0, 2.0, 0.0, 1.0], [0.5, 0.0, 0.0, 0.5]], dtype=np.float32)
 Y_NEG = np.array([[0.0, 1.0, 1.0, 0.0], [2.0, 0.0, 1.0, 0.0]], dtype=np.float32)
@@ -231,6 +232,62 @@ def test_wrong_labels_cover_every_other_class():
     y = torch.full((5000,), 4)
     drawn = objective.wrong_labels(y, torch.Generator().manual_seed(0))
     assert set(drawn.tolist()) == set(range(10)) - {4}
+
+
+@settings(max_examples=40, deadline=None)
+@given(labels=st.lists(st.integers(0, 9), min_size=1, max_size=64), seed=st.integers(0, 2**31),
+       scale=st.floats(0.0, 50.0))
+def test_hard_negatives_never_carry_the_true_label(labels: list[int], seed: int, scale: float):
+    # Confident heads (scale 50) put ~all the mass on one label: the draw must still avoid y.
+    y = torch.tensor(labels)
+    gen = torch.Generator().manual_seed(seed)
+    logits = scale * torch.randn(len(labels), 10, generator=gen)
+    logits[torch.arange(len(labels)), y] += scale           # the head believes the true label
+    drawn = draw_hard_labels(logits, y, 1.0 - torch.rand(len(labels), generator=gen))
+    assert not (drawn == y).any() and ((drawn >= 0) & (drawn < 10)).all()
+
+
+def test_hard_negatives_follow_the_heads_wrong_label_belief():
+    # p = (0.5, 0.3, 0.15, 0.05), true label 0 -> wrong labels 1, 2, 3 in ratio 0.6 : 0.3 : 0.1.
+    n = 100_000
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log().expand(n, -1)
+    u = 1.0 - torch.rand(n, generator=torch.Generator().manual_seed(0))
+    freq = torch.bincount(draw_hard_labels(logits, torch.zeros(n, dtype=torch.long), u),
+                          minlength=4).double() / n
+    assert torch.allclose(freq, torch.tensor([0.0, 0.6, 0.3, 0.1], dtype=torch.float64), atol=0.01)
+
+
+@pytest.mark.parametrize("algorithm", ["ff", "symba", "sffa"])
+def test_first_layer_redraws_hard_negatives_and_later_layers_keep_them(algorithm: str):
+    cfg = cfg_for(algorithm, "objective.negatives=hard")
+    objective = build_objective(cfg)
+    first, second = build_layers(cfg)
+    y = torch.arange(10).repeat(3)
+    packet = objective.encode_train(torch.rand(30, 784), y, torch.Generator().manual_seed(1))
+    torch.nn.init.normal_(first.head.weight, std=5.0)       # a confident, opinionated head
+    redrawn = first.redraw_negatives(dict(packet))
+    assert "u" not in redrawn and not (redrawn["y_neg"] == y).any()
+    assert not torch.equal(redrawn["y_neg"], packet["y_neg"])  # redrawn, not the uniform draw
+    if "neg" in packet:  # label pixels: the negative input is rebuilt with the new label
+        assert torch.equal(redrawn["neg"][:, :10].argmax(1), redrawn["y_neg"])
+        assert torch.equal(redrawn["neg"][:, 10:], packet["neg"][:, 10:])
+    out, _ = first.train_step(dict(packet))                 # redraws before its own step
+    assert torch.equal(out["y_neg"], redrawn["y_neg"])
+    out2, _ = second.train_step(out)
+    assert torch.equal(out2["y_neg"], out["y_neg"])
+
+
+@pytest.mark.parametrize(("algorithm", "extra", "needle"), [
+    ("ffcl", (), "uses no negative data"),
+    ("cwc", ("model.hidden=10",), "uses no negative data"),
+    ("ff", ("objective.head=false",), "turn the head on"),
+])
+def test_hard_negatives_config_errors_say_what_to_change(algorithm: str, extra: tuple[str, ...],
+                                                         needle: str):
+    with pytest.raises(ConfigError, match=needle):
+        build_objective(cfg_for(algorithm, "objective.negatives=hard", *extra))
+    with pytest.raises(ConfigError, match="objective.negatives"):
+        cfg_for("ff", "objective.negatives=hardest")
 
 
 # -- registry -----------------------------------------------------------------------------------

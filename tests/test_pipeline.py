@@ -100,6 +100,16 @@ def test_symba_pipeline_matches_reference_exactly(data_dir: Path, tmp_path: Path
     assert out["acc"] == ref["test_accuracy_by_method"]
 
 
+def test_hard_negatives_pipeline_matches_reference_exactly(data_dir: Path, tmp_path: Path) -> None:
+    # Stage 0 redraws y_neg from its head; stage 1 must train on the same redrawn labels.
+    cfg = _cfg(data_dir, "model.algorithm=symba", "objective.negatives=hard", "pipeline.stages=2",
+               "train.epochs=1", "train.predict=both")
+    ref = reference(cfg, tmp_path)
+    out = run_pipeline(cfg)
+    _assert_identical(out["weights"], ref["weights"])
+    assert out["acc"] == ref["test_accuracy_by_method"]
+
+
 def test_cwc_conv_pipeline_matches_reference_exactly(data_dir: Path, tmp_path: Path) -> None:
     # Conv feature maps (B, C, H, W) on the wire, grouped convs, batch-statistics BatchNorm.
     cfg = _cfg(data_dir, "model.algorithm=cwc", "model.conv=10,20", "model.hidden=20",

@@ -8,6 +8,7 @@ import torch
 
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.data import DatasetSpec
+from bpfree_core.errors import ConfigError
 from bpfree_core.layers import LABELS, LocalLayer, Packet
 
 Shape = tuple[int, ...]  # a layer's output per sample: (D,) linear, (C, H, W) conv
@@ -19,8 +20,13 @@ class Objective:
     name: ClassVar[str] = ""
     supports_goodness: ClassVar[bool] = False   # can predict by goodness over candidate labels
     pipelinable: ClassVar[bool] = True          # False for bp: it needs gradients across layers
+    uses_negatives: ClassVar[bool] = False      # trains on negative (wrong-label) data
 
     def __init__(self, cfg: ExperimentConfig, spec: DatasetSpec):
+        if cfg.objective.negatives != "uniform" and not self.uses_negatives:
+            raise ConfigError(
+                f"objective.negatives = {cfg.objective.negatives!r} but {self.name} uses no "
+                f"negative data; leave it at 'uniform' (it applies to ff, symba and sffa)")
         self.cfg = cfg
         self.spec = spec
         self.num_classes = spec.num_classes

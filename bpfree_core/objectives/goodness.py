@@ -6,6 +6,12 @@ Packet keys (B = batch, C = classes, D = width):
   neutral  (B, D)    activations of the neutral input (softmax readout)
   cand     (B*C, D)  activations of every candidate label (goodness prediction)
   y, y_neg (B,)      true and negative labels; y_cand (B*C,) candidate labels
+  u        (B,)      uniform draws in (0, 1] for hard negatives (objective.negatives = "hard")
+
+Hard negatives: the first layer replaces the uniform y_neg by a wrong label drawn in proportion
+to its own readout head's belief (Hinton's "use the net's predictions to pick hard negatives",
+made local: no prediction travels backwards). The head starts at zero, so early draws are
+uniform; the draw uses the packet's `u`, so it is a pure function of (seed, epoch, batch).
 """
 
 from __future__ import annotations
@@ -14,11 +20,35 @@ import torch
 from torch import nn
 
 from bpfree_core.config import ExperimentConfig
+from bpfree_core.data import DatasetSpec
+from bpfree_core.errors import ConfigError
 from bpfree_core.layers import GOODNESS, LABELS, LocalLayer, Packet, relu, rms_normalize
 from bpfree_core.objectives.base import Objective
 
 ROLES = ("pos", "neg", "neutral")
 LossOut = tuple[torch.Tensor, dict[str, float]]  # (loss, metrics)
+
+
+def embed_label(x: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Hinton's label embedding: the first C pixels become the one-hot of y. (B, D) -> (B, D)."""
+    out = x.clone()
+    out[:, :num_classes] = 0.0
+    out[torch.arange(x.shape[0]), y] = 1.0
+    return out
+
+
+def draw_hard_labels(logits: torch.Tensor, y: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """A wrong label per row, drawn in proportion to softmax(logits) with the true label removed.
+
+    logits (B, C), y (B,), u (B,) uniforms in (0, 1] -> (B,) labels, never equal to y.
+    """
+    p = torch.softmax(logits.float(), dim=1)
+    p[torch.arange(y.shape[0]), y] = 0.0
+    cdf = p.cumsum(dim=1)                                                   # (B, C)
+    target = (u * cdf[:, -1]).unsqueeze(1)                                  # (B, 1), > 0
+    drawn = torch.searchsorted(cdf, target).squeeze(1).clamp(max=logits.shape[1] - 1)
+    # Rounding can only land on y where p[y] = 0 borders the target; step to the next label.
+    return torch.where(drawn == y, (y + 1) % logits.shape[1], drawn)
 
 
 def class_patterns(seed: int, num_classes: int, bits: int, density: float) -> torch.Tensor:
@@ -78,7 +108,23 @@ class GoodnessLayer(LocalLayer):
         return packet[role] if role in packet else packet["x"]
 
     # -- training -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def redraw_negatives(self, packet: Packet) -> Packet:
+        """Replace the packet's uniform negatives by hard ones drawn from this layer's head."""
+        assert self.head is not None
+        y, b = packet[LABELS], packet[LABELS].shape[0]
+        neutral = self.forward_role(self.role_input(packet, "neutral"),
+                                    self.codes(packet, "neutral", b))
+        y_neg = draw_hard_labels(self.head(rms_normalize(neutral)), y, packet["u"])
+        packet = {k: v for k, v in packet.items() if k != "u"}
+        packet["y_neg"] = y_neg
+        if self.patterns is None:  # the label lives in the first pixels of the input
+            packet["neg"] = embed_label(packet["pos"], y_neg, self.num_classes)
+        return packet
+
     def train_step(self, packet: Packet) -> tuple[Packet, dict[str, float]]:
+        if "u" in packet:
+            packet = self.redraw_negatives(packet)
         y = packet[LABELS]
         b = y.shape[0]
         code_keys = {"pos": LABELS, "neg": "y_neg", "neutral": "neutral"}
@@ -125,8 +171,15 @@ class GoodnessObjective(Objective):
     """Encodes batches for the goodness family; subclasses pick the layer class and labels."""
 
     supports_goodness = True
+    uses_negatives = True
     layer_cls: type[GoodnessLayer] = GoodnessLayer
     uses_patterns = False      # label carried as a class pattern appended to the input
+
+    def __init__(self, cfg: ExperimentConfig, spec: DatasetSpec):
+        super().__init__(cfg, spec)
+        if cfg.objective.negatives == "hard" and not cfg.objective.head:
+            raise ConfigError("objective.negatives = 'hard' draws negatives from the first "
+                              "layer's readout head, but objective.head = false; turn the head on")
 
     def patterns_for(self, index: int) -> torch.Tensor | None:
         if not self.uses_patterns or not self.injects_at(index):
@@ -144,10 +197,7 @@ class GoodnessObjective(Objective):
 
     # Label in the first C pixels (Hinton); the pattern objectives override these two.
     def embed(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        out = x.clone()
-        out[:, : self.num_classes] = 0.0
-        out[torch.arange(x.shape[0]), y] = 1.0
-        return out
+        return embed_label(x, y, self.num_classes)
 
     def embed_neutral(self, x: torch.Tensor) -> torch.Tensor:
         out = x.clone()
@@ -156,10 +206,12 @@ class GoodnessObjective(Objective):
 
     def encode_train(self, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> Packet:
         y_neg = self.wrong_labels(y, gen)
-        if self.uses_patterns:
-            return {"x": x, LABELS: y, "y_neg": y_neg}
-        return {"pos": self.embed(x, y), "neg": self.embed(x, y_neg),
-                "neutral": self.embed_neutral(x), LABELS: y, "y_neg": y_neg}
+        packet: Packet = {"x": x, LABELS: y, "y_neg": y_neg} if self.uses_patterns else {
+            "pos": self.embed(x, y), "neg": self.embed(x, y_neg),
+            "neutral": self.embed_neutral(x), LABELS: y, "y_neg": y_neg}
+        if self.cfg.objective.negatives == "hard":  # the first layer redraws y_neg from these
+            packet["u"] = 1.0 - torch.rand(y.shape, generator=gen)          # (B,) in (0, 1]
+        return packet
 
     def encode_eval(self, x: torch.Tensor, goodness: bool) -> Packet:
         b, c = x.shape[0], self.num_classes
