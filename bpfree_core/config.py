@@ -70,6 +70,7 @@ class ModelConfig:
 class ObjectiveConfig:
     goodness: str = "sum"          # ff: sum | mean of squared activities (mean = logits / width)
     threshold: float = -1.0        # ff: goodness threshold; < 0: layer width (sum), 1 (mean)
+    temperature: float = 1.0       # ff: p(positive) = sigmoid((G - threshold) / temperature)
     alpha: float = 4.0             # symba: scale of the goodness gap
     peer_weight: float = 0.03      # ff/symba: peer-normalisation penalty weight (0 = off)
     straight_through: bool = True  # ff/symba/sffa: ReLU passes full gradient (avoids dead units)
@@ -86,6 +87,7 @@ class ObjectiveConfig:
         _check_choice("objective", "goodness", self.goodness, ("sum", "mean"))
         _check_choice("objective", "negatives", self.negatives, ("uniform", "hard"))
         _check_positive("objective", "alpha", self.alpha)
+        _check_positive("objective", "temperature", self.temperature)
         _check_positive("objective", "peer_weight", self.peer_weight, allow_zero=True)
         _check_positive("objective", "pattern_bits", self.pattern_bits)
         if not 0 < self.pattern_density < 1:

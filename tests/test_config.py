@@ -38,6 +38,8 @@ def test_toml_round_trip(tmp_path):
         ("epochs", ["section.key=value"]),
         ("federation.partition=dirichlet:-1", ["federation.partition", "dirichlet:ALPHA"]),
         ("pipeline.wire_dtype=int8", ["pipeline.wire_dtype", "bfloat16"]),
+        ("objective.temperature=0", ["objective.temperature", "> 0"]),
+        ("objective.negatives=random", ["objective.negatives", "uniform, hard"]),
     ],
 )
 def test_bad_values_name_the_field_and_the_fix(override, words):

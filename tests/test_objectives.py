@@ -62,6 +62,14 @@ def test_ff_default_threshold_is_the_layer_width():
     assert float(loss) == pytest.approx(expected, rel=1e-6)
 
 
+def test_ff_temperature_divides_the_logit():
+    lay = layer("ff", "objective.threshold=3.0", "objective.temperature=2.5")
+    loss, _ = lay.loss(t(Y_POS), t(Y_NEG))
+    g_pos, g_neg = (Y_POS ** 2).sum(1), (Y_NEG ** 2).sum(1)
+    expected = softplus((3.0 - g_pos) / 2.5).mean() + softplus((g_neg - 3.0) / 2.5).mean()
+    assert float(loss) == pytest.approx(expected, rel=1e-6)
+
+
 def test_ff_mean_goodness_is_mean_of_squares_with_threshold_one():
     lay = layer("ff", "objective.goodness=mean")
     loss, _ = lay.loss(t(Y_POS), t(Y_NEG))

@@ -1,9 +1,13 @@
 """Forward-Forward (Hinton 2022, arXiv 2212.13345), following the loeweX reproduction.
 
-Goodness G = sum of squared ReLU activities; p(positive) = sigmoid(G - theta) with theta = layer
-width by default (the same as mean-square threshold 1); loss = softplus(theta - G+) +
-softplus(G- - theta). Label one-hot in the first 10 pixels; negatives carry a uniformly drawn
-*wrong* label; unit-RMS normalisation between layers; peer normalisation against dead units.
+Goodness G = sum of squared ReLU activities; p(positive) = sigmoid((G - theta) / tau) with
+theta = layer width by default (the same as mean-square threshold 1) and tau = 1 (Hinton);
+loss = softplus((theta - G+) / tau) + softplus((G- - theta) / tau). Label one-hot in the first
+10 pixels; negatives carry a uniformly drawn *wrong* label (or a hard one, objective.negatives);
+unit-RMS normalisation between layers; peer normalisation against dead units.
+
+tau = width / 4 gives the logistic the slope of SymBa's alpha = 4 on mean goodness: with
+tau = 1 a 1000-wide layer's G moves by hundreds, so p saturates and most samples stop teaching.
 """
 
 from __future__ import annotations
@@ -27,9 +31,9 @@ class FFLayer(GoodnessLayer):
         return sq.sum(dim=1) if self.cfg.objective.goodness == "sum" else sq.mean(dim=1)  # (B,)
 
     def loss(self, y_pos: torch.Tensor, y_neg: torch.Tensor) -> LossOut:
-        theta = self.threshold()
+        theta, tau = self.threshold(), self.cfg.objective.temperature
         g_pos, g_neg = self.goodness(y_pos), self.goodness(y_neg)
-        loss = F.softplus(theta - g_pos).mean() + F.softplus(g_neg - theta).mean()
+        loss = F.softplus((theta - g_pos) / tau).mean() + F.softplus((g_neg - theta) / tau).mean()
         ff_acc = 0.5 * ((g_pos > theta).float().mean() + (g_neg < theta).float().mean())
         return loss, {"ff_acc": float(ff_acc), "g_pos": g_pos.mean().item(),
                       "g_neg": g_neg.mean().item()}
