@@ -7,7 +7,8 @@ every finished run, so a long benchmark that is stopped keeps what it finished. 
 (metrics.jsonl, checkpoints) go to runs/bench-accuracy/ (git-ignored).
 
 `--only ff,bp` picks runs, `--epochs` / `--train-limit` shrink them (smoke runs), `--set` adds
-config overrides to every run. Nets and epochs are sized for a 2-core CPU; see the table's notes
+config overrides to every run, `--reuse` takes a row from a finished run of the same config in
+its run directory instead of training again. Nets and epochs are sized for a 2-core CPU; see the table's notes
 for what we would run on a GPU.
 """
 
@@ -115,13 +116,19 @@ def run_one(run: Run, args: argparse.Namespace) -> dict[str, Any]:
         overrides.append(f"train.train_limit={args.train_limit}")
     cfg = load_config(None, overrides + list(args.set))
     run_dir = args.runs_dir / run.name
-    if run_dir.exists():  # a fresh run: stale metrics would be appended to otherwise
-        for f in run_dir.glob("*"):
-            if f.is_file():
-                f.unlink()
-    t0 = time.perf_counter()
-    summary = train_reference(cfg, run_dir, progress=False)
-    wall = time.perf_counter() - t0
+    if args.reuse and finished_with(run_dir, cfg.public_dict()):
+        # The trainer is deterministic on CPU: the same config would retrain to the same numbers.
+        summary = json.loads((run_dir / "summary.json").read_text())
+        wall = summary["wall_seconds"]
+        print(f"[bench.accuracy] {run.name}: reusing the finished run in {run_dir}", flush=True)
+    else:
+        if run_dir.exists():  # a fresh run: stale metrics would be appended to otherwise
+            for f in run_dir.glob("*"):
+                if f.is_file():
+                    f.unlink()
+        t0 = time.perf_counter()
+        summary = train_reference(cfg, run_dir, progress=False)
+        wall = time.perf_counter() - t0
     curve = [json.loads(line)["test_accuracy"] for line in (run_dir / "metrics.jsonl").open()]
     by_method = summary["test_accuracy_by_method"]
     return {"name": run.name, "label": run.label, "algorithm": cfg.model.algorithm,
@@ -131,6 +138,17 @@ def run_one(run: Run, args: argparse.Namespace) -> dict[str, Any]:
             "best": max(by_method.values()), "target": run.target, "anchor": run.anchor,
             "wall_seconds": wall, "curve": curve, "machine": machine(args.threads, cfg.train.device),
             "overrides": overrides + list(args.set), "config": cfg.to_dict()}
+
+
+def finished_with(run_dir: Path, config: dict[str, Any]) -> bool:
+    """Whether run_dir holds a finished run (summary.json) of exactly this config."""
+    try:
+        saved = json.loads((run_dir / "config.json").read_text())
+        summary = json.loads((run_dir / "summary.json").read_text())
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    except (OSError, ValueError):
+        return False
+    return saved == json.loads(json.dumps(config)) and len(lines) == summary.get("epochs")
 
 
 def pct(v: float | None) -> str:
@@ -178,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument("--reuse", action="store_true",
+                        help="take a row from its run directory when that holds a finished run "
+                             "of the same config (e.g. one made with `bpfree train --out`)")
     parser.add_argument("--note", default="", help="text (or @FILE) added under the table")
     parser.add_argument("--render-only", action="store_true",
                         help="rewrite accuracy.md from --out's accuracy.json (e.g. with a new --note)")

@@ -23,6 +23,9 @@ CASES = [
     (("model.algorithm=ff",), {"softmax": 0.7}),
     (("model.algorithm=symba", ONE_LAYER), {"goodness": 0.75, "softmax": 0.75}),
     (("model.algorithm=symba", "objective.icp=false", ONE_LAYER), {"goodness": 0.75}),
+    (("model.algorithm=symba", "objective.negatives=hard"), {"goodness": 0.8}),
+    # Hard negatives slow the start (120 steps here: goodness 0.60 vs 0.78 uniform); they pay off later.
+    (("model.algorithm=ff", "objective.negatives=hard", ONE_LAYER), {"goodness": 0.5, "softmax": 0.75}),
     (("model.algorithm=sffa", ONE_LAYER), {"goodness": 0.75, "softmax": 0.7}),
     (("model.algorithm=ffcl",), {"softmax": 0.8}),
     (("model.algorithm=uff",), {"softmax": 0.8}),
@@ -62,3 +65,12 @@ def test_accuracy_benchmark_writes_table_and_json(data_dir, tmp_path):
                  "--set", "train.test_limit=500"]) == 0
     rows = json.loads((out / "accuracy.json").read_text())
     assert [(r["name"], r["train_images"]) for r in rows] == [("uff", 1000), ("bp", 600)]
+    # --reuse takes a finished run of the same config from its run directory, and only that
+    metrics = tmp_path / "runs" / "bp" / "metrics.jsonl"
+    stamp = metrics.stat().st_mtime_ns
+    for limit, reused in (("600", True), ("500", False)):
+        assert main(["--data-dir", str(data_dir), "--out", str(out), "--runs-dir",
+                     str(tmp_path / "runs"), "--only", "bp", "--epochs", "1", "--train-limit", limit,
+                     "--set", "train.test_limit=500", "--reuse"]) == 0
+        assert (metrics.stat().st_mtime_ns == stamp) is reused
+        assert json.loads((out / "accuracy.json").read_text())[1]["train_images"] == int(limit)
