@@ -80,6 +80,7 @@ class ObjectiveConfig:
     margin: float = 0.8            # ffcl: cosine margin for mismatched pairs (0 collapses ReLU codes)
     noise_std: float = 0.3         # uff: denoising noise (0 = plain autoencoder)
     head: bool = True              # train a local softmax readout head per layer
+    vote_first: bool = False       # ff/symba/sffa: the first layer also votes in prediction
     negatives: str = "uniform"     # ff/symba/sffa: uniform wrong label | hard: drawn from the
                                    # first layer's head, in proportion to its wrong-label belief
 

@@ -136,8 +136,12 @@ class LocalLayer(nn.Module):
         return {"head_loss": loss.item(), "head_acc": float(acc)}
 
     def votes(self) -> bool:
-        """Whether this layer's head/goodness counts in prediction (all but the first, as Hinton)."""
-        return self.index > 0 or self.num_layers == 1
+        """Whether this layer's head/goodness counts in prediction.
+
+        All but the first, as Hinton, unless `objective.vote_first`: with hard negatives the first
+        layer is the best-trained one (it sees the label directly) and adds 0.1-0.3 points.
+        """
+        return self.index > 0 or self.num_layers == 1 or self.cfg.objective.vote_first
 
     def add_logits(self, packet: Packet, features: torch.Tensor) -> None:
         if self.head is not None and self.votes():

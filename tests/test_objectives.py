@@ -285,6 +285,19 @@ def test_first_layer_redraws_hard_negatives_and_later_layers_keep_them(algorithm
     assert torch.equal(out2["y_neg"], out["y_neg"])
 
 
+@pytest.mark.parametrize("vote_first", [False, True])
+def test_first_layer_votes_only_when_asked(vote_first: bool):
+    cfg = cfg_for("symba", f"objective.vote_first={str(vote_first).lower()}")
+    first, second = build_layers(cfg)
+    packet = build_objective(cfg).encode_eval(torch.rand(3, 784), goodness=True)
+    out1 = first.eval_step(packet)
+    out2 = second.eval_step(out1)
+    g0 = first.goodness(out1["cand"]).view(3, 10)
+    g1 = second.goodness(out2["cand"]).view(3, 10)
+    assert torch.allclose(out2["goodness"], g0 + g1 if vote_first else g1)
+    assert ("logits" in out1) == vote_first and ("goodness" in out1) == vote_first
+
+
 @pytest.mark.parametrize(("algorithm", "extra", "needle"), [
     ("ffcl", (), "uses no negative data"),
     ("cwc", ("model.hidden=10",), "uses no negative data"),
