@@ -116,9 +116,17 @@ RUNS = (
         ("model.algorithm=ff", "model.hidden=2x1000", "train.epochs=20", "train.predict=both",
          "objective.negatives=hard", "train.jitter=1", "objective.vote_first=true"),
         0.985, "98.64% (Hinton, 4x2000, 60 ep); loeweX 98.55% (3x1000, 100 ep)"),
+    Run("ff-hard-j1-long", "FF + hard negatives + jitter 1, first layer votes",
+        ("model.algorithm=ff", "model.hidden=3x1000", "train.epochs=24", "train.predict=both",
+         "objective.negatives=hard", "train.jitter=1", "objective.vote_first=true"),
+        0.985, "loeweX 98.55% (3x1000, 100 ep)"),
     Run("sffa-hard-j2", "SFFA + hard negatives + jitter 2",
         ("model.algorithm=sffa", "model.hidden=2x1000", "train.epochs=16", "optim.lr=1e-3",
          "train.predict=both", "objective.negatives=hard", "train.jitter=2"),
+        0.98, "not confirmed (paper tables unreadable)"),
+    Run("sffa-hard-j1", "SFFA + hard negatives + jitter 1",
+        ("model.algorithm=sffa", "model.hidden=2x1000", "train.epochs=24", "optim.lr=1e-3",
+         "train.predict=both", "objective.negatives=hard", "train.jitter=1"),
         0.98, "not confirmed (paper tables unreadable)"),
 )
 
