@@ -160,7 +160,8 @@ def centralised(run: GridRun, epochs: int, data_dir: str, runs_dir: str,
     from bench.accuracy import Run, run_one
 
     args = argparse.Namespace(data_dir=data_dir, threads=1, epochs=epochs, train_limit=0,
-                              set=[f"train.device={device}"], runs_dir=Path(runs_dir))
+                              set=[f"train.device={device}"], runs_dir=Path(runs_dir),
+                              reuse=False)
     r = run_one(Run(run.name, run.label, run.overrides, run.target, run.anchor), args)
     r["final"] = r["curve"][-1]
     return r

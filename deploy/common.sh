@@ -38,13 +38,21 @@ wait_http() {
   done
 }
 
-# stop_pids PID...: SIGTERM, wait up to 15 s, then SIGKILL what is left.
+# descendants PID: the PIDs of every process below PID (a SuperLink's flwr-serverapp, say).
+descendants() {
+  local child
+  for child in $(pgrep -P "$1" 2>/dev/null); do echo "$child"; descendants "$child"; done
+}
+
+# stop_pids PID...: SIGTERM to each PID and everything below it, wait up to 15 s for all of
+# them (children included, so none outlives the script), then SIGKILL what is left.
 stop_pids() {
-  local pid left deadline=$((SECONDS + 15))
-  for pid in "$@"; do kill -TERM "$pid" 2>/dev/null || true; done
+  local pid left deadline=$((SECONDS + 15)) all=()
+  for pid in "$@"; do all+=("$pid" $(descendants "$pid")); done
+  for pid in "${all[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   while :; do
     left=""
-    for pid in "$@"; do kill -0 "$pid" 2>/dev/null && left="$left $pid"; done
+    for pid in "${all[@]}"; do kill -0 "$pid" 2>/dev/null && left="$left $pid"; done
     [ -z "$left" ] && return 0
     [ "$SECONDS" -ge "$deadline" ] && break
     sleep 0.2
