@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from bpfree_core.checkpoint import atomic_write_json
 from bpfree_core.config import ExperimentConfig, load_config
 from bpfree_core.errors import ConfigError
 from bpfree_core.trainer import train_reference
@@ -42,16 +43,23 @@ class Run:
     anchor: str                    # the published number we compare to
 
 
+# Published numbers the rows compare to (algorithms.md), and the hard-negative recipe's options.
+A_FF = "98.64% (Hinton, 4x2000, 60 ep); loeweX 98.55% (3x1000, 100 ep)"
+A_LOEWEX = "loeweX 98.55% (3x1000, 100 ep)"
+A_SYMBA = "98.58% (HCL-FF Table 1)"
+A_SFFA = "not confirmed (paper tables unreadable)"
+HARD = ("objective.negatives=hard", "objective.vote_first=true")
+
 # Nets and epochs sized for 2 CPU cores (--jobs 2): ~2.5 h for every row, ~1 h without the long ones.
 # Learning rates per family from short full-MNIST sweeps (2x500, 4 epochs).
 RUNS = (
     Run("ff", "FF (Hinton loss, label pixels)",
         ("model.algorithm=ff", "model.hidden=2x1000", "train.epochs=10", "train.predict=both"),
-        0.985, "98.64% (Hinton, 4x2000, 60 ep); loeweX 98.55% (3x1000, 100 ep)"),
+        0.985, A_FF),
     Run("symba", "SymBa + ICP",
         ("model.algorithm=symba", "model.hidden=2x1000", "train.epochs=10", "optim.lr=3e-3",
          "train.predict=both"),
-        0.985, "98.58% (HCL-FF Table 1)"),
+        0.985, A_SYMBA),
     Run("symba-noicp", "SymBa, label pixels (no ICP)",
         ("model.algorithm=symba", "objective.icp=false", "model.hidden=2x1000", "train.epochs=10",
          "optim.lr=3e-3", "train.predict=both"),
@@ -59,7 +67,7 @@ RUNS = (
     Run("sffa", "SFFA",
         ("model.algorithm=sffa", "model.hidden=2x1000", "train.epochs=10", "optim.lr=1e-3",
          "train.predict=both"),
-        0.98, "not confirmed (paper tables unreadable)"),
+        0.98, A_SFFA),
     Run("ffcl", "FFCL (two nets, cosine contrast) + local heads",
         ("model.algorithm=ffcl", "model.hidden=2x1000", "train.epochs=10"),
         0.95, "~63% (784-64-64-10, unconfirmed)"),
@@ -85,54 +93,53 @@ RUNS = (
     # Longer runs of the two strongest local objectives (loeweX's 3x1000 net).
     Run("ff-long", "FF (Hinton loss, label pixels)",
         ("model.algorithm=ff", "model.hidden=3x1000", "train.epochs=15", "train.predict=both"),
-        0.985, "loeweX 98.55% (3x1000, 100 ep)"),
+        0.985, A_LOEWEX),
     Run("symba-long", "SymBa + ICP",
         ("model.algorithm=symba", "model.hidden=3x1000", "train.epochs=15", "optim.lr=3e-3",
          "train.predict=both"),
-        0.985, "98.58% (HCL-FF Table 1)"),
+        0.985, A_SYMBA),
     # Hard negatives (objective.negatives=hard: wrong labels drawn from layer 1's own head).
     # The 2x1000 rows pair with the uniform rows above; the long rows are the targets' runs.
     Run("ff-hard", "FF + hard negatives",
         ("model.algorithm=ff", "model.hidden=2x1000", "train.epochs=10", "train.predict=both",
          "objective.negatives=hard"),
-        0.985, "98.64% (Hinton, 4x2000, 60 ep); loeweX 98.55% (3x1000, 100 ep)"),
+        0.985, A_FF),
     Run("symba-hard", "SymBa + ICP + hard negatives",
         ("model.algorithm=symba", "model.hidden=2x1000", "train.epochs=10", "optim.lr=3e-3",
          "train.predict=both", "objective.negatives=hard"),
-        0.985, "98.58% (HCL-FF Table 1)"),
+        0.985, A_SYMBA),
     Run("sffa-hard", "SFFA + hard negatives",
         ("model.algorithm=sffa", "model.hidden=2x1000", "train.epochs=10", "optim.lr=1e-3",
          "train.predict=both", "objective.negatives=hard"),
-        0.98, "not confirmed (paper tables unreadable)"),
+        0.98, A_SFFA),
     Run("ff-hard-long", "FF + hard negatives",
         ("model.algorithm=ff", "model.hidden=3x1000", "train.epochs=30", "train.predict=both",
          "objective.negatives=hard"),
-        0.985, "loeweX 98.55% (3x1000, 100 ep)"),
+        0.985, A_LOEWEX),
     Run("symba-hard-long", "SymBa + ICP + hard negatives",
         ("model.algorithm=symba", "model.hidden=3x1000", "train.epochs=20", "optim.lr=3e-3",
          "train.predict=both", "objective.negatives=hard"),
-        0.985, "98.58% (HCL-FF Table 1)"),
+        0.985, A_SYMBA),
     Run("symba-hard-j1", "SymBa + ICP + hard negatives + jitter 1, first layer votes",
         ("model.algorithm=symba", "model.hidden=3x1000", "train.epochs=24", "optim.lr=3e-3",
-         "train.predict=both", "objective.negatives=hard", "train.jitter=1",
-         "objective.vote_first=true"),
-        0.985, "98.58% (HCL-FF Table 1)"),
+         "train.predict=both", "train.jitter=1") + HARD,
+        0.985, A_SYMBA),
     Run("ff-hard-j1", "FF + hard negatives + jitter 1, first layer votes",
         ("model.algorithm=ff", "model.hidden=2x1000", "train.epochs=20", "train.predict=both",
-         "objective.negatives=hard", "train.jitter=1", "objective.vote_first=true"),
-        0.985, "98.64% (Hinton, 4x2000, 60 ep); loeweX 98.55% (3x1000, 100 ep)"),
+         "train.jitter=1") + HARD,
+        0.985, A_FF),
     Run("ff-hard-j1-long", "FF + hard negatives + jitter 1, first layer votes",
         ("model.algorithm=ff", "model.hidden=3x1000", "train.epochs=24", "train.predict=both",
-         "objective.negatives=hard", "train.jitter=1", "objective.vote_first=true"),
-        0.985, "loeweX 98.55% (3x1000, 100 ep)"),
+         "train.jitter=1") + HARD,
+        0.985, A_LOEWEX),
     Run("sffa-hard-j2", "SFFA + hard negatives + jitter 2",
         ("model.algorithm=sffa", "model.hidden=2x1000", "train.epochs=16", "optim.lr=1e-3",
          "train.predict=both", "objective.negatives=hard", "train.jitter=2"),
-        0.98, "not confirmed (paper tables unreadable)"),
+        0.98, A_SFFA),
     Run("sffa-hard-j1", "SFFA + hard negatives + jitter 1",
         ("model.algorithm=sffa", "model.hidden=2x1000", "train.epochs=24", "optim.lr=1e-3",
          "train.predict=both", "objective.negatives=hard", "train.jitter=1"),
-        0.98, "not confirmed (paper tables unreadable)"),
+        0.98, A_SFFA),
 )
 
 
@@ -289,9 +296,7 @@ def main(argv: list[str] | None = None) -> int:
             results = {row["name"]: row for row in rows if row["name"] in order}
             results[r["name"]] = r
             done = [results[name] for name in order if name in results]  # table order
-            tmp = json_path.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(done, indent=2) + "\n")
-            tmp.replace(json_path)
+            atomic_write_json(json_path, done)
             write_table(done, args.out, args.note)
     return 0
 

@@ -64,6 +64,14 @@ def _assert_identical(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor
     assert not differ, f"tensors that differ from the reference: {differ}"
 
 
+def _assert_pipeline_equals_reference(cfg: ExperimentConfig, tmp: Path) -> None:
+    """The pipeline's final weights and test accuracy are exactly the reference trainer's."""
+    ref = reference(cfg, tmp)
+    out = run_pipeline(cfg)
+    _assert_identical(out["weights"], ref["weights"])
+    assert out["acc"] == ref["test_accuracy_by_method"]
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as fh:
@@ -92,32 +100,23 @@ def test_ff_pipeline_matches_reference_exactly(stages: int, data_dir: Path, tmp_
 
 def test_symba_pipeline_matches_reference_exactly(data_dir: Path, tmp_path: Path) -> None:
     # With jitter: the shifts come from the batch's generator, so the pipeline sees the same images.
-    cfg = _cfg(data_dir, "model.algorithm=symba", "pipeline.stages=2", "train.epochs=1",
-               "train.predict=both", "train.jitter=2")
-    ref = reference(cfg, tmp_path)
-    out = run_pipeline(cfg)
-    _assert_identical(out["weights"], ref["weights"])
-    assert out["acc"] == ref["test_accuracy_by_method"]
+    _assert_pipeline_equals_reference(_cfg(data_dir, "model.algorithm=symba", "pipeline.stages=2",
+                                           "train.epochs=1", "train.predict=both",
+                                           "train.jitter=2"), tmp_path)
 
 
 def test_hard_negatives_pipeline_matches_reference_exactly(data_dir: Path, tmp_path: Path) -> None:
     # Stage 0 redraws y_neg from its head; stage 1 must train on the same redrawn labels.
-    cfg = _cfg(data_dir, "model.algorithm=symba", "objective.negatives=hard", "pipeline.stages=2",
-               "train.epochs=1", "train.predict=both")
-    ref = reference(cfg, tmp_path)
-    out = run_pipeline(cfg)
-    _assert_identical(out["weights"], ref["weights"])
-    assert out["acc"] == ref["test_accuracy_by_method"]
+    _assert_pipeline_equals_reference(_cfg(data_dir, "model.algorithm=symba",
+                                           "objective.negatives=hard", "pipeline.stages=2",
+                                           "train.epochs=1", "train.predict=both"), tmp_path)
 
 
 def test_cwc_conv_pipeline_matches_reference_exactly(data_dir: Path, tmp_path: Path) -> None:
     # Conv feature maps (B, C, H, W) on the wire, grouped convs, batch-statistics BatchNorm.
-    cfg = _cfg(data_dir, "model.algorithm=cwc", "model.conv=10,20", "model.hidden=20",
-               "optim.lr=1e-2", "pipeline.stages=2", "train.epochs=1", "train.predict=both")
-    ref = reference(cfg, tmp_path)
-    out = run_pipeline(cfg)
-    _assert_identical(out["weights"], ref["weights"])
-    assert out["acc"] == ref["test_accuracy_by_method"]
+    _assert_pipeline_equals_reference(_cfg(data_dir, "model.algorithm=cwc", "model.conv=10,20",
+                                           "model.hidden=20", "optim.lr=1e-2", "pipeline.stages=2",
+                                           "train.epochs=1", "train.predict=both"), tmp_path)
 
 
 def test_bf16_wire_halves_bytes_and_stays_within_tolerance(data_dir: Path, tmp_path: Path) -> None:
