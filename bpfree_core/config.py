@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from bpfree_core.errors import ConfigError
+from bpfree_core.seeds import SEED_SPACE
 
 ALGORITHMS = ("ff", "symba", "sffa", "ffcl", "uff", "bp", "cwc")
 DATASETS = ("mnist", "fashion-mnist")
@@ -130,6 +131,11 @@ class TrainConfig:
         _check_positive("train", "batch_size", self.batch_size)
         _check_positive("train", "train_limit", self.train_limit, allow_zero=True)
         _check_positive("train", "test_limit", self.test_limit, allow_zero=True)
+        if not isinstance(self.seed, int) or not 0 <= self.seed < SEED_SPACE:
+            raise ConfigError(f"train.seed = {self.seed!r}: give a whole number in 0..{SEED_SPACE - 1}")
+        if not isinstance(self.threads, int) or self.threads < 0:
+            raise ConfigError(f"train.threads = {self.threads!r}: give a whole number >= 0 "
+                              "(0 = torch's default)")
         if not isinstance(self.jitter, int) or not 0 <= self.jitter <= 8:
             raise ConfigError(f"train.jitter = {self.jitter!r}: give whole pixels in 0..8 (2 is "
                               "Hinton's jitter)")

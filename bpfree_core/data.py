@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from bpfree_core.errors import ConfigError, DataError
+from bpfree_core.seeds import generator
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +231,7 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[torch.
 
     The last, smaller batch is dropped so every batch has the same shape.
     """
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    gen = generator(seed, "epoch", epoch)
     perm = torch.randperm(n, generator=gen)
     full = n // batch_size
     if full == 0:

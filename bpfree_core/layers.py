@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from bpfree_core.config import ExperimentConfig
+from bpfree_core.seeds import derive
 
 Packet = dict[str, torch.Tensor]
 
@@ -61,7 +62,7 @@ def seeded(seed: int) -> Iterator[None]:
 
 def layer_seed(base_seed: int, index: int) -> int:
     """Init seed of layer `index`: the same in every process that builds it."""
-    return base_seed * 7919 + 104729 * (index + 1)
+    return derive(base_seed, "layer", index)
 
 
 class LocalLayer(nn.Module):

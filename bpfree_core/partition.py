@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from bpfree_core.errors import ConfigError
+from bpfree_core.seeds import generator
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ def partition_indices(
     n = labels.numel()
     if num_clients < 1 or num_clients > n:
         raise ConfigError(f"cannot split {n} samples across {num_clients} clients")
-    gen = torch.Generator().manual_seed(seed)
+    gen = generator(seed, "partition")
     if spec.kind == "iid":
         perm = torch.randperm(n, generator=gen)
         parts = list(perm.tensor_split(num_clients))

@@ -24,6 +24,7 @@ from bpfree_core.metrics import MetricsWriter, RunningMeans
 from bpfree_core.model import Stage, build_layers, build_objective
 from bpfree_core.objectives import Objective
 from bpfree_core.runtime import resolve_device, set_threads
+from bpfree_core.seeds import generator
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ TRAIN_EVAL_SAMPLES = 10_000   # train accuracy is measured on this many training
 
 def batch_generator(seed: int, epoch: int, batch: int) -> torch.Generator:
     """The generator for every random draw of one batch (negatives, noise)."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_033 + batch)
+    return generator(seed, "batch", epoch, batch)
 
 
 def train_packets(

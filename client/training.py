@@ -30,6 +30,7 @@ from bpfree_core.metrics import RunningMeans, flat_numbers
 from bpfree_core.model import Stage, build_layers, build_objective
 from bpfree_core.partition import partition_indices
 from bpfree_core.runtime import set_threads
+from bpfree_core.seeds import derive
 from bpfree_core.trainer import limited, train_packets
 from server.aggregate import ClientUpdate, Weights
 
@@ -56,7 +57,7 @@ def round_epochs(cfg: ExperimentConfig, rnd: int) -> range:
 
 def client_seed(seed: int, client: int) -> int:
     """Seed of client `client`'s batch order and negatives (distinct per client, fixed per run)."""
-    return seed * 1_000_037 + 7_919 * (client + 1)
+    return derive(seed, "client", client)
 
 
 def client_config(cfg: ExperimentConfig, client: int) -> ExperimentConfig:

@@ -24,6 +24,7 @@ from bpfree_core.data import DatasetSpec
 from bpfree_core.errors import ConfigError
 from bpfree_core.layers import GOODNESS, LABELS, LocalLayer, Packet, relu, rms_normalize
 from bpfree_core.objectives.base import Objective
+from bpfree_core.seeds import generator
 
 ROLES = ("pos", "neg", "neutral")
 LossOut = tuple[torch.Tensor, dict[str, float]]  # (loss, metrics)
@@ -53,7 +54,7 @@ def draw_hard_labels(logits: torch.Tensor, y: torch.Tensor, u: torch.Tensor) -> 
 
 def class_patterns(seed: int, num_classes: int, bits: int, density: float) -> torch.Tensor:
     """A fixed random binary pattern per class (C, bits), the same in every process."""
-    gen = torch.Generator().manual_seed(seed * 31 + 2718)
+    gen = generator(seed, "pattern")
     pats = (torch.rand(num_classes, bits, generator=gen) < density).float()
     pats[torch.arange(num_classes), torch.arange(num_classes) % bits] = 1.0  # never all-zero
     return pats

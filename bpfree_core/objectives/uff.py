@@ -33,11 +33,12 @@ from bpfree_core.config import ExperimentConfig
 from bpfree_core.layers import LABELS, LocalLayer, Packet, rms_all, rms_normalize
 from bpfree_core.objectives import register
 from bpfree_core.objectives.base import Shape, ShapedObjective, numel
+from bpfree_core.seeds import generator
 
 
 def noise_generator(seed: int, index: int, step: int) -> torch.Generator:
     """The generator of cell `index`'s denoising noise at its `step`-th update."""
-    return torch.Generator().manual_seed(((seed * 1_000_003 + index) * 1_000_033 + step) % 2**62)
+    return generator(seed, "noise", index, step)
 
 
 class UFFCell(LocalLayer):
