@@ -103,15 +103,15 @@ def _accuracy(cfg: ExperimentConfig, weights: dict[str, torch.Tensor]) -> float:
 
 
 def stage_faults(data_dir: Path) -> list[dict[str, Any]]:
-    from client.supervisor import RoundFailedError
-    from client.training import (
+    from bpfree_core.federated import (
         InProcessExecutor,
-        PipelineExecutor,
         client_split,
         local_round,
         stack_template,
         train_split,
     )
+    from bpfree_core.restarts import RoundFailedError
+    from client.executor import PipelineExecutor
 
     torch.set_num_threads(1)   # the reference runs on one thread, as each stage does
     cfg = load_config(None, [f"train.data_dir={data_dir}", *CASES])

@@ -1,8 +1,8 @@
 """The Flower ClientApp: one federated client, training its partition on its pipeline of stages.
 
 Each "train" message carries the global weights, the round and the resolved experiment config
-(server.messages). The client loads the weights into its executor, runs its local round
-(client.training.local_round) and replies with its weights, example count and metrics.
+(client.messages). The client loads the weights into its executor, runs its local round
+(bpfree_core.federated.local_round) and replies with its weights, example count and metrics.
 
 Per-node settings come from `node_config` (`--node-config` of flower-supernode; filled in by the
 simulation engine for partition-id/num-partitions):
@@ -33,9 +33,10 @@ from flwr.clientapp.typing import Mod
 
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.errors import ConfigError
+from bpfree_core.federated import client_split, local_round, train_split
 from bpfree_core.runtime import set_threads
-from client.training import client_split, local_round, make_executor, train_split
-from server.messages import read_train_content, reply_content
+from client.executor import make_executor
+from client.messages import read_train_content, reply_content
 
 log = logging.getLogger(__name__)
 

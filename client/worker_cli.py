@@ -84,10 +84,3 @@ def _watch_parent(parent: int, stop: threading.Event, every: float = 0.5) -> Non
             log.warning("launcher pid %d is gone; stopping", parent)
             stop.set()
 
-
-if __name__ == "__main__":  # python -m client.worker_cli ...
-    import sys
-
-    from bpfree_cli import main
-
-    sys.exit(main(["worker", *sys.argv[1:]]))

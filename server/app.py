@@ -24,11 +24,11 @@ from typing import Any
 from flwr.app import Context, Message, MessageType
 from flwr.serverapp import Grid, ServerApp
 
+from bpfree_core.aggregate import Weights
 from bpfree_core.config import ExperimentConfig, load_config
 from bpfree_core.errors import AggregationError, ProtocolError
-from server.aggregate import Weights
+from client.messages import read_reply, train_content
 from server.coordinator import Coordinator, RoundReplies, required_replies
-from server.messages import read_reply, train_content
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The federated round loop, independent of how replies arrive (Flower today, Ray later).
 
 Each round: send the global weights to every client (through a `RoundTransport`), keep the replies
-that validate, average every layer (server.aggregate), evaluate the global model on the test set
+that validate, average every layer (bpfree_core.aggregate), evaluate the global model on the test set
 in this process, append a metrics line, write a checkpoint. A round needs at least
 `federation.min_clients` accepted replies (0 = all `federation.clients`); clients that fail,
 time out or send a malformed reply are left out of that round, counted and logged.
@@ -24,16 +24,16 @@ from typing import Any, Protocol
 
 from tqdm import tqdm
 
+from bpfree_core.aggregate import ClientUpdate, Weights, fedavg, layer_stats, validate_update
 from bpfree_core.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint, save_checkpoint
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.data import load_dataset
 from bpfree_core.errors import AggregationError, ConfigError, ProtocolError
+from bpfree_core.federated import stack_template
 from bpfree_core.metrics import MetricsWriter
 from bpfree_core.model import build_objective
 from bpfree_core.runtime import set_threads
 from bpfree_core.trainer import evaluate_weights, headline, limited
-from client.training import stack_template
-from server.aggregate import ClientUpdate, Weights, fedavg, layer_stats, validate_update
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ GPU: stage_num_gpus}; federation.placement (PACK, SPREAD, STRICT_PACK, STRICT_SP
 that group spreads over nodes (PACK keeps a client's activations on one node when it fits;
 SPREAD puts its stages on different machines). Each actor serves its stage's gRPC service
 (client.ray_stage) and reports its address; the coordinator here drives each client's pipeline
-over gRPC (client.training.local_round on a PipelineExecutor) and averages with server.aggregate
+over gRPC (bpfree_core.federated.local_round on a PipelineExecutor) and averages with bpfree_core.aggregate
 through the same Coordinator as the Flower backend: one round loop, one aggregation.
 
 Start-up is bounded: a request the cluster can never hold (e.g. a GPU stage on a GPU-less
@@ -35,13 +35,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from bpfree_core.aggregate import Weights
 from bpfree_core.checkpoint import atomic_write_json
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.errors import BpfreeError, ConfigError, PeerUnavailableError
+from bpfree_core.federated import client_split, local_round, train_split
 from bpfree_core.model import build_objective
+from client.executor import PipelineExecutor
 from client.ray_stage import RAY_ENV, StageActor
-from client.training import PipelineExecutor, client_split, local_round, train_split
-from server.aggregate import Weights
 from server.coordinator import Coordinator, RoundReplies
 
 log = logging.getLogger(__name__)

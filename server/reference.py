@@ -1,7 +1,7 @@
 """The single-process federated reference: the golden reference for every federated run.
 
 No Flower, no gRPC: each round, each client trains in this process from the global weights
-(client.training.local_round on an InProcessExecutor), then server.aggregate.fedavg averages
+(bpfree_core.federated.local_round on an InProcessExecutor), then bpfree_core.aggregate.fedavg averages
 every layer. A Flower run with pipeline clients must end with identical weights on CPU.
 """
 
@@ -9,9 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from bpfree_core.aggregate import ClientUpdate, Weights, fedavg
 from bpfree_core.config import ExperimentConfig
-from client.training import InProcessExecutor, client_split, local_round, stack_template, train_split
-from server.aggregate import ClientUpdate, Weights, fedavg
+from bpfree_core.federated import (
+    InProcessExecutor,
+    client_split,
+    local_round,
+    stack_template,
+    train_split,
+)
 
 
 def federated_reference(

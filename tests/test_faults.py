@@ -28,16 +28,16 @@ import torch
 from bpfree_core.checkpoint import load_checkpoint, save_checkpoint
 from bpfree_core.config import ExperimentConfig, load_config
 from bpfree_core.errors import BpfreeError
-from client.pipeline import REPO_ROOT, worker_env
-from client.supervisor import RoundFailedError
-from client.training import (
+from bpfree_core.federated import (
     InProcessExecutor,
-    PipelineExecutor,
     client_split,
     local_round,
     stack_template,
     train_split,
 )
+from bpfree_core.restarts import RoundFailedError
+from client.executor import PipelineExecutor
+from client.pipeline import REPO_ROOT, worker_env
 from server.coordinator import latest_checkpoint
 
 ROUND = ["model.hidden=100,100", "train.batch_size=100", "train.train_limit=1000",

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from bpfree_core.aggregate import ClientUpdate
 from bpfree_core.checkpoint import load_checkpoint
 from bpfree_core.config import load_config
 from bpfree_core.errors import AggregationError, ProtocolError
-from server.aggregate import ClientUpdate
 from server.coordinator import Coordinator, RoundReplies
 from server.reference import federated_reference
 from server.simulate import simulate
@@ -39,7 +39,7 @@ def _recorder(folder: Path):
     Defined inside a function so Ray pickles it by value into its actors.
     """
     def record(msg, context, call_next):
-        from server.messages import read_reply
+        from client.messages import read_reply
 
         reply = call_next(msg, context)
         update = read_reply(reply)
@@ -186,14 +186,14 @@ class _InProcess:
     """Clients trained in this process (the reference executor), without Flower."""
 
     def __init__(self, cfg):
-        from client.training import client_split, train_split
+        from bpfree_core.federated import client_split, train_split
 
         self.cfg = cfg
         train = train_split(cfg)
         self.parts = [client_split(cfg, train, k) for k in range(cfg.federation.clients)]
 
     def train_round(self, rnd, weights):
-        from client.training import InProcessExecutor, local_round
+        from bpfree_core.federated import InProcessExecutor, local_round
 
         updates = [local_round(InProcessExecutor(self.cfg), self.cfg, part, k, rnd, weights)
                    for k, part in enumerate(self.parts)]
@@ -203,14 +203,14 @@ class _InProcess:
 def test_fedprox_pulls_toward_the_global_weights_and_pipelines_match_the_reference(data_dir):
     import grpc
 
-    from client.training import (
+    from bpfree_core.federated import (
         InProcessExecutor,
-        PipelineExecutor,
         client_split,
         local_round,
         stack_template,
         train_split,
     )
+    from client.executor import PipelineExecutor
     from protos import stage_pb2 as pb
 
     def rounds(executor, cfg, n: int) -> tuple[dict, dict]:  # noqa: ANN001

@@ -203,7 +203,7 @@ def test_the_token_is_never_written_to_a_run_dir(data_dir: Path, tmp_path: Path)
     assert _leaks(tmp_path / "pipe") == [] and TOKEN not in pipe.stdout + pipe.stderr
 
     # Flower: the train message carries the config without the token.
-    from server.messages import read_train_content, train_content
+    from client.messages import read_train_content, train_content
 
     cfg = ExperimentConfig().with_overrides([f"pipeline.token={TOKEN}"])
     content = train_content(0, {"w": torch.zeros(2)}, cfg)

@@ -19,9 +19,9 @@ import json
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
+from bpfree_core.aggregate import ClientUpdate, Weights
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.errors import ConfigError, ProtocolError
-from server.aggregate import ClientUpdate, Weights
 
 ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"
 NUM_EXAMPLES, PARTITION_ID = "num-examples", "partition-id"

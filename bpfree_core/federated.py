@@ -10,9 +10,10 @@
 - state: it starts from the global weights with fresh optimiser state every round (FedAvg
   averages weights only, so optimiser moments would describe weights that no longer exist).
 
-Executors run the same steps two ways: `InProcessExecutor` (one bpfree_core Stage with every layer,
-the reference) and `PipelineExecutor` (client.pipeline.Pipeline: S stage worker processes joined by
-the project's gRPC stream). Fed the same packets, both end with identical weights on CPU.
+Executors run the same steps two ways: `InProcessExecutor` (here: one Stage with every layer, the
+reference) and `client.executor.PipelineExecutor` (S stage worker processes joined by the project's
+gRPC stream). Fed the same packets, both end with identical weights on CPU. Torch only: the
+client (ClientApp, pipeline) and the server (coordinator, reference) both build on this module.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import time
 from collections.abc import Iterable
 from typing import Protocol
 
+from bpfree_core.aggregate import ClientUpdate, Weights
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.data import Split, load_dataset
 from bpfree_core.errors import ConfigError
@@ -29,10 +31,10 @@ from bpfree_core.layers import Packet, add_proximal_term
 from bpfree_core.metrics import RunningMeans, flat_numbers
 from bpfree_core.model import Stage, build_layers, build_objective
 from bpfree_core.partition import partition_indices
+from bpfree_core.restarts import with_restarts
 from bpfree_core.runtime import set_threads
 from bpfree_core.seeds import derive
 from bpfree_core.trainer import limited, train_packets
-from server.aggregate import ClientUpdate, Weights
 
 
 class Executor(Protocol):
@@ -92,12 +94,10 @@ def local_round(executor: Executor, cfg: ExperimentConfig, data: Split, client: 
                 global_weights: Weights) -> ClientUpdate:
     """Client `client`'s round `rnd`: load the global weights, train its local epochs, report.
 
-    A stage failure is survived up to pipeline.restarts times (client.supervisor): the stages
+    A stage failure is survived up to pipeline.restarts times (bpfree_core.restarts): the stages
     are recovered and the round reruns from `global_weights`, ending exactly as an undisturbed
     round would. The update's metrics count the reruns ("restarts").
     """
-    from client.supervisor import with_restarts
-
     update, events = with_restarts(
         executor, cfg.pipeline.restarts,
         lambda: _round_once(executor, cfg, data, client, rnd, global_weights),
@@ -168,60 +168,10 @@ class InProcessExecutor:
         self.close()
 
 
-class PipelineExecutor:
-    """The client's layers on S stage worker processes (client.pipeline.Pipeline)."""
-
-    def __init__(self, cfg: ExperimentConfig, addresses: list[str] | None = None,
-                 device: str = "cpu", threads: int = 1, log_dir: str | None = None):
-        from client.pipeline import Pipeline  # gRPC is imported only when a pipeline runs
-
-        if addresses:
-            if len(addresses) != cfg.pipeline.stages:
-                raise ConfigError(
-                    f"got {len(addresses)} stage worker address(es) but pipeline.stages = "
-                    f"{cfg.pipeline.stages}; give one address per stage, in stage order")
-            self.pipeline = Pipeline.connect(cfg, list(addresses))
-        else:
-            self.pipeline = Pipeline.launch_local(cfg, device=device, threads=threads,
-                                                  log_dir=log_dir)
-
-    def load_weights(self, state: Weights, proximal_mu: float = 0.0) -> None:
-        self.pipeline.load_weights(state, proximal_mu=proximal_mu)
-
-    def get_weights(self) -> Weights:
-        return {k: v.detach().cpu() for k, v in self.pipeline.get_weights().items()}
-
-    def train_epoch(self, packets: Iterable[Packet], epoch: int, total_epochs: int) -> dict:
-        return self.pipeline.train_epoch(packets, epoch, total_epochs)
-
-    def recover(self) -> list[int]:
-        """After a stage failure: restart or reconnect the stages (Pipeline.recover)."""
-        return self.pipeline.recover()
-
-    def close(self) -> None:
-        self.pipeline.close()
-
-    def __enter__(self) -> PipelineExecutor:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def make_executor(cfg: ExperimentConfig, addresses: list[str] | None = None,
-                  log_dir: str | None = None) -> InProcessExecutor | PipelineExecutor:
-    """The executor `federation.executor` names, on `train.device` with `train.threads`."""
-    if cfg.federation.executor == "inprocess":
-        return InProcessExecutor(cfg, cfg.train.device)
-    return PipelineExecutor(cfg, addresses, device=cfg.train.device,
-                            threads=max(cfg.train.threads, 1), log_dir=log_dir)
-
-
 def stack_template(cfg: ExperimentConfig) -> Weights:
     """Initial global weights: every layer built from its own seed (as any process builds it)."""
     return Stage(build_layers(cfg)).state_dict()
 
 
-__all__ = ["Executor", "InProcessExecutor", "PipelineExecutor", "client_config",
-           "client_seed", "client_split", "local_round", "make_executor", "round_epochs",
-           "stack_template", "total_epochs", "train_split"]
+__all__ = ["Executor", "InProcessExecutor", "client_config", "client_seed", "client_split",
+           "local_round", "round_epochs", "stack_template", "total_epochs", "train_split"]

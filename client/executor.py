@@ -1,0 +1,65 @@
+"""Executors that run a client's layers on stage worker processes, and the executor factory.
+
+`PipelineExecutor` drives a client.pipeline.Pipeline (S `bpfree worker` processes joined by the
+project's gRPC stream) behind bpfree_core.federated's Executor protocol, so a federated round
+(bpfree_core.federated.local_round) runs on it exactly as on the in-process reference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from bpfree_core.aggregate import Weights
+from bpfree_core.config import ExperimentConfig
+from bpfree_core.errors import ConfigError
+from bpfree_core.federated import InProcessExecutor
+from bpfree_core.layers import Packet
+
+
+class PipelineExecutor:
+    """The client's layers on S stage worker processes (client.pipeline.Pipeline)."""
+
+    def __init__(self, cfg: ExperimentConfig, addresses: list[str] | None = None,
+                 device: str = "cpu", threads: int = 1, log_dir: str | None = None):
+        from client.pipeline import Pipeline  # gRPC is imported only when a pipeline runs
+
+        if addresses:
+            if len(addresses) != cfg.pipeline.stages:
+                raise ConfigError(
+                    f"got {len(addresses)} stage worker address(es) but pipeline.stages = "
+                    f"{cfg.pipeline.stages}; give one address per stage, in stage order")
+            self.pipeline = Pipeline.connect(cfg, list(addresses))
+        else:
+            self.pipeline = Pipeline.launch_local(cfg, device=device, threads=threads,
+                                                  log_dir=log_dir)
+
+    def load_weights(self, state: Weights, proximal_mu: float = 0.0) -> None:
+        self.pipeline.load_weights(state, proximal_mu=proximal_mu)
+
+    def get_weights(self) -> Weights:
+        return {k: v.detach().cpu() for k, v in self.pipeline.get_weights().items()}
+
+    def train_epoch(self, packets: Iterable[Packet], epoch: int, total_epochs: int) -> dict:
+        return self.pipeline.train_epoch(packets, epoch, total_epochs)
+
+    def recover(self) -> list[int]:
+        """After a stage failure: restart or reconnect the stages (Pipeline.recover)."""
+        return self.pipeline.recover()
+
+    def close(self) -> None:
+        self.pipeline.close()
+
+    def __enter__(self) -> PipelineExecutor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def make_executor(cfg: ExperimentConfig, addresses: list[str] | None = None,
+                  log_dir: str | None = None) -> InProcessExecutor | PipelineExecutor:
+    """The executor `federation.executor` names, on `train.device` with `train.threads`."""
+    if cfg.federation.executor == "inprocess":
+        return InProcessExecutor(cfg, cfg.train.device)
+    return PipelineExecutor(cfg, addresses, device=cfg.train.device,
+                            threads=max(cfg.train.threads, 1), log_dir=log_dir)
