@@ -6,6 +6,7 @@
     bpfree bench federated --data-dir ../shared/datasets     # = python -m bench.federated ...
     bpfree bench accuracy --data-dir ../shared/datasets      # = python -m bench.accuracy ...
     bpfree bench gpu-grid --data-dir DIR --budget 500        # = python -m bench.gpu_grid ...
+    bpfree bench step --data-dir ../shared/datasets          # = python -m bench.step ...
 
 `sweep` (bench/sweep.py) measures throughput, per-stage timelines and the machine's ceilings and
 prints the model's prediction beside every measurement; the other subcommands run the existing
@@ -31,6 +32,7 @@ FORWARDED = {
     "pipeline": ("bench.pipeline", "S stage processes vs the reference; stream vs raw transports"),
     "federated": ("bench.federated", "K pipelined Flower clients vs the in-process references"),
     "gpu-grid": ("bench.gpu_grid", "many accuracy runs at once on one GPU, sized to a time budget"),
+    "step": ("bench.step", "training-step throughput: optimiser kernels, host syncs (CPU)"),
 }
 
 

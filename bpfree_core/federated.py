@@ -1,4 +1,4 @@
-"""A federated client's local work for one round, and the two executors that can run it.
+"""A federated client's local work for one round: its data, schedule, seed and epochs.
 
 `local_round` is the single definition of what client k does in round r, whoever runs it:
 - data: its partition `partition_indices(train labels, K, federation.partition, train.seed)[k]`;
@@ -10,40 +10,28 @@
 - state: it starts from the global weights with fresh optimiser state every round (FedAvg
   averages weights only, so optimiser moments would describe weights that no longer exist).
 
-Executors run the same steps two ways: `InProcessExecutor` (here: one Stage with every layer, the
-reference) and `client.executor.PipelineExecutor` (S stage worker processes joined by the project's
-gRPC stream). Fed the same packets, both end with identical weights on CPU. Torch only: the
-client (ClientApp, pipeline) and the server (coordinator, reference) both build on this module.
+Each local epoch is bpfree_core.trainer.run_epoch, the one epoch loop, over any Executor
+(bpfree_core.executor): `InProcessExecutor` (the reference) or client.executor.PipelineExecutor
+(S stage worker processes over gRPC). Fed the same packets, both end with identical weights on
+CPU. Torch only: the client (ClientApp) and the server (coordinator, reference) build on it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterable
-from typing import Protocol
 
 from bpfree_core.aggregate import ClientUpdate, Weights
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.data import Split, load_dataset
 from bpfree_core.errors import ConfigError
-from bpfree_core.layers import Packet, add_proximal_term
-from bpfree_core.metrics import RunningMeans, flat_numbers
+from bpfree_core.executor import Executor, InProcessExecutor
+from bpfree_core.metrics import flat_numbers
 from bpfree_core.model import Stage, build_layers, build_objective
 from bpfree_core.partition import partition_indices
 from bpfree_core.restarts import with_restarts
-from bpfree_core.runtime import set_threads
 from bpfree_core.seeds import derive
-from bpfree_core.trainer import limited, train_packets
-
-
-class Executor(Protocol):
-    """Runs a client's layers: the in-process Stage or a pipeline of stage workers."""
-
-    def load_weights(self, state: Weights, proximal_mu: float = 0.0) -> None: ...
-    def get_weights(self) -> Weights: ...
-    def train_epoch(self, packets: Iterable[Packet], epoch: int, total_epochs: int) -> dict: ...
-    def close(self) -> None: ...
+from bpfree_core.trainer import limited, run_epoch
 
 
 # -- the plan -------------------------------------------------------------------------------------
@@ -114,58 +102,11 @@ def _round_once(executor: Executor, cfg: ExperimentConfig, data: Split, client: 
     t0 = time.perf_counter()
     metrics: dict[str, float] = {}
     for epoch in round_epochs(cfg, rnd):
-        stats = executor.train_epoch(train_packets(objective, data, ccfg, epoch), epoch,
-                                     total_epochs(cfg))
-        metrics = flat_numbers(stats, "train/")  # the last local epoch's means
+        stats = run_epoch(executor, objective, data, ccfg, epoch, total_epochs(cfg))
+        metrics = flat_numbers(stats["layers"], "train/")  # the last local epoch's means
     metrics["train_seconds"] = time.perf_counter() - t0
     return ClientUpdate(client=client, num_examples=len(data), weights=executor.get_weights(),
                         metrics=metrics)
-
-
-# -- executors --------------------------------------------------------------------------------------
-class InProcessExecutor:
-    """Every layer in this process, in one bpfree_core Stage: the reference executor."""
-
-    def __init__(self, cfg: ExperimentConfig, device: str = "cpu"):
-        # GEMM summation order depends on the torch thread count: train with the configured
-        # count, as the stage workers do, or the golden rule fails in the last bits.
-        set_threads(cfg.train.threads)
-        self.cfg = cfg
-        self.device = device
-        self.objective = build_objective(cfg)
-        self.stage: Stage | None = None
-
-    def load_weights(self, state: Weights, proximal_mu: float = 0.0) -> None:
-        # Fresh layers every round: fresh optimisers, nothing carried over but the weights.
-        self.stage = Stage(build_layers(self.cfg, objective=self.objective), self.device)
-        self.stage.load_state_dict(state)
-        add_proximal_term(self.stage.layers, proximal_mu)
-
-    def get_weights(self) -> Weights:
-        return self._stage().state_dict()
-
-    def train_epoch(self, packets: Iterable[Packet], epoch: int, total_epochs: int) -> dict:
-        stage = self._stage()
-        stage.set_epoch(epoch, total_epochs)
-        means = RunningMeans()
-        for packet in packets:
-            _, metrics = stage.train_step(packet)
-            means.add(metrics)
-        return means.means()
-
-    def close(self) -> None:
-        self.stage = None
-
-    def _stage(self) -> Stage:
-        if self.stage is None:
-            raise RuntimeError("load_weights must be called before training")
-        return self.stage
-
-    def __enter__(self) -> InProcessExecutor:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def stack_template(cfg: ExperimentConfig) -> Weights:

@@ -20,6 +20,9 @@ from bpfree_core.config import ExperimentConfig
 from bpfree_core.seeds import derive
 
 Packet = dict[str, torch.Tensor]
+# A train step's statistics: 0-dim tensors left on the layer's device (no host sync per batch);
+# bpfree_core.metrics.RunningMeans reads them once per epoch.
+Metrics = dict[str, torch.Tensor]
 
 # Packet keys shared by every objective.
 LABELS = "y"            # (B,) int64 true labels
@@ -82,6 +85,9 @@ class LocalLayer(nn.Module):
         self.optimizer: torch.optim.Optimizer | None = None
         self.head_optimizer: torch.optim.Optimizer | None = None
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
+        self._host_steps: int | None = None      # mirror of `steps`, reset when weights load
+        self.kernels = "foreach"                 # optimiser kernels (see `place`)
+        self.register_load_state_dict_post_hook(self._forget_host_steps)
 
     # -- construction -------------------------------------------------------------------------
     def make_head(self, features: int) -> None:
@@ -102,6 +108,31 @@ class LocalLayer(nn.Module):
         if self.head is not None:
             self.head_optimizer = _make_optimizer(list(self.head.parameters()), o.optimizer,
                                                   o.head_lr, o.momentum, 0.0)
+
+    def place(self, device: torch.device, kernels: str = "auto") -> None:
+        """Move to `device`; optimiser kernels: fused on CUDA, foreach elsewhere ("auto")."""
+        self.to(device)
+        if kernels == "auto":
+            kernels = "fused" if device.type == "cuda" and self.cfg.optim.optimizer == "adam" \
+                else "foreach"
+        self.kernels = kernels
+        for opt in (self.optimizer, self.head_optimizer):
+            if opt is not None:
+                set_kernels(opt, kernels)
+
+    def host_steps(self) -> int:
+        """`steps` as a Python int without reading the device each batch (read once per load)."""
+        if self._host_steps is None:
+            self._host_steps = int(self.steps)
+        return self._host_steps
+
+    def count_step(self) -> None:
+        self.steps += 1
+        if self._host_steps is not None:
+            self._host_steps += 1
+
+    def _forget_host_steps(self, *_: object) -> None:
+        self._host_steps = None
 
     # -- schedule -----------------------------------------------------------------------------
     def set_epoch(self, epoch: int, total_epochs: int) -> None:
@@ -124,7 +155,7 @@ class LocalLayer(nn.Module):
         loss.backward()
         self.optimizer.step()
 
-    def step_head(self, features: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    def step_head(self, features: torch.Tensor, labels: torch.Tensor) -> Metrics:
         """One head step on detached features; returns head loss and accuracy on the batch."""
         if self.head is None or self.head_optimizer is None:
             return {}
@@ -134,7 +165,7 @@ class LocalLayer(nn.Module):
         loss.backward()
         self.head_optimizer.step()
         acc = (logits.argmax(1) == labels).float().mean()
-        return {"head_loss": loss.item(), "head_acc": float(acc)}
+        return {"head_loss": loss.detach(), "head_acc": acc}
 
     def votes(self) -> bool:
         """Whether this layer's head/goodness counts in prediction.
@@ -150,7 +181,7 @@ class LocalLayer(nn.Module):
             packet[LOGITS] = packet[LOGITS] + logp if LOGITS in packet else logp
 
     # -- to implement -------------------------------------------------------------------------
-    def train_step(self, packet: Packet) -> tuple[Packet, dict[str, float]]:
+    def train_step(self, packet: Packet) -> tuple[Packet, Metrics]:
         raise NotImplementedError
 
     @torch.no_grad()
@@ -169,15 +200,33 @@ class LocalLayer(nn.Module):
             self.optimizer.load_state_dict(state["body"])  # type: ignore[arg-type]
         if self.head_optimizer is not None and state.get("head") is not None:
             self.head_optimizer.load_state_dict(state["head"])  # type: ignore[arg-type]
+        for opt in (self.optimizer, self.head_optimizer):   # the saved groups carry old flags
+            if opt is not None:
+                set_kernels(opt, self.kernels)
+
+
+KERNELS = ("single", "foreach", "fused")
 
 
 def _make_optimizer(
     params: list[nn.Parameter], kind: str, lr: float, momentum: float, weight_decay: float
 ) -> torch.optim.Optimizer:
     if kind == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    # foreach=False: the same kernels on every device count, so runs are bit-reproducible.
-    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, foreach=False)
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                               foreach=True)
+    # foreach: one kernel per op over all tensors; on CPU bit-identical to the per-tensor loop
+    # (tests/test_layers.py), so every committed run reproduces. `place` picks fused on CUDA.
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, foreach=True)
+
+
+def set_kernels(optimizer: torch.optim.Optimizer, kernels: str) -> None:
+    """Switch an optimiser between per-tensor, foreach and fused kernels (same maths)."""
+    if kernels not in KERNELS:
+        raise ValueError(f"optimizer kernels {kernels!r}; one of {', '.join(KERNELS)}")
+    for group in optimizer.param_groups:
+        group["foreach"] = kernels == "foreach"
+        if "fused" in group:
+            group["fused"] = kernels == "fused" or None
 
 
 def add_proximal_term(layers: list[LocalLayer], mu: float) -> list[RemovableHandle]:

@@ -8,6 +8,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import torch
+
 
 class MetricsWriter:
     """Appends one JSON object per line to RUN_DIR/metrics.jsonl (and TensorBoard if present)."""
@@ -56,18 +58,24 @@ def flat_numbers(d: dict[str, Any], prefix: str = "") -> dict[str, float]:
 
 
 class RunningMeans:
-    """Per-layer running means of train-step metrics over an epoch."""
+    """Per-layer running means of train-step metrics over an epoch.
+
+    Steps report 0-dim tensors on their device; the sums stay there (float64) and are read back
+    once, in `means()`, so a GPU step never waits for the host.
+    """
 
     def __init__(self) -> None:
-        self.sums: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        self.sums: dict[int, dict[str, Any]] = defaultdict(dict)
         self.counts: dict[int, int] = defaultdict(int)
 
-    def add(self, per_layer: dict[int, dict[str, float]]) -> None:
+    def add(self, per_layer: dict[int, dict[str, Any]]) -> None:
         for layer, metrics in per_layer.items():
             self.counts[layer] += 1
+            sums = self.sums[layer]
             for k, v in metrics.items():
-                self.sums[layer][k] += v
+                v = v.detach().double() if isinstance(v, torch.Tensor) else float(v)
+                sums[k] = sums[k] + v if k in sums else v
 
     def means(self) -> dict[str, dict[str, float]]:
-        return {str(layer): {k: v / self.counts[layer] for k, v in sums.items()}
+        return {str(layer): {k: float(v) / self.counts[layer] for k, v in sums.items()}
                 for layer, sums in sorted(self.sums.items())}

@@ -7,7 +7,7 @@ import torch
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.data import SPECS
 from bpfree_core.errors import ConfigError
-from bpfree_core.layers import LocalLayer, Packet, layer_seed, seeded
+from bpfree_core.layers import LocalLayer, Metrics, Packet, layer_seed, seeded
 from bpfree_core.objectives import Objective, get_objective
 
 
@@ -59,7 +59,7 @@ class Stage:
         self.layers = layers
         self.device = torch.device(device)
         for layer in layers:
-            layer.to(self.device)
+            layer.place(self.device)
 
     @property
     def indices(self) -> list[int]:
@@ -69,7 +69,7 @@ class Stage:
         for layer in self.layers:
             layer.set_epoch(epoch, total_epochs)
 
-    def train_step(self, packet: Packet) -> tuple[Packet, dict[int, dict[str, float]]]:
+    def train_step(self, packet: Packet) -> tuple[Packet, dict[int, Metrics]]:
         packet = {k: v.to(self.device) for k, v in packet.items()}
         metrics = {}
         for layer in self.layers:

@@ -1,7 +1,10 @@
-"""The single-process reference trainer: the golden reference for every distributed run.
+"""The epoch loop every job runs, and the single-process reference trainer built on it.
 
-Every random draw is a pure function of (seed, epoch, batch index), and layer i is initialised
-from its own seed, so a pipeline of stage workers fed `train_packets` reproduces this exactly.
+`train_packets` yields an epoch's first-layer packets; `run_epoch` feeds them through any
+Executor (bpfree_core.executor); `train_epochs` adds evaluation, metrics and checkpoints around it
+for `bpfree train` (in process: `train_reference`, the golden reference) and `bpfree pipeline`
+(stage workers). Every random draw is a pure function of (seed, epoch, batch index), and layer i is
+initialised from its own seed, so a pipeline fed the same packets reproduces the reference exactly.
 """
 
 from __future__ import annotations
@@ -19,11 +22,12 @@ from bpfree_core.checkpoint import atomic_write_json, load_checkpoint, save_chec
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.data import Split, epoch_batches, load_dataset
 from bpfree_core.errors import ConfigError
+from bpfree_core.executor import Executor, InProcessExecutor
 from bpfree_core.layers import Packet
-from bpfree_core.metrics import MetricsWriter, RunningMeans
+from bpfree_core.metrics import MetricsWriter
 from bpfree_core.model import Stage, build_layers, build_objective
 from bpfree_core.objectives import Objective
-from bpfree_core.runtime import resolve_device, set_threads
+from bpfree_core.runtime import resolve_device
 from bpfree_core.seeds import generator
 
 log = logging.getLogger(__name__)
@@ -136,6 +140,88 @@ def limited(split: Split, limit: int) -> Split:
     return split.subset(slice(0, limit)) if limit else split
 
 
+# -- the epoch loop --------------------------------------------------------------------------------
+def run_epoch(executor: Executor, objective: Objective, split: Split, cfg: ExperimentConfig,
+              epoch: int, total_epochs: int, progress: bool = False) -> dict[str, Any]:
+    """One training epoch of `split` through `executor`: the step every job's epochs run."""
+    packets: Iterator[Packet] = train_packets(objective, split, cfg, epoch)
+    if progress:  # a live bar on a terminal (tqdm stays silent elsewhere)
+        packets = iter(tqdm(packets, total=num_train_batches(split, cfg), leave=False,
+                            unit="batch", desc=f"epoch {epoch + 1}/{total_epochs}", disable=None))
+    return executor.train_epoch(packets, epoch, total_epochs)
+
+
+def train_epochs(cfg: ExperimentConfig, executor: Executor, run_dir: Path | None = None,
+                 resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Train cfg.train.epochs epochs through `executor`, evaluating after each: `bpfree train`
+    (in process) and `bpfree pipeline` (stage workers) both run this loop.
+
+    RUN_DIR gets config.json, metrics.jsonl (one record per epoch), summary.json and, when the
+    executor can hand over its optimiser state, checkpoint.pt after every epoch (`resume`).
+    """
+    data = load_dataset(cfg.model.dataset, cfg.train.data_dir or None)
+    train_split = limited(data.train, cfg.train.train_limit)
+    test_split = limited(data.test, cfg.train.test_limit)
+    objective = build_objective(cfg)
+    prediction_modes(objective, cfg)   # a bad train.predict fails before any training
+    resumable = hasattr(executor, "optimizer_state")
+    first_epoch = 0
+    if run_dir:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run_dir / "config.json", cfg.public_dict())   # no token on disk
+        if resume and resumable and (run_dir / "checkpoint.pt").exists():
+            state = load_checkpoint(run_dir / "checkpoint.pt")
+            executor.load_weights(state["weights"])
+            executor.load_optimizer_state(state["optimizer"])  # type: ignore[attr-defined]
+            first_epoch = state["epoch"] + 1
+    writer = MetricsWriter(run_dir)
+    start = time.perf_counter()
+    acc: dict[str, float] = {}
+    stuck_before: dict[str, str] = {}
+    total = cfg.train.epochs
+    for epoch in range(first_epoch, total):
+        stats = run_epoch(executor, objective, train_split, cfg, epoch, total, progress)
+        acc = evaluate(executor.eval_forward, objective, test_split, cfg)
+        train_acc = evaluate(executor.eval_forward, objective,
+                             train_split.subset(slice(0, TRAIN_EVAL_SAMPLES)), cfg)
+        stuck = stuck_layers(stats["layers"], cfg.optim.lr)
+        warnings = [msg for name, msg in stuck.items() if name in stuck_before]
+        stuck_before = stuck
+        for w in warnings:
+            log.warning("%s", w)
+        record = {"epoch": epoch + 1, "layers": stats["layers"], "test_accuracy": acc,
+                  "warnings": warnings, "train_accuracy": train_acc,
+                  "epoch_seconds": stats["seconds"],
+                  "samples_per_second": stats["samples_per_second"]}
+        if "stages" in stats:   # per-batch timelines stay out of the JSONL (bench sweep plots them)
+            record["stages"] = [{k: v for k, v in s.items() if k != "timeline"}
+                                for s in stats["stages"]]
+        writer.write(record, step=epoch + 1)
+        line = (f"epoch {epoch + 1}/{total}  test {_fmt(acc)}  train {_fmt(train_acc)}  "
+                f"{stats['seconds']:.1f}s  {stats['samples_per_second']:.0f} samples/s")
+        if "stages" in stats:
+            line += "  busy " + " ".join(f"{s['busy_seconds']:.1f}s" for s in stats["stages"])
+        if progress:
+            tqdm.write(line)
+        else:
+            log.info("%s", line)
+        if run_dir and resumable:
+            save_checkpoint(run_dir / "checkpoint.pt", {
+                "epoch": epoch, "config": cfg.public_dict(), "weights": executor.get_weights(),
+                "optimizer": executor.optimizer_state()})  # type: ignore[attr-defined]
+    writer.close()
+    if not acc:  # resumed a finished run: evaluate what was loaded
+        acc = evaluate(executor.eval_forward, objective, test_split, cfg)
+    summary = {"algorithm": cfg.model.algorithm, "dataset": cfg.model.dataset,
+               "test_accuracy": headline(acc, cfg), "test_accuracy_by_method": acc,
+               "epochs": cfg.train.epochs, **executor.describe(),
+               "wall_seconds": time.perf_counter() - start}
+    if run_dir:
+        atomic_write_json(run_dir / "summary.json", summary)
+    summary["weights"] = executor.get_weights()
+    return summary
+
+
 def train_reference(
     cfg: ExperimentConfig,
     run_dir: Path | None = None,
@@ -143,73 +229,8 @@ def train_reference(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train the whole stack in this process; write metrics, checkpoint and summary to run_dir."""
-    set_threads(cfg.train.threads)
-    device = resolve_device(cfg.train.device)
-    data = load_dataset(cfg.model.dataset, cfg.train.data_dir or None)
-    train_split = limited(data.train, cfg.train.train_limit)
-    test_split = limited(data.test, cfg.train.test_limit)
-    objective = build_objective(cfg)
-    stage = Stage(build_layers(cfg, objective=objective), device)
-    first_epoch = 0
-    if run_dir:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(run_dir / "config.json", cfg.public_dict())
-        if resume and (run_dir / "checkpoint.pt").exists():
-            state = load_checkpoint(run_dir / "checkpoint.pt")
-            stage.load_state_dict(state["weights"])
-            stage.load_optimizer_state(state["optimizer"])
-            first_epoch = state["epoch"] + 1
-    writer = MetricsWriter(run_dir)
-    start = time.perf_counter()
-    acc: dict[str, float] = {}
-    n_batches = num_train_batches(train_split, cfg)
-    stuck_before: dict[str, str] = {}
-    for epoch in range(first_epoch, cfg.train.epochs):
-        stage.set_epoch(epoch, cfg.train.epochs)
-        means = RunningMeans()
-        t0 = time.perf_counter()
-        bar = tqdm(train_packets(objective, train_split, cfg, epoch), total=n_batches,
-                   desc=f"epoch {epoch + 1}/{cfg.train.epochs}", disable=not progress or None,
-                   leave=False)
-        for packet in bar:
-            _, metrics = stage.train_step(packet)
-            means.add(metrics)
-        train_time = time.perf_counter() - t0
-        acc = evaluate(stage.eval_step, objective, test_split, cfg)
-        train_acc = evaluate(stage.eval_step, objective,
-                             train_split.subset(slice(0, TRAIN_EVAL_SAMPLES)), cfg)
-        layer_means = means.means()
-        stuck = stuck_layers(layer_means, cfg.optim.lr)
-        warnings = [msg for name, msg in stuck.items() if name in stuck_before]
-        stuck_before = stuck
-        for w in warnings:
-            log.warning("%s", w)
-            if progress:
-                tqdm.write(f"warning: {w}")
-        record = {"epoch": epoch + 1, "layers": layer_means, "test_accuracy": acc,
-                  "warnings": warnings,
-                  "train_accuracy": train_acc, "epoch_seconds": train_time,
-                  "samples_per_second": n_batches * cfg.train.batch_size / train_time}
-        writer.write(record, step=epoch + 1)
-        log.info("epoch %d: test %s train %s (%.1fs)", epoch + 1, _fmt(acc), _fmt(train_acc),
-                 train_time)
-        if progress:
-            tqdm.write(f"epoch {epoch + 1}/{cfg.train.epochs}  test {_fmt(acc)}  "
-                       f"train {_fmt(train_acc)}  {train_time:.1f}s")
-        if run_dir:
-            save_checkpoint(run_dir / "checkpoint.pt", {
-                "epoch": epoch, "config": cfg.public_dict(), "weights": stage.state_dict(),
-                "optimizer": stage.optimizer_state()})
-    writer.close()
-    if not acc:  # resumed a finished run: evaluate what was loaded
-        acc = evaluate(stage.eval_step, objective, test_split, cfg)
-    summary = {"algorithm": cfg.model.algorithm, "dataset": cfg.model.dataset,
-               "test_accuracy": headline(acc, cfg), "test_accuracy_by_method": acc,
-               "epochs": cfg.train.epochs, "wall_seconds": time.perf_counter() - start}
-    if run_dir:
-        atomic_write_json(run_dir / "summary.json", summary)
-    summary["weights"] = stage.state_dict()
-    return summary
+    with InProcessExecutor(cfg, resolve_device(cfg.train.device)) as executor:
+        return train_epochs(cfg, executor, run_dir, resume, progress)
 
 
 def _fmt(acc: dict[str, float]) -> str:

@@ -8,12 +8,16 @@ project's gRPC stream) behind bpfree_core.federated's Executor protocol, so a fe
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 from bpfree_core.aggregate import Weights
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.errors import ConfigError
 from bpfree_core.federated import InProcessExecutor
 from bpfree_core.layers import Packet
+
+if TYPE_CHECKING:
+    from client.pipeline import Pipeline
 
 
 class PipelineExecutor:
@@ -33,6 +37,13 @@ class PipelineExecutor:
             self.pipeline = Pipeline.launch_local(cfg, device=device, threads=threads,
                                                   log_dir=log_dir)
 
+    @classmethod
+    def from_pipeline(cls, pipeline: Pipeline) -> PipelineExecutor:
+        """An executor over a Pipeline the caller already launched or connected."""
+        executor = cls.__new__(cls)
+        executor.pipeline = pipeline
+        return executor
+
     def load_weights(self, state: Weights, proximal_mu: float = 0.0) -> None:
         self.pipeline.load_weights(state, proximal_mu=proximal_mu)
 
@@ -41,6 +52,13 @@ class PipelineExecutor:
 
     def train_epoch(self, packets: Iterable[Packet], epoch: int, total_epochs: int) -> dict:
         return self.pipeline.train_epoch(packets, epoch, total_epochs)
+
+    def eval_forward(self, packet: Packet) -> Packet:
+        return self.pipeline.eval_forward(packet)
+
+    def describe(self) -> dict[str, Any]:
+        return {"stages": len(self.pipeline.addresses),
+                "wire_dtype": self.pipeline.cfg.pipeline.wire_dtype}
 
     def recover(self) -> list[int]:
         """After a stage failure: restart or reconnect the stages (Pipeline.recover)."""

@@ -81,7 +81,7 @@ class StageActor:
                 "BPFREE_TLS_CERT / BPFREE_TLS_KEY; export both (the node's certificate and key) "
                 "before `ray start` on every node (see deploy/ray/)")
         security = Security(token=self.token, tls_cert=cert, tls_key=key, tls_ca=ca)
-        self.worker = StageWorker(device, security)
+        self.worker = StageWorker(device, security, threads=torch.get_num_threads())
         self.server, port = build_server(self.worker, f"{host}:0", security)
         self.worker.address = f"{host}:{port}"
         self.server.start()

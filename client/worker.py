@@ -119,8 +119,12 @@ def _rss_mb() -> float:
 class StageWorker(pb_grpc.StageControlServicer):
     """The state of one stage worker and its RPC handlers (control + raw data plane)."""
 
-    def __init__(self, device: str, security: Security, address: str = ""):
+    def __init__(self, device: str, security: Security, address: str = "", threads: int = 0):
         self.default_device = device
+        # The compute thread's torch thread count (0 = this thread's now). Set inside that thread:
+        # OpenMP keeps a count per thread, and a new thread starts at the machine's default, so
+        # `torch.set_num_threads` in the main thread alone would not reach the GEMMs it runs.
+        self.threads = threads or torch.get_num_threads()
         self.security = security
         self.address = address
         self._lock = threading.RLock()      # guards the fields below
@@ -501,6 +505,7 @@ class StageWorker(pb_grpc.StageControlServicer):
     # -- compute ----------------------------------------------------------------------------------
     def _compute(self, setup: _Setup) -> None:
         torch.set_grad_enabled(True)
+        torch.set_num_threads(self.threads)
         while not setup.stop.is_set():
             t0 = time.perf_counter()
             try:

@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     device = str(resolve_device(args.device))   # fail now, clearly, if the GPU is missing
     security = Security(token=args.token, tls_cert=args.tls_cert, tls_key=args.tls_key,
                         tls_ca=args.tls_ca)
-    worker = StageWorker(device, security)
+    worker = StageWorker(device, security, threads=max(args.threads, 0))
     server, port = build_server(worker, args.listen, security)
     host = args.listen.rsplit(":", 1)[0]
     worker.address = f"{host}:{port}"

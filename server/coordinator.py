@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -66,10 +67,16 @@ class Coordinator:
     """Owns the global weights, the run directory and the round loop."""
 
     def __init__(self, cfg: ExperimentConfig, run_dir: Path | None = None, resume: bool = False,
-                 progress: bool = False):
+                 progress: bool = False, evaluate: bool = True,
+                 on_round: Callable[[int, Weights, list[ClientUpdate]], None] | None = None):
+        """`evaluate = False` skips the per-round test evaluation (the in-process reference's
+        callers only want weights); `on_round(round, new weights, accepted updates)` runs after
+        each round's aggregation."""
         self.cfg = cfg
         self.run_dir = run_dir
         self.progress = progress
+        self.evaluate_rounds = evaluate
+        self.on_round = on_round
         self.weights = stack_template(cfg)
         self.template = {k: v.clone() for k, v in self.weights.items()}
         self.first_round = 0
@@ -112,13 +119,14 @@ class Coordinator:
         log.info("resuming %s after round %d", run_dir, self.first_round)
 
     # -- the loop -------------------------------------------------------------------------------
-    def run(self, transport: RoundTransport) -> dict[str, Any]:
-        """Run the remaining rounds; return the summary (with the final "weights")."""
+    def run(self, transport: RoundTransport, rounds: int | None = None) -> dict[str, Any]:
+        """Run the remaining rounds (up to `rounds`, default federation.rounds; the schedule
+        always spans federation.rounds); return the summary (with the final "weights")."""
         cfg = self.cfg
         set_threads(cfg.train.threads)
         start = time.perf_counter()
         writer = MetricsWriter(self.run_dir)  # JSONL always, TensorBoard when installed
-        rounds = cfg.federation.rounds
+        rounds = cfg.federation.rounds if rounds is None else rounds
         bar = tqdm(total=rounds, initial=self.first_round, desc="rounds", unit="round",
                    disable=not self.progress or None, leave=True)
         try:
@@ -169,14 +177,16 @@ class Coordinator:
         for key in ("accepted", "failed", "timed_out", "rejected"):
             self.totals[key] += counts[key]
 
+        if self.on_round is not None:
+            self.on_round(rnd, new, accepted)
         t2 = time.perf_counter()
-        acc = self.evaluate(new)
+        acc = self.evaluate(new) if self.evaluate_rounds else {}
         t_eval = time.perf_counter() - t2
         slowest = max((u.metrics.get("train_seconds", 0.0) for u in accepted), default=0.0)
         return {
             "round": rnd + 1,
             "test_accuracy": acc,
-            "test_accuracy_headline": headline(acc, cfg),
+            "test_accuracy_headline": headline(acc, cfg) if acc else float("nan"),
             "clients": counts,
             "layers": stats,
             "client_metrics": {str(u.client): {"num_examples": u.num_examples, **u.metrics}
@@ -217,10 +227,12 @@ class Coordinator:
 
     def _summary(self, wall: float) -> dict[str, Any]:
         cfg = self.cfg
-        acc = self.history[-1]["test_accuracy"] if self.history else self.evaluate(self.weights)
+        acc = self.history[-1]["test_accuracy"] if self.history else {}
+        acc = acc or (self.evaluate(self.weights) if self.evaluate_rounds else {})
         summary = {
             "algorithm": cfg.model.algorithm, "dataset": cfg.model.dataset,
-            "test_accuracy": headline(acc, cfg), "test_accuracy_by_method": acc,
+            "test_accuracy": headline(acc, cfg) if acc else float("nan"),
+            "test_accuracy_by_method": acc,
             "accuracy_per_round": [r["test_accuracy_headline"] for r in self.history],
             "rounds": len(self.history), "clients": cfg.federation.clients,
             "stages": cfg.pipeline.stages, "executor": cfg.federation.executor,

@@ -1,23 +1,35 @@
 """The single-process federated reference: the golden reference for every federated run.
 
-No Flower, no gRPC: each round, each client trains in this process from the global weights
-(bpfree_core.federated.local_round on an InProcessExecutor), then bpfree_core.aggregate.fedavg averages
-every layer. A Flower run with pipeline clients must end with identical weights on CPU.
+No Flower, no gRPC: the Coordinator (the one round loop every backend uses) driven by an
+`InProcessTransport`, which trains each client in this process from the global weights
+(bpfree_core.federated.local_round on an InProcessExecutor). A Flower, `flwr run`, deployment or
+Ray run with pipeline clients must end with identical weights on CPU.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from bpfree_core.aggregate import ClientUpdate, Weights, fedavg
+from bpfree_core.aggregate import ClientUpdate, Weights
 from bpfree_core.config import ExperimentConfig
-from bpfree_core.federated import (
-    InProcessExecutor,
-    client_split,
-    local_round,
-    stack_template,
-    train_split,
-)
+from bpfree_core.federated import InProcessExecutor, client_split, local_round, train_split
+from server.coordinator import Coordinator, RoundReplies
+
+
+class InProcessTransport:
+    """Delivers a round to K clients trained one after another in this process."""
+
+    def __init__(self, cfg: ExperimentConfig):
+        self.cfg = cfg
+        train = train_split(cfg)
+        self.parts = [client_split(cfg, train, k) for k in range(cfg.federation.clients)]
+
+    def train_round(self, rnd: int, weights: Weights) -> RoundReplies:
+        updates = []
+        for k, part in enumerate(self.parts):
+            with InProcessExecutor(self.cfg, self.cfg.train.device) as executor:
+                updates.append(local_round(executor, self.cfg, part, k, rnd, weights))
+        return RoundReplies(updates=updates, sent=len(updates))
 
 
 def federated_reference(
@@ -29,16 +41,5 @@ def federated_reference(
 
     `on_round(round, new_weights, updates)` is called after each round's aggregation.
     """
-    train = train_split(cfg)  # each InProcessExecutor sets train.threads
-    parts = [client_split(cfg, train, k) for k in range(cfg.federation.clients)]
-    weights = stack_template(cfg)
-    for rnd in range(cfg.federation.rounds if rounds is None else rounds):
-        updates = []
-        for k, part in enumerate(parts):
-            executor = InProcessExecutor(cfg, cfg.train.device)
-            updates.append(local_round(executor, cfg, part, k, rnd, weights))
-            executor.close()
-        weights = fedavg(weights, updates)
-        if on_round is not None:
-            on_round(rnd, weights, updates)
-    return weights
+    coordinator = Coordinator(cfg, evaluate=False, on_round=on_round)
+    return coordinator.run(InProcessTransport(cfg), rounds=rounds)["weights"]

@@ -108,10 +108,15 @@ def packets(data_dir: Path) -> list[dict[str, torch.Tensor]]:
 
 @pytest.fixture(scope="module")
 def target(data_dir: Path) -> Iterator[Target]:
+    # The worker's compute thread takes the torch thread count of the thread that builds it;
+    # the last test compares its epoch with a 1-thread reference, whatever ran before.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     t = Target(_cfg(data_dir))
     t.configure()
     yield t
     t.close()
+    torch.set_num_threads(threads)
 
 
 def _outcome(test: str, fn, also: set | None = None) -> str:  # noqa: ANN001

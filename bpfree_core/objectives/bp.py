@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bpfree_core.config import ExperimentConfig
-from bpfree_core.layers import LABELS, LOGITS, LocalLayer, Packet
+from bpfree_core.layers import LABELS, LOGITS, LocalLayer, Metrics, Packet
 from bpfree_core.objectives import register
 from bpfree_core.objectives.base import Objective
 
@@ -54,15 +54,15 @@ class BPNetwork(LocalLayer):
             x = self.convs(x.view(-1, *self.in_shape)).flatten(1)   # (B, C*H*W)
         return self.mlp(x.flatten(1))                               # (B, classes)
 
-    def train_step(self, packet: Packet) -> tuple[Packet, dict[str, float]]:
+    def train_step(self, packet: Packet) -> tuple[Packet, Metrics]:
         y = packet[LABELS]
         logits = self(packet["x"])                                  # (B, C)
         loss = F.cross_entropy(logits, y)
         self.step_body(loss)
-        self.steps += 1
+        self.count_step()
         acc = (logits.argmax(1) == y).float().mean()
         return ({LOGITS: logits.detach(), LABELS: y},
-                {"loss": loss.item(), "train_acc": float(acc)})
+                {"loss": loss.detach(), "train_acc": acc})
 
     @torch.no_grad()
     def eval_step(self, packet: Packet) -> Packet:

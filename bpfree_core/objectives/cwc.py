@@ -40,6 +40,7 @@ from bpfree_core.layers import (
     GOODNESS,
     LABELS,
     LocalLayer,
+    Metrics,
     Packet,
     relu,
     rms_all,
@@ -84,21 +85,21 @@ class CwCLayer(LocalLayer):
         """(B, *out_shape) -> (B, C): mean square activity of each class group."""
         return y.reshape(y.shape[0], self.num_classes, -1).pow(2).mean(2)
 
-    def loss(self, out: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, out: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
         """CwC loss: cross-entropy of the true class against softmax over the class goodnesses."""
         g = self.goodness(out)                                     # (B, C)
         loss = F.cross_entropy(g, labels)
-        return loss, {"cwc_acc": float((g.argmax(1) == labels).float().mean())}
+        return loss, {"cwc_acc": (g.argmax(1) == labels).float().mean()}
 
-    def train_step(self, packet: Packet) -> tuple[Packet, dict[str, float]]:
+    def train_step(self, packet: Packet) -> tuple[Packet, Metrics]:
         y_true = packet[LABELS]
         out = self.forward_body(packet["x"])
         loss, metrics = self.loss(out, y_true)
         self.step_body(loss)
         out = out.detach()
-        metrics["loss"] = loss.item()
+        metrics["loss"] = loss.detach()
         metrics.update(self.step_head(rms_normalize(out.flatten(1)), y_true))
-        self.steps += 1
+        self.count_step()
         return {"x": out, LABELS: y_true}, metrics
 
     @torch.no_grad()

@@ -35,8 +35,7 @@ class FFLayer(GoodnessLayer):
         g_pos, g_neg = self.goodness(y_pos), self.goodness(y_neg)
         loss = F.softplus((theta - g_pos) / tau).mean() + F.softplus((g_neg - theta) / tau).mean()
         ff_acc = 0.5 * ((g_pos > theta).float().mean() + (g_neg < theta).float().mean())
-        return loss, {"ff_acc": float(ff_acc), "g_pos": g_pos.mean().item(),
-                      "g_neg": g_neg.mean().item()}
+        return loss, {"ff_acc": ff_acc, "g_pos": g_pos.detach().mean(), "g_neg": g_neg.detach().mean()}
 
 
 @register("ff")

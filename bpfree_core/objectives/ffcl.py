@@ -28,11 +28,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from bpfree_core.config import ExperimentConfig
-from bpfree_core.layers import LABELS, LocalLayer, Packet, relu, rms_normalize
+from bpfree_core.layers import LABELS, LocalLayer, Metrics, Packet, relu, rms_normalize
 from bpfree_core.objectives import register
 from bpfree_core.objectives.base import Objective
 
-LossOut = tuple[torch.Tensor, dict[str, float]]
+LossOut = tuple[torch.Tensor, Metrics]
 
 
 def cosine_pair_loss(h_a: torch.Tensor, h_b: torch.Tensor, margin: float) -> LossOut:
@@ -40,7 +40,7 @@ def cosine_pair_loss(h_a: torch.Tensor, h_b: torch.Tensor, margin: float) -> Los
     cos_pos = F.cosine_similarity(h_a, h_b, dim=1, eps=1e-8)                      # (B,)
     cos_neg = F.cosine_similarity(h_a, h_b.roll(1, dims=0), dim=1, eps=1e-8)      # (B,)
     loss = (1 - cos_pos).mean() + (cos_neg - margin).clamp(min=0).mean()
-    return loss, {"cos_pos": cos_pos.mean().item(), "cos_neg": cos_neg.mean().item()}
+    return loss, {"cos_pos": cos_pos.detach().mean(), "cos_neg": cos_neg.detach().mean()}
 
 
 class FFCLLayer(LocalLayer):
@@ -66,14 +66,14 @@ class FFCLLayer(LocalLayer):
     def features(h_a: torch.Tensor, h_b: torch.Tensor) -> torch.Tensor:
         return torch.cat([rms_normalize(h_a), rms_normalize(h_b)], dim=1)   # (B, 2 D_out)
 
-    def train_step(self, packet: Packet) -> tuple[Packet, dict[str, float]]:
+    def train_step(self, packet: Packet) -> tuple[Packet, Metrics]:
         y = packet[LABELS]
         h_a, h_b = self.forward_pair(packet["a"], packet["b"])
         loss, metrics = cosine_pair_loss(h_a, h_b, self.cfg.objective.margin)
         self.step_body(loss)
-        metrics["loss"] = loss.item()
+        metrics["loss"] = loss.detach()
         metrics.update(self.step_head(self.features(h_a, h_b), y))
-        self.steps += 1
+        self.count_step()
         return {"a": h_a.detach(), "b": h_b.detach(), LABELS: y}, metrics
 
     @torch.no_grad()

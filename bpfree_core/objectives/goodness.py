@@ -22,12 +22,12 @@ from torch import nn
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.data import DatasetSpec
 from bpfree_core.errors import ConfigError
-from bpfree_core.layers import GOODNESS, LABELS, LocalLayer, Packet, relu, rms_normalize
+from bpfree_core.layers import GOODNESS, LABELS, LocalLayer, Metrics, Packet, relu, rms_normalize
 from bpfree_core.objectives.base import Objective
 from bpfree_core.seeds import generator
 
 ROLES = ("pos", "neg", "neutral")
-LossOut = tuple[torch.Tensor, dict[str, float]]  # (loss, metrics)
+LossOut = tuple[torch.Tensor, Metrics]  # (loss, metrics)
 
 
 def embed_label(x: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -123,7 +123,7 @@ class GoodnessLayer(LocalLayer):
             packet["neg"] = embed_label(packet["pos"], y_neg, self.num_classes)
         return packet
 
-    def train_step(self, packet: Packet) -> tuple[Packet, dict[str, float]]:
+    def train_step(self, packet: Packet) -> tuple[Packet, Metrics]:
         if "u" in packet:
             packet = self.redraw_negatives(packet)
         y = packet[LABELS]
@@ -142,9 +142,9 @@ class GoodnessLayer(LocalLayer):
         with torch.no_grad():
             neutral = self.forward_role(self.role_input(packet, "neutral"),
                                         self.codes(packet, "neutral", b))
-        metrics["loss"] = loss.item()
+        metrics["loss"] = loss.detach()
         metrics.update(self.step_head(rms_normalize(neutral), y))
-        self.steps += 1
+        self.count_step()
         out = {"pos": y_pos.detach(), "neg": y_neg.detach(), "neutral": neutral, LABELS: y,
                "y_neg": packet["y_neg"]}
         return out, metrics

@@ -27,8 +27,7 @@ class SFFALayer(GoodnessLayer):
         g_pos, g_neg = self.goodness(y_pos), self.goodness(y_neg)
         loss = -(g_pos.log().mean() + (1 - g_neg).log().mean())
         ff_acc = 0.5 * ((g_pos > 0.5).float().mean() + (g_neg < 0.5).float().mean())
-        return loss, {"ff_acc": float(ff_acc), "g_pos": g_pos.mean().item(),
-                      "g_neg": g_neg.mean().item()}
+        return loss, {"ff_acc": ff_acc, "g_pos": g_pos.detach().mean(), "g_neg": g_neg.detach().mean()}
 
 
 @register("sffa")

@@ -26,8 +26,8 @@ class SymBaLayer(GoodnessLayer):
     def loss(self, y_pos: torch.Tensor, y_neg: torch.Tensor) -> LossOut:
         g_pos, g_neg = self.goodness(y_pos), self.goodness(y_neg)
         loss = F.softplus(-self.cfg.objective.alpha * (g_pos - g_neg)).mean()
-        return loss, {"ff_acc": float((g_pos > g_neg).float().mean()),
-                      "g_pos": g_pos.mean().item(), "g_neg": g_neg.mean().item()}
+        return loss, {"ff_acc": (g_pos > g_neg).float().mean(),
+                      "g_pos": g_pos.detach().mean(), "g_neg": g_neg.detach().mean()}
 
 
 @register("symba")

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bpfree_core.config import ExperimentConfig
-from bpfree_core.layers import LABELS, LocalLayer, Packet, rms_all, rms_normalize
+from bpfree_core.layers import LABELS, LocalLayer, Metrics, Packet, rms_all, rms_normalize
 from bpfree_core.objectives import register
 from bpfree_core.objectives.base import Shape, ShapedObjective, numel
 from bpfree_core.seeds import generator
@@ -72,12 +72,12 @@ class UFFCell(LocalLayer):
         """The cell's normalised input in its own layout: (B, D) or (B, C, H, W)."""
         return rms_all(x.detach().reshape(x.shape[0], *self.in_shape).float())  # no grad upstream
 
-    def train_step(self, packet: Packet) -> tuple[Packet, dict[str, float]]:
+    def train_step(self, packet: Packet) -> tuple[Packet, Metrics]:
         y = packet[LABELS]
         h = self.prepare(packet["x"])
         std = self.cfg.objective.noise_std
         if std > 0:
-            gen = noise_generator(self.cfg.train.seed, self.index, int(self.steps))
+            gen = noise_generator(self.cfg.train.seed, self.index, self.host_steps())
             noisy = h + std * torch.randn(h.shape, generator=gen).to(h.device)
         else:
             noisy = h
@@ -86,9 +86,9 @@ class UFFCell(LocalLayer):
         self.step_body(loss)
         with torch.no_grad():
             latent = F.relu(self.encoder(h)) if std > 0 else z.detach()
-        metrics = {"loss": loss.item(), "recon_mse": loss.item()}
+        metrics = {"loss": loss.detach(), "recon_mse": loss.detach()}
         metrics.update(self.step_head(rms_normalize(latent.flatten(1)), y))
-        self.steps += 1
+        self.count_step()
         return {"x": latent.detach(), LABELS: y}, metrics
 
     @torch.no_grad()

@@ -1,0 +1,109 @@
+"""What runs a stack's layers for the epoch loop: the Executor protocol and its in-process form.
+
+Every job drives its layers through this protocol, whoever holds them: `InProcessExecutor` (one
+Stage with every layer, in this process: the reference) or client.executor.PipelineExecutor
+(S stage worker processes over gRPC). bpfree_core.trainer.train_epochs (train, pipeline) and
+bpfree_core.federated.local_round (a federated client's round) call nothing else, so the
+single-process reference, the pipeline and the federated client run the same epoch loop.
+
+`train_epoch` returns the epoch's statistics in one shape for every executor:
+  {"layers": {layer: {metric: mean}}, "batches", "samples", "seconds", "samples_per_second"}
+plus, for pipelines, per-stage statistics ("stages").
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+import torch
+
+from bpfree_core.aggregate import Weights
+from bpfree_core.config import ExperimentConfig
+from bpfree_core.layers import LABELS, Packet, add_proximal_term
+from bpfree_core.metrics import RunningMeans
+from bpfree_core.model import Stage, build_layers, build_objective
+from bpfree_core.runtime import set_threads
+
+
+class Executor(Protocol):
+    """Runs a stack's layers: the in-process Stage or a pipeline of stage workers."""
+
+    def load_weights(self, state: Weights, proximal_mu: float = 0.0) -> None: ...
+    def get_weights(self) -> Weights: ...
+    def train_epoch(self, packets: Iterable[Packet], epoch: int, total_epochs: int) -> dict: ...
+    def eval_forward(self, packet: Packet) -> Packet: ...
+    def describe(self) -> dict[str, Any]: ...
+    def close(self) -> None: ...
+
+
+def epoch_stats(layers: dict[str, dict[str, float]], batches: int, samples: int,
+                seconds: float, **extra: Any) -> dict[str, Any]:
+    """The statistics of one epoch, in the shape every executor returns."""
+    return {"layers": layers, "batches": batches, "samples": samples, "seconds": seconds,
+            "samples_per_second": samples / seconds if seconds > 0 else 0.0, **extra}
+
+
+class InProcessExecutor:
+    """Every layer in this process, in one Stage: the reference executor."""
+
+    def __init__(self, cfg: ExperimentConfig, device: str | torch.device = "cpu"):
+        # GEMM summation order depends on the torch thread count: train with the configured
+        # count, as the stage workers do, or the golden rule fails in the last bits.
+        set_threads(cfg.train.threads)
+        self.cfg = cfg
+        self.device = device
+        self.objective = build_objective(cfg)
+        self.stage: Stage | None = None
+
+    def load_weights(self, state: Weights, proximal_mu: float = 0.0) -> None:
+        # Fresh layers on every load: fresh optimisers, nothing carried over but the weights.
+        self.stage = self._fresh()
+        self.stage.load_state_dict(state)
+        add_proximal_term(self.stage.layers, proximal_mu)
+
+    def get_weights(self) -> Weights:
+        return self._stage().state_dict()
+
+    def optimizer_state(self) -> dict[int, dict[str, object]]:
+        return self._stage().optimizer_state()
+
+    def load_optimizer_state(self, state: dict[int, dict[str, object]]) -> None:
+        self._stage().load_optimizer_state(state)
+
+    def train_epoch(self, packets: Iterable[Packet], epoch: int, total_epochs: int) -> dict:
+        stage = self._stage()
+        stage.set_epoch(epoch, total_epochs)
+        means = RunningMeans()
+        batches = samples = 0
+        t0 = time.perf_counter()
+        for packet in packets:
+            _, metrics = stage.train_step(packet)
+            means.add(metrics)
+            batches += 1
+            samples += int(packet[LABELS].shape[0])
+        return epoch_stats(means.means(), batches, samples, time.perf_counter() - t0)
+
+    def eval_forward(self, packet: Packet) -> Packet:
+        return self._stage().eval_step(packet)
+
+    def describe(self) -> dict[str, Any]:
+        return {}
+
+    def close(self) -> None:
+        self.stage = None
+
+    def _fresh(self) -> Stage:
+        return Stage(build_layers(self.cfg, objective=self.objective), self.device)
+
+    def _stage(self) -> Stage:
+        if self.stage is None:   # not loaded: every layer from its own seed
+            self.stage = self._fresh()
+        return self.stage
+
+    def __enter__(self) -> InProcessExecutor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
