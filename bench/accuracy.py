@@ -211,7 +211,7 @@ def finished_with(run_dir: Path, cfg: ExperimentConfig) -> bool:
         lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     except (OSError, ValueError, ConfigError):
         return False
-    return saved.public_dict() == cfg.public_dict() and len(lines) == summary.get("epochs")
+    return saved.to_dict() == cfg.to_dict() and len(lines) == summary.get("epochs")
 
 
 def pct(v: float | None) -> str:

@@ -30,7 +30,8 @@ from bpfree_core.model import Stage, build_layers, build_objective
 from bpfree_core.trainer import limited, train_packets
 from client.link import Link
 from client.memory import tune_malloc
-from client.pipeline import Pipeline, launch_workers, stop_processes
+from client.pipeline import Pipeline
+from client.supervisor import launch_workers, stop_processes
 from client.transport import Security, wait_for_peer
 from client.wire import WireBatch
 from protos import stage_pb2 as pb

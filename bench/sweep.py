@@ -183,12 +183,12 @@ class WorkerPool:
     """Stage workers launched once and re-configured for every K = 1 point (no start-up per point)."""
 
     def __init__(self, n: int, tmp: Path):
-        from client.pipeline import launch_workers
+        from client.supervisor import launch_workers
 
         self.procs, self.addresses = launch_workers(n, tmp, threads=1) if n else ([], [])
 
     def close(self) -> None:
-        from client.pipeline import stop_processes
+        from client.supervisor import stop_processes
 
         stop_processes(self.procs)
 
@@ -342,7 +342,9 @@ def analyse_federated(p: Point, cfg: ExperimentConfig, fed: dict[str, Any], flop
     r = min(rows, key=lambda x: x["round_wall"])
     rec = next(x for x in fed["records"] if x["round"] == r["round"])
     examples = sum(c["num_examples"] for c in rec["client_metrics"].values())
-    params = sum(v.numel() for v in _weights_template(cfg).values())
+    from bpfree_core.federated import stack_template  # torch: imported only when it runs
+
+    params = sum(v.numel() for v in stack_template(cfg).values())
     weight_bytes = 2 * cfg.federation.clients * params * 4            # down + up, float32
     coordination = r["aggregate"] + r["checkpoint"] + r["evaluate"]
     measured = examples / r["round_wall"]
@@ -368,12 +370,6 @@ def analyse_federated(p: Point, cfg: ExperimentConfig, fed: dict[str, Any], flop
         "round_communication_s": r["transport"], "round_coordination_s": coordination,
         "federated_rounds": fed["rounds"], "load_1min": load_average()[0],
     }
-
-
-def _weights_template(cfg: ExperimentConfig) -> dict[str, Any]:
-    from bpfree_core.model import Stage, build_layers
-
-    return Stage(build_layers(cfg)).state_dict()
 
 
 # -- extrapolation on paper ------------------------------------------------------------------------

@@ -7,6 +7,7 @@ Overrides are coerced to the declared field type; unknown keys are rejected with
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import re
 import tomllib
@@ -23,7 +24,26 @@ ALGORITHMS = ("ff", "symba", "sffa", "ffcl", "uff", "bp", "cwc")
 DATASETS = ("mnist", "fashion-mnist")
 WIRE_DTYPES = ("float32", "bfloat16", "float16")
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")   # Ray placement-group strategies
-SECRET_FIELDS = (("pipeline", "token"),)   # never written to disk, never sent through Flower
+# Every field is one of three kinds, declared where it is defined:
+# - computed (the default): what a run computes; travels to workers and clients, is compared whole
+#   when a run resumes, and names the run (`ExperimentConfig.fingerprint`);
+# - RUNTIME: where and how it runs (device, threads, data dir, timeouts, window, chunking, TLS,
+#   Ray, stage count, executor); may change on resume, never changes the weights (threads only in
+#   the last bits, see the golden rule);
+# - SECRET: runtime and never serialised (`to_dict` leaves it out; it comes from --set,
+#   $BPFREE_TOKEN or a node's own settings).
+RUNTIME = types.MappingProxyType({"kind": "runtime"})
+SECRET = types.MappingProxyType({"kind": "secret"})
+
+
+def runtime(default: Any) -> Any:
+    """A field saying where or how a run runs, not what it computes."""
+    return field(default=default, metadata=RUNTIME)
+
+
+def secret(default: Any) -> Any:
+    """A runtime field that is never serialised (and never shown in a repr)."""
+    return field(default=default, metadata=SECRET, repr=False)
 
 
 def _check_choice(section: str, name: str, value: Any, valid: tuple[str, ...]) -> None:
@@ -120,11 +140,11 @@ class TrainConfig:
     seed: int = 0
     train_limit: int = 0           # use only the first N training images (0 = all)
     test_limit: int = 0            # evaluate on the first N test images (0 = all)
-    threads: int = 0               # torch threads (0 = torch default)
-    device: str = "cpu"            # cpu | cuda | cuda:N
+    threads: int = runtime(0)      # torch threads (0 = torch default)
+    device: str = runtime("cpu")   # cpu | cuda | cuda:N
     predict: str = "softmax"       # softmax | goodness | both (goodness: ff, symba, sffa only)
     jitter: int = 0                # shift training images by up to +-N pixels (Hinton: 2; 0 = off)
-    data_dir: str = ""             # local dataset dir; "" = $BPFREE_DATA_DIR, else download cache
+    data_dir: str = runtime("")    # local dataset dir; "" = $BPFREE_DATA_DIR, else download cache
 
     def __post_init__(self) -> None:
         _check_positive("train", "epochs", self.epochs)
@@ -146,18 +166,18 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    stages: int = 2                # stage workers per client; layers are split contiguously
-    wire_dtype: str = "float32"    # float32 | bfloat16 | float16 activations on the wire
-    window: int = 4                # max in-flight batches per link (backpressure)
-    chunk_bytes: int = 1 << 20     # tensor chunk size on the wire (bytes)
-    rpc_timeout: float = 60.0      # deadline of one RPC (seconds)
-    connect_timeout: float = 30.0  # deadline to reach a peer, retries included (seconds)
-    token: str = ""                # shared secret checked on every RPC ("" = none)
-    tls_ca: str = ""               # CA (PEM) that signed the workers' TLS certificates ("" = plaintext)
-    stage_num_cpus: float = 1.0    # ray backend: CPUs each stage actor reserves
-    stage_num_gpus: float = 0.0    # ray backend: GPUs each stage actor reserves (0 = CPU stage)
-    bind_host: str = ""            # ray backend: host stage actors serve on ("" = the node's IP)
-    restarts: int = 2              # reruns of a client's round after a stage failure (0 = none)
+    stages: int = runtime(2)              # stage workers per client; layers are split contiguously
+    wire_dtype: str = "float32"           # float32 | bfloat16 | float16 activations on the wire
+    window: int = runtime(4)              # max in-flight batches per link (backpressure)
+    chunk_bytes: int = runtime(1 << 20)   # tensor chunk size on the wire (bytes)
+    rpc_timeout: float = runtime(60.0)    # deadline of one RPC (seconds)
+    connect_timeout: float = runtime(30.0)  # deadline to reach a peer, retries included (seconds)
+    token: str = secret("")               # shared secret checked on every RPC ("" = none)
+    tls_ca: str = runtime("")             # CA (PEM) that signed the workers' TLS certificates ("" = off)
+    stage_num_cpus: float = runtime(1.0)  # ray backend: CPUs each stage actor reserves
+    stage_num_gpus: float = runtime(0.0)  # ray backend: GPUs each stage actor reserves (0 = CPU stage)
+    bind_host: str = runtime("")          # ray backend: host stage actors serve on ("" = the node's IP)
+    restarts: int = runtime(2)            # reruns of a client's round after a stage failure (0 = none)
 
     def __post_init__(self) -> None:
         _check_positive("pipeline", "stages", self.stages)
@@ -179,17 +199,17 @@ class PipelineConfig:
 
 @dataclass(frozen=True)
 class FederationConfig:
-    clients: int = 3               # K federated clients
+    clients: int = 3                      # K federated clients
     rounds: int = 3
-    local_epochs: int = 1          # epochs each client trains per round
-    partition: str = "iid"         # iid | dirichlet:ALPHA | shards:N
-    min_clients: int = 0           # replies needed to aggregate a round (0 = all clients)
-    proximal_mu: float = 0.0       # FedProx proximal term (0 = plain FedAvg)
-    round_timeout: float = 600.0   # seconds the coordinator waits for replies
-    executor: str = "pipeline"     # pipeline (S stage workers over gRPC) | inprocess (one process)
-    backend: str = "flower"        # flower (Flower simulation engine) | ray (stage actors on Ray)
-    ray_address: str = ""          # ray backend: "" = start Ray here; auto | HOST:PORT = join one
-    placement: str = "PACK"        # ray backend: how a client's stages spread over nodes
+    local_epochs: int = 1                 # epochs each client trains per round
+    partition: str = "iid"                # iid | dirichlet:ALPHA | shards:N
+    min_clients: int = runtime(0)         # replies needed to aggregate a round (0 = all clients)
+    proximal_mu: float = 0.0              # FedProx proximal term (0 = plain FedAvg)
+    round_timeout: float = runtime(600.0) # seconds the coordinator waits for replies
+    executor: str = runtime("pipeline")   # pipeline (S stage workers over gRPC) | inprocess (one process)
+    backend: str = runtime("flower")      # flower (Flower simulation engine) | ray (stage actors on Ray)
+    ray_address: str = runtime("")        # ray backend: "" = start Ray here; auto | HOST:PORT = join one
+    placement: str = runtime("PACK")      # ray backend: how a client's stages spread over nodes
 
     def __post_init__(self) -> None:
         _check_positive("federation", "clients", self.clients)
@@ -221,20 +241,33 @@ class ExperimentConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every field but the secrets: what may be written to disk or sent to another party.
+
+        The shared token is never serialised: a resumed run takes it from $BPFREE_TOKEN or --set.
+        """
+        return self._select(lambda kind: kind != "secret")
+
+    def computed_dict(self) -> dict[str, Any]:
+        """What the run computes: equal for two runs that must end with the same weights."""
+        return self._select(lambda kind: kind == "computed")
+
+    def runtime_dict(self) -> dict[str, Any]:
+        """Where and how it runs (secrets left out)."""
+        return self._select(lambda kind: kind == "runtime")
+
+    def fingerprint(self) -> str:
+        """A short hash of `computed_dict()`: runs with the same fingerprint compute the same."""
+        blob = json.dumps(self.computed_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
-    def public_dict(self) -> dict[str, Any]:
-        """to_dict() with secrets blanked: what may be written to disk or sent to another party.
-
-        The shared token is never persisted: a resumed run takes it from $BPFREE_TOKEN or --set.
-        """
-        data = self.to_dict()
-        for section, key in SECRET_FIELDS:
-            data[section][key] = ""
-        return data
+    def _select(self, keep: Any) -> dict[str, Any]:
+        full = dataclasses.asdict(self)
+        return {section: {f.name: full[section][f.name] for f in dataclasses.fields(_section_type(section))
+                          if keep(field_kind(section, f.name))}
+                for section in full}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ExperimentConfig:
@@ -256,7 +289,7 @@ class ExperimentConfig:
 
     def with_overrides(self, overrides: list[str] | tuple[str, ...]) -> ExperimentConfig:
         """Apply `section.key=value` strings, each coerced to the field's declared type."""
-        data = self.to_dict()
+        data = dataclasses.asdict(self)   # secrets included: overriding one key keeps the token
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"override {item!r} is not of the form section.key=value")
@@ -277,6 +310,12 @@ class ExperimentConfig:
                 )
             data[section][key] = _coerce(f"{section}.{key}", _field_type(section, key), raw.strip())
         return ExperimentConfig.from_dict(data)
+
+
+def field_kind(section: str, key: str) -> str:
+    """"computed", "runtime" or "secret" (see RUNTIME and SECRET above)."""
+    f = next(f for f in dataclasses.fields(_section_type(section)) if f.name == key)
+    return str(f.metadata.get("kind", "computed"))
 
 
 def _section_type(name: str) -> type:

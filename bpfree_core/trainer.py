@@ -140,6 +140,16 @@ def limited(split: Split, limit: int) -> Split:
     return split.subset(slice(0, limit)) if limit else split
 
 
+def check_resumable(saved: ExperimentConfig, cfg: ExperimentConfig, run_dir: Path) -> None:
+    """Refuse to resume a run whose computed config changed (runtime fields may change)."""
+    old, new = saved.computed_dict(), cfg.computed_dict()
+    diff = [f"{s}.{k}" for s in old for k in old[s] if old[s][k] != new[s][k]]
+    if diff:
+        raise ConfigError(
+            f"cannot resume {run_dir}: the config differs from the checkpoint's in "
+            f"{', '.join(diff)}; resume with the same config (or start a new --out)")
+
+
 # -- the epoch loop --------------------------------------------------------------------------------
 def run_epoch(executor: Executor, objective: Objective, split: Split, cfg: ExperimentConfig,
               epoch: int, total_epochs: int, progress: bool = False) -> dict[str, Any]:
@@ -168,9 +178,10 @@ def train_epochs(cfg: ExperimentConfig, executor: Executor, run_dir: Path | None
     first_epoch = 0
     if run_dir:
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(run_dir / "config.json", cfg.public_dict())   # no token on disk
+        atomic_write_json(run_dir / "config.json", cfg.to_dict())   # no token on disk
         if resume and resumable and (run_dir / "checkpoint.pt").exists():
             state = load_checkpoint(run_dir / "checkpoint.pt")
+            check_resumable(ExperimentConfig.from_dict(state["config"]), cfg, run_dir)
             executor.load_weights(state["weights"])
             executor.load_optimizer_state(state["optimizer"])  # type: ignore[attr-defined]
             first_epoch = state["epoch"] + 1
@@ -207,14 +218,14 @@ def train_epochs(cfg: ExperimentConfig, executor: Executor, run_dir: Path | None
             log.info("%s", line)
         if run_dir and resumable:
             save_checkpoint(run_dir / "checkpoint.pt", {
-                "epoch": epoch, "config": cfg.public_dict(), "weights": executor.get_weights(),
+                "epoch": epoch, "config": cfg.to_dict(), "weights": executor.get_weights(),
                 "optimizer": executor.optimizer_state()})  # type: ignore[attr-defined]
     writer.close()
     if not acc:  # resumed a finished run: evaluate what was loaded
         acc = evaluate(executor.eval_forward, objective, test_split, cfg)
     summary = {"algorithm": cfg.model.algorithm, "dataset": cfg.model.dataset,
                "test_accuracy": headline(acc, cfg), "test_accuracy_by_method": acc,
-               "epochs": cfg.train.epochs, **executor.describe(),
+               "epochs": cfg.train.epochs, "fingerprint": cfg.fingerprint(), **executor.describe(),
                "wall_seconds": time.perf_counter() - start}
     if run_dir:
         atomic_write_json(run_dir / "summary.json", summary)

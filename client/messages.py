@@ -31,7 +31,7 @@ def train_content(rnd: int, weights: Weights, cfg: ExperimentConfig) -> RecordDi
     return RecordDict({
         ARRAYS: ArrayRecord(weights),
         # The token stays home: each client has its own ($BPFREE_TOKEN or ClientSettings.token).
-        CONFIG: ConfigRecord({"round": rnd, "experiment": json.dumps(cfg.public_dict())}),
+        CONFIG: ConfigRecord({"round": rnd, "experiment": json.dumps(cfg.to_dict())}),
     })
 
 

@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import subprocess
-import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Iterable
@@ -32,6 +29,7 @@ from bpfree_core.layers import LABELS, Packet
 from bpfree_core.model import build_objective, split_stages
 from client.link import Link, PullReader, rpc_exception
 from client.memory import tune_malloc
+from client.supervisor import LocalWorkers
 from client.transport import Security, check_chunk_bytes, wait_for_peer
 from client.wire import WireBatch, decode_state, encode_state
 from protos import stage_pb2 as pb
@@ -39,7 +37,6 @@ from protos import stage_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 _STATUS_POLL = 1.0   # seconds between stage health checks while waiting for an epoch to drain
 
 
@@ -55,23 +52,19 @@ def _check_pipelinable(cfg: ExperimentConfig) -> int:
 
 def _wire_config(cfg: ExperimentConfig) -> str:
     """The config a worker receives: the token never travels inside it."""
-    return json.dumps(cfg.public_dict(), sort_keys=True)
+    return json.dumps(cfg.to_dict(), sort_keys=True)
 
 
 class Pipeline:
     """S stage workers, configured for one run, driven from this process."""
 
     def __init__(self, cfg: ExperimentConfig, addresses: list[str], security: Security,
-                 processes: list[subprocess.Popen] | None = None, device: str = "",
-                 tmp_dir: tempfile.TemporaryDirectory | None = None):
+                 workers: LocalWorkers | None = None, device: str = ""):
         self.cfg = cfg
         self.addresses = list(addresses)
         self.security = security
-        self.processes = processes or []
+        self.workers = workers     # the processes behind `addresses`, when this process started them
         self.device = device
-        self.threads = 1
-        self.log_dir: Path | None = None   # where launched workers log (restarts append there)
-        self._tmp_dir = tmp_dir
         self._closed = False
         self.run_id = uuid.uuid4().hex
         self._channels: list[grpc.Channel] = []
@@ -101,19 +94,15 @@ class Pipeline:
                      log_dir: Path | None = None) -> Pipeline:
         """Spawn cfg.pipeline.stages `bpfree worker` processes on 127.0.0.1 and configure them."""
         _check_pipelinable(cfg)
-        tmp = tempfile.TemporaryDirectory(prefix="bpfree-pipeline-")
         security = Security(token=cfg.pipeline.token, tls_ca=cfg.pipeline.tls_ca)
-        try:
-            procs, addresses = launch_workers(cfg.pipeline.stages, Path(tmp.name), device=device,
-                                              threads=threads, log_dir=log_dir,
-                                              token=cfg.pipeline.token,
-                                              timeout=cfg.pipeline.connect_timeout)
-        except BaseException:
-            tmp.cleanup()
-            raise
-        pipe = cls(cfg, addresses, security, processes=procs, device=device, tmp_dir=tmp)
-        pipe.threads, pipe.log_dir = threads, Path(log_dir) if log_dir else None
-        return pipe
+        workers = LocalWorkers(cfg.pipeline.stages, device=device, threads=threads, log_dir=log_dir,
+                               token=cfg.pipeline.token, timeout=cfg.pipeline.connect_timeout)
+        return cls(cfg, list(workers.addresses), security, workers=workers, device=device)
+
+    @property
+    def processes(self) -> list[subprocess.Popen]:
+        """The worker processes this pipeline launched (none when it connected to addresses)."""
+        return self.workers.processes if self.workers is not None else []
 
     @classmethod
     def connect(cls, cfg: ExperimentConfig, addresses: list[str]) -> Pipeline:
@@ -301,8 +290,8 @@ class Pipeline:
         self._link = self._pull = None
         restarted = []
         for s in range(len(self.addresses)):
-            if self.processes and not self._answers(s):
-                self._respawn(s)
+            if self.workers is not None and not self._answers(s):
+                self.addresses[s] = self.workers.respawn(s)
                 restarted.append(s)
         for s, address in enumerate(self.addresses):
             self._channels[s].close()
@@ -316,35 +305,14 @@ class Pipeline:
         return restarted
 
     def _answers(self, s: int) -> bool:
-        if self.processes[s].poll() is not None:
+        assert self.workers is not None
+        if not self.workers.alive(s):
             return False
         try:
             self._stubs[s].Health(pb.HealthRequest(), timeout=5.0, metadata=self.security.metadata())
             return True
         except grpc.RpcError:
             return False   # alive but hung (or refusing): it is replaced like a dead one
-
-    def _respawn(self, s: int) -> None:
-        old = self.processes[s]
-        if old.poll() is None:
-            old.kill()
-        old.wait(timeout=10)
-        assert self._tmp_dir is not None
-        tmp = Path(self._tmp_dir.name)
-        logs = self.log_dir or tmp
-        port_file = tmp / f"stage{s}.port"
-        port_file.unlink(missing_ok=True)   # the dead worker's port is no signal
-        proc = _spawn_worker(self.device or "cpu", self.threads, port_file, logs / f"stage{s}.log",
-                             self.cfg.pipeline.token)
-        self.processes[s] = proc
-        try:
-            port = wait_port(proc, port_file, logs / f"stage{s}.log", self.cfg.pipeline.connect_timeout)
-        except BaseException:
-            stop_processes([proc])
-            raise
-        self.addresses[s] = f"127.0.0.1:{port}"
-        log.warning("pipeline %s: stage %d (pid %d, exit code %s) restarted as pid %d at %s",
-                    self.run_id[:8], s, old.pid, old.returncode, proc.pid, self.addresses[s])
 
     def stats(self) -> list[dict[str, Any]]:
         return [_stage_dict(s, self._call(s, "Stats", pb.StatsRequest()))
@@ -365,9 +333,8 @@ class Pipeline:
                 thing.close()
         for channel in self._channels:
             channel.close()
-        stop_processes(self.processes)
-        if self._tmp_dir is not None:
-            self._tmp_dir.cleanup()
+        if self.workers is not None:
+            self.workers.close()   # stops the processes by PID
 
     def __enter__(self) -> Pipeline:
         return self
@@ -391,86 +358,3 @@ def _stage_dict(s: int, st: pb.StageStats) -> dict[str, Any]:
             "rss_mb": st.rss_mb,
             # per train batch [start, step end, handed off] in Unix seconds (bench/timeline.py)
             "timeline": [list(st.timeline[i:i + 3]) for i in range(0, len(st.timeline), 3)]}
-
-
-# ---------------------------------------------------------------------------------------------
-# Local worker processes
-
-
-def worker_env(threads: int) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
-    if threads > 0:
-        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
-    for key in ("FLWR_TELEMETRY_ENABLED", "FLWR_DISABLE_UPDATE_CHECK"):
-        env.setdefault(key, "0" if key == "FLWR_TELEMETRY_ENABLED" else "1")
-    env.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
-    env.pop("BPFREE_TOKEN", None)   # the token goes on the command line of our own children only
-    return env
-
-
-def launch_workers(n: int, tmp_dir: Path, *, device: str = "cpu", threads: int = 1,
-                   log_dir: Path | None = None, token: str = "",
-                   timeout: float = 30.0) -> tuple[list[subprocess.Popen], list[str]]:
-    """Spawn `n` `bpfree worker` processes on 127.0.0.1:0; return them and their addresses.
-
-    Readiness is each worker's port file, waited for with a deadline; on any failure every
-    process started so far is stopped by PID.
-    """
-    logs = Path(log_dir) if log_dir else tmp_dir
-    logs.mkdir(parents=True, exist_ok=True)
-    procs: list[subprocess.Popen] = []
-    try:
-        port_files = [tmp_dir / f"stage{s}.port" for s in range(n)]
-        for s in range(n):
-            port_files[s].unlink(missing_ok=True)   # a stale file from an earlier run is no signal
-            procs.append(_spawn_worker(device, threads, port_files[s], logs / f"stage{s}.log", token))
-        addresses = [f"127.0.0.1:{wait_port(p, f, logs / f'stage{s}.log', timeout)}"
-                     for s, (p, f) in enumerate(zip(procs, port_files, strict=True))]
-    except BaseException:
-        stop_processes(procs)
-        raise
-    return procs, addresses
-
-
-def _spawn_worker(device: str, threads: int, port_file: Path, log_file: Path,
-                  token: str) -> subprocess.Popen:
-    # A fresh interpreter (never fork: gRPC may already run threads in this process).
-    cmd = [sys.executable, "-m", "bpfree_cli", "worker", "--listen", "127.0.0.1:0", "--device", device,
-           "--threads", str(threads), "--port-file", str(port_file), "--parent-pid", str(os.getpid())]
-    env = worker_env(threads)
-    if token:
-        env["BPFREE_TOKEN"] = token   # via the environment: not visible in `ps`
-    with open(log_file, "ab") as out:
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT,
-                                start_new_session=True)
-
-
-def wait_port(proc: subprocess.Popen, port_file: Path, log_file: Path, timeout: float) -> int:
-    """Wait for a spawned worker's port file; fail fast with its log if it exits first."""
-    deadline = time.monotonic() + timeout
-    delay = 0.02
-    while time.monotonic() < deadline:
-        if port_file.exists():
-            return int(port_file.read_text().strip())
-        if proc.poll() is not None:
-            tail = log_file.read_text(errors="replace")[-2000:] if log_file.exists() else ""
-            raise PeerUnavailableError(f"stage worker (pid {proc.pid}) exited with code "
-                                       f"{proc.returncode} before serving; its log ends:\n{tail}")
-        time.sleep(delay)   # polling a file with a deadline, not sleeping as synchronisation
-        delay = min(delay * 1.5, 0.2)
-    raise PeerUnavailableError(f"stage worker (pid {proc.pid}) did not report its port within "
-                               f"{timeout:g} s (pipeline.connect_timeout); see {log_file}")
-
-
-def stop_processes(procs: list[subprocess.Popen], grace: float = 5.0) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.terminate()
-    for p in procs:
-        try:
-            p.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            log.warning("stage worker pid %d ignored SIGTERM for %.0f s; killing it", p.pid, grace)
-            p.kill()
-            p.wait(timeout=grace)

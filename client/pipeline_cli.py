@@ -44,7 +44,7 @@ def train_pipeline(cfg: ExperimentConfig, pipe: Pipeline, run_dir: Path | None =
     """Train cfg.train.epochs epochs through `pipe`: the same epoch loop as `bpfree train`."""
     summary = train_epochs(cfg, PipelineExecutor.from_pipeline(pipe), run_dir, progress=progress)
     if run_dir:
-        save_checkpoint(run_dir / "weights.pt", {"config": cfg.public_dict(),
+        save_checkpoint(run_dir / "weights.pt", {"config": cfg.to_dict(),
                                                  "weights": summary["weights"]})
     return summary
 

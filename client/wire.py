@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -280,8 +280,11 @@ class BatchAssembler:
         return WireBatch(run_id=h.run_id, seq=h.seq, kind=h.kind, epoch=h.epoch, tensors=tensors)
 
 
-def decode_frames(frames: Iterable[bytes]) -> Iterator[WireBatch | pb.EndOfEpoch]:
-    """Batches and end markers from a frame stream (used by tests and the driver's Pull reader)."""
+def decode_frames(frames: Iterable[bytes], admit: Callable[[pb.BatchHeader], None] | None = None,
+                  ) -> Iterator[WireBatch | pb.EndOfEpoch]:
+    """Batches and end markers from a frame stream: the one frame reader (the stage worker's Push
+    handler, the driver's Pull reader, tests). `admit(header)` may refuse a batch (raise) before
+    any of its bytes are copied."""
     asm: BatchAssembler | None = None
     for frame in frames:
         kind, meta, payload = unpack_frame(frame)
@@ -290,24 +293,29 @@ def decode_frames(frames: Iterable[bytes]) -> Iterator[WireBatch | pb.EndOfEpoch
                 raise ProtocolError("a CHUNK frame arrived without a BATCH frame before it")
             ch = parse_meta(pb.ChunkHeader, meta, "chunk")
             if ch.seq != asm.header.seq:
-                raise ProtocolError(f"a chunk of batch {ch.seq} arrived inside batch {asm.header.seq}")
+                raise ProtocolError(f"a chunk of batch {ch.seq} arrived while batch "
+                                    f"{asm.header.seq} was incomplete")
             asm.add(ch.offset, payload)
-        else:
+        elif kind in (pb.BATCH, pb.END):
             if asm is not None:
-                yield asm.batch()   # raises if incomplete
-                asm = None
+                asm.batch()   # raises: the previous batch is incomplete
             if kind == pb.BATCH:
-                asm = BatchAssembler(parse_meta(pb.BatchHeader, meta, "batch"))
+                header = parse_meta(pb.BatchHeader, meta, "batch")
+                if admit is not None:
+                    admit(header)
+                asm = BatchAssembler(header)
                 asm.add(0, payload)
-            elif kind == pb.END:
-                yield parse_meta(pb.EndOfEpoch, meta, "end-of-epoch")
             else:
-                raise ProtocolError(f"unexpected frame kind {kind} in a batch stream")
+                yield parse_meta(pb.EndOfEpoch, meta, "end-of-epoch")
+        else:
+            raise ProtocolError(f"frame kind {kind} is not valid in a batch stream (expected BATCH, "
+                                "CHUNK or END)")
         if asm is not None and asm.complete:
-            yield asm.batch()
-            asm = None
+            batch, asm = asm.batch(), None
+            yield batch
     if asm is not None:
-        yield asm.batch()
+        raise ProtocolError(f"the stream ended inside batch {asm.header.seq} after {asm.received} "
+                            f"of {asm.header.total_bytes} bytes; chunks are missing")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,12 +29,12 @@ from bpfree_core.aggregate import ClientUpdate, Weights, fedavg, layer_stats, va
 from bpfree_core.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint, save_checkpoint
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.data import load_dataset
-from bpfree_core.errors import AggregationError, ConfigError, ProtocolError
+from bpfree_core.errors import AggregationError, ProtocolError
 from bpfree_core.federated import stack_template
 from bpfree_core.metrics import MetricsWriter
 from bpfree_core.model import build_objective
 from bpfree_core.runtime import set_threads
-from bpfree_core.trainer import evaluate_weights, headline, limited
+from bpfree_core.trainer import check_resumable, evaluate_weights, headline, limited
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class Coordinator:
             run_dir.mkdir(parents=True, exist_ok=True)
             if resume:
                 self._resume(run_dir)
-            atomic_write_json(run_dir / "config.json", cfg.public_dict())  # no token on disk
+            atomic_write_json(run_dir / "config.json", cfg.to_dict())  # no token on disk
         objective = build_objective(cfg)
         self.objective = objective
         data = load_dataset(cfg.model.dataset, cfg.train.data_dir or None)
@@ -99,12 +99,7 @@ class Coordinator:
             log.info("no checkpoint in %s: starting from round 1", run_dir)
             return
         state = load_checkpoint(latest)
-        saved = ExperimentConfig.from_dict(state["config"])
-        diff = config_diff(saved, self.cfg)
-        if diff:
-            raise ConfigError(
-                f"cannot resume {run_dir}: the config differs from the checkpoint's in "
-                f"{', '.join(diff)}; resume with the same config (or start a new --out)")
+        check_resumable(ExperimentConfig.from_dict(state["config"]), self.cfg, run_dir)
         self.weights = state["weights"]
         self.first_round = int(state["round"])
         self.totals = dict(state.get("totals", self.totals))
@@ -221,7 +216,7 @@ class Coordinator:
             return
         t0 = time.perf_counter()
         save_checkpoint(checkpoint_path(self.run_dir, rnd + 1), {
-            "round": rnd + 1, "config": self.cfg.public_dict(), "weights": self.weights,
+            "round": rnd + 1, "config": self.cfg.to_dict(), "weights": self.weights,
             "totals": self.totals, "record": record})
         record["seconds"]["checkpoint"] = time.perf_counter() - t0
 
@@ -237,6 +232,7 @@ class Coordinator:
             "rounds": len(self.history), "clients": cfg.federation.clients,
             "stages": cfg.pipeline.stages, "executor": cfg.federation.executor,
             "partition": cfg.federation.partition, "replies": self.totals,
+            "fingerprint": cfg.fingerprint(),
             "wall_seconds": wall,
         }
         if self.run_dir is not None:
@@ -262,20 +258,3 @@ def checkpoint_path(run_dir: Path, rnd: int) -> Path:
 def latest_checkpoint(run_dir: Path) -> Path | None:
     found = sorted((run_dir / CHECKPOINTS).glob("round-*.pt"))
     return found[-1] if found else None
-
-
-def config_diff(a: ExperimentConfig, b: ExperimentConfig) -> list[str]:
-    """Dotted names of the fields that differ, ignoring those that cannot change the weights."""
-    da, db = a.to_dict(), b.to_dict()
-    return [f"{s}.{k}" for s in da for k in da[s]
-            if da[s][k] != db[s][k] and f"{s}.{k}" not in RESUME_FREE]
-
-
-# Fields a resumed run may change: where and how it runs, not what it computes.
-RESUME_FREE = frozenset({
-    "train.data_dir", "train.device", "train.threads", "federation.executor",
-    "federation.round_timeout", "federation.min_clients", "federation.backend",
-    "federation.ray_address", "federation.placement", "pipeline.stages", "pipeline.window",
-    "pipeline.chunk_bytes", "pipeline.rpc_timeout", "pipeline.connect_timeout", "pipeline.token",
-    "pipeline.tls_ca", "pipeline.restarts", "pipeline.stage_num_cpus", "pipeline.stage_num_gpus",
-    "pipeline.bind_host"})

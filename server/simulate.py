@@ -144,20 +144,20 @@ def simulate(cfg: ExperimentConfig, run_dir: Path, resume: bool = False, progres
     log.info("simulating %d clients x %d stages (%s), %d rounds of %d local epoch(s), %s partition; "
              "run dir %s", cfg.federation.clients, cfg.pipeline.stages, cfg.federation.executor,
              cfg.federation.rounds, cfg.federation.local_epochs, cfg.federation.partition, run_dir)
-    pipelines: list[Any] = []
+    workers: list[Any] = []
     result: dict[str, Any] = {}
     engine = FlowerSimulation(run_dir / "tmp", cfg.federation.clients,
                               actors=client_actors(cfg))
     try:
         engine.start_ray()  # before the stage workers load the cores with torch imports
-        addresses = launch_stage_workers(cfg, log_dir, pipelines)
+        addresses = launch_stage_workers(cfg, log_dir, workers)
         server_app = make_server_app(ServerSettings(cfg, run_dir, resume=resume, progress=progress),
                                      on_done=result.update)
         client_app = make_client_app(ClientSettings(addresses, str(log_dir), cfg.pipeline.token), mods)
         engine.run(server_app, client_app)
     finally:
-        for pipeline in pipelines:
-            pipeline.close()  # stops its worker processes by PID
+        for local in workers:
+            local.close()  # stops its worker processes by PID
         engine.close()
     if not result:
         raise BpfreeError("the simulation ended without a result from the coordinator; see the "
@@ -177,15 +177,19 @@ def preflight(cfg: ExperimentConfig) -> None:
 
 
 def launch_stage_workers(cfg: ExperimentConfig, log_dir: Path,
-                         pipelines: list[Any]) -> dict[int, list[str]]:
-    """Start S `bpfree worker` processes per client (pipeline executor); {client: addresses}."""
+                         launched: list[Any]) -> dict[int, list[str]]:
+    """Start S `bpfree worker` processes per client (pipeline executor); {client: addresses}.
+
+    Each ClientApp connects to and configures its own workers; this only owns their processes
+    (client.supervisor.LocalWorkers, appended to `launched` so the caller stops them)."""
     if cfg.federation.executor != "pipeline":
         return {}
-    from client.pipeline import Pipeline
+    from client.supervisor import LocalWorkers
 
     def launch(k: int) -> Any:
-        return Pipeline.launch_local(cfg, device=cfg.train.device, threads=max(cfg.train.threads, 1),
-                                     log_dir=log_dir / f"client{k}")
+        return LocalWorkers(cfg.pipeline.stages, device=cfg.train.device,
+                            threads=max(cfg.train.threads, 1), log_dir=log_dir / f"client{k}",
+                            token=cfg.pipeline.token, timeout=cfg.pipeline.connect_timeout)
 
     # In parallel: each worker spends seconds importing torch; K clients need not wait in line.
     with ThreadPoolExecutor(max_workers=cfg.federation.clients) as pool:
@@ -193,12 +197,12 @@ def launch_stage_workers(cfg: ExperimentConfig, log_dir: Path,
         errors = []
         for future in futures:
             try:
-                pipelines.append(future.result())
+                launched.append(future.result())
             except Exception as exc:  # noqa: BLE001 - collected, the first is re-raised below
                 errors.append(exc)
     if errors:
         raise errors[0]
-    addresses = {k: list(p.addresses) for k, p in enumerate(pipelines)}
+    addresses = {k: list(w.addresses) for k, w in enumerate(launched)}
     for k, a in addresses.items():
         log.info("client %d: stage workers %s", k, a)
     return addresses

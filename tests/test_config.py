@@ -60,3 +60,33 @@ def test_missing_and_malformed_config_files(tmp_path):
     unknown.write_text("[trian]\nepochs = 1\n")
     with pytest.raises(ConfigError, match=r"unknown config section \[trian\]"):
         load_config(unknown)
+
+
+def test_every_field_is_computed_runtime_or_secret_and_secrets_never_serialise():
+    cfg = ExperimentConfig().with_overrides(["pipeline.token=s3cret", "train.threads=2"])
+    computed, runtime, public = cfg.computed_dict(), cfg.runtime_dict(), cfg.to_dict()
+    for section, values in public.items():
+        assert set(values) == set(computed[section]) | set(runtime[section])
+        assert not set(computed[section]) & set(runtime[section])
+    assert "token" not in public["pipeline"] and "s3cret" not in cfg.to_json() + repr(cfg)
+    assert cfg.with_overrides(["train.epochs=3"]).pipeline.token == "s3cret"   # kept in memory
+    assert {"threads", "device", "data_dir"} <= set(runtime["train"])
+    assert "seed" in computed["train"] and "wire_dtype" in computed["pipeline"]
+
+
+def test_the_fingerprint_follows_what_is_computed_only():
+    base = ExperimentConfig()
+    moved = base.with_overrides(["train.threads=4", "pipeline.stages=3", "train.data_dir=/x",
+                                 "pipeline.rpc_timeout=5", "federation.executor=inprocess"])
+    assert moved.fingerprint() == base.fingerprint()
+    assert base.with_overrides(["train.seed=1"]).fingerprint() != base.fingerprint()
+    assert base.with_overrides(["pipeline.wire_dtype=bfloat16"]).fingerprint() != base.fingerprint()
+
+
+def test_resume_refuses_a_changed_computation_and_accepts_a_moved_run(tmp_path):
+    from bpfree_core.trainer import check_resumable
+
+    saved = ExperimentConfig()
+    check_resumable(saved, saved.with_overrides(["train.threads=3", "train.device=cpu"]), tmp_path)
+    with pytest.raises(ConfigError, match=r"optim.lr.*same config"):
+        check_resumable(saved, saved.with_overrides(["optim.lr=0.1"]), tmp_path)

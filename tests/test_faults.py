@@ -37,7 +37,7 @@ from bpfree_core.federated import (
 )
 from bpfree_core.restarts import RoundFailedError
 from client.executor import PipelineExecutor
-from client.pipeline import REPO_ROOT, worker_env
+from client.supervisor import REPO_ROOT, worker_env
 from server.coordinator import latest_checkpoint
 
 ROUND = ["model.hidden=100,100", "train.batch_size=100", "train.train_limit=1000",

@@ -20,7 +20,8 @@ from bpfree_core.data import load_dataset
 from bpfree_core.errors import BpfreeError, ConfigError
 from bpfree_core.model import build_layers, build_objective
 from bpfree_core.trainer import evaluate, limited, train_packets, train_reference
-from client.pipeline import Pipeline, launch_workers, stop_processes
+from client.pipeline import Pipeline
+from client.supervisor import launch_workers, stop_processes
 
 # 3 layers so that S = 1, 2, 3 all split it; 1000 real MNIST images, 2 epochs (lr cool-down on).
 BASE = ["model.hidden=3x120", "train.batch_size=100", "train.train_limit=1000",

@@ -244,7 +244,7 @@ def test_token_is_required_on_every_rpc(data_dir: Path, packets) -> None:
         _expect(grpc.StatusCode.UNAUTHENTICATED, "access token", served.push,
                 _batch_frames(packets[0], 0))
         ok = (("x-bpfree-token", "s3cret"),)
-        assert served.worker._setup is None                       # nothing was configured
+        assert served.worker.run is None                       # nothing was configured
         served.stub.Configure(pb.ConfigureRequest(run_id=RUN, layers=[0, 1],
                                                   config_json=_cfg(data_dir).to_json()),
                               timeout=30, metadata=ok)
@@ -314,7 +314,7 @@ def test_worker_cli_refuses_a_missing_gpu_clearly(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    from client.pipeline import REPO_ROOT, worker_env
+    from client.supervisor import REPO_ROOT, worker_env
 
     done = subprocess.run([sys.executable, "-m", "bpfree_cli", "worker", "--device", "cuda:0",
                            "--port-file", str(tmp_path / "port")], cwd=REPO_ROOT, env=worker_env(1),
@@ -329,7 +329,7 @@ def test_worker_cli_serves_tls_with_token(tmp_path: Path, data_dir: Path) -> Non
     import subprocess
     import sys
 
-    from client.pipeline import REPO_ROOT, stop_processes, worker_env
+    from client.supervisor import REPO_ROOT, stop_processes, worker_env
 
     cert, key = _self_signed(tmp_path)
     port_file = tmp_path / "port"
@@ -338,7 +338,7 @@ def test_worker_cli_serves_tls_with_token(tmp_path: Path, data_dir: Path) -> Non
                              "--tls-key", str(key), "--tls-ca", str(cert), "--port-file", str(port_file)],
                             cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        from client.pipeline import wait_port
+        from client.supervisor import wait_port
 
         log_file = tmp_path / "none.log"
         address = f"127.0.0.1:{wait_port(proc, port_file, log_file, 60)}"
