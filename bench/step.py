@@ -9,7 +9,8 @@ Variants (same maths, same batches):
 - before:  Adam's per-tensor loop, and every step's statistics read back as Python floats (what
            the step did until the renovation: a host sync per statistic per layer per batch);
 - foreach: the default now: foreach Adam, statistics left on the device until the epoch ends;
-- fused:   fused Adam (the default on CUDA; on CPU opt-in, as it is not bit-identical).
+- fused:   fused Adam (the default on CUDA; on CPU opt-in, optim.kernels = fused, as its last bits
+           differ from foreach and every committed CPU run used the per-tensor maths).
 """
 
 from __future__ import annotations
@@ -84,7 +85,8 @@ def render(result: dict[str, Any], command: str) -> str:
                      f"{result['ratio_to_before'][name]:.2f}x |")
     lines += ["", "before = per-tensor Adam and a host read of every statistic each batch (the "
               "step until the renovation); foreach = the default now (bit-identical weights on "
-              "CPU); fused = the CUDA default, opt-in on CPU (not bit-identical).", ""]
+              "CPU); fused = the CUDA default, on CPU opt-in with `--set optim.kernels=fused` (its "
+              "last bits differ from foreach, so committed CPU runs keep foreach).", ""]
     return "\n".join(lines)
 
 

@@ -101,17 +101,22 @@ class LocalLayer(nn.Module):
         return [p for p in self.parameters() if id(p) not in head]
 
     def finish_init(self) -> None:
-        """Create the optimisers once every module exists."""
+        """Create the optimisers once every module exists (again: fresh state after a load)."""
         o = self.cfg.optim
         self.optimizer = _make_optimizer(self.body_parameters(), o.optimizer, o.lr, o.momentum,
                                          o.weight_decay)
         if self.head is not None:
             self.head_optimizer = _make_optimizer(list(self.head.parameters()), o.optimizer,
                                                   o.head_lr, o.momentum, 0.0)
+        for opt in (self.optimizer, self.head_optimizer):
+            if opt is not None:
+                set_kernels(opt, self.kernels)
 
-    def place(self, device: torch.device, kernels: str = "auto") -> None:
-        """Move to `device`; optimiser kernels: fused on CUDA, foreach elsewhere ("auto")."""
+    def place(self, device: torch.device, kernels: str | None = None) -> None:
+        """Move to `device`; optimiser kernels `kernels` (default optim.kernels; "auto": fused on
+        CUDA, foreach elsewhere)."""
         self.to(device)
+        kernels = kernels or self.cfg.optim.kernels
         if kernels == "auto":
             kernels = "fused" if device.type == "cuda" and self.cfg.optim.optimizer == "adam" \
                 else "foreach"

@@ -82,3 +82,16 @@ def test_uff_noise_step_follows_loaded_weights():
         stage.train_step(packets[2])
     a, b = stale.state_dict(), clean.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_optim_kernels_choose_the_kernels_and_survive_a_weight_load():
+    cfg = load_config(None, ["model.algorithm=ff", "model.hidden=32", "optim.kernels=fused"])
+    stage = Stage(build_layers(cfg))
+    groups = lambda: [g for layer in stage.layers for o in (layer.optimizer, layer.head_optimizer)  # noqa: E731
+                      for g in o.param_groups]
+    assert all(g["fused"] and not g["foreach"] for g in groups())
+    for layer in stage.layers:
+        layer.finish_init()   # what a stage worker's LoadWeights does
+    assert all(g["fused"] and not g["foreach"] for g in groups())
+    auto = Stage(build_layers(load_config(None, ["model.algorithm=ff", "model.hidden=32"])))
+    assert all(g["foreach"] for layer in auto.layers for g in layer.optimizer.param_groups)
