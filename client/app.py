@@ -9,7 +9,8 @@ simulation engine for partition-id/num-partitions):
   partition-id     int   which partition of the training set this client holds
   num-partitions   int   must equal federation.clients
   stage-addresses  str   "host:port,host:port": this client's stage workers, in stage order;
-                         absent = launch federation.executor's workers locally for each round
+                         absent = run_config stage-addresses ("0=h:p,h:p;1=...", what `bpfree
+                         simulate` passes), else launch the workers locally for each round
   stage-tls-ca     str   CA certificate (PEM) that signed the stage workers' TLS certificates
   data-dir         str   where this node's dataset files are (default: the config's)
   device           str   cpu | cuda | cuda:N for a locally launched pipeline or in-process run
@@ -20,6 +21,7 @@ never travels through Flower).
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import logging
 import os
 import time
@@ -65,11 +67,32 @@ def node_partition(node_config: dict[str, Any], cfg: ExperimentConfig) -> int:
     return pid
 
 
-def node_addresses(node_config: dict[str, Any], settings: ClientSettings, pid: int) -> list[str]:
+def node_addresses(node_config: dict[str, Any], run_config: dict[str, Any],
+                   settings: ClientSettings, pid: int) -> list[str]:
+    """This partition's stage workers: bound settings, else run_config `stage-addresses`
+    ("0=h:p,h:p;1=..."), else the node's own `stage-addresses`; none = launch them locally."""
     if pid in settings.stage_addresses:
         return list(settings.stage_addresses[pid])
+    for part in str(run_config.get("stage-addresses", "") or "").split(";"):
+        key, _, value = part.partition("=")
+        if key.strip() == str(pid):
+            return [a.strip() for a in value.split(",") if a.strip()]
     raw = str(node_config.get("stage-addresses", "") or "")
     return [a.strip() for a in raw.split(",") if a.strip()]
+
+
+def env_mods() -> list[Mod]:
+    """Client mods named in $BPFREE_CLIENT_MODS ("module:function,..."), on this node only: a
+    hook for debugging and fault tests (a mod sees and may change every message)."""
+    mods = []
+    for spec in filter(None, (s.strip() for s in os.environ.get("BPFREE_CLIENT_MODS", "").split(","))):
+        module, _, name = spec.partition(":")
+        try:
+            mods.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError) as exc:
+            raise ConfigError(f"BPFREE_CLIENT_MODS names {spec!r}, which cannot be imported "
+                              f"({exc}); give module:function") from exc
+    return mods
 
 
 def node_config_overrides(cfg: ExperimentConfig, node_config: dict[str, Any],
@@ -97,7 +120,9 @@ def handle_train(msg: Message, context: Context, settings: ClientSettings) -> Me
     cfg = node_config_overrides(cfg, node_config, settings.token)
     set_threads(cfg.train.threads)
     data = client_split(cfg, train_split(cfg), pid)
-    executor = make_executor(cfg, node_addresses(node_config, settings, pid), settings.log_dir)
+    run_config = dict(context.run_config)
+    log_dir = settings.log_dir or str(run_config.get("log-dir", "") or "") or None
+    executor = make_executor(cfg, node_addresses(node_config, run_config, settings, pid), log_dir)
     try:
         update = local_round(executor, cfg, data, pid, rnd, weights)
     finally:
@@ -120,4 +145,4 @@ def make_client_app(settings: ClientSettings | None = None, mods: Sequence[Mod] 
     return client_app
 
 
-app = make_client_app()
+app = make_client_app(mods=env_mods())

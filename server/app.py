@@ -6,17 +6,18 @@ round's aggregate, counted and logged, and the run continues while at least
 `federation.min_clients` replies are usable.
 
 `flwr run .` reads run_config keys `config-toml` (a bpfree TOML file; a relative path is taken
-relative to the app directory) and `overrides` ("section.key=value;section.key=value"), and
+relative to the app directory) and `overrides` ("section.key=value;section.key=value") or
+`config-json` (a resolved config file: `bpfree simulate` submits its runs this way), and
 writes the run directory to run_config `out-dir` if that key exists, else
 $BPFREE_RUNS_DIR/flwr-<run id>, else ./runs/flwr-<run id>.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from bpfree_core.aggregate import Weights
 from bpfree_core.config import ExperimentConfig, load_config
-from bpfree_core.errors import AggregationError, ProtocolError
+from bpfree_core.errors import AggregationError, ConfigError, ProtocolError
 from client.messages import read_reply, train_content
 from server.coordinator import Coordinator, RoundReplies, required_replies
 
@@ -100,22 +101,16 @@ def run_server(grid: Grid, settings: ServerSettings) -> dict[str, Any]:
     return coordinator.run(FlowerTransport(grid, settings.cfg))
 
 
-def make_server_app(settings: ServerSettings,
-                    on_done: Callable[[dict[str, Any]], None] | None = None) -> ServerApp:
-    """A ServerApp bound to `settings` (used by `bpfree simulate`, where run_config is empty)."""
-    server_app = ServerApp()
-
-    @server_app.main()
-    def _main(grid: Grid, context: Context) -> None:
-        summary = run_server(grid, settings)
-        if on_done is not None:
-            on_done(summary)
-
-    return server_app
-
-
 def config_from_run_config(run_config: dict[str, Any]) -> ExperimentConfig:
-    """The experiment config named by run_config keys `config-toml` and `overrides`."""
+    """The experiment config named by run_config key `config-json` (a resolved config, as
+    `bpfree simulate` writes it), else keys `config-toml` and `overrides`."""
+    resolved = str(run_config.get("config-json", "") or "")
+    if resolved:
+        try:
+            return ExperimentConfig.from_dict(json.loads(Path(resolved).read_text()))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"run_config config-json = {resolved!r} is not a readable JSON "
+                              f"config ({exc})") from exc
     path = str(run_config.get("config-toml", "") or "")
     if path and not Path(path).is_absolute():
         path = str(APP_DIR / path)

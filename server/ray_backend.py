@@ -92,8 +92,9 @@ def ray_session(cfg: ExperimentConfig) -> Iterator[None]:
             stages = cfg.federation.clients * cfg.pipeline.stages
             # Logical CPUs: enough for every stage, like `bpfree simulate`'s local processes.
             cpus = max(os.cpu_count() or 1, math.ceil(bundle.get("CPU", 0.0) * stages))
-            ray.init(address="local", num_cpus=cpus, include_dashboard=False, _temp_dir=scratch,
-                     log_to_driver=True)
+            # RAY_TMPDIR (public) instead of ray.init's private _temp_dir argument.
+            with _environ(RAY_TMPDIR=scratch):
+                ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=True)
             log.info("started a local Ray instance (%d logical CPUs, temp dir %s)", cpus, scratch)
         yield
     finally:
@@ -103,9 +104,25 @@ def ray_session(cfg: ExperimentConfig) -> Iterator[None]:
             shutil.rmtree(scratch, ignore_errors=True)
 
 
+@contextmanager
+def _environ(**values: str) -> Iterator[None]:
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def check_reachable(address: str, timeout: float = 5.0) -> None:
     """Fail fast, naming the address, unless the Ray head's GCS port accepts a TCP connection."""
-    try:   # "auto" -> the address `ray start` recorded on this machine (private API, best effort)
+    # The one private Ray API bpfree uses: Ray has no public way to resolve "auto" (the address
+    # `ray start` recorded on this machine) before ray.init; best effort, ray.init decides.
+    try:
         from ray._private.services import canonicalize_bootstrap_address
 
         resolved = canonicalize_bootstrap_address(address) or ""

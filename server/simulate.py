@@ -1,9 +1,10 @@
 """`bpfree simulate`: K federated clients x S pipeline stages on this machine.
 
-The coordinator (server.app) and the K ClientApps run in Flower's simulation engine (Ray, one CPU
-per ClientApp); each client's S stage workers are local `bpfree worker` processes on loopback gRPC,
-started here before the run and stopped (by PID) after it. `--executor inprocess` runs every
-client's layers inside its ClientApp instead (faster; identical weights).
+The coordinator (server.app) and the K ClientApps run on Flower's simulation runtime, submitted the
+supported way (`flwr run` to a SuperLink of our own: server.flower_run); each client's S stage
+workers are local `bpfree worker` processes on loopback gRPC, started here before the run and
+stopped (by PID) after it. `--executor inprocess` runs every client's layers inside its ClientApp
+instead (faster; identical weights). Flower's and Ray's output goes to RUN_DIR/logs.
 
     bpfree simulate                                   # MNIST, 3 clients x 2 stages, 5 rounds
     bpfree simulate --partition dirichlet:0.3 --out runs/noniid
@@ -13,14 +14,10 @@ client's layers inside its ClientApp instead (faster; identical weights).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import logging
 import os
-import shutil
-import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -42,11 +39,6 @@ SHORTCUTS = {"clients": "federation.clients", "rounds": "federation.rounds",
              "proximal_mu": "federation.proximal_mu", "stages": "pipeline.stages",
              "backend": "federation.backend", "address": "federation.ray_address",
              "placement": "federation.placement"}
-
-# Unix socket paths are limited to 107 bytes; Ray puts its sockets ~60 bytes below _temp_dir.
-RAY_TEMP_MAX = 40
-CLIENT_ACTOR_RESTARTS = 100   # Ray restarts of one ClientApp actor over a run
-CLIENT_TASK_RETRIES = 1       # reruns of a client's round after its actor died mid-round
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -121,48 +113,109 @@ def run(args: argparse.Namespace) -> int:
 
 
 def simulate(cfg: ExperimentConfig, run_dir: Path, resume: bool = False, progress: bool = False,
-             mods: Sequence[Any] = ()) -> dict[str, Any]:
-    """Run the federation in Flower's simulation engine; return the summary with "weights".
+             client_mods: Sequence[str] = ()) -> dict[str, Any]:
+    """Run the federation on Flower's simulation runtime; return the summary with "weights".
 
-    `mods` are Flower client mods wrapped around every ClientApp (tests use them to corrupt a
-    reply on the way out).
+    Flower's supported path (server.flower_run): a SuperLink of our own and `flwr run` of this
+    app; the coordinator writes RUN_DIR, which this process follows for progress and reads back.
+    `client_mods` ("module:function") are Flower client mods every ClientApp wraps itself in
+    (tests use them to corrupt or kill a client on the way).
     """
     preflight(cfg)
     if cfg.federation.backend == "ray":   # stage actors on a Ray cluster: server/ray_backend.py
         from server.ray_backend import simulate_ray
 
         return simulate_ray(cfg, run_dir, resume=resume, progress=progress)
-    from client.app import ClientSettings, make_client_app
-    from server.app import ServerSettings, make_server_app
+    from server.flower_run import FlowerRun
 
-    for key, value in (("FLWR_TELEMETRY_ENABLED", "0"), ("FLWR_DISABLE_UPDATE_CHECK", "1"),
-                       ("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1"),
-                       ("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0"), ("RAY_USAGE_STATS_ENABLED", "0")):
-        os.environ.setdefault(key, value)
     run_dir.mkdir(parents=True, exist_ok=True)
-    log_dir = run_dir / "logs"
+    log_dir = (run_dir / "logs").resolve()
     log.info("simulating %d clients x %d stages (%s), %d rounds of %d local epoch(s), %s partition; "
              "run dir %s", cfg.federation.clients, cfg.pipeline.stages, cfg.federation.executor,
              cfg.federation.rounds, cfg.federation.local_epochs, cfg.federation.partition, run_dir)
+    env = {"BPFREE_CLIENT_MODS": ",".join(client_mods)}
+    if cfg.pipeline.token:
+        env["BPFREE_TOKEN"] = cfg.pipeline.token   # ClientApps read it; it is never serialised
+    engine = FlowerRun(log_dir, env)
     workers: list[Any] = []
-    result: dict[str, Any] = {}
-    engine = FlowerSimulation(run_dir / "tmp", cfg.federation.clients,
-                              actors=client_actors(cfg))
+    bar = RoundProgress(run_dir, cfg, resume, progress)
     try:
-        engine.start_ray()  # before the stage workers load the cores with torch imports
+        engine.start()
         addresses = launch_stage_workers(cfg, log_dir, workers)
-        server_app = make_server_app(ServerSettings(cfg, run_dir, resume=resume, progress=progress),
-                                     on_done=result.update)
-        client_app = make_client_app(ClientSettings(addresses, str(log_dir), cfg.pipeline.token), mods)
-        engine.run(server_app, client_app)
+        experiment = engine.home / "experiment.json"
+        experiment.write_text(json.dumps(cfg.to_dict()))
+        run_config = toml_table({
+            "config-json": str(experiment), "out-dir": str(run_dir.resolve()), "resume": resume,
+            "log-dir": str(log_dir),
+            "stage-addresses": ";".join(f"{k}={','.join(a)}" for k, a in addresses.items())})
+        engine.run(run_config, f"num-supernodes={cfg.federation.clients} "
+                   f"client-resources-num-cpus=1 init-args-num-cpus={client_actors(cfg)}",
+                   on_poll=bar.poll)
     finally:
+        bar.close()
         for local in workers:
             local.close()  # stops its worker processes by PID
-        engine.close()
-    if not result:
-        raise BpfreeError("the simulation ended without a result from the coordinator; see the "
-                          "log above for the client or server error")
-    return result
+        engine.close()     # the SuperLink and everything below it, by PID
+    return finished_run(run_dir)
+
+
+def toml_table(values: dict[str, str | bool]) -> str:
+    """`key = value` lines; JSON's string escapes are TOML's."""
+    return "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
+
+
+def finished_run(run_dir: Path) -> dict[str, Any]:
+    """The summary a finished run left in RUN_DIR, with its final weights."""
+    from bpfree_core.checkpoint import load_checkpoint
+    from server.coordinator import latest_checkpoint
+
+    summary_file, latest = run_dir / "summary.json", latest_checkpoint(run_dir)
+    if not summary_file.is_file() or latest is None:
+        raise BpfreeError(f"the run ended without a summary in {run_dir}; see "
+                          f"{run_dir / 'logs' / 'flwr.log'} for the client or server error")
+    return {**json.loads(summary_file.read_text()), "weights": load_checkpoint(latest)["weights"]}
+
+
+class RoundProgress:
+    """Follows RUN_DIR/metrics.jsonl: a live bar on a terminal, one line per round."""
+
+    def __init__(self, run_dir: Path, cfg: ExperimentConfig, resume: bool, enabled: bool):
+        from tqdm import tqdm
+
+        self.path, self.enabled = run_dir / "metrics.jsonl", enabled
+        self.rounds = cfg.federation.rounds
+        self.seen = len(self._lines()) if resume else 0
+        self.start = time.perf_counter()
+        self.bar = tqdm(total=self.rounds, initial=self.seen, desc="rounds", unit="round",
+                        disable=None if enabled else True, leave=False)
+
+    def _lines(self) -> list[str]:
+        try:
+            return [x for x in self.path.read_text().splitlines() if x.strip()]
+        except OSError:
+            return []
+
+    def poll(self) -> None:
+        lines = self._lines()
+        for line in lines[self.seen:]:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                return   # a line being written: read it next time
+            self.seen += 1
+            self.bar.update(1)
+            clients = record.get("clients", {})
+            text = (f"round {record.get('round')}/{self.rounds}  test accuracy "
+                    f"{record.get('test_accuracy_headline', float('nan')):.4f}  clients "
+                    f"{clients.get('accepted', 0)}/{clients.get('sent', 0)}  "
+                    f"{time.perf_counter() - self.start:.0f}s")
+            if self.enabled:
+                self.bar.write(text)
+            else:
+                log.info("%s", text)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def preflight(cfg: ExperimentConfig) -> None:
@@ -215,79 +268,3 @@ def client_actors(cfg: ExperimentConfig) -> int:
     if cfg.federation.executor == "pipeline":
         return cfg.federation.clients
     return min(os.cpu_count() or 2, cfg.federation.clients)
-
-
-class FlowerSimulation:
-    """The one place that drives Flower's simulation engine (its Python API is deprecated in
-    favour of `flwr run`; switching is a change here only).
-
-    Ray is started first, on its own and with retries: Ray gives its processes a fixed 30 s to
-    come up, which a busy 2-core machine (say, while stage workers import torch) can miss.
-    Flower then reuses the running Ray and shuts it down at the end.
-    """
-
-    RAY_ATTEMPTS = 3
-
-    def __init__(self, tmp: Path, num_clients: int, actors: int):
-        self.num_clients = num_clients
-        tmp.mkdir(parents=True, exist_ok=True)
-        self.ray_tmp, self.scratch = tmp / "ray", None
-        if len(str(self.ray_tmp.resolve())) > RAY_TEMP_MAX:  # too deep for Ray's socket paths
-            self.scratch = Path(tempfile.mkdtemp(prefix="bpfree-ray-"))
-            self.ray_tmp = self.scratch
-        # Ray's CPU count only sets how many ClientApp actors run at once (client_actors).
-        self.init_args = {"num_cpus": actors,
-                          "_temp_dir": str(self.ray_tmp.resolve()), "include_dashboard": False,
-                          "logging_level": "WARNING", "log_to_driver": True}
-
-    def start_ray(self) -> None:
-        import ray
-
-        # As Flower's Ray backend does: actors see this process's import path.
-        pythonpath = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
-        for attempt in range(1, self.RAY_ATTEMPTS + 1):
-            try:
-                ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **self.init_args)
-                return
-            except Exception as exc:  # noqa: BLE001 - Ray raises plain Exception on a slow start
-                ray.shutdown()
-                if attempt == self.RAY_ATTEMPTS:
-                    raise BpfreeError(f"Ray did not start in {attempt} attempts ({exc}); the "
-                                      "machine is too busy, retry when it is quieter") from exc
-                log.warning("Ray did not start (%s); retrying (%d/%d)", exc, attempt,
-                            self.RAY_ATTEMPTS)
-
-    def run(self, server_app: Any, client_app: Any) -> None:
-        logging.getLogger("alembic").setLevel(logging.WARNING)  # Flower's state DB chatter
-        from flwr.simulation import run_simulation
-
-        logging.getLogger("flwr").propagate = False  # Flower prints through its own handler
-        try:
-            run_simulation(
-                server_app=server_app, client_app=client_app, num_supernodes=self.num_clients,
-                # Ray restarts a ClientApp actor that died (killed, OOM) and reruns the message it
-                # was handling once (a round is deterministic: the rerun gives the same reply);
-                # a client that dies again is left out of that round (counted) and is back the
-                # next round. Without this a dead actor stays in Flower's pool and fails every
-                # message it is given for the rest of the run.
-                backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0,
-                                                     "max_restarts": CLIENT_ACTOR_RESTARTS,
-                                                     "max_task_retries": CLIENT_TASK_RETRIES},
-                                "init_args": dict(self.init_args)})
-        except RuntimeError as exc:  # Flower wraps engine failures this way
-            inner = exc.__cause__
-            cause = inner.__cause__ if inner is not None and inner.__cause__ else inner
-            where = "" if self.scratch is not None else f"; Ray's session logs are in {self.ray_tmp}"
-            raise BpfreeError(f"Flower's simulation engine stopped: {cause or exc}{where}") from exc
-        shutil.rmtree(self.ray_tmp, ignore_errors=True)  # Ray's session files: kept on failure
-        if self.scratch is None:
-            with contextlib.suppress(OSError):
-                self.ray_tmp.parent.rmdir()  # RUN_DIR/tmp, if nothing else is in it
-
-    def close(self) -> None:
-        import ray
-
-        if ray.is_initialized():
-            ray.shutdown()
-        if self.scratch is not None:
-            shutil.rmtree(self.scratch, ignore_errors=True)

@@ -25,6 +25,7 @@ from server.coordinator import Coordinator, RoundReplies
 from server.reference import federated_reference
 from server.simulate import simulate
 
+RECORD = "tests.flower_mods:record_replies"   # client mods run in the simulation's processes
 SMALL = ["train.train_limit=3000", "train.test_limit=1000", "model.hidden=200,200",
          "model.algorithm=symba", "train.threads=1", "federation.clients=3", "pipeline.stages=2"]
 
@@ -33,28 +34,12 @@ def _cfg(data_dir: Path, *extra: str):
     return load_config(None, [f"train.data_dir={data_dir}", *SMALL, *extra])
 
 
-def _recorder(folder: Path):
-    """A Flower client mod that saves every reply's weights and metrics to `folder`.
-
-    Defined inside a function so Ray pickles it by value into its actors.
-    """
-    def record(msg, context, call_next):
-        from client.messages import read_reply
-
-        reply = call_next(msg, context)
-        update = read_reply(reply)
-        rnd = int(msg.content.config_records["config"]["round"])
-        folder.mkdir(parents=True, exist_ok=True)
-        torch.save({"num_examples": update.num_examples, "weights": update.weights},
-                   folder / f"round{rnd}-client{update.client}.pt")
-        return reply
-    return record
-
-
-def test_pipeline_federation_learns_averages_replies_and_equals_the_reference(data_dir, tmp_path):
+def test_pipeline_federation_learns_averages_replies_and_equals_the_reference(data_dir, tmp_path,
+                                                                             monkeypatch):
     cfg = _cfg(data_dir, "federation.rounds=2", "federation.executor=pipeline")
     replies = tmp_path / "replies"
-    summary = simulate(cfg, tmp_path / "run", mods=[_recorder(replies)])
+    monkeypatch.setenv("BPFREE_TEST_REPLIES", str(replies))
+    summary = simulate(cfg, tmp_path / "run", client_mods=[RECORD])
 
     # It learns: well above chance after one round, better after two.
     acc = summary["accuracy_per_round"]
@@ -85,27 +70,12 @@ def test_pipeline_federation_learns_averages_replies_and_equals_the_reference(da
     assert json.loads((run / "summary.json").read_text())["rounds"] == 2
 
 
-def _saboteur():
-    """A client mod: client 1 replies with a mis-shaped layer, client 2 crashes."""
-    def sabotage(msg, context, call_next):
-        pid = int(context.node_config["partition-id"])
-        if pid == 2:
-            raise RuntimeError("client 2 lost its disk")
-        reply = call_next(msg, context)
-        if pid == 1:
-            arrays = reply.content.array_records["arrays"]
-            from flwr.app import Array
-
-            arrays["layers.1.linear.weight"] = Array(torch.zeros(3, 3).numpy())
-        return reply
-    return sabotage
-
-
-def test_bad_and_failed_replies_are_left_out_and_counted(data_dir, tmp_path):
+def test_bad_and_failed_replies_are_left_out_and_counted(data_dir, tmp_path, monkeypatch):
     cfg = _cfg(data_dir, "federation.rounds=1", "federation.executor=inprocess",
                "federation.min_clients=1")
     replies = tmp_path / "replies"
-    summary = simulate(cfg, tmp_path / "run", mods=[_recorder(replies), _saboteur()])
+    monkeypatch.setenv("BPFREE_TEST_REPLIES", str(replies))
+    summary = simulate(cfg, tmp_path / "run", client_mods=[RECORD, "tests.flower_mods:sabotage"])
     assert summary["replies"] == {"accepted": 1, "failed": 1, "timed_out": 0, "rejected": 1}
     record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
     assert record["clients"] == {"sent": 3, "accepted": 1, "failed": 1, "timed_out": 0,
