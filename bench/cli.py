@@ -118,7 +118,8 @@ def plan_from_args(args: argparse.Namespace):  # noqa: ANN201 - bench.sweep.Plan
 
 
 def run_sweep_cli(args: argparse.Namespace) -> int:
-    from bench.sweep import run_sweep, summary_rows, text_table
+    from bench.sweep import run_sweep
+    from bench.sweep_report import summary_rows, text_table
     from bpfree_core.config import load_config
 
     if args.render_only:

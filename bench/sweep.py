@@ -24,7 +24,6 @@ when installed) with one record per point.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import itertools
 import json
@@ -36,14 +35,20 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from statistics import median
 from typing import Any
 
+from bench.sweep_analysis import (
+    analyse_federated,
+    analyse_pipeline,
+    extrapolate,
+    load_average,
+    replay_columns,
+)
+from bench.sweep_report import MIB, write_outputs
 from bpfree_core.config import WIRE_DTYPES, ExperimentConfig
 from bpfree_core.errors import ConfigError
 
 RESULTS = Path(__file__).resolve().parent / "results"
-MIB = 2**20
 
 
 @dataclass(frozen=True)
@@ -107,10 +112,6 @@ def machine() -> dict[str, Any]:
     return {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor(),
             "torch": torch.__version__, "grpc": grpc.__version__,
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else ""}
-
-
-def load_average() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
 
 
 def measure_ceilings(total_mib: int) -> dict[str, float]:
@@ -228,15 +229,6 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def predict(model: Any, batches: int, batch_size: int, cpu_per_batch: list[float],
-            cores: int) -> float:
-    """bench/model.py's samples/s, with one more bound: all processes' CPU work per batch shared
-    by `cores` cores (the model gives every stage a core of its own; here S + 1 processes and
-    their gRPC threads share 2)."""
-    period = max(model.period(), sum(cpu_per_batch) / cores)
-    return batches * batch_size / (model.fill() + max(batches - 1, 0) * period)
-
-
 def run_federated_point(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
     """A real `bpfree simulate` run (Flower simulation, K clients x S stage workers)."""
     from bench.federated import overhead_rows
@@ -248,74 +240,6 @@ def run_federated_point(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     summary.pop("weights", None)
     return {"summary": summary, "rounds": rows, "records": records, "parallel": parallel}
-
-
-# -- analysis --------------------------------------------------------------------------------------
-
-def _driver_seconds(epoch: dict[str, Any]) -> float:
-    """The driver's own time per batch: making a packet (gaps between its sends, median)."""
-    sends = epoch.get("driver_timeline") or []
-    gaps = [b[0] - a[1] for a, b in zip(sends, sends[1:], strict=False)]
-    return median(gaps) if gaps else 0.0
-
-
-def analyse_pipeline(p: Point, cfg: ExperimentConfig, epoch: dict[str, Any], flops: list[float],
-                     ceilings: dict[str, float]) -> dict[str, Any]:
-    from bench.model import PipelineModel
-    from bench.timeline import bubble_fraction, segments
-
-    st = epoch["stages"]
-    n, wall = epoch["batches"], epoch["seconds"]
-    busy = [s["busy_seconds"] for s in st]
-    per_batch = [b / max(s["train_batches"], 1) for b, s in zip(busy, st, strict=True)]
-    # link 0: driver -> stage 0; link i: stage i-1 -> stage i (bytes as they crossed the socket)
-    link_bytes = [st[0]["bytes_in"]] + [s["bytes_in"] for s in st[1:]]
-    driver = _driver_seconds(epoch)
-    model = PipelineModel(compute=(driver, *per_batch), link_bytes=tuple(b / n for b in link_bytes),
-                          bandwidth=ceilings["stream_bytes_per_s"], window=p.window)
-    cpu = [x / n for x in epoch.get("cpu_seconds", [])]
-    cores = os.cpu_count() or 1
-    predicted = predict(model, n, p.batch_size, cpu, cores)
-    measured = epoch["samples_per_second"]
-    b = max(range(len(st)), key=lambda i: busy[i])        # the bottleneck stage
-    coordination = max(epoch.get("call_seconds", wall) - wall, 0.0)
-    gflops = [f / t / 1e9 if t > 0 else 0.0 for f, t in zip(flops, per_batch, strict=True)]
-    return {
-        **dataclasses.asdict(p), "kind": "pipeline", "batches": n, "samples": epoch["samples"],
-        "epoch_seconds": wall, "samples_per_s": measured, "predicted_samples_per_s": predicted,
-        "model_error": predicted / measured - 1 if measured else float("nan"),
-        "model_only_samples_per_s": model.throughput(n, p.batch_size),   # without the core bound
-        **replay_columns(epoch, model.transfer(), p.window, epoch["samples"], measured),
-        "model_period_ms": model.period() * 1e3, "cores_bound_ms": sum(cpu) / cores * 1e3,
-        "cpu_ms_per_batch": [x * 1e3 for x in cpu],   # driver, stage 0, ... (compute + gRPC)
-        "busy_s": busy, "idle_s": [s["idle_seconds"] for s in st],
-        "blocked_s": [s["blocked_seconds"] for s in st],
-        "compute_ms_per_batch": [t * 1e3 for t in per_batch], "driver_ms_per_batch": driver * 1e3,
-        "bubble_fraction": 1 - sum(busy) / (len(st) * wall) if wall else 0.0,
-        "timeline_bubble_fraction": bubble_fraction(segments(epoch), len(st)),
-        "link_bytes_per_batch": [x / n for x in link_bytes],
-        "link_bytes_per_s": [x / wall for x in link_bytes],
-        "link_vs_grpc_raw": max(link_bytes) / wall / ceilings["grpc_raw_bytes_per_s"],
-        "gflops_per_stage": gflops,
-        "compute_vs_matmul": max(gflops) / ceilings["matmul_gflops_per_core"],
-        "flops_per_batch": sum(flops),
-        # one "round" = one epoch here: the bottleneck stage's compute, its waits on links and on
-        # the other stages (fill/drain included), and the control RPCs around the epoch
-        "round_seconds": wall + coordination, "round_compute_s": busy[b],
-        "round_communication_s": max(wall - busy[b], 0.0), "round_coordination_s": coordination,
-        "load_1min": load_average()[0],
-    }
-
-
-def replay_columns(epoch: dict[str, Any], transfer: list[float], window: int, samples: int,
-                   measured: float) -> dict[str, float]:
-    """The trace-driven prediction (bench/timeline.replay: per-batch step times, same rules)."""
-    from bench.timeline import replay
-
-    seconds = replay(epoch, transfer, window)
-    rate = samples / seconds if seconds > 0 else float("nan")
-    return {"replay_samples_per_s": rate,
-            "replay_error": rate / measured - 1 if measured else float("nan")}
 
 
 def rerender(out: Path) -> dict[str, Any]:
@@ -333,83 +257,6 @@ def rerender(out: Path) -> dict[str, Any]:
                                       row["samples"], row["samples_per_s"]))
     write_outputs(res, out)
     return res
-
-
-def analyse_federated(p: Point, cfg: ExperimentConfig, fed: dict[str, Any], flops: list[float],
-                      ref: dict[str, Any] | None, ceilings: dict[str, float]) -> dict[str, Any]:
-    """K > 1: rounds split with bench/federated.py's accounting; model = K pipelines sharing cores."""
-    rows = fed["rounds"][1:] or fed["rounds"]          # round 1 pays for first connections
-    r = min(rows, key=lambda x: x["round_wall"])
-    rec = next(x for x in fed["records"] if x["round"] == r["round"])
-    examples = sum(c["num_examples"] for c in rec["client_metrics"].values())
-    from bpfree_core.federated import stack_template  # torch: imported only when it runs
-
-    params = sum(v.numel() for v in stack_template(cfg).values())
-    weight_bytes = 2 * cfg.federation.clients * params * 4            # down + up, float32
-    coordination = r["aggregate"] + r["checkpoint"] + r["evaluate"]
-    measured = examples / r["round_wall"]
-    predicted = float("nan")
-    if ref is not None:
-        # K client pipelines at once on `cpus` cores: the K = 1 rate times K, unless the cores run
-        # out (all CPU work per sample / cores), plus the measured coordination per round.
-        cpus = os.cpu_count() or 1
-        cpu_per_sample = sum(ref["cpu_ms_per_batch"]) / 1e3 / ref["batch_size"]
-        rate = min(p.clients * ref["predicted_samples_per_s"], cpus / cpu_per_sample)
-        predicted = examples / (examples / rate + coordination)
-    return {
-        **dataclasses.asdict(p), "kind": "federated", "batches": examples // p.batch_size,
-        "samples": examples, "epoch_seconds": r["clients_wall"], "samples_per_s": measured,
-        "predicted_samples_per_s": predicted,
-        "model_error": predicted / measured - 1 if measured else float("nan"),
-        "busy_s": [], "idle_s": [], "blocked_s": [], "compute_ms_per_batch": [],
-        "bubble_fraction": float("nan"), "timeline_bubble_fraction": float("nan"),
-        "link_bytes_per_batch": [], "link_bytes_per_s": [weight_bytes / r["round_wall"]],
-        "link_vs_grpc_raw": float("nan"), "gflops_per_stage": [], "compute_vs_matmul": float("nan"),
-        "flops_per_batch": sum(flops),
-        "round_seconds": r["round_wall"], "round_compute_s": r["client_makespan"],
-        "round_communication_s": r["transport"], "round_coordination_s": coordination,
-        "federated_rounds": fed["rounds"], "load_1min": load_average()[0],
-    }
-
-
-# -- extrapolation on paper ------------------------------------------------------------------------
-
-H100_FP32_FLOPS = 50e12          # dense float32 (TF32 off), order of magnitude
-LINKS = {"loopback (measured)": None, "10 Gbit/s": 10e9 / 8, "100 Gbit/s": 100e9 / 8}
-
-
-def extrapolate(base: dict[str, Any], ceilings: dict[str, float]) -> list[dict[str, Any]]:
-    """The model for S = 4 and 8 stages of one `width` layer each, per link speed and device.
-
-    Per-stage compute = one layer's FLOPs per batch / the rate measured at the baseline (CPU) or
-    that rate scaled to an H100 by the same fraction of peak matmul as measured here (GPU); bytes
-    per batch as measured on the baseline's first stage-to-stage link (halved for 16-bit wires).
-    """
-    from bench.model import PipelineModel
-
-    layers = base["layers"]
-    per_layer_flops = base["flops_per_batch"] / layers
-    cpu_rate = sum(base["gflops_per_stage"]) / len(base["gflops_per_stage"]) * 1e9
-    frac = cpu_rate / (ceilings["matmul_gflops_per_core"] * 1e9)
-    inner = base["link_bytes_per_batch"][1] if len(base["link_bytes_per_batch"]) > 1 else \
-        base["link_bytes_per_batch"][0]
-    fp32_bytes = inner * (2 if base["wire"] != "float32" else 1)
-    devices = {"CPU core (measured rate)": cpu_rate, "H100 (~50 TFLOP/s fp32)": H100_FP32_FLOPS * frac}
-    rows = []
-    for (device, rate), stages, (link, bw), wire in itertools.product(
-            devices.items(), (4, 8), LINKS.items(), ("float32", "bfloat16")):
-        bw = bw or ceilings["stream_bytes_per_s"]
-        compute = per_layer_flops / rate
-        nbytes = fp32_bytes * (1 if wire == "float32" else 0.5)
-        model = PipelineModel(compute=(compute,) * stages, link_bytes=(nbytes,) * (stages - 1),
-                              bandwidth=bw, window=base["window"])
-        period = model.period()
-        rows.append({"device": device, "stages": stages, "link": link, "wire": wire,
-                     "compute_ms": compute * 1e3, "transfer_ms": model.transfer()[0] * 1e3,
-                     "samples_per_s": base["batch_size"] / period,
-                     "efficiency": compute / period,
-                     "bound": "compute" if compute >= model.transfer()[0] else "link"})
-    return rows
 
 
 # -- the run ------------------------------------------------------------------------------------------
@@ -511,138 +358,3 @@ def _uptime() -> str:
         return subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
-
-
-# -- outputs -----------------------------------------------------------------------------------------
-
-CSV_FIELDS = [
-    "kind", "stages", "clients", "batch_size", "width", "wire", "window", "samples_per_s",
-    "predicted_samples_per_s", "model_error", "replay_samples_per_s", "replay_error",
-    "model_only_samples_per_s", "cores_bound_ms",
-    "cpu_ms_per_batch", "bubble_fraction", "busy_s", "idle_s", "blocked_s",
-    "compute_ms_per_batch", "driver_ms_per_batch", "link_bytes_per_batch", "link_bytes_per_s",
-    "link_vs_grpc_raw", "gflops_per_stage", "compute_vs_matmul", "round_seconds", "round_compute_s",
-    "round_communication_s", "round_coordination_s", "epoch_seconds", "batches", "samples",
-    "load_1min"]
-
-
-def _cell(v: Any) -> str:
-    if isinstance(v, list):
-        return "/".join(_cell(x) for x in v)
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
-
-
-def write_outputs(res: dict[str, Any], out: Path) -> list[Path]:
-    from bench.plots import plot_all
-
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "throughput.csv", "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(CSV_FIELDS)
-        for r in res["rows"]:
-            w.writerow([_cell(r.get(k, "")) for k in CSV_FIELDS])
-    (out / "throughput.json").write_text(json.dumps(res, indent=1, default=str) + "\n")
-    pngs = plot_all(res, out)
-    res["plots"] = [str(p) for p in pngs]
-    (out / "throughput.md").write_text(markdown(res, pngs))
-    return pngs
-
-
-def summary_rows(res: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    head = ["S", "K", "B", "W", "wire", "win", "samples/s", "model", "err", "replay", "err", "bubble",
-            "busy s/stage", "MiB/s per link", "link/gRPC", "GFLOP/s/stage", "cmp/matmul",
-            "round s: compute/comm/coord"]
-    rows = []
-    for r in res["rows"]:
-        rows.append([
-            str(r["stages"]), str(r["clients"]), str(r["batch_size"]), str(r["width"]),
-            {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[r["wire"]], str(r["window"]),
-            f"{r['samples_per_s']:.0f}", f"{r['predicted_samples_per_s']:.0f}",
-            f"{r['model_error']:+.0%}", _num(r.get("replay_samples_per_s")),
-            _signed(r.get("replay_error")), _pct(r["bubble_fraction"]),
-            "/".join(f"{x:.2f}" for x in r["busy_s"]) or "-",
-            "/".join(f"{x / MIB:.0f}" for x in r["link_bytes_per_s"]) or "-",
-            _pct(r["link_vs_grpc_raw"]),
-            "/".join(f"{x:.0f}" for x in r["gflops_per_stage"]) or "-",
-            _pct(r["compute_vs_matmul"]),
-            f"{r['round_compute_s']:.2f}/{r['round_communication_s']:.2f}/"
-            f"{r['round_coordination_s']:.2f}"])
-    return head, rows
-
-
-def _num(x: float | None) -> str:
-    return "-" if x is None or x != x else f"{x:.0f}"
-
-
-def _signed(x: float | None) -> str:
-    return "-" if x is None or x != x else f"{x:+.0%}"
-
-
-def _pct(x: float) -> str:
-    return "-" if x != x else f"{x:.0%}"   # NaN -> "-"
-
-
-def text_table(head: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
-    line = "  ".join(h.rjust(w) for h, w in zip(head, widths, strict=True))
-    body = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    return "\n".join([line, "-" * len(line), *body])
-
-
-def markdown(res: dict[str, Any], pngs: list[Path]) -> str:
-    m, c = res["machine"], res["ceilings"]
-    plan = res["plan"]
-    head, rows = summary_rows(res)
-    lines = [
-        "# Throughput sweep", "",
-        f"Command: `{res['command']}`  ",
-        f"Machine: {m['cpus']} CPU cores, {m['platform']}, torch {m['torch']}, grpcio {m['grpc']}"
-        f"{', GPU ' + m['gpu'] if m['gpu'] else ''}; load average (1/5/15 min) before "
-        f"{res['load_before']}, after {res['load_after']} (other work shared these cores: compare "
-        "rows as ratios within this run).  ",
-        *([f"Note: {res['note']}  "] if res.get("note") else []),
-        f"Net: ff, {plan['layers']} hidden layers of W units, MNIST, {plan['images']} training images "
-        f"per epoch and client; 1 torch thread per process; best of {plan['epochs']} measured "
-        "epoch(s) after a warm-up; K > 1 rows are real `bpfree simulate` runs "
-        f"({plan['rounds']} rounds, fastest round after the first).", "",
-        "## Ceilings of this machine (same run)", "",
-        "| float32 matmul, 1 core | raw TCP loopback | raw-bytes gRPC stream | activation stream "
-        "(bpfree wire, fp32) |", "|---|---|---|---|",
-        f"| {c['matmul_gflops_per_core']:.1f} GFLOP/s | {c['tcp_bytes_per_s'] / 2**30:.2f} GiB/s "
-        f"| {c['grpc_raw_bytes_per_s'] / 2**30:.2f} GiB/s | {c['stream_bytes_per_s'] / 2**30:.2f} "
-        "GiB/s |"]
-    if c.get("matmul_gflops_per_gpu"):
-        lines[-1] += f" GPU matmul {c['matmul_gflops_per_gpu']:.0f} GFLOP/s |"
-    lines += [
-        "", "## Points", "",
-        "`model` = bench/model.py fed with this row's measured mean per-stage compute per batch, "
-        "the driver's packet time, bytes per batch per link and the activation stream's bytes/s, "
-        "plus a shared-core bound (all processes' CPU seconds per batch / cores); `replay` = the "
-        "same rules applied batch by batch to the measured per-batch step times "
-        "(bench/timeline.replay), which captures their variance; `err` = prediction / measured - 1. "
-        "`bubble` = 1 - sum(busy) / (S x epoch wall). Links: "
-        "driver->stage 0, stage 0->1, ... (K > 1: Flower weight traffic, down + up). "
-        "`link/gRPC` = busiest link / raw gRPC ceiling; `cmp/matmul` = fastest stage's achieved "
-        "GFLOP/s / the one-core matmul ceiling. Round (K = 1: one epoch) = compute of the "
-        "bottleneck stage / its waits on links and other stages, fill and drain included / "
-        "control RPCs; K > 1: client makespan / Flower transport / aggregation + checkpoint + "
-        "evaluation.", "",
-        "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    if res.get("extrapolation"):
-        lines += [
-            "", "## Extrapolation on paper (bench/model.py; not measured)", "",
-            "S stages of one W-wide layer each at the baseline's batch size; compute per stage = one "
-            "layer's FLOPs per batch / the rate measured here (CPU), or that rate scaled to an H100 "
-            "by the same fraction of peak matmul; bytes per batch as measured on a stage-to-stage "
-            "link (halved for bf16). Efficiency = compute / period.", "",
-            "| device | S | link | wire | compute ms/stage | transfer ms/link | samples/s | efficiency "
-            "| bound |", "|---|---|---|---|---|---|---|---|---|"]
-        for e in res["extrapolation"]:
-            lines.append(f"| {e['device']} | {e['stages']} | {e['link']} | {e['wire']} "
-                         f"| {e['compute_ms']:.3f} | {e['transfer_ms']:.3f} | {e['samples_per_s']:.0f} "
-                         f"| {e['efficiency']:.0%} | {e['bound']} |")
-    lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in pngs] + [""]
-    return "\n".join(lines)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -74,3 +77,20 @@ def test_simulate_with_the_largest_signed_seed_finishes(data_dir: Path, tmp_path
     assert rc == 0
     summary = json.loads((run / "summary.json").read_text())
     assert summary["rounds"] == 1 and summary["test_accuracy"] > 0.2
+
+
+def test_simulate_with_seed_19_finishes_and_prints_only_bpfree_lines(data_dir: Path, tmp_path: Path):
+    # A real terminal-less run of the CLI, as a user starts it: seed 19 used to overflow in every
+    # client, and Flower's deprecation block and Ray's raylet lines used to reach the terminal.
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "bpfree_cli", "simulate", "--seed", "19", "--data-dir",
+         str(data_dir), "--out", str(run), "--no-plot", *[a for s in TINY for a in ("--set", s)]],
+        env=env, capture_output=True, text=True, timeout=300)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-3000:]
+    assert json.loads((run / "summary.json").read_text())["rounds"] == 1
+    for noise in ("DEPRECATED", "raylet", "Traceback", "WARNING"):
+        assert noise not in out, out[-3000:]
+    assert (run / "logs" / "flwr.log").is_file()   # Flower's own output went here instead
