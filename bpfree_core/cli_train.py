@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from bpfree_core.config import load_config
+from bpfree_core.config import ALGORITHMS, DATASETS, load_config
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -14,8 +14,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="TOML config file (sections as in deploy/*.toml)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value, e.g. --set train.epochs=5 (repeatable)")
-    parser.add_argument("--algorithm", help="ff | symba | sffa | ffcl | uff | bp")
-    parser.add_argument("--dataset", help="mnist | fashion-mnist")
+    parser.add_argument("--algorithm", help=" | ".join(ALGORITHMS))
+    parser.add_argument("--dataset", help=" | ".join(DATASETS))
     parser.add_argument("--layers", help="hidden layer sizes, e.g. 500,500 or 3x1000")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--batch-size", type=int)

@@ -391,6 +391,9 @@ def _coerce(where: str, typ: Any, value: Any) -> Any:
     else:
         return value
     name = getattr(typ, "__name__", str(typ))
+    if origin is tuple:
+        raise ConfigError(f"{where} = {value!r} is not a valid list of whole numbers; give sizes "
+                          "separated by commas, or NxSIZE for N equal ones, e.g. 500,500 or 3x1000")
     raise ConfigError(f"{where} = {value!r} is not a valid {name}")
 
 

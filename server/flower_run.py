@@ -70,26 +70,26 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def stop_tree(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    """SIGTERM `proc` and everything below it (collected first: nothing gets re-parented away),
-    wait up to `grace` seconds, then SIGKILL what is left."""
-    pids = [proc.pid, *descendants(proc.pid)] if proc.poll() is None else descendants(proc.pid)
+def stop_pids(pids: list[int], grace: float = 10.0, reap: Callable[[], object] = lambda: None) -> None:
+    """SIGTERM `pids`, wait up to `grace` seconds for them to exit, then SIGKILL what is left."""
     for pid in pids:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
-        proc.poll()   # reap our own child
+        reap()
         if not any(Path(f"/proc/{p}").exists() and not _zombie(p) for p in pids):
             break
         time.sleep(0.05)   # waiting for processes to exit after a signal, with a deadline
     for pid in pids:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+
+
+def stop_tree(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """Stop `proc` and everything below it (collected first: nothing gets re-parented away)."""
+    pids = [proc.pid, *descendants(proc.pid)] if proc.poll() is None else descendants(proc.pid)
+    stop_pids(pids, grace, reap=proc.poll)
     try:
         proc.wait(timeout=grace)
     except subprocess.TimeoutExpired:

@@ -141,6 +141,8 @@ def simulate(cfg: ExperimentConfig, run_dir: Path, resume: bool = False, progres
     bar = RoundProgress(run_dir, cfg, resume, progress)
     try:
         engine.start()
+        log.info("Flower SuperLink (simulation runtime) on 127.0.0.1:%d; Flower's and Ray's logs go "
+                 "to %s", engine.port, log_dir)
         addresses = launch_stage_workers(cfg, log_dir, workers)
         experiment = engine.home / "experiment.json"
         experiment.write_text(json.dumps(cfg.to_dict()))
@@ -168,11 +170,13 @@ def finished_run(run_dir: Path) -> dict[str, Any]:
     """The summary a finished run left in RUN_DIR, with its final weights."""
     from bpfree_core.checkpoint import load_checkpoint
     from server.coordinator import latest_checkpoint
+    from server.flower_run import last_error
 
     summary_file, latest = run_dir / "summary.json", latest_checkpoint(run_dir)
     if not summary_file.is_file() or latest is None:
-        raise BpfreeError(f"the run ended without a summary in {run_dir}; see "
-                          f"{run_dir / 'logs' / 'flwr.log'} for the client or server error")
+        log_file = run_dir / "logs" / "flwr.log"
+        raise BpfreeError(f"the federated run failed: {last_error(log_file)} (the full log is "
+                          f"{log_file})")
     return {**json.loads(summary_file.read_text()), "weights": load_checkpoint(latest)["weights"]}
 
 

@@ -90,3 +90,16 @@ def test_resume_refuses_a_changed_computation_and_accepts_a_moved_run(tmp_path):
     check_resumable(saved, saved.with_overrides(["train.threads=3", "train.device=cpu"]), tmp_path)
     with pytest.raises(ConfigError, match=r"optim.lr.*same config"):
         check_resumable(saved, saved.with_overrides(["optim.lr=0.1"]), tmp_path)
+
+
+def test_small_input_errors_say_the_format():
+    with pytest.raises(ConfigError, match=r"model.hidden = '3x'.*e.g. 500,500 or 3x1000"):
+        ExperimentConfig().with_overrides(["model.hidden=3x"])
+    with pytest.raises(ConfigError, match=r"train.threads = -3.*>= 0"):
+        ExperimentConfig().with_overrides(["train.threads=-3"])
+    import argparse
+
+    from bpfree_core.cli_train import add_config_arguments
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    assert "cwc" in parser.format_help()

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 import torch
 
 from bpfree_core.checkpoint import load_checkpoint
 from bpfree_core.config import load_config
+from server.flower_run import stop_pids
 from server.reference import federated_reference
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,22 +40,6 @@ def _pids_with(marker: str) -> list[int]:
     return pids
 
 
-def _stop(pids: list[int], grace: float = 15.0) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
-        time.sleep(0.1)  # waiting for processes we did not fork (detached by flwr) to exit
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
 def test_flwr_run_local_simulation_trains_the_reference_weights(data_dir, tmp_path):
     home = tmp_path / "flwr-home"
     home.mkdir()
@@ -73,7 +56,7 @@ def test_flwr_run_local_simulation_trains_the_reference_weights(data_dir, tmp_pa
              "--run-config", f"overrides='{overrides}'"],
             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     finally:
-        _stop(_pids_with(str(home)))  # the detached local SuperLink and its children
+        stop_pids(_pids_with(str(home)), grace=15.0)  # the detached local SuperLink and its children
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
 
     runs = list((tmp_path / "runs").glob("flwr-*"))
