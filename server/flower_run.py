@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -217,15 +218,24 @@ def _reap_orphans(keep: int, block: bool = False) -> None:
 
 
 def last_error(log_file: Path) -> str:
-    """The most telling line of a Flower log: the last error or exception line."""
+    """The most telling line of a Flower log: the last Python exception (`KindError: message`),
+    else the last error line."""
     try:
-        lines = log_file.read_text(errors="replace").splitlines()
+        lines = [_ANSI.sub("", x).strip() for x in log_file.read_text(errors="replace").splitlines()]
     except OSError:
-        return "no log"
+        return f"no log at {log_file}"
     for line in reversed(lines):
-        if any(w in line for w in ("Error", "error", "Exception", "ERROR")):
-            return line.strip()[-400:]
-    return lines[-1].strip()[-400:] if lines else "the log is empty"
+        m = _EXCEPTION.match(line)
+        if m:
+            return f"{m.group(1).rsplit('.', 1)[-1]}: {m.group(2)}"[:500]
+    for line in reversed(lines):
+        if "error" in line.lower() and "Exit Code" not in line:
+            return line[:500]
+    return lines[-1][:500] if lines else "the log is empty"
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_EXCEPTION = re.compile(r"^([\w.]*(?:Error|Exception)): (.+)$")
 
 
 if __name__ == "__main__":   # python -m server.flower_run [--remove DIR] -- CMD...: CMD under a guard

@@ -133,7 +133,8 @@ def simulate(cfg: ExperimentConfig, run_dir: Path, resume: bool = False, progres
     log.info("simulating %d clients x %d stages (%s), %d rounds of %d local epoch(s), %s partition; "
              "run dir %s", cfg.federation.clients, cfg.pipeline.stages, cfg.federation.executor,
              cfg.federation.rounds, cfg.federation.local_epochs, cfg.federation.partition, run_dir)
-    env = {"BPFREE_CLIENT_MODS": ",".join(client_mods)}
+    mods = [m for m in os.environ.get("BPFREE_CLIENT_MODS", "").split(",") if m.strip()]
+    env = {"BPFREE_CLIENT_MODS": ",".join([*mods, *client_mods])}
     if cfg.pipeline.token:
         env["BPFREE_TOKEN"] = cfg.pipeline.token   # ClientApps read it; it is never serialised
     engine = FlowerRun(log_dir, env)

@@ -357,3 +357,19 @@ def test_bad_simulate_input_fails_fast_with_one_clear_sentence(args, says, data_
     assert err.startswith("bpfree simulate: error: ") and "Traceback" not in err
     for s in says:
         assert s in err, err
+
+
+def test_a_failed_federated_run_exits_non_zero_with_the_coordinators_reason(data_dir: Path,
+                                                                           tmp_path: Path) -> None:
+    # Client 1 sends a mis-shaped layer and client 2 crashes (tests/flower_mods.py), so round 1
+    # has one usable reply of the three it needs: the run must fail loudly, in one sentence.
+    run = tmp_path / "run"
+    flags = ["--data-dir", str(data_dir), *sum((["--set", s] for s in FED), []), "--rounds", "1",
+             "--clients", "3", "--executor", "inprocess", "--no-plot", "--out", str(run)]
+    failed = _bpfree("simulate", *flags, env={"BPFREE_CLIENT_MODS": "tests.flower_mods:sabotage"})
+    out = failed.communicate(timeout=300)[0]
+    assert failed.returncode == 2, out[-3000:]
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("bpfree simulate: error: the federated run failed: AggregationError: "
+                           "round 1: only 1 usable replies of 3 sent"), out[-3000:]
+    assert "Traceback" not in out and (run / "logs" / "flwr.log").is_file()
