@@ -30,7 +30,7 @@ from bpfree_core.model import build_objective, split_stages
 from client.link import Link, PullReader, rpc_exception
 from client.memory import tune_malloc
 from client.supervisor import LocalWorkers
-from client.transport import Security, check_chunk_bytes, wait_for_peer
+from client.transport import Security, check_chunk_bytes, split_address, wait_for_peer
 from client.wire import WireBatch, decode_state, encode_state
 from protos import stage_pb2 as pb
 from protos import stage_pb2_grpc as pb_grpc
@@ -77,6 +77,8 @@ class Pipeline:
             num_layers = _check_pipelinable(cfg)
             if not addresses:
                 raise ConfigError("a pipeline needs at least one stage worker address")
+            for address in self.addresses:
+                split_address(address, "stage worker address")
             self.ranges = split_stages(num_layers, len(addresses))
             for address in self.addresses:
                 channel = security.channel(address)

@@ -7,8 +7,10 @@ server and a channel can never disagree (a keepalive mismatch ends long streams 
 
 from __future__ import annotations
 
+import errno
 import hmac
 import logging
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +30,7 @@ MAX_CHUNK_BYTES = 32 << 20       # pipeline.chunk_bytes must leave room for the 
 KEEPALIVE_MS = 30_000            # ping an idle connection every 30 s ...
 KEEPALIVE_TIMEOUT_MS = 10_000    # ... and drop it if the ping is not answered within 10 s
 TOKEN_HEADER = "x-bpfree-token"
+REFUSED_FOR = 10.0               # seconds of "connection refused" before a peer is declared absent
 
 # Data-plane methods: raw bytes in and out (no protobuf (de)serialisation), see protos/stage.proto.
 PUSH_METHOD = "/bpfree.v1.StageData/Push"
@@ -54,7 +57,39 @@ def server_options() -> list[tuple[str, Any]]:
 
 
 def channel_options() -> list[tuple[str, Any]]:
-    return [*_common_options(), ("grpc.enable_retries", 0)]
+    # Reconnect attempts at most 2 s apart: a peer that comes up is seen within ~2 s (gRPC's
+    # default backoff grows to 120 s, and a failing channel fails RPCs fast meanwhile).
+    return [*_common_options(), ("grpc.enable_retries", 0),
+            ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 2000)]
+
+
+def split_address(address: str, what: str = "address") -> tuple[str, int]:
+    """("host", port) of "HOST:PORT" or "[IPv6]:PORT"; a ConfigError saying the format otherwise."""
+    host, sep, port = address.strip().rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{what} {address!r} is not HOST:PORT (e.g. 127.0.0.1:7001, "
+                          "node3:7001 or [::1]:7001; port 0..65535)")
+    return host, int(port)
+
+
+def check_port_free(listen: str) -> None:
+    """Refuse, naming it, a port something else already listens on (before gRPC tries and logs)."""
+    host, port = split_address(listen, "--listen")
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ConfigError(f"port {port} on {host} is already taken by another process; "
+                                  f"pick a free port (or :0 for any)") from None
+            raise ConfigError(f"cannot listen on {listen} ({exc.strerror}); pick a local "
+                              "address of this machine and a free port") from None
 
 
 def check_chunk_bytes(chunk_bytes: int) -> None:
@@ -147,26 +182,37 @@ def wait_for_peer(
     """Health-check `address` with capped exponential backoff until it answers or `timeout` ends.
 
     Only "not reachable yet" errors are retried; a peer that answers with an error (a wrong
-    token, say) fails at once with that error.
+    token, say) fails at once with that error, and an address where nothing listens (connection
+    refused on every attempt for REFUSED_FOR seconds: time for a worker to start) is named as such.
     """
+    split_address(address, "stage worker address")
     own = channel is None
     channel = channel or security.channel(address)
     stub = pb_grpc.StageControlStub(channel)
     deadline = time.monotonic() + timeout
     delay, attempt, last = 0.05, 0, "no attempt made"
+    refused_since: float | None = None
     try:
         while True:
             attempt += 1
             left = deadline - time.monotonic()
             try:
                 return stub.Health(pb.HealthRequest(), timeout=max(0.05, min(left, 5.0)),
-                                   metadata=security.metadata(), wait_for_ready=True)
+                                   metadata=security.metadata())
             except grpc.RpcError as exc:
                 if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                     raise PeerUnavailableError(
                         f"stage worker at {address} refused us ({describe(exc)}); check the shared "
                         "token (--token / pipeline.token) and TLS settings") from None
                 last = describe(exc)
+                refused = "refused" in last.lower()
+                refused_since = (refused_since or time.monotonic()) if refused else None
+            if refused_since is not None and time.monotonic() - refused_since >= min(REFUSED_FOR,
+                                                                                    timeout):
+                raise PeerUnavailableError(
+                    f"nothing listens at {address}: the connection was refused for "
+                    f"{time.monotonic() - refused_since:.0f} s ({attempt} attempts); start "
+                    f"`bpfree worker --listen {address}` there, or fix the address")
             left = deadline - time.monotonic()
             if left <= 0:
                 raise PeerUnavailableError(

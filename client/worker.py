@@ -27,7 +27,7 @@ import torch
 from bpfree_core.errors import BpfreeError, ConfigError, PeerUnavailableError, ProtocolError
 from client.admission import Admission, StateError
 from client.compute import StageRun, rss_mb
-from client.transport import Security, TokenInterceptor, server_options
+from client.transport import Security, TokenInterceptor, check_port_free, server_options
 from client.wire import (
     PROTOCOL_VERSION,
     LimitError,
@@ -238,6 +238,7 @@ class StageWorker(pb_grpc.StageControlServicer):
 def build_server(worker: StageWorker, listen: str, security: Security,
                  max_workers: int = 16) -> tuple[grpc.Server, int]:
     """A gRPC server serving `worker`'s control and data planes; returns it and its bound port."""
+    check_port_free(listen)   # names a taken port before gRPC core logs its own error line
     interceptors = [TokenInterceptor(security.token)] if security.token else []
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
                          options=server_options(), interceptors=interceptors)

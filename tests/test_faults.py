@@ -373,3 +373,46 @@ def test_a_failed_federated_run_exits_non_zero_with_the_coordinators_reason(data
     assert last.startswith("bpfree simulate: error: the federated run failed: AggregationError: "
                            "round 1: only 1 usable replies of 3 sent"), out[-3000:]
     assert "Traceback" not in out and (run / "logs" / "flwr.log").is_file()
+
+
+# -- unreachable and malformed addresses, taken ports: named, quickly --------------------------------
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:   # bound, then closed: nothing listens there afterwards
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_workers_that_refuse_connections_are_named_as_refused_before_the_connect_timeout(data_dir):
+    ports = f"127.0.0.1:{_closed_port()},127.0.0.1:{_closed_port()}"
+    t0 = time.monotonic()
+    run = _bpfree("pipeline", "--data-dir", str(data_dir), "--workers", ports, "--set",
+                  "pipeline.connect_timeout=90", "--set", "model.hidden=30,20")
+    out = run.communicate(timeout=120)[0]
+    assert run.returncode == 2, out[-2000:]
+    assert "connection was refused" in out and ports.split(",")[0] in out, out[-2000:]
+    assert time.monotonic() - t0 < 60, "waited for the whole connect timeout"
+
+
+@pytest.mark.parametrize("workers", ["localhost", "127.0.0.1:70000,127.0.0.1:7001", "host:port"])
+def test_malformed_worker_addresses_are_refused_before_anything_starts(workers, data_dir):
+    run = _bpfree("pipeline", "--data-dir", str(data_dir), "--workers", workers)
+    out = run.communicate(timeout=60)[0]
+    assert run.returncode == 2, out[-2000:]
+    assert "is not HOST:PORT (e.g. 127.0.0.1:7001" in out.strip().splitlines()[-1], out[-2000:]
+
+
+def test_a_taken_port_is_named_and_grpc_core_stays_quiet():
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        run = _bpfree("worker", "--listen", f"127.0.0.1:{port}")
+        out = run.communicate(timeout=60)[0]
+    assert run.returncode == 2, out[-2000:]
+    assert f"port {port} on 127.0.0.1 is already taken" in out, out[-2000:]
+    assert "add_port" not in out and "Traceback" not in out, out[-2000:]
