@@ -11,6 +11,7 @@ import errno
 import hmac
 import logging
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -136,6 +137,35 @@ class Security:
         return server.add_insecure_port(address)
 
 
+class RateLimitedLog:
+    """At most `burst` warnings per `period` seconds for one kind of event; the rest are counted,
+    and the next warning that gets through says how many were held back (a flood of bad
+    messages must not flood the log)."""
+
+    def __init__(self, logger: logging.Logger, burst: int = 5, period: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.logger, self.burst, self.period, self.clock = logger, burst, period, clock
+        self._lock = threading.Lock()
+        self._start, self._sent, self._held = 0.0, 0, 0
+
+    def warning(self, msg: str, *args: object) -> None:
+        with self._lock:
+            now = self.clock()
+            if now - self._start >= self.period:
+                self._start, self._sent = now, 0
+            if self._sent >= self.burst:
+                self._held += 1
+                return
+            self._sent += 1
+            held, self._held = self._held, 0
+        if held:
+            msg += f" ({held} more like it in the last {self.period:g} s were not logged)"
+        self.logger.warning(msg, *args)
+
+
+_TOKEN_FAILURES = RateLimitedLog(log)
+
+
 class TokenInterceptor(grpc.ServerInterceptor):
     """Rejects every RPC whose `x-bpfree-token` metadata is not the shared token."""
 
@@ -154,6 +184,8 @@ class TokenInterceptor(grpc.ServerInterceptor):
                    "(--token / pipeline.token)")
 
         def deny(_request: object, context: grpc.ServicerContext) -> None:
+            _TOKEN_FAILURES.warning("refused %s from %s: %s access token", details.method,
+                                    context.peer(), reason)
             context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
         # Same RPC shape as the real handler, but it reads nothing and answers nothing.

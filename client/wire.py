@@ -31,6 +31,7 @@ MAX_META_BYTES = 1 << 20                # a batch header lists a few tensors: 1 
 MAX_BATCH_BYTES = 8 << 30               # refuse to allocate more than this for one batch
 MAX_TENSORS = 1024
 MAX_DIMS = 8
+MAX_DIM = 2**31 - 1                     # the largest size of one dimension
 
 # name <-> torch dtype <-> proto enum
 DTYPES: dict[str, torch.dtype] = {
@@ -210,6 +211,10 @@ def _check_tensor_meta(m: pb.TensorMeta, seen: set[str]) -> None:
                             "may travel as bfloat16 or float16")
     if len(m.shape) > MAX_DIMS or any(d < 0 for d in m.shape):
         raise ProtocolError(f"tensor {m.name!r} has invalid shape {list(m.shape)}")
+    if any(d > MAX_DIM for d in m.shape) or math.prod(m.shape) > MAX_BATCH_BYTES:
+        # Even an empty tensor ([0, 2**62, 2**62]) cannot be allocated: its strides overflow.
+        raise ProtocolError(f"tensor {m.name!r} has shape {list(m.shape)}: a dimension over "
+                            f"{MAX_DIM} or more than {MAX_BATCH_BYTES} elements")
     need = math.prod(m.shape) * _itemsize(wire)
     if need != m.nbytes:
         raise ProtocolError(f"tensor {m.name!r} of shape {list(m.shape)} and wire dtype {wire} needs "

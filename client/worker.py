@@ -27,7 +27,13 @@ import torch
 from bpfree_core.errors import BpfreeError, ConfigError, PeerUnavailableError, ProtocolError
 from client.admission import Admission, StateError
 from client.compute import StageRun, rss_mb
-from client.transport import Security, TokenInterceptor, check_port_free, server_options
+from client.transport import (
+    RateLimitedLog,
+    Security,
+    TokenInterceptor,
+    check_port_free,
+    server_options,
+)
 from client.wire import (
     PROTOCOL_VERSION,
     LimitError,
@@ -44,6 +50,8 @@ from protos import stage_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 __all__ = ["StageWorker", "StateError", "build_server"]
+
+_REJECTED = RateLimitedLog(log)   # a fuzzer or a broken peer must not flood the log
 
 
 class StageWorker(pb_grpc.StageControlServicer):
@@ -200,7 +208,7 @@ class StageWorker(pb_grpc.StageControlServicer):
                 else:
                     run.enqueue(adm.admit_end(item), context.is_active)
         except BpfreeError as exc:
-            log.warning("rejected data stream from %s: %s", context.peer(), exc)
+            _REJECTED.warning("rejected data stream from %s: %s", context.peer(), exc)
             self._abort(context, exc)
 
     def _count_in(self, frames: Iterator[bytes]) -> Iterator[bytes]:

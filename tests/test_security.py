@@ -209,3 +209,59 @@ def test_the_token_is_never_written_to_a_run_dir(data_dir: Path, tmp_path: Path)
     content = train_content(0, {"w": torch.zeros(2)}, cfg)
     assert TOKEN not in str(content.config_records["config"]["experiment"])
     assert read_train_content(content)[2].pipeline.token == ""
+
+
+def test_floods_of_bad_streams_and_wrong_tokens_are_logged_rate_limited(monkeypatch, caplog) -> None:
+    import logging
+
+    import client.transport
+    import client.worker
+    from client.transport import RateLimitedLog
+
+    monkeypatch.setattr(client.worker, "_REJECTED", RateLimitedLog(client.worker.log))
+    monkeypatch.setattr(client.transport, "_TOKEN_FAILURES", RateLimitedLog(client.transport.log))
+    security = Security(token="right")
+    worker = StageWorker("cpu", security)
+    server, port = build_server(worker, "127.0.0.1:0", security, max_workers=4)
+    server.start()
+    caplog.set_level(logging.WARNING)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            push = ch.stream_stream(PUSH_METHOD)
+            health = ch.unary_unary("/bpfree.v1.StageControl/Health")
+            for i in range(60):   # bounded: 60 bad streams, 60 wrong tokens
+                with pytest.raises(grpc.RpcError) as err:
+                    list(push(iter([b"junk"]), timeout=5, metadata=((TOKEN_HEADER, "right"),)))
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                with pytest.raises(grpc.RpcError) as err:
+                    health(pb.HealthRequest().SerializeToString(), timeout=5,
+                           metadata=((TOKEN_HEADER, f"guess-{i}"),))
+                assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            # ... and the worker still answers the right token.
+            health(pb.HealthRequest().SerializeToString(), timeout=5,
+                   metadata=((TOKEN_HEADER, "right"),))
+    finally:
+        worker.shutdown()
+        server.stop(grace=None).wait(timeout=5)
+    rejected = [r for r in caplog.records if "rejected data stream" in r.getMessage()]
+    refused = [r for r in caplog.records if "access token" in r.getMessage()]
+    assert 1 <= len(rejected) <= 5 and 1 <= len(refused) <= 5, (len(rejected), len(refused))
+    assert all("127.0.0.1" in r.getMessage() for r in rejected + refused)   # the peer is named
+
+
+def test_rate_limited_log_says_how_many_it_held_back(caplog) -> None:
+    import logging
+
+    from client.transport import RateLimitedLog
+
+    now = [100.0]
+    limited = RateLimitedLog(logging.getLogger("test.ratelimit"), burst=2, period=10.0,
+                             clock=lambda: now[0])
+    caplog.set_level(logging.WARNING)
+    for _ in range(10):
+        limited.warning("bad thing")
+    now[0] += 10.0   # the window rolls over
+    limited.warning("bad thing")
+    lines = [r.getMessage() for r in caplog.records if r.name == "test.ratelimit"]
+    assert lines[:2] == ["bad thing", "bad thing"] and len(lines) == 3
+    assert "8 more like it" in lines[2]

@@ -105,6 +105,13 @@ def _mutated_header(frames: list[bytes], mutate) -> list[bytes]:  # noqa: ANN001
     return [pack_frame(kind, header.SerializeToString(), [payload]), *frames[1:]]
 
 
+def _overflowing_shape(header: pb.BatchHeader) -> None:
+    """[0, 2**62, 2**62]: zero bytes, but strides that overflow (was UNKNOWN from torch)."""
+    del header.tensors[0].shape[:]
+    header.tensors[0].shape.extend([0, 2**62, 2**62])
+    header.tensors[0].nbytes = 0
+
+
 def test_bad_streams_are_rejected_and_good_ones_still_train(served: Served, packets, data_dir) -> None:
     cfg = _cfg(data_dir)
     good = _batch_frames(packets[0], 0)
@@ -120,6 +127,8 @@ def test_bad_streams_are_rejected_and_good_ones_still_train(served: Served, pack
                         grpc.StatusCode.INVALID_ARGUMENT, "unknown dtype 42"),
         "shape vs bytes": (_mutated_header(good, lambda h: h.tensors[0].shape.__setitem__(0, 7)),
                            grpc.StatusCode.INVALID_ARGUMENT, "bytes but its header says"),
+        "empty, overflowing shape": (_mutated_header(good, _overflowing_shape),
+                                     grpc.StatusCode.INVALID_ARGUMENT, "a dimension over"),
         "missing chunk": (good[:1] + good[2:], grpc.StatusCode.INVALID_ARGUMENT, "missing"),
         "truncated": (good[:-1], grpc.StatusCode.INVALID_ARGUMENT, "stream ended inside batch 0"),
         "out of order": (_batch_frames(packets[2], 2), grpc.StatusCode.FAILED_PRECONDITION,
