@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 
 from bpfree_core.config import ALGORITHMS, DATASETS, load_config
@@ -24,6 +25,17 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", help="directory with the dataset's IDX .gz files")
     parser.add_argument("--device", help="cpu | cuda | cuda:N")
     parser.add_argument("--out", type=Path, help="run directory for metrics, checkpoint, summary")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no live progress bar (epoch/round lines are still printed)")
+    parser.add_argument("--quiet", action="store_true",
+                        help="print only the final summary (and errors)")
+
+
+def progress_from_args(args: argparse.Namespace) -> bool:
+    """Whether to draw live bars; --quiet also silences bpfree's own per-epoch/round lines."""
+    if getattr(args, "quiet", False):
+        logging.getLogger().setLevel(logging.WARNING)
+    return not (getattr(args, "no_progress", False) or getattr(args, "quiet", False))
 
 
 SHORTCUTS = {"algorithm": "model.algorithm", "dataset": "model.dataset", "layers": "model.hidden",
@@ -46,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     from bpfree_core.trainer import train_reference
 
     cfg = config_from_args(args)
-    summary = train_reference(cfg, args.out, resume=args.resume)
+    summary = train_reference(cfg, args.out, resume=args.resume, progress=progress_from_args(args))
     summary.pop("weights")
     print(json.dumps(summary, indent=2))
     return 0

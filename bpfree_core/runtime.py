@@ -1,8 +1,12 @@
-"""Process-level settings: device resolution and torch threads."""
+"""Process-level settings: device resolution, torch threads, live progress bars."""
 
 from __future__ import annotations
 
+import shutil
+from typing import Any
+
 import torch
+from tqdm import tqdm
 
 from bpfree_core.errors import ConfigError
 
@@ -30,3 +34,12 @@ def resolve_device(device: str) -> torch.device:
 def set_threads(threads: int) -> None:
     if threads > 0:
         torch.set_num_threads(threads)
+
+
+def progress_bar(iterable: Any = None, enabled: bool = True, **kwargs: Any) -> tqdm:
+    """A tqdm bar on a terminal (silent elsewhere). Its size comes from shutil, which falls back
+    to $COLUMNS/$LINES or 80x24 where the terminal reports 0x0 (a fresh pty, `script`, some
+    container shells): there tqdm itself would hide every bar."""
+    size = shutil.get_terminal_size()
+    return tqdm(iterable, disable=None if enabled else True, ncols=size.columns,
+                nrows=size.lines, **kwargs)

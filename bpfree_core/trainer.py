@@ -27,7 +27,7 @@ from bpfree_core.layers import Packet
 from bpfree_core.metrics import MetricsWriter
 from bpfree_core.model import Stage, build_layers, build_objective
 from bpfree_core.objectives import Objective
-from bpfree_core.runtime import resolve_device
+from bpfree_core.runtime import progress_bar, resolve_device
 from bpfree_core.seeds import generator
 
 log = logging.getLogger(__name__)
@@ -156,8 +156,8 @@ def run_epoch(executor: Executor, objective: Objective, split: Split, cfg: Exper
     """One training epoch of `split` through `executor`: the step every job's epochs run."""
     packets: Iterator[Packet] = train_packets(objective, split, cfg, epoch)
     if progress:  # a live bar on a terminal (tqdm stays silent elsewhere)
-        packets = iter(tqdm(packets, total=num_train_batches(split, cfg), leave=False,
-                            unit="batch", desc=f"epoch {epoch + 1}/{total_epochs}", disable=None))
+        packets = iter(progress_bar(packets, total=num_train_batches(split, cfg), leave=False,
+                                    unit="batch", desc=f"epoch {epoch + 1}/{total_epochs}"))
     return executor.train_epoch(packets, epoch, total_epochs)
 
 

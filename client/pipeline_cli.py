@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bpfree_core.checkpoint import save_checkpoint
-from bpfree_core.cli_train import add_config_arguments, config_from_args
+from bpfree_core.cli_train import add_config_arguments, config_from_args, progress_from_args
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.runtime import set_threads
 from bpfree_core.trainer import train_epochs
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         pipe = Pipeline.launch_local(cfg, device=args.worker_device, threads=args.threads,
                                      log_dir=args.log_dir)
     with pipe:
-        summary = train_pipeline(cfg, pipe, args.out)
+        summary = train_pipeline(cfg, pipe, args.out, progress=progress_from_args(args))
     summary.pop("weights")
     print(json.dumps(summary, indent=2))
     return 0

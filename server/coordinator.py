@@ -23,8 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from tqdm import tqdm
-
 from bpfree_core.aggregate import ClientUpdate, Weights, fedavg, layer_stats, validate_update
 from bpfree_core.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint, save_checkpoint
 from bpfree_core.config import ExperimentConfig
@@ -33,7 +31,7 @@ from bpfree_core.errors import AggregationError, ProtocolError
 from bpfree_core.federated import stack_template
 from bpfree_core.metrics import MetricsWriter
 from bpfree_core.model import build_objective
-from bpfree_core.runtime import set_threads
+from bpfree_core.runtime import progress_bar, set_threads
 from bpfree_core.trainer import check_resumable, evaluate_weights, headline, limited
 
 log = logging.getLogger(__name__)
@@ -122,8 +120,8 @@ class Coordinator:
         start = time.perf_counter()
         writer = MetricsWriter(self.run_dir)  # JSONL always, TensorBoard when installed
         rounds = cfg.federation.rounds if rounds is None else rounds
-        bar = tqdm(total=rounds, initial=self.first_round, desc="rounds", unit="round",
-                   disable=not self.progress or None, leave=True)
+        bar = progress_bar(total=rounds, initial=self.first_round, desc="rounds", unit="round",
+                           enabled=self.progress, leave=True)
         try:
             for rnd in range(self.first_round, rounds):
                 record = self._round(transport, rnd)

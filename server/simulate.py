@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from bpfree_core.cli_train import add_config_arguments, config_from_args
+from bpfree_core.cli_train import add_config_arguments, config_from_args, progress_from_args
 from bpfree_core.config import PLACEMENTS, ExperimentConfig
 from bpfree_core.errors import BpfreeError, ConfigError
 
@@ -64,7 +64,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="continue RUN_DIR from its last checkpoint (its config.json is used; "
                              "--set may change only how it runs, e.g. train.threads)")
     parser.add_argument("--no-plot", action="store_true", help="skip RUN_DIR/accuracy.png")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def resolve(args: argparse.Namespace) -> tuple[ExperimentConfig, Path, bool]:
@@ -102,7 +101,7 @@ def env_token(cfg: ExperimentConfig) -> ExperimentConfig:
 
 def run(args: argparse.Namespace) -> int:
     cfg, run_dir, resume = resolve(args)
-    summary = simulate(cfg, run_dir, resume=resume, progress=not args.no_progress)
+    summary = simulate(cfg, run_dir, resume=resume, progress=progress_from_args(args))
     summary.pop("weights", None)
     if not args.no_plot:
         from server.plot import plot_accuracy
@@ -185,14 +184,14 @@ class RoundProgress:
     """Follows RUN_DIR/metrics.jsonl: a live bar on a terminal, one line per round."""
 
     def __init__(self, run_dir: Path, cfg: ExperimentConfig, resume: bool, enabled: bool):
-        from tqdm import tqdm
+        from bpfree_core.runtime import progress_bar
 
         self.path, self.enabled = run_dir / "metrics.jsonl", enabled
         self.rounds = cfg.federation.rounds
         self.seen = len(self._lines()) if resume else 0
         self.start = time.perf_counter()
-        self.bar = tqdm(total=self.rounds, initial=self.seen, desc="rounds", unit="round",
-                        disable=None if enabled else True, leave=False)
+        self.bar = progress_bar(total=self.rounds, initial=self.seen, desc="rounds", unit="round",
+                                enabled=enabled, leave=False)
 
     def _lines(self) -> list[str]:
         try:
