@@ -35,7 +35,7 @@ class LocalWorkers:
         try:
             self.processes, self.addresses = launch_workers(
                 n, Path(self._tmp.name), device=device, threads=threads, log_dir=log_dir,
-                token=token, timeout=timeout)
+                token=token, timeout=timeout, scratch=True)
         except BaseException:
             self._tmp.cleanup()
             raise
@@ -52,7 +52,8 @@ class LocalWorkers:
         port_file = Path(self._tmp.name) / f"stage{s}.port"
         port_file.unlink(missing_ok=True)   # the dead worker's port is no signal
         log_file = self.log_dir / f"stage{s}.log"
-        proc = _spawn_worker(self.device, self.threads, port_file, log_file, self.token)
+        proc = _spawn_worker(self.device, self.threads, port_file, log_file, self.token,
+                             scratch=True)
         self.processes[s] = proc
         try:
             port = wait_port(proc, port_file, log_file, self.timeout)
@@ -82,8 +83,8 @@ def worker_env(threads: int) -> dict[str, str]:
 
 
 def launch_workers(n: int, tmp_dir: Path, *, device: str = "cpu", threads: int = 1,
-                   log_dir: Path | None = None, token: str = "",
-                   timeout: float = 30.0) -> tuple[list[subprocess.Popen], list[str]]:
+                   log_dir: Path | None = None, token: str = "", timeout: float = 30.0,
+                   scratch: bool = False) -> tuple[list[subprocess.Popen], list[str]]:
     """Spawn `n` `bpfree worker` processes on 127.0.0.1:0; return them and their addresses.
 
     Readiness is each worker's port file, waited for with a deadline; on any failure every
@@ -96,7 +97,8 @@ def launch_workers(n: int, tmp_dir: Path, *, device: str = "cpu", threads: int =
         port_files = [tmp_dir / f"stage{s}.port" for s in range(n)]
         for s in range(n):
             port_files[s].unlink(missing_ok=True)   # a stale file from an earlier run is no signal
-            procs.append(_spawn_worker(device, threads, port_files[s], logs / f"stage{s}.log", token))
+            procs.append(_spawn_worker(device, threads, port_files[s], logs / f"stage{s}.log", token,
+                                       scratch))
         addresses = [f"127.0.0.1:{wait_port(p, f, logs / f'stage{s}.log', timeout)}"
                      for s, (p, f) in enumerate(zip(procs, port_files, strict=True))]
     except BaseException:
@@ -106,10 +108,13 @@ def launch_workers(n: int, tmp_dir: Path, *, device: str = "cpu", threads: int =
 
 
 def _spawn_worker(device: str, threads: int, port_file: Path, log_file: Path,
-                  token: str) -> subprocess.Popen:
+                  token: str, scratch: bool = False) -> subprocess.Popen:
+    """`scratch`: the port file's directory is ours alone; an orphaned worker removes it."""
     # A fresh interpreter (never fork: gRPC may already run threads in this process).
     cmd = [sys.executable, "-m", "bpfree_cli", "worker", "--listen", "127.0.0.1:0", "--device", device,
            "--threads", str(threads), "--port-file", str(port_file), "--parent-pid", str(os.getpid())]
+    if scratch:
+        cmd += ["--scratch-dir", str(port_file.parent)]
     env = worker_env(threads)
     if token:
         env["BPFREE_TOKEN"] = token   # via the environment: not visible in `ps`

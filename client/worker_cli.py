@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import signal
 import socket
 import threading
@@ -29,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--parent-pid", type=int, default=0,
                         help="stop when this process (the launcher) is gone, e.g. killed with "
                              "SIGKILL: a launched worker never outlives its driver")
+    parser.add_argument("--scratch-dir", type=Path,
+                        help="the launcher's scratch directory: removed by the worker that finds "
+                             "the launcher gone (it can no longer clean up after itself)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -63,24 +67,30 @@ def run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    orphaned = threading.Event()
     if args.parent_pid:
-        threading.Thread(target=_watch_parent, args=(args.parent_pid, stop), name="parent",
-                         daemon=True).start()
+        threading.Thread(target=_watch_parent, args=(args.parent_pid, stop, orphaned),
+                         name="parent", daemon=True).start()
     stop.wait()
     log.info("stage worker %s stopping", worker.address)
     worker.shutdown()
     server.stop(grace=0.5).wait(timeout=5.0)
     log.info("stage worker %s stopped", worker.address)
+    if orphaned.is_set() and args.scratch_dir is not None:
+        shutil.rmtree(args.scratch_dir, ignore_errors=True)   # port files, logs: nobody reads them
     # Everything is closed; skip the interpreter teardown, which spends seconds in gRPC core and
     # torch C++ shutdown (measured: 2-3 s) and would make every `stop by PID` slow.
     logging.shutdown()
     os._exit(0)
 
 
-def _watch_parent(parent: int, stop: threading.Event, every: float = 0.5) -> None:
-    """Set `stop` once `parent` is no longer our parent (it died; we were re-parented)."""
+def _watch_parent(parent: int, stop: threading.Event, orphaned: threading.Event,
+                  every: float = 0.5) -> None:
+    """Set `orphaned` and `stop` once `parent` is no longer our parent (it died; we were
+    re-parented)."""
     while not stop.wait(every):
         if os.getppid() != parent:
             log.warning("launcher pid %d is gone; stopping", parent)
+            orphaned.set()
             stop.set()
 

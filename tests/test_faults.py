@@ -222,6 +222,12 @@ def _bpfree(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
                             start_new_session=True, cwd=REPO_ROOT)
 
 
+def _flag(pid: int, flag: str) -> Path:
+    """The value of `flag` on process `pid`'s command line."""
+    args = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\x00")
+    return Path(args[args.index(flag) + 1])
+
+
 def _with_marker(marker: str) -> list[tuple[int, str]]:
     """(pid, NUL-separated command line) of live processes whose command line has `marker`."""
     found = []
@@ -262,6 +268,7 @@ def test_coordinator_killed_mid_run_workers_exit_and_resume_matches(data_dir: Pa
     try:
         _wait_until("round 1's checkpoint", lambda: first.exists() or crashed.poll() is not None, 300)
         workers = _children(crashed.pid)
+        scratch = {_flag(pid, "--scratch-dir") for pid in workers}   # each client's temp dir
         flower = _with_marker(str(run / "logs" / "superlink.log"))   # the guarded SuperLink
         os.killpg(crashed.pid, signal.SIGKILL)   # the coordinator and the Ray processes it started
         out = crashed.communicate(timeout=60)[0]
@@ -273,6 +280,8 @@ def test_coordinator_killed_mid_run_workers_exit_and_resume_matches(data_dir: Pa
     # Its stage workers (own sessions, untouched by the kill) notice their launcher is gone.
     assert len(workers) == 4, workers
     _wait_until("the orphaned stage workers exiting", lambda: not any(map(_alive, workers)), 30)
+    assert len(scratch) == 2, scratch   # one per client: its workers' port files (and logs)
+    _wait_until("the launcher's scratch dirs going", lambda: not any(d.exists() for d in scratch), 30)
     # Flower's SuperLink, flwr-simulation and Ray go too, and so does the private FLWR_HOME.
     assert flower, "no guarded SuperLink was found"
     home = next(Path(cmd.split("--remove\x00", 1)[1].split("\x00", 1)[0])
