@@ -5,15 +5,19 @@
 # Every daemon this script starts is stopped by its PID when it exits (also on Ctrl-C).
 #
 #   deploy/local.sh [--clients 3] [--stages 2] [--rounds 3] [--tls] [--work DIR]
-#                   [--config FILE.toml] [--set section.key=value ...]
+#                   [--data-dir DIR] [--config FILE.toml] [--set section.key=value ...]
 #
+# --data-dir DIR: the datasets (default $BPFREE_DATA_DIR; neither: the coordinator and clients
+#        download into $BPFREE_CACHE_DIR), passed to the run as train.data_dir, as bpfree simulate does.
+# Exit status: 0 when the run wrote its summary; otherwise non-zero, with one sentence saying what
+# failed (Flower's full output is in WORK/logs/flwr.log).
 # --tls: a private CA and certificates (deploy/make-certs.sh); the SuperLink serves HTTPS, and the
 #        stage workers serve TLS verified by the same CA.
 # --work DIR: logs, certificates, FLWR_HOME and the run directory (DIR/runs/flwr-<run id>);
 #        default runs/deploy-<time>.
 set -euo pipefail
 . "$(dirname "$0")/common.sh"
-K=3 S=2 rounds="" tls=0 work="" config="" sets=()
+K=3 S=2 rounds="" tls=0 work="" config="" sets=() data_dir=${BPFREE_DATA_DIR:-}
 while [ $# -gt 0 ]; do
   case $1 in
     --clients) K=$2; shift 2 ;;
@@ -23,9 +27,14 @@ while [ $# -gt 0 ]; do
     --work) work=$2; shift 2 ;;
     --config) config=$(cd "$(dirname "$2")" && pwd)/$(basename "$2"); shift 2 ;;
     --set) sets+=("$2"); shift 2 ;;
+    --data-dir) data_dir=$2; shift 2 ;;
     *) die "unknown argument $1 (see the header of $0)" ;;
   esac
 done
+if [ -n "$data_dir" ]; then
+  [ -d "$data_dir" ] || die "--data-dir $data_dir does not exist; give the directory with the dataset files"
+  data_dir=$(cd "$data_dir" && pwd)
+fi
 work=${work:-$REPO_DIR/runs/deploy-$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$work/logs" "$work/ports"
 work=$(cd "$work" && pwd)
@@ -86,6 +95,16 @@ printf '[superlink]\ndefault = "deploy"\n\n[superlink.deploy]\naddress = "127.0.
   "$link_port" "$conn" > "$FLWR_HOME/config.toml"
 overrides="federation.clients=$K;pipeline.stages=$S"
 [ -n "$rounds" ] && overrides="$overrides;federation.rounds=$rounds"
+[ -n "$data_dir" ] && overrides="$overrides;train.data_dir=$data_dir"
 for s in ${sets[@]+"${sets[@]}"}; do overrides="$overrides;$s"; done
-flwr run "$REPO_DIR" deploy --stream --run-config "config-toml='$config' overrides='$overrides'"
-echo "run directory: $(ls -d "$BPFREE_RUNS_DIR"/flwr-* 2>/dev/null | tail -1)"
+echo "run submitted; Flower's output goes to $work/logs/flwr.log"
+status=0
+flwr run "$REPO_DIR" deploy --stream --run-config "config-toml='$config' overrides='$overrides'" \
+  > "$work/logs/flwr.log" 2>&1 || status=$?
+run_dir=$(ls -d "$BPFREE_RUNS_DIR"/flwr-* 2>/dev/null | tail -1)
+if [ "$status" -ne 0 ] || [ -z "$run_dir" ] || [ ! -f "$run_dir/summary.json" ]; then
+  reason=$("$PYTHON" -c 'import sys; from pathlib import Path; from server.flower_run import last_error; print(last_error(Path(sys.argv[1])))' "$work/logs/flwr.log" 2>/dev/null || echo "see the log")
+  die "the federated run failed: $reason (full log: $work/logs/flwr.log)"
+fi
+"$PYTHON" -c 'import json, sys; s = json.load(open(sys.argv[1])); print("test accuracy %.4f after %d round(s)" % (s["test_accuracy"], s["rounds"]))' "$run_dir/summary.json"
+echo "run directory: $run_dir"

@@ -69,3 +69,27 @@ def _cmdline(p: Path) -> str:
 
 def _mentions(p: Path, marker: str) -> bool:
     return marker in _cmdline(p)
+
+
+@pytest.mark.slow
+def test_a_failed_deployment_exits_non_zero_with_one_sentence(tmp_path):
+    work, empty = tmp_path / "deploy", tmp_path / "no-data"
+    empty.mkdir()
+    cmd = ["bash", str(REPO / "deploy" / "local.sh"), "--clients", "1", "--stages", "1",
+           "--rounds", "1", "--work", str(work), "--data-dir", str(empty),
+           *sum((["--set", s] for s in SETS), [])]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, cwd=tmp_path)
+    try:
+        out = proc.communicate(timeout=300)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)
+        out = proc.communicate(timeout=60)[0]
+        pytest.fail(f"deploy/local.sh did not finish in 300 s:\n{out[-4000:]}")
+    assert proc.returncode != 0, out[-4000:]
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("error: the federated run failed: DataError: ") and str(empty) in last, \
+        out[-4000:]
+    assert "Traceback" not in out   # Flower's traceback stays in WORK/logs/flwr.log
+    leftovers = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _mentions(p, str(work))]
+    assert not leftovers, [(p.name, _cmdline(p)) for p in leftovers]
