@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from bpfree_core.errors import ProtocolError
@@ -43,11 +44,15 @@ class Admission:
         self.expected_seq = 0           # the next train batch's sequence number
         self.ended = threading.Event()  # the epoch's end marker went through the compute loop
         self.error = ""
+        self.check_contents: Callable[[pb.BatchHeader], None] = lambda header: None
 
     # -- run and epoch -----------------------------------------------------------------------
-    def configure(self, run_id: str) -> None:
+    def configure(self, run_id: str,
+                  check_contents: Callable[[pb.BatchHeader], None] | None = None) -> None:
+        """A new run; `check_contents(header)` refuses batches the stage cannot work on."""
         with self.lock:
             self.run_id = run_id
+            self.check_contents = check_contents or (lambda header: None)
             self.epoch, self.active, self.expected_seq, self.error = -1, False, 0, ""
             self.ended.clear()
 
@@ -96,6 +101,11 @@ class Admission:
     def admit(self, h: pb.BatchHeader) -> None:
         """Refuse a batch header that does not fit (before any of its bytes are copied)."""
         with self.lock:
+            self._admit_state(h)
+            self.check_contents(h)
+
+    def _admit_state(self, h: pb.BatchHeader) -> None:
+        with self.lock:
             self.require(h.run_id)
             self.check_running()
             if h.kind == pb.TRAIN:
@@ -114,7 +124,7 @@ class Admission:
     def commit(self, run_id: str, seq: int, kind: int, epoch: int) -> None:
         """A whole batch arrived: check it again (the state may have moved) and count it."""
         with self.lock:
-            self.admit(pb.BatchHeader(run_id=run_id, seq=seq, kind=kind, epoch=epoch))
+            self._admit_state(pb.BatchHeader(run_id=run_id, seq=seq, kind=kind, epoch=epoch))
             if kind == pb.TRAIN:
                 self.expected_seq += 1
 

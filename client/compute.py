@@ -25,11 +25,13 @@ from bpfree_core.errors import BpfreeError, ConfigError
 from bpfree_core.layers import add_proximal_term
 from bpfree_core.metrics import RunningMeans
 from bpfree_core.model import Stage, build_layers, build_objective
+from bpfree_core.objectives import Objective
 from bpfree_core.runtime import resolve_device
+from bpfree_core.trainer import prediction_modes
 from client.admission import Admission, EndMarker, StateError
 from client.link import Link
 from client.transport import Security, check_chunk_bytes, wait_for_peer
-from client.wire import WireBatch, encode_batch, end_frame
+from client.wire import Schema, WireBatch, encode_batch, end_frame, schema_of
 from protos import stage_pb2 as pb
 
 POLL = 0.1                    # seconds between checks while waiting on a queue
@@ -69,6 +71,23 @@ def parse_config(config_json: str) -> ExperimentConfig:
         raise ConfigError(f"config_json is not a bpfree config ({exc})") from exc
 
 
+def packet_schema(cfg: ExperimentConfig, objective: Objective, first: int) -> Schema:
+    """The tensors (names, dtypes, shapes after the batch dimension) of the train and eval
+    batches that reach layer `first`: a 2-sample batch encoded as the driver encodes it, run
+    through fresh copies of layers 0 .. first-1 (weights change no name, dtype or shape)."""
+    c, h, w = objective.spec.shape
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.rand(2, c * h * w, generator=gen), torch.tensor([0, 1])
+    train = objective.encode_train(x, y, gen)
+    evals = objective.encode_eval(x, prediction_modes(objective, cfg)[1])
+    if first > 0:
+        with torch.random.fork_rng(devices=[]):
+            before = Stage(build_layers(cfg, range(first), objective))
+            train, _ = before.train_step(train)
+            evals = before.eval_step(evals)
+    return {pb.TRAIN: schema_of(train), pb.EVAL: schema_of(evals)}
+
+
 class StageRun:
     """Everything one Configure call builds, and the compute thread that runs it."""
 
@@ -96,6 +115,7 @@ class StageRun:
         self.security, self.admission, self.threads = security, admission, threads
         self.address, self.downstream = address, req.downstream
         self.stage = Stage(build_layers(cfg, self.indices, objective), device)
+        self.schema = packet_schema(cfg, objective, self.indices.start) if layers else {}
         self.link: Link | None = None
         if req.downstream:
             # Raises PeerUnavailableError naming the address after retries with backoff.

@@ -239,8 +239,9 @@ def wait_for_peer(
                 last = describe(exc)
                 refused = "refused" in last.lower()
                 refused_since = (refused_since or time.monotonic()) if refused else None
-            if refused_since is not None and time.monotonic() - refused_since >= min(REFUSED_FOR,
-                                                                                    timeout):
+            left = deadline - time.monotonic()
+            if refused_since is not None and (left <= 0 or time.monotonic() - refused_since
+                                              >= REFUSED_FOR):
                 raise PeerUnavailableError(
                     f"nothing listens at {address}: the connection was refused for "
                     f"{time.monotonic() - refused_since:.0f} s ({attempt} attempts); start "

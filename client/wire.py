@@ -211,33 +211,67 @@ def _check_tensor_meta(m: pb.TensorMeta, seen: set[str]) -> None:
                             "may travel as bfloat16 or float16")
     if len(m.shape) > MAX_DIMS or any(d < 0 for d in m.shape):
         raise ProtocolError(f"tensor {m.name!r} has invalid shape {list(m.shape)}")
-    if any(d > MAX_DIM for d in m.shape) or math.prod(m.shape) > MAX_BATCH_BYTES:
-        # Even an empty tensor ([0, 2**62, 2**62]) cannot be allocated: its strides overflow.
-        raise ProtocolError(f"tensor {m.name!r} has shape {list(m.shape)}: a dimension over "
-                            f"{MAX_DIM} or more than {MAX_BATCH_BYTES} elements")
+    if math.prod(m.shape) == 0 and any(d > MAX_DIM for d in m.shape):
+        # Empty, yet not allocatable ([0, 2**62, 2**62]: its strides overflow). A non-empty
+        # tensor that large is over the batch size limit below (RESOURCE_EXHAUSTED).
+        raise ProtocolError(f"tensor {m.name!r} has shape {list(m.shape)}: empty, but with a "
+                            f"dimension over {MAX_DIM}")
     need = math.prod(m.shape) * _itemsize(wire)
     if need != m.nbytes:
         raise ProtocolError(f"tensor {m.name!r} of shape {list(m.shape)} and wire dtype {wire} needs "
                             f"{need} bytes but its header says {m.nbytes}")
 
 
+def check_header(header: pb.BatchHeader) -> None:
+    """A batch header's structure and limits, before anything is allocated for it."""
+    if len(header.tensors) > MAX_TENSORS:
+        raise LimitError(f"batch {header.seq} lists {len(header.tensors)} tensors; at most "
+                         f"{MAX_TENSORS} are allowed")
+    seen: set[str] = set()
+    for m in header.tensors:
+        _check_tensor_meta(m, seen)
+    total = sum(m.nbytes for m in header.tensors)
+    if total != header.total_bytes:
+        raise ProtocolError(f"batch {header.seq} says total_bytes = {header.total_bytes} but its "
+                            f"tensors add up to {total}")
+    if total > MAX_BATCH_BYTES:
+        raise LimitError(f"batch {header.seq} is {total} bytes, over the {MAX_BATCH_BYTES}-byte "
+                         "limit; use a smaller batch size")
+
+
+# What a stage expects of a batch, per kind (pb.TRAIN / pb.EVAL): tensor name -> (logical dtype
+# code, shape after the batch dimension). Learnt by the stage when it is configured.
+Schema = dict[int, dict[str, tuple[int, tuple[int, ...]]]]
+
+
+def schema_of(packet: Packet) -> dict[str, tuple[int, tuple[int, ...]]]:
+    return {k: (_TO_PB[dtype_name(v.dtype)], tuple(v.shape[1:])) for k, v in packet.items()}
+
+
+def check_schema(header: pb.BatchHeader, schema: Schema) -> None:
+    """Refuse a batch whose tensors are not the names, dtypes and shapes the stage works on."""
+    want = schema.get(header.kind)
+    if want is None:
+        return
+    got = {m.name: m for m in header.tensors}
+    kind = "train" if header.kind == pb.TRAIN else "eval"
+    if set(got) != set(want):
+        raise ProtocolError(f"{kind} batch {header.seq} carries tensors {sorted(got)} but this "
+                            f"stage works on {sorted(want)}")
+    for name, (dtype, trailing) in want.items():
+        m = got[name]
+        if m.dtype != dtype or tuple(m.shape[1:]) != trailing or not m.shape:
+            raise ProtocolError(
+                f"{kind} batch {header.seq}: tensor {name!r} is {_FROM_PB.get(m.dtype, m.dtype)} "
+                f"{list(m.shape)} but this stage needs {_FROM_PB[dtype]} [batch, "
+                f"{', '.join(map(str, trailing))}]")
+
+
 class BatchAssembler:
     """Rebuilds one batch from its BATCH frame and CHUNK frames, checking every step."""
 
     def __init__(self, header: pb.BatchHeader):
-        if len(header.tensors) > MAX_TENSORS:
-            raise LimitError(f"batch {header.seq} lists {len(header.tensors)} tensors; at most "
-                                f"{MAX_TENSORS} are allowed")
-        seen: set[str] = set()
-        for m in header.tensors:
-            _check_tensor_meta(m, seen)
-        total = sum(m.nbytes for m in header.tensors)
-        if total != header.total_bytes:
-            raise ProtocolError(f"batch {header.seq} says total_bytes = {header.total_bytes} but its "
-                                f"tensors add up to {total}")
-        if total > MAX_BATCH_BYTES:
-            raise LimitError(f"batch {header.seq} is {total} bytes, over the {MAX_BATCH_BYTES}-byte "
-                                "limit; use a smaller batch size")
+        check_header(header)
         self.header = header
         self.received = 0
         self._tensors = [torch.empty(tuple(m.shape), dtype=DTYPES[_FROM_PB[m.wire_dtype]])
@@ -306,6 +340,7 @@ def decode_frames(frames: Iterable[bytes], admit: Callable[[pb.BatchHeader], Non
                 asm.batch()   # raises: the previous batch is incomplete
             if kind == pb.BATCH:
                 header = parse_meta(pb.BatchHeader, meta, "batch")
+                check_header(header)   # structure and limits first, then the receiver's say
                 if admit is not None:
                     admit(header)
                 asm = BatchAssembler(header)

@@ -39,6 +39,7 @@ from client.wire import (
     LimitError,
     WireBatch,
     ack_frame,
+    check_schema,
     decode_frames,
     decode_state,
     encode_state,
@@ -96,7 +97,8 @@ class StageWorker(pb_grpc.StageControlServicer):
                                self.threads, self.address)
                 with self.admission.lock:
                     old, self.run = self.run, run
-                    self.admission.configure(request.run_id)
+                    self.admission.configure(
+                        request.run_id, lambda header: check_schema(header, run.schema))
                 if old is not None:
                     old.stop(grace=5.0)
                 run.start()

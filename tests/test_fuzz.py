@@ -149,6 +149,40 @@ def test_random_bytes_on_the_data_plane(target: Target, frames: list[bytes]) -> 
     _outcome("push: random bytes", lambda: _push(target, frames))
 
 
+@_examples(300)
+@given(data=st.data())
+def test_valid_frames_with_wrong_contents(target: Target, packets, data) -> None:  # noqa: ANN001
+    """Well-formed batches (any frame reader accepts them) whose tensors are not what the stage
+    works on: renamed, missing, extra, another dtype, another shape. Refused at admission with
+    INVALID_ARGUMENT, before the compute thread sees them; the stage keeps serving."""
+    packet = dict(packets[0])
+    names = sorted(packet)
+    how = data.draw(st.sampled_from(["rename", "drop", "extra", "dtype", "shape", "rank"]))
+    name = data.draw(st.sampled_from(names))
+    t = packet[name]
+    if how == "rename":
+        packet[data.draw(st.sampled_from(["x", "a", "pos2", "logits", "u"]).filter(
+            lambda n: n not in packet))] = packet.pop(name)
+    elif how == "drop":
+        del packet[name]
+    elif how == "extra":
+        packet[data.draw(st.sampled_from(["x", "goodness", "zz"]).filter(
+            lambda n: n not in packet))] = torch.zeros(t.shape[0], 3)
+    elif how == "dtype":
+        packet[name] = t.to(data.draw(st.sampled_from([torch.float64, torch.int32, torch.uint8])
+                                      .filter(lambda d: d != t.dtype)))
+    elif how == "shape":   # more features per sample (or features where there were none)
+        width = (t.shape[1] if t.dim() > 1 else 0) + data.draw(st.integers(1, 50))
+        packet[name] = torch.zeros(t.shape[0], width, dtype=t.dtype)
+    else:
+        packet[name] = t.reshape(t.shape[0], *([1] * data.draw(st.integers(2, 3))), -1)
+    kind = data.draw(st.sampled_from([pb.TRAIN, pb.EVAL]))
+    frames = list(encode_batch(WireBatch(RUN, 0, kind, 0, packet), 4096))
+    target.start_epoch()
+    code = _outcome("push: valid frames, wrong contents", lambda: _push(target, frames))
+    assert code == "INVALID_ARGUMENT", (how, name, kind, code)
+
+
 @_examples(600)
 @given(data=st.data())
 def test_mutated_valid_streams(target: Target, packets, data) -> None:  # noqa: ANN001

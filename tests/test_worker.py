@@ -105,6 +105,12 @@ def _mutated_header(frames: list[bytes], mutate) -> list[bytes]:  # noqa: ANN001
     return [pack_frame(kind, header.SerializeToString(), [payload]), *frames[1:]]
 
 
+def _renamed(packet: dict[str, torch.Tensor], old: str, new: str, kind: int = pb.TRAIN) -> list[bytes]:
+    """A well-formed batch whose tensor `old` is called `new` (a valid frame, wrong contents)."""
+    tensors = {new if k == old else k: v for k, v in packet.items()}
+    return list(encode_batch(WireBatch(RUN, 0, kind, 0, tensors), 8192))
+
+
 def _overflowing_shape(header: pb.BatchHeader) -> None:
     """[0, 2**62, 2**62]: zero bytes, but strides that overflow (was UNKNOWN from torch)."""
     del header.tensors[0].shape[:]
@@ -128,7 +134,16 @@ def test_bad_streams_are_rejected_and_good_ones_still_train(served: Served, pack
         "shape vs bytes": (_mutated_header(good, lambda h: h.tensors[0].shape.__setitem__(0, 7)),
                            grpc.StatusCode.INVALID_ARGUMENT, "bytes but its header says"),
         "empty, overflowing shape": (_mutated_header(good, _overflowing_shape),
-                                     grpc.StatusCode.INVALID_ARGUMENT, "a dimension over"),
+                                     grpc.StatusCode.INVALID_ARGUMENT, "empty, but with a dimension over"),
+        "unexpected tensor name": (_renamed(packets[0], "pos", "x"), grpc.StatusCode.INVALID_ARGUMENT,
+                                   "carries tensors ['neg', 'neutral', 'x', 'y', 'y_neg']"),
+        "eval batch, unexpected name": (_renamed(packets[0], "pos", "x", kind=pb.EVAL),
+                                        grpc.StatusCode.INVALID_ARGUMENT, "eval batch 0 carries"),
+        "wrong trailing shape": (_batch_frames({**packets[0], "pos": packets[0]["pos"][:, :7]}, 0),
+                                 grpc.StatusCode.INVALID_ARGUMENT, "tensor 'pos' is float32"),
+        "wrong dtype (int labels as float)": (
+            _batch_frames({**packets[0], "y": packets[0]["y"].float()}, 0),
+            grpc.StatusCode.INVALID_ARGUMENT, "tensor 'y' is float32"),
         "missing chunk": (good[:1] + good[2:], grpc.StatusCode.INVALID_ARGUMENT, "missing"),
         "truncated": (good[:-1], grpc.StatusCode.INVALID_ARGUMENT, "stream ended inside batch 0"),
         "out of order": (_batch_frames(packets[2], 2), grpc.StatusCode.FAILED_PRECONDITION,
