@@ -162,10 +162,12 @@ def test_weights_round_trip_load_resets_training_and_failure_recovery(data_dir: 
         _assert_identical(pipe.get_weights(), ref["weights"])
         with pytest.raises(ConfigError, match=r"no weights for layer\(s\) \[2\]"):
             pipe.load_weights({k: v for k, v in init.items() if not k.startswith("layers.2.")})
-        # A batch the first layer cannot take fails loudly, naming the stage and the batch ...
+        # A batch the first layer cannot take is refused at admission, loudly, naming the stage's
+        # address, the batch and what was wrong ...
         bad = next(train_packets(objective, split, cfg, 0))
         bad = {**bad, "pos": bad["pos"][:, :700]}
-        with pytest.raises(BpfreeError, match="stage 0 failed: stage 0 .* failed on batch 0"):
+        with pytest.raises(BpfreeError, match=rf"{pipe.addresses[0]} failed: INVALID_ARGUMENT: train "
+                           r"batch 0: tensor 'pos' is float32 \[100, 700\] but this stage needs"):
             pipe.train_epoch([bad], 0, 1)
         # ... and the same pipeline recovers: the next epoch is exact again.
         pipe.load_weights(init)
