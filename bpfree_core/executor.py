@@ -1,5 +1,8 @@
 """What runs a stack's layers for the epoch loop: the Executor protocol and its in-process form.
 
+Executors that can also `snapshot()` / `restore()` their whole state (weights and optimiser) get
+checkpoints and `--resume`; those that can `recover()` after a stage failure get epoch reruns.
+
 Every job drives its layers through this protocol, whoever holds them: `InProcessExecutor` (one
 Stage with every layer, in this process: the reference) or client.executor.PipelineExecutor
 (S stage worker processes over gRPC). bpfree_core.trainer.train_epochs (train, pipeline) and
@@ -66,11 +69,14 @@ class InProcessExecutor:
     def get_weights(self) -> Weights:
         return self._stage().state_dict()
 
-    def optimizer_state(self) -> dict[int, dict[str, object]]:
-        return self._stage().optimizer_state()
+    def snapshot(self) -> dict[str, Any]:
+        """Everything needed to continue exactly from here: weights and optimiser state."""
+        stage = self._stage()
+        return {"weights": stage.state_dict(), "optimizer": stage.optimizer_state()}
 
-    def load_optimizer_state(self, state: dict[int, dict[str, object]]) -> None:
-        self._stage().load_optimizer_state(state)
+    def restore(self, snapshot: dict[str, Any]) -> None:
+        self.load_weights(snapshot["weights"])
+        self._stage().load_optimizer_state(snapshot["optimizer"])
 
     def train_epoch(self, packets: Iterable[Packet], epoch: int, total_epochs: int) -> dict:
         stage = self._stage()

@@ -10,6 +10,8 @@ from bpfree_core.errors import ConfigError
 from bpfree_core.layers import LocalLayer, Metrics, Packet, layer_seed, seeded
 from bpfree_core.objectives import Objective, get_objective
 
+OPTIMIZER = "optimizer."   # key prefix of optimiser-state tensors (Stage.optimizer_tensors)
+
 
 def build_objective(cfg: ExperimentConfig) -> Objective:
     return get_objective(cfg, SPECS[cfg.model.dataset])
@@ -102,6 +104,40 @@ class Stage:
                     f"unexpected {sorted(extra)}"
                 )
             layer.load_state_dict(own)
+
+    def optimizer_tensors(self) -> dict[str, torch.Tensor]:
+        """Every layer's optimiser state as plain tensors, keyed
+        `optimizer.layers.<i>.<body|head>.<param>.<key>`: what crosses the wire to a checkpoint."""
+        out = {}
+        for layer in self.layers:
+            for part, opt in (("body", layer.optimizer), ("head", layer.head_optimizer)):
+                for p, entry in (opt.state_dict()["state"] if opt is not None else {}).items():
+                    for key, value in entry.items():
+                        out[f"{OPTIMIZER}layers.{layer.index}.{part}.{p}.{key}"] = (
+                            torch.as_tensor(value).detach().cpu().clone())
+        return out
+
+    def load_optimizer_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore what optimizer_tensors() gave (after the weights are loaded)."""
+        for layer in self.layers:
+            for part, opt in (("body", layer.optimizer), ("head", layer.head_optimizer)):
+                prefix = f"{OPTIMIZER}layers.{layer.index}.{part}."
+                state: dict[int, dict[str, torch.Tensor]] = {}
+                for k, v in tensors.items():
+                    if k.startswith(prefix):
+                        p, _, key = k[len(prefix):].partition(".")
+                        if not p.isdigit() or not key:
+                            raise ConfigError(f"optimiser tensor {k!r} is not {prefix}<param>.<key>")
+                        state.setdefault(int(p), {})[key] = v
+                if state and opt is not None:
+                    saved = opt.state_dict()
+                    saved["state"] = state
+                    try:
+                        opt.load_state_dict(saved)
+                    except (ValueError, KeyError, RuntimeError) as exc:
+                        raise ConfigError(f"optimiser state for layer {layer.index} ({part}) does "
+                                          f"not fit: {exc}") from exc
+            layer.load_optimizer_state({})   # re-applies the kernel choice to the loaded groups
 
     def optimizer_state(self) -> dict[int, dict[str, object]]:
         return {layer.index: layer.optimizer_state() for layer in self.layers}

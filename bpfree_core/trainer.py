@@ -27,6 +27,7 @@ from bpfree_core.layers import Packet
 from bpfree_core.metrics import MetricsWriter
 from bpfree_core.model import Stage, build_layers, build_objective
 from bpfree_core.objectives import Objective
+from bpfree_core.restarts import with_restarts
 from bpfree_core.runtime import progress_bar, resolve_device
 from bpfree_core.seeds import generator
 
@@ -167,23 +168,27 @@ def train_epochs(cfg: ExperimentConfig, executor: Executor, run_dir: Path | None
     (in process) and `bpfree pipeline` (stage workers) both run this loop.
 
     RUN_DIR gets config.json, metrics.jsonl (one record per epoch), summary.json and, when the
-    executor can hand over its optimiser state, checkpoint.pt after every epoch (`resume`).
+    executor can `snapshot()` its state, checkpoint.pt after every epoch (`resume`). An executor
+    that can `recover()` (a pipeline) survives a stage failure: the stages are recovered, the
+    epoch's starting snapshot restored and the epoch rerun (at most pipeline.restarts times),
+    ending exactly as an undisturbed epoch would.
     """
     data = load_dataset(cfg.model.dataset, cfg.train.data_dir or None)
     train_split = limited(data.train, cfg.train.train_limit)
     test_split = limited(data.test, cfg.train.test_limit)
     objective = build_objective(cfg)
     prediction_modes(objective, cfg)   # a bad train.predict fails before any training
-    resumable = hasattr(executor, "optimizer_state")
-    first_epoch = 0
+    resumable = hasattr(executor, "snapshot")
+    rerun = resumable and hasattr(executor, "recover")
+    first_epoch, snapshot = 0, None
     if run_dir:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(run_dir / "config.json", cfg.to_dict())   # no token on disk
         if resume and resumable and (run_dir / "checkpoint.pt").exists():
             state = load_checkpoint(run_dir / "checkpoint.pt")
             check_resumable(ExperimentConfig.from_dict(state["config"]), cfg, run_dir)
-            executor.load_weights(state["weights"])
-            executor.load_optimizer_state(state["optimizer"])  # type: ignore[attr-defined]
+            snapshot = {"weights": state["weights"], "optimizer": state["optimizer"]}
+            executor.restore(snapshot)  # type: ignore[attr-defined]
             first_epoch = state["epoch"] + 1
     writer = MetricsWriter(run_dir)
     start = time.perf_counter()
@@ -191,7 +196,10 @@ def train_epochs(cfg: ExperimentConfig, executor: Executor, run_dir: Path | None
     stuck_before: dict[str, str] = {}
     total = cfg.train.epochs
     for epoch in range(first_epoch, total):
-        stats = run_epoch(executor, objective, train_split, cfg, epoch, total, progress)
+        if rerun and snapshot is None:
+            snapshot = executor.snapshot()  # type: ignore[attr-defined]   # the epoch's start
+        stats, reruns = _epoch_with_reruns(executor, snapshot if rerun else None, objective,
+                                           train_split, cfg, epoch, total, progress)
         acc = evaluate(executor.eval_forward, objective, test_split, cfg)
         train_acc = evaluate(executor.eval_forward, objective,
                              train_split.subset(slice(0, TRAIN_EVAL_SAMPLES)), cfg)
@@ -201,7 +209,7 @@ def train_epochs(cfg: ExperimentConfig, executor: Executor, run_dir: Path | None
         for w in warnings:
             log.warning("%s", w)
         record = {"epoch": epoch + 1, "layers": stats["layers"], "test_accuracy": acc,
-                  "warnings": warnings, "train_accuracy": train_acc,
+                  "warnings": warnings, "train_accuracy": train_acc, "reruns": reruns,
                   "epoch_seconds": stats["seconds"],
                   "samples_per_second": stats["samples_per_second"]}
         if "stages" in stats:   # per-batch timelines stay out of the JSONL (bench sweep plots them)
@@ -216,10 +224,12 @@ def train_epochs(cfg: ExperimentConfig, executor: Executor, run_dir: Path | None
             tqdm.write(line)
         else:
             log.info("%s", line)
-        if run_dir and resumable:
-            save_checkpoint(run_dir / "checkpoint.pt", {
-                "epoch": epoch, "config": cfg.to_dict(), "weights": executor.get_weights(),
-                "optimizer": executor.optimizer_state()})  # type: ignore[attr-defined]
+        # The state after this epoch: the checkpoint, and the next epoch's starting point.
+        keep = resumable and (run_dir is not None or rerun)
+        snapshot = executor.snapshot() if keep else None  # type: ignore[attr-defined]
+        if run_dir and snapshot is not None:
+            save_checkpoint(run_dir / "checkpoint.pt", {"epoch": epoch, "config": cfg.to_dict(),
+                                                        **snapshot})
     writer.close()
     if not acc:  # resumed a finished run: evaluate what was loaded
         acc = evaluate(executor.eval_forward, objective, test_split, cfg)
@@ -231,6 +241,24 @@ def train_epochs(cfg: ExperimentConfig, executor: Executor, run_dir: Path | None
         atomic_write_json(run_dir / "summary.json", summary)
     summary["weights"] = executor.get_weights()
     return summary
+
+
+def _epoch_with_reruns(executor: Executor, start: dict[str, Any] | None, objective: Objective,
+                       split: Split, cfg: ExperimentConfig, epoch: int, total: int,
+                       progress: bool) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """run_epoch; after a stage failure (executors that recover), rerun it from `start`."""
+    if start is None:
+        return run_epoch(executor, objective, split, cfg, epoch, total, progress), []
+    attempts = 0
+
+    def attempt() -> dict[str, Any]:
+        nonlocal attempts
+        attempts += 1
+        if attempts > 1:   # the stages were recovered with fresh state: back to the epoch start
+            executor.restore(start)  # type: ignore[attr-defined]
+        return run_epoch(executor, objective, split, cfg, epoch, total, progress)
+
+    return with_restarts(executor, cfg.pipeline.restarts, attempt, f"epoch {epoch + 1}")
 
 
 def train_reference(

@@ -24,7 +24,7 @@ from bpfree_core.config import ExperimentConfig
 from bpfree_core.errors import BpfreeError, ConfigError
 from bpfree_core.layers import add_proximal_term
 from bpfree_core.metrics import RunningMeans
-from bpfree_core.model import Stage, build_layers, build_objective
+from bpfree_core.model import OPTIMIZER, Stage, build_layers, build_objective
 from bpfree_core.objectives import Objective
 from bpfree_core.runtime import resolve_device
 from bpfree_core.trainer import prediction_modes
@@ -178,9 +178,12 @@ class StageRun:
                                  "load weights between epochs")
             self.admission.abandon_epoch()
             self._remove_proximal()       # anchored at the old weights: meaningless now
-            self.stage.load_state_dict(state)
+            optimizer = {k: v for k, v in state.items() if k.startswith(OPTIMIZER)}
+            self.stage.load_state_dict({k: v for k, v in state.items() if k not in optimizer})
             for layer in self.stage.layers:
                 layer.finish_init()       # fresh optimiser state bound to the loaded parameters
+            if optimizer:                 # ... or the state that came with them (a checkpoint)
+                self.stage.load_optimizer_tensors(optimizer)
 
     def set_proximal(self, mu: float) -> int:
         with self.step_lock:
@@ -196,9 +199,12 @@ class StageRun:
             handle.remove()
         self.proximal = []
 
-    def weights(self) -> dict[str, torch.Tensor]:
-        with self.step_lock:
-            return self.stage.state_dict()   # a CPU copy: safe to stream after the lock
+    def weights(self, with_optimizer: bool = False) -> dict[str, torch.Tensor]:
+        with self.step_lock:   # CPU copies: safe to stream after the lock
+            state = self.stage.state_dict()
+            if with_optimizer:
+                state.update(self.stage.optimizer_tensors())
+            return state
 
     # -- the queues ----------------------------------------------------------------------------
     def enqueue(self, item: WireBatch | EndMarker, alive: Callable[[], bool]) -> None:

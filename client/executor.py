@@ -15,6 +15,7 @@ from bpfree_core.config import ExperimentConfig
 from bpfree_core.errors import ConfigError
 from bpfree_core.federated import InProcessExecutor
 from bpfree_core.layers import Packet
+from bpfree_core.model import OPTIMIZER
 
 if TYPE_CHECKING:
     from client.pipeline import Pipeline
@@ -55,6 +56,16 @@ class PipelineExecutor:
 
     def eval_forward(self, packet: Packet) -> Packet:
         return self.pipeline.eval_forward(packet)
+
+    def snapshot(self) -> dict[str, Any]:
+        """Every stage's weights and optimiser state (`optimizer.layers...` tensors)."""
+        state = self.pipeline.get_weights(with_optimizer=True)
+        optimizer = {k: v for k, v in state.items() if k.startswith(OPTIMIZER)}
+        return {"weights": {k: v for k, v in state.items() if k not in optimizer},
+                "optimizer": optimizer}
+
+    def restore(self, snapshot: dict[str, Any]) -> None:
+        self.pipeline.load_weights({**snapshot["weights"], **snapshot["optimizer"]})
 
     def describe(self) -> dict[str, Any]:
         return {"stages": len(self.pipeline.addresses),

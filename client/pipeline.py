@@ -26,7 +26,7 @@ import torch
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.errors import BpfreeError, ConfigError, PeerUnavailableError, StageTimeoutError
 from bpfree_core.layers import LABELS, Packet
-from bpfree_core.model import build_objective, split_stages
+from bpfree_core.model import OPTIMIZER, build_objective, split_stages
 from client.link import Link, PullReader, rpc_exception
 from client.memory import tune_malloc
 from client.supervisor import LocalWorkers
@@ -244,8 +244,9 @@ class Pipeline:
         layer's local loss until the next load."""
         self._check_open()
         for s, r in enumerate(self.ranges):
-            own = {k: v for k, v in state.items() if _layer_of(k) in r}
-            missing = [i for i in r if not any(_layer_of(k) == i for k in own)]
+            own = {k: v for k, v in state.items() if _layer_of(k.removeprefix(OPTIMIZER)) in r}
+            missing = [i for i in r if not any(_layer_of(k) == i for k in own
+                                               if not k.startswith(OPTIMIZER))]
             if missing:
                 raise ConfigError(f"load_weights: no weights for layer(s) {missing} (stage {s}); "
                                   "keys must look like layers.<index>.<name>")
@@ -262,14 +263,16 @@ class Pipeline:
             except grpc.RpcError as exc:
                 raise rpc_exception(self.addresses[s], exc, what) from None
 
-    def get_weights(self) -> dict[str, torch.Tensor]:
-        """Every stage's weights, keyed as Stage.state_dict() (`layers.<i>.<name>`)."""
+    def get_weights(self, with_optimizer: bool = False) -> dict[str, torch.Tensor]:
+        """Every stage's weights, keyed as Stage.state_dict() (`layers.<i>.<name>`); with the
+        optimiser state too (`optimizer.layers...`; load_weights restores both) if asked."""
         self._check_open()
         state: dict[str, torch.Tensor] = {}
         for s, stub in enumerate(self._stubs):
             try:
                 state.update(decode_state(stub.GetWeights(
-                    pb.GetWeightsRequest(), timeout=self.cfg.pipeline.rpc_timeout,
+                    pb.GetWeightsRequest(with_optimizer=with_optimizer),
+                    timeout=self.cfg.pipeline.rpc_timeout,
                     metadata=self.security.metadata())))
             except grpc.RpcError as exc:
                 raise rpc_exception(self.addresses[s], exc, "GetWeights on") from None

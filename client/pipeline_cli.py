@@ -17,6 +17,7 @@ from typing import Any
 from bpfree_core.checkpoint import save_checkpoint
 from bpfree_core.cli_train import add_config_arguments, config_from_args, progress_from_args
 from bpfree_core.config import ExperimentConfig
+from bpfree_core.errors import ConfigError
 from bpfree_core.runtime import set_threads
 from bpfree_core.trainer import train_epochs
 from client.executor import PipelineExecutor
@@ -37,12 +38,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token", help="shared secret of the workers (pipeline.token)")
     parser.add_argument("--tls-ca", help="CA (PEM) that signed the workers' certificates")
     parser.add_argument("--log-dir", type=Path, help="where launched workers write their logs")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue --out from its last epoch checkpoint (same config)")
 
 
 def train_pipeline(cfg: ExperimentConfig, pipe: Pipeline, run_dir: Path | None = None,
-                   progress: bool = True) -> dict[str, Any]:
-    """Train cfg.train.epochs epochs through `pipe`: the same epoch loop as `bpfree train`."""
-    summary = train_epochs(cfg, PipelineExecutor.from_pipeline(pipe), run_dir, progress=progress)
+                   progress: bool = True, resume: bool = False) -> dict[str, Any]:
+    """Train cfg.train.epochs epochs through `pipe`: the same epoch loop as `bpfree train`,
+    with a checkpoint (weights + optimiser state of every stage) after each epoch, and a dead
+    stage restarted (launched workers) and its epoch rerun, up to pipeline.restarts times."""
+    summary = train_epochs(cfg, PipelineExecutor.from_pipeline(pipe), run_dir, resume=resume,
+                           progress=progress)
     if run_dir:
         save_checkpoint(run_dir / "weights.pt", {"config": cfg.to_dict(),
                                                  "weights": summary["weights"]})
@@ -55,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
         ("stages", args.stages), ("wire_dtype", args.wire_dtype), ("token", args.token),
         ("tls_ca", args.tls_ca)) if value is not None]
     cfg = cfg.with_overrides(extra)
+    if args.resume and not args.out:
+        raise ConfigError("--resume continues a run directory: give it with --out RUN_DIR")
     set_threads(cfg.train.threads)
     if args.workers:
         addresses = [a.strip() for a in args.workers.split(",") if a.strip()]
@@ -63,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
         pipe = Pipeline.launch_local(cfg, device=args.worker_device, threads=args.threads,
                                      log_dir=args.log_dir)
     with pipe:
-        summary = train_pipeline(cfg, pipe, args.out, progress=progress_from_args(args))
+        summary = train_pipeline(cfg, pipe, args.out, progress=progress_from_args(args),
+                                 resume=args.resume)
     summary.pop("weights")
     print(json.dumps(summary, indent=2))
     return 0

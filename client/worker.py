@@ -139,7 +139,7 @@ class StageWorker(pb_grpc.StageControlServicer):
             run = self._require()
         except BpfreeError as exc:
             self._abort(context, exc)
-        yield from encode_state(run.weights(), run.cfg.pipeline.chunk_bytes)
+        yield from encode_state(run.weights(request.with_optimizer), run.cfg.pipeline.chunk_bytes)
 
     def StartEpoch(self, request: pb.EpochRequest, context: grpc.ServicerContext) -> pb.EpochReply:
         adm = self.admission

@@ -157,8 +157,10 @@ class WeightsReply(_message.Message):
     def __init__(self, tensors: _Optional[int] = ...) -> None: ...
 
 class GetWeightsRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("with_optimizer",)
+    WITH_OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    with_optimizer: bool
+    def __init__(self, with_optimizer: _Optional[bool] = ...) -> None: ...
 
 class ProximalRequest(_message.Message):
     __slots__ = ("mu",)

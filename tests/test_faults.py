@@ -425,3 +425,66 @@ def test_a_taken_port_is_named_and_grpc_core_stays_quiet():
     assert run.returncode == 2, out[-2000:]
     assert f"port {port} on 127.0.0.1 is already taken" in out, out[-2000:]
     assert "add_port" not in out and "Traceback" not in out, out[-2000:]
+
+
+# -- bpfree pipeline: a dead stage is restarted and its epoch rerun; a dead driver resumes -------
+
+PIPE = ["train.train_limit=20000", "train.test_limit=500", "model.hidden=200,200",
+        "model.algorithm=symba", "train.threads=1", "pipeline.stages=2", "train.epochs=3"]
+
+
+def _pipeline_reference(data_dir: Path) -> dict:
+    from bpfree_core.trainer import train_reference
+
+    return train_reference(load_config(None, [f"train.data_dir={data_dir}", *PIPE]),
+                           progress=False)["weights"]
+
+
+def _pipeline(run: Path, data_dir: Path, *extra: str) -> subprocess.Popen:
+    return _bpfree("pipeline", "--data-dir", str(data_dir), "--out", str(run), "--no-progress",
+                   *sum((["--set", s] for s in PIPE), []), *extra)
+
+
+def test_a_stage_killed_during_bpfree_pipeline_is_restarted_and_the_run_ends_exactly(
+        data_dir: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    proc = _pipeline(run, data_dir)
+    try:
+        _wait_until("epoch 1's checkpoint", lambda: (run / "checkpoint.pt").exists()
+                    or proc.poll() is not None, 300)
+        victim = next(p for p in _children(proc.pid)
+                      if _flag(p, "--port-file").name == "stage1.port")
+        os.kill(victim, signal.SIGKILL)   # early in epoch 2
+        out = proc.communicate(timeout=300)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, out[-3000:]
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [len(r["reruns"]) for r in records] == [0, 1, 0], out[-3000:]
+    assert records[1]["reruns"][0]["restarted_stages"] == [1]
+    final = load_checkpoint(run / "weights.pt")["weights"]
+    reference = _pipeline_reference(data_dir)
+    assert all(torch.equal(final[k], reference[k]) for k in reference)
+
+
+def test_a_killed_pipeline_driver_resumes_to_the_same_weights(data_dir: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    crashed = _pipeline(run, data_dir)
+    try:
+        _wait_until("epoch 1's checkpoint", lambda: (run / "checkpoint.pt").exists()
+                    or crashed.poll() is not None, 300)
+        workers = _children(crashed.pid)
+        os.killpg(crashed.pid, signal.SIGKILL)
+        crashed.communicate(timeout=60)
+    finally:
+        if crashed.poll() is None:
+            os.killpg(crashed.pid, signal.SIGKILL)
+    assert load_checkpoint(run / "checkpoint.pt")["epoch"] < 2, "finished before the kill"
+    _wait_until("the orphaned stage workers exiting", lambda: not any(map(_alive, workers)), 30)
+    resumed = _pipeline(run, data_dir, "--resume")
+    out = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, out[-3000:]
+    final = load_checkpoint(run / "weights.pt")["weights"]
+    reference = _pipeline_reference(data_dir)
+    assert all(torch.equal(final[k], reference[k]) for k in reference)
