@@ -12,6 +12,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 
 import grpc
 
@@ -22,6 +23,7 @@ from protos import stage_pb2 as pb
 
 log = logging.getLogger(__name__)
 
+STALL_AFTER = 10.0   # seconds without progress before a send reports a stall
 _POLL = 0.1   # seconds between checks of error/closed flags while waiting
 
 
@@ -42,7 +44,10 @@ class Link:
     """A bidi Push stream to one stage, opened on first use."""
 
     def __init__(self, address: str, security: Security, *, window: int, chunk_bytes: int,
-                 wire_dtype: str, timeout: float, channel: grpc.Channel | None = None):
+                 wire_dtype: str, timeout: float, channel: grpc.Channel | None = None,
+                 on_stall: Callable[[float], None] | None = None):
+        """`on_stall(seconds)` is called once per send that has waited STALL_AFTER seconds."""
+        self.on_stall = on_stall
         self.address = address
         self.window = window
         self.chunk_bytes = chunk_bytes
@@ -114,8 +119,12 @@ class Link:
         if self._call is None:
             self._open()
         t0 = time.monotonic()
+        stalled = False
         while not self._credit.acquire(timeout=_POLL):
             self._check()
+            if not stalled and self.on_stall is not None and time.monotonic() - t0 > STALL_AFTER:
+                stalled = True
+                self.on_stall(time.monotonic() - t0)
             if time.monotonic() - t0 > self.timeout:
                 raise StageTimeoutError(
                     f"stage worker at {self.address} acknowledged none of its {self.window} in-flight "

@@ -142,12 +142,26 @@ class Pipeline:
                 self._link.close()
             self._link = Link(self.addresses[0], self.security, window=p.window,
                               chunk_bytes=p.chunk_bytes, wire_dtype=p.wire_dtype,
-                              timeout=p.rpc_timeout, channel=self._channels[0])
+                              timeout=p.rpc_timeout, channel=self._channels[0],
+                              on_stall=self._report_stall)
         if self._pull is None or self._pull.error is not None:
             if self._pull is not None:
                 self._pull.close()
             self._pull = PullReader(self.addresses[-1], self._channels[-1], self.security, self.run_id)
         return self._link, self._pull
+
+    def _report_stall(self, seconds: float) -> None:
+        """Say in the log that the pipeline stopped moving, and which stages do not answer."""
+        silent = []
+        for s, stub in enumerate(self._stubs):
+            try:
+                stub.Health(pb.HealthRequest(), timeout=2.0, metadata=self.security.metadata())
+            except grpc.RpcError:
+                silent.append(f"stage {s} at {self.addresses[s]}")
+        log.warning("the pipeline has made no progress for %.0f s: %s; waiting up to "
+                    "pipeline.rpc_timeout = %g s", seconds,
+                    f"not answering: {', '.join(silent)} (stopped, hung or overloaded?)" if silent
+                    else "every stage answers (a slow stage?)", self.cfg.pipeline.rpc_timeout)
 
     def _stage_failure(self, cause: BpfreeError) -> BpfreeError:
         """The most specific error: the first failing stage's own sticky error, else `cause`."""

@@ -488,3 +488,30 @@ def test_a_killed_pipeline_driver_resumes_to_the_same_weights(data_dir: Path, tm
     final = load_checkpoint(run / "weights.pt")["weights"]
     reference = _pipeline_reference(data_dir)
     assert all(torch.equal(final[k], reference[k]) for k in reference)
+
+
+def test_a_stopped_stage_is_reported_in_the_log_and_the_run_goes_on(data_dir: Path,
+                                                                     tmp_path: Path) -> None:
+    run, log_file = tmp_path / "run", tmp_path / "pipeline.log"
+    with open(log_file, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bpfree_cli", "pipeline", "--data-dir", str(data_dir), "--out",
+             str(run), "--no-progress", *sum((["--set", s] for s in PIPE), []), "--epochs", "2"],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO_ROOT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    victim = None
+    try:
+        _wait_until("epoch 1's checkpoint", lambda: (run / "checkpoint.pt").exists()
+                    or proc.poll() is not None, 300)
+        victim = next(p for p in _children(proc.pid) if _flag(p, "--port-file").name == "stage1.port")
+        os.kill(victim, signal.SIGSTOP)
+        _wait_until("the stall warning", lambda: "made no progress" in log_file.read_text(), 60)
+        os.kill(victim, signal.SIGCONT)
+        assert proc.wait(timeout=300) == 0, log_file.read_text()[-3000:]
+    finally:
+        if victim is not None and _alive(victim):
+            os.kill(victim, signal.SIGCONT)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    warning = next(x for x in log_file.read_text().splitlines() if "made no progress" in x)
+    assert "not answering: stage 1 at 127.0.0.1:" in warning, warning
