@@ -30,16 +30,8 @@ def test_local_deployment_with_tls_runs_a_round_and_matches_the_reference(data_d
     sets = [f"train.data_dir={data_dir}", *SETS]
     cmd = ["bash", str(REPO / "deploy" / "local.sh"), "--clients", "2", "--stages", "2",
            "--rounds", "1", "--tls", "--work", str(work), *sum((["--set", s] for s in sets), [])]
-    # Its own session: if it hangs, the whole group it started (daemons included) is killed.
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, cwd=tmp_path)
-    try:
-        out = proc.communicate(timeout=420)[0]
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGTERM)
-        out = proc.communicate(timeout=60)[0]
-        pytest.fail(f"deploy/local.sh did not finish in 420 s:\n{out[-4000:]}")
-    assert proc.returncode == 0, out[-4000:]
+    rc, out = _local_sh(cmd, tmp_path, 420)
+    assert rc == 0, out[-4000:]
 
     runs = list((work / "runs").glob("flwr-*"))
     assert len(runs) == 1, out[-4000:]
@@ -60,6 +52,20 @@ def test_local_deployment_with_tls_runs_a_round_and_matches_the_reference(data_d
     assert not leftovers, [(p.name, _cmdline(p)) for p in leftovers]
 
 
+def _local_sh(cmd: list[str], cwd: Path, timeout: float) -> tuple[int, str]:
+    """Run deploy/local.sh in its own session: if it hangs, its whole group (daemons included)
+    is killed. Returns (exit code, output)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, cwd=cwd)
+    try:
+        out = proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)
+        out = proc.communicate(timeout=60)[0]
+        pytest.fail(f"deploy/local.sh did not finish in {timeout:g} s:\n{out[-4000:]}")
+    return proc.returncode, out
+
+
 def _cmdline(p: Path) -> str:
     try:
         return (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
@@ -78,15 +84,8 @@ def test_a_failed_deployment_exits_non_zero_with_one_sentence(tmp_path):
     cmd = ["bash", str(REPO / "deploy" / "local.sh"), "--clients", "1", "--stages", "1",
            "--rounds", "1", "--work", str(work), "--data-dir", str(empty),
            *sum((["--set", s] for s in SETS), [])]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, cwd=tmp_path)
-    try:
-        out = proc.communicate(timeout=300)[0]
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGTERM)
-        out = proc.communicate(timeout=60)[0]
-        pytest.fail(f"deploy/local.sh did not finish in 300 s:\n{out[-4000:]}")
-    assert proc.returncode != 0, out[-4000:]
+    rc, out = _local_sh(cmd, tmp_path, 300)
+    assert rc != 0, out[-4000:]
     last = out.strip().splitlines()[-1]
     assert last.startswith("error: the federated run failed: DataError: ") and str(empty) in last, \
         out[-4000:]
