@@ -220,7 +220,7 @@ def _make_optimizer(
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
                                foreach=True)
     # foreach: one kernel per op over all tensors; on CPU bit-identical to the per-tensor loop
-    # (tests/test_layers.py), so every committed run reproduces. `place` picks fused on CUDA.
+    # (tests/test_step.py), so every committed run reproduces. `place` picks fused on CUDA.
     return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, foreach=True)
 
 

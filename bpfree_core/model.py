@@ -130,14 +130,13 @@ class Stage:
                             raise ConfigError(f"optimiser tensor {k!r} is not {prefix}<param>.<key>")
                         state.setdefault(int(p), {})[key] = v
                 if state and opt is not None:
-                    saved = opt.state_dict()
+                    saved = opt.state_dict()   # its groups keep their lr and kernel flags
                     saved["state"] = state
                     try:
                         opt.load_state_dict(saved)
                     except (ValueError, KeyError, RuntimeError) as exc:
                         raise ConfigError(f"optimiser state for layer {layer.index} ({part}) does "
                                           f"not fit: {exc}") from exc
-            layer.load_optimizer_state({})   # re-applies the kernel choice to the loaded groups
 
     def optimizer_state(self) -> dict[int, dict[str, object]]:
         return {layer.index: layer.optimizer_state() for layer in self.layers}

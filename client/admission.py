@@ -78,11 +78,7 @@ class Admission:
                              f"{self.epoch}); call StartEpoch first")
 
     def end_epoch(self) -> None:
-        with self.lock:
-            self.active = False
-
-    def abandon_epoch(self) -> None:
-        """New weights arrived: an unfinished (failed) epoch is given up."""
+        """FinishEpoch, or new weights (an unfinished, failed epoch is given up)."""
         with self.lock:
             self.active = False
 

@@ -176,7 +176,7 @@ class StageRun:
             if self.in_flight():
                 raise StateError(f"batches of epoch {self.admission.epoch} are still being trained; "
                                  "load weights between epochs")
-            self.admission.abandon_epoch()
+            self.admission.end_epoch()        # an unfinished (failed) epoch is given up
             self._remove_proximal()       # anchored at the old weights: meaningless now
             optimizer = {k: v for k, v in state.items() if k.startswith(OPTIMIZER)}
             self.stage.load_state_dict({k: v for k, v in state.items() if k not in optimizer})

@@ -25,6 +25,7 @@ import torch
 
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.errors import BpfreeError, ConfigError, PeerUnavailableError, StageTimeoutError
+from bpfree_core.executor import epoch_stats
 from bpfree_core.layers import LABELS, Packet
 from bpfree_core.model import OPTIMIZER, build_objective, split_stages
 from client.link import Link, PullReader, rpc_exception
@@ -203,13 +204,10 @@ class Pipeline:
         layers: dict[str, dict[str, float]] = {}
         for st in stats:
             layers.update(json.loads(st.layer_metrics_json))
-        return {
-            "epoch": epoch, "batches": n, "samples": samples, "seconds": seconds,
-            "samples_per_second": samples / seconds if seconds > 0 else 0.0,
-            "driver_blocked_seconds": blocked, "driver_timeline": sends,
-            "layers": dict(sorted(layers.items(), key=lambda kv: int(kv[0]))),
-            "stages": [_stage_dict(s, st) for s, st in enumerate(stats)],
-        }
+        return epoch_stats(dict(sorted(layers.items(), key=lambda kv: int(kv[0]))), n, samples,
+                           seconds, epoch=epoch, driver_blocked_seconds=blocked,
+                           driver_timeline=sends,
+                           stages=[_stage_dict(s, st) for s, st in enumerate(stats)])
 
     def _wait_end(self, pull: PullReader, epoch: int) -> None:
         """Wait for the end marker from the last stage; check the stages while waiting."""

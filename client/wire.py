@@ -270,8 +270,9 @@ def check_schema(header: pb.BatchHeader, schema: Schema) -> None:
 class BatchAssembler:
     """Rebuilds one batch from its BATCH frame and CHUNK frames, checking every step."""
 
-    def __init__(self, header: pb.BatchHeader):
-        check_header(header)
+    def __init__(self, header: pb.BatchHeader, checked: bool = False):
+        if not checked:   # decode_frames checks before it asks the receiver to admit the batch
+            check_header(header)
         self.header = header
         self.received = 0
         self._tensors = [torch.empty(tuple(m.shape), dtype=DTYPES[_FROM_PB[m.wire_dtype]])
@@ -343,7 +344,7 @@ def decode_frames(frames: Iterable[bytes], admit: Callable[[pb.BatchHeader], Non
                 check_header(header)   # structure and limits first, then the receiver's say
                 if admit is not None:
                     admit(header)
-                asm = BatchAssembler(header)
+                asm = BatchAssembler(header, checked=True)
                 asm.add(0, payload)
             else:
                 yield parse_meta(pb.EndOfEpoch, meta, "end-of-epoch")
