@@ -22,7 +22,7 @@ from bpfree_core.seeds import SEED_SPACE
 
 ALGORITHMS = ("ff", "symba", "sffa", "ffcl", "uff", "bp", "cwc")
 DATASETS = ("mnist", "fashion-mnist")
-WIRE_DTYPES = ("float32", "bfloat16", "float16")
+WIRE_DTYPES = ("float32", "bfloat16", "float16", "int8")
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")   # Ray placement-group strategies
 # Every field is one of three kinds, declared where it is defined:
 # - computed (the default): what a run computes; travels to workers and clients, is compared whole
@@ -170,7 +170,7 @@ class TrainConfig:
 @dataclass(frozen=True)
 class PipelineConfig:
     stages: int = runtime(2)              # stage workers per client; layers are split contiguously
-    wire_dtype: str = "float32"           # float32 | bfloat16 | float16 activations on the wire
+    wire_dtype: str = "float32"           # activations on the wire: float32 | bfloat16 | float16 | int8
     window: int = runtime(4)              # max in-flight batches per link (backpressure)
     chunk_bytes: int = runtime(1 << 20)   # tensor chunk size on the wire (bytes)
     rpc_timeout: float = runtime(60.0)    # deadline of one RPC (seconds)

@@ -34,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per launched worker")
     parser.add_argument("--worker-device", default="cpu",
                         help="device of launched workers: cpu | cuda | cuda:N")
-    parser.add_argument("--wire-dtype", help="float32 | bfloat16 | float16 (pipeline.wire_dtype)")
+    parser.add_argument("--wire-dtype", help="float32 | bfloat16 | float16 | int8 (per-row "
+                        "scaled) (pipeline.wire_dtype)")
     parser.add_argument("--token", help="shared secret of the workers (pipeline.token)")
     parser.add_argument("--tls-ca", help="CA (PEM) that signed the workers' certificates")
     parser.add_argument("--log-dir", type=Path, help="where launched workers write their logs")

@@ -37,7 +37,7 @@ def test_toml_round_trip(tmp_path):
         ("nosection.x=1", ["unknown section", "train"]),
         ("epochs", ["section.key=value"]),
         ("federation.partition=dirichlet:-1", ["federation.partition", "dirichlet:ALPHA"]),
-        ("pipeline.wire_dtype=int8", ["pipeline.wire_dtype", "bfloat16"]),
+        ("pipeline.wire_dtype=int4", ["pipeline.wire_dtype", "bfloat16, float16, int8"]),
         ("objective.temperature=0", ["objective.temperature", "> 0"]),
         ("objective.negatives=random", ["objective.negatives", "uniform, hard"]),
     ],

@@ -79,6 +79,38 @@ def test_half_wire_dtypes_halve_bytes_and_stay_close(wire: str) -> None:
     assert torch.equal(out.tensors["logits"], logits)          # accumulators stay exact
 
 
+def test_int8_wire_quarters_bytes_with_per_row_error_bound() -> None:
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 256, generator=g) * torch.logspace(-3, 3, 64)[:, None]   # rows of any scale
+    x[5] = 0.0                                                                      # an all-zero row
+    tensors = {"x": x, "y": torch.arange(64), "logits": torch.randn(64, 10), "v": torch.randn(7),
+               "s": torch.tensor(-2.5), "empty": torch.zeros(0, 9)}
+    full = sum(len(f) for f in encode_batch(WireBatch("r", 0, pb.TRAIN, 0, {"x": x}), 1 << 20))
+    small = sum(len(f) for f in encode_batch(WireBatch("r", 0, pb.TRAIN, 0, {"x": x}), 1 << 20, "int8"))
+    assert small < 0.27 * full                                  # 1 byte per value + 4 per row
+    out = _roundtrip(tensors, 1000, "int8").tensors             # chunks cut through scales and values
+    assert out["x"].dtype == torch.float32 and out["x"].shape == x.shape
+    bound = x.abs().amax(dim=1, keepdim=True) / 127 / 2         # half a quantisation step per row
+    assert ((out["x"] - x).abs() <= bound * (1 + 1e-5) + 1e-30).all()
+    assert not torch.equal(out["x"], x)
+    assert torch.equal(out["x"][5], x[5])                       # zeros stay zeros
+    assert (out["v"] - tensors["v"]).abs().max() <= tensors["v"].abs().max() / 254 * (1 + 1e-5)
+    assert torch.allclose(out["s"], tensors["s"]) and out["empty"].shape == (0, 9)
+    assert torch.equal(out["y"], tensors["y"])                  # integers untouched
+    assert torch.equal(out["logits"], tensors["logits"])        # accumulators stay exact
+
+
+def test_int8_wire_with_wrong_byte_count_is_refused() -> None:
+    frames = list(encode_batch(WireBatch("run", 0, pb.TRAIN, 0, {"x": torch.ones(10, 20)}), 256, "int8"))
+    kind, meta, payload = unpack_frame(frames[0])
+    header = pb.BatchHeader.FromString(meta)
+    assert header.tensors[0].nbytes == 10 * 4 + 200
+    header.tensors[0].nbytes = 200                              # as if there were no scales
+    header.total_bytes = 200
+    with pytest.raises(ProtocolError, match="needs 240 bytes but its header says 200"):
+        _decode([pack_frame(kind, header.SerializeToString(), [payload]), *frames[1:]])
+
+
 def test_weights_stream_round_trips() -> None:
     state = {"layers.0.linear.weight": torch.randn(50, 30), "layers.0.steps": torch.tensor(5),
              "layers.0.patterns": torch.zeros(0)}
