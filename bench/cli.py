@@ -7,6 +7,7 @@
     bpfree bench accuracy --data-dir ../shared/datasets      # = python -m bench.accuracy ...
     bpfree bench gpu-grid --data-dir DIR --budget 500        # = python -m bench.gpu_grid ...
     bpfree bench step --data-dir ../shared/datasets          # = python -m bench.step ...
+    bpfree bench links --quick --data-dir ../shared/datasets # = python -m bench.links ...
 
 `sweep` (bench/sweep.py) measures throughput, per-stage timelines and the machine's ceilings and
 prints the model's prediction beside every measurement; the other subcommands run the existing
@@ -33,6 +34,7 @@ FORWARDED = {
     "federated": ("bench.federated", "K pipelined Flower clients vs the in-process references"),
     "gpu-grid": ("bench.gpu_grid", "many accuracy runs at once on one GPU, sized to a time budget"),
     "step": ("bench.step", "training-step throughput: optimiser kernels, host syncs (CPU)"),
+    "links": ("bench.links", "a pipeline across separate hosts (namespaces) on shaped links"),
 }
 
 

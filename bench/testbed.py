@@ -150,6 +150,8 @@ def _rate_args(rate_mbit: float) -> list[str]:
 class Testbed:
     """Hosts (network namespaces) on one private switch; see the module docstring."""
 
+    __test__ = False   # not a pytest test class, despite the name
+
     def __init__(self, hosts: Sequence[str], rate_mbit: float | None = None):
         global _created
         for h in hosts:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="device of launched workers: cpu | cuda | cuda:N")
     parser.add_argument("--wire-dtype", help="float32 | bfloat16 | float16 | int8 (per-row "
                         "scaled) (pipeline.wire_dtype)")
-    parser.add_argument("--token", help="shared secret of the workers (pipeline.token)")
+    parser.add_argument("--token", default=os.environ.get("BPFREE_TOKEN") or None,
+                        help="shared secret of the workers (pipeline.token; default $BPFREE_TOKEN, "
+                             "which keeps it out of `ps`)")
     parser.add_argument("--tls-ca", help="CA (PEM) that signed the workers' certificates")
     parser.add_argument("--log-dir", type=Path, help="where launched workers write their logs")
     parser.add_argument("--resume", action="store_true",
