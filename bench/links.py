@@ -27,7 +27,6 @@ import platform
 import shlex
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -240,6 +239,7 @@ def steady_rate(timeline: list[list[float]], bytes_per_batch: float) -> float | 
 def run_links(plan: LinkPlan, data_dir: str, out: Path, *, sets: list[str], progress: bool = True,
               command: str = "") -> dict[str, Any]:
     from bench.links_report import write_outputs
+    from bpfree_core.data import load_dataset
     from bpfree_core.runtime import progress_bar
 
     reason = unavailable()
@@ -249,9 +249,9 @@ def run_links(plan: LinkPlan, data_dir: str, out: Path, *, sets: list[str], prog
     total = len(plan.rates) * len(plan.wires) * len(plan.batches)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
-    with tempfile.TemporaryDirectory(prefix="bpfree-links-") as tmp, \
-            Testbed(["driver", *stages]) as tb:
-        work = Path(tmp)
+    load_dataset("mnist", data_dir)   # a missing dataset fails here, in one sentence
+    with Testbed(["driver", *stages]) as tb:
+        work = tb.scratch   # removed with the hosts, also if this process is killed
         procs, addresses = start_workers(tb, stages, work)
         spec = {"plan": dataclasses.asdict(plan), "addresses": addresses, "data_dir": data_dir,
                 "sets": sets, "pids": [p.pid for p in procs], "switch": tb.switch,
@@ -392,7 +392,11 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     if args.drive:
-        drive(json.loads(args.drive.read_text()), args.rows)
+        try:
+            drive(json.loads(args.drive.read_text()), args.rows)
+        except BpfreeError as exc:
+            print(f"error: {exc}", file=sys.stderr)   # run_links reports this last line
+            return 2
         return 0
     return run(args)
 

@@ -18,9 +18,10 @@ adds only queueing delay.
 
 Teardown, however the program ends: `close()` (also run by `with` on an exception or Ctrl-C)
 stops every process inside each namespace (`ip netns pids`: children's children too, whoever
-started them), then deletes the namespaces, which removes their links and qdiscs. A guard
-process started first does the same if this process dies without closing (SIGKILL, SIGTERM):
-it waits for end-of-file on a pipe whose only writer is this process.
+started them), then deletes the namespaces, which removes their links and qdiscs, and the
+testbed's scratch directory (`tb.scratch`, for port files and logs). A guard process started
+first does the same if this process dies without closing (SIGKILL, SIGTERM): it waits for
+end-of-file on a pipe whose only writer is this process.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -167,9 +169,11 @@ class Testbed:
         self._procs: list[subprocess.Popen] = []
         self.rates: dict[str, float | None] = dict.fromkeys(hosts)
         self._closed = False
+        self.scratch = Path(tempfile.mkdtemp(prefix=f"{self.tag}-"))
         # The guard first: from here on, nothing outlives this process.
         self._guard = subprocess.Popen(
-            [sys.executable, __file__, "--guard", self.switch, *map(self.ns, hosts)],
+            [sys.executable, __file__, "--guard", str(self.scratch), self.switch,
+             *map(self.ns, hosts)],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True)
         try:
@@ -252,6 +256,7 @@ class Testbed:
             return
         self._closed = True
         remove(self.names())
+        shutil.rmtree(self.scratch, ignore_errors=True)
         for p in self._procs:   # reap our own children (the kernel already ended them)
             try:
                 p.wait(timeout=5)
@@ -271,14 +276,16 @@ class Testbed:
         self.close()
 
 
-def _guard(names: list[str]) -> None:
-    """Wait until the creator's end of stdin closes (it closed or died), then remove `names`."""
+def _guard(scratch: str, names: list[str]) -> None:
+    """Wait until the creator's end of stdin closes (it closed or died), then remove `names`
+    and `scratch`."""
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)   # a Ctrl-C on the terminal is the creator's to handle
     while sys.stdin.buffer.read(1 << 16):
         pass
     remove(names)
+    shutil.rmtree(scratch, ignore_errors=True)
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--guard"]:
-    _guard(sys.argv[2:])
+    _guard(sys.argv[2], sys.argv[3:])

@@ -111,8 +111,9 @@ def test_close_stops_every_process_inside_and_removes_the_namespaces() -> None:
     proc = tb.popen("a", ["bash", "-c", "sleep 600 & echo $!; wait"], stdout=subprocess.PIPE, text=True)
     grandchild = int(proc.stdout.readline())
     names = tb.names()
+    (tb.scratch / "stage.log").write_text("a log")
     tb.close()
-    assert not set(names) & set(namespaces())
+    assert not set(names) & set(namespaces()) and not tb.scratch.exists()
     assert proc.poll() is not None and not _alive(grandchild)
     tb.close()   # idempotent
 
@@ -131,7 +132,8 @@ sys.path.insert(0, sys.argv[1])
 from bench.testbed import Testbed
 with Testbed(["a", "b"], rate_mbit=50) as tb:
     p = tb.popen("b", ["bash", "-c", "sleep 600 & echo $!; wait"], stdout=subprocess.PIPE, text=True)
-    print(json.dumps({"names": tb.names(), "pids": [p.pid, int(p.stdout.readline())]}), flush=True)
+    print(json.dumps({"names": tb.names(), "pids": [p.pid, int(p.stdout.readline())],
+                      "scratch": str(tb.scratch)}), flush=True)
     if sys.argv[2] == "raise":
         raise RuntimeError("the benchmark failed")
     sys.stdin.read()   # wait to be interrupted or killed
@@ -154,11 +156,11 @@ def test_nothing_is_left_however_the_creator_ends(how: str) -> None:
         creator.wait(timeout=60)
         assert creator.returncode != 0
         deadline = time.monotonic() + 30
-        while (set(info["names"]) & set(namespaces()) or any(map(_alive, info["pids"]))) \
-                and time.monotonic() < deadline:
+        while (set(info["names"]) & set(namespaces()) or any(map(_alive, info["pids"]))
+               or Path(info["scratch"]).exists()) and time.monotonic() < deadline:
             time.sleep(0.1)   # the guard works after its creator is gone: poll with a deadline
         assert not set(info["names"]) & set(namespaces())
-        assert not any(map(_alive, info["pids"]))
+        assert not any(map(_alive, info["pids"])) and not Path(info["scratch"]).exists()
     finally:
         if creator.poll() is None:
             creator.kill()
