@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "worker": ("client.worker_cli", "serve one pipeline stage over gRPC"),
     "pipeline": ("client.pipeline_cli", "train one client's pipeline of stage workers"),
     "simulate": ("server.simulate", "federated run: K clients x S stages on this machine"),
+    "continual": ("server.continual", "continual learning: tasks that arrive one after another"),
     "bench": ("bench.cli", "benchmarks: accuracy, pipeline, throughput sweeps"),
 }
 

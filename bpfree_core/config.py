@@ -63,9 +63,13 @@ class ModelConfig:
     dataset: str = "mnist"                         # one of DATASETS
     hidden: tuple[int, ...] = (500, 500)           # units per hidden layer, in order
     conv: tuple[int, ...] = ()                     # conv channels before `hidden` (uff, bp, cwc)
+    num_classes: int = 0                           # labels the model tells apart (0 = the dataset's;
+                                                   # domain-incremental continual learning sets 2)
 
     def __post_init__(self) -> None:
         _check_choice("model", "algorithm", self.algorithm, ALGORITHMS)
+        if self.num_classes == 1 or self.num_classes < 0:
+            raise ConfigError(f"model.num_classes = {self.num_classes}: give 0 (the dataset's) or >= 2")
         _check_choice("model", "dataset", self.dataset, DATASETS)
         if not self.hidden and not self.conv:
             raise ConfigError("model.hidden is empty: give at least one layer size, e.g. [500, 500]")
@@ -234,6 +238,41 @@ class FederationConfig:
         parse_partition(self.partition)
 
 
+SCENARIOS = ("class", "domain", "task")
+STRATEGIES = ("naive", "replay", "ewc", "si")
+
+
+@dataclass(frozen=True)
+class ContinualConfig:
+    """`bpfree continual`: the dataset split into tasks that arrive one after another."""
+
+    tasks: int = 5                 # the classes split evenly into this many tasks (SplitMNIST: 5 x 2)
+    class_order: str = "fixed"     # fixed (0,1 | 2,3 | ...) | shuffled (by train.seed)
+    scenario: str = "class"        # class: one head over every class seen | domain: the within-task
+                                   # label (2-way) | task: task id known at test (its classes only)
+    strategy: str = "naive"        # naive | replay | ewc | si
+    epochs_per_task: int = 2
+    memory: int = 500              # replay: samples kept from past tasks (split evenly per task)
+    ewc_lambda: float = 1e5        # ewc: penalty lambda * sum F (w - w*)^2, per past task
+    si_c: float = 1.0              # si: penalty c * sum Omega (w - w*)^2
+    si_damping: float = 1e-3       # si: xi in Omega = omega / (delta^2 + xi)
+    client_order: str = "same"     # federated: same task order on every client | shuffled per client
+
+    def __post_init__(self) -> None:
+        _check_positive("continual", "tasks", self.tasks)
+        _check_choice("continual", "class_order", self.class_order, ("fixed", "shuffled"))
+        _check_choice("continual", "scenario", self.scenario, SCENARIOS)
+        _check_choice("continual", "strategy", self.strategy, STRATEGIES)
+        _check_positive("continual", "epochs_per_task", self.epochs_per_task)
+        _check_positive("continual", "memory", self.memory, allow_zero=True)
+        _check_positive("continual", "ewc_lambda", self.ewc_lambda, allow_zero=True)
+        _check_positive("continual", "si_c", self.si_c, allow_zero=True)
+        _check_positive("continual", "si_damping", self.si_damping)
+        _check_choice("continual", "client_order", self.client_order, ("same", "shuffled"))
+        if self.strategy == "replay" and self.memory == 0:
+            raise ConfigError("continual.strategy = 'replay' needs continual.memory > 0 samples")
+
+
 @dataclass(frozen=True)
 class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -242,6 +281,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    continual: ContinualConfig = field(default_factory=ContinualConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Every field but the secrets: what may be written to disk or sent to another party.

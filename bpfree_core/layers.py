@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from bpfree_core.config import ExperimentConfig
+from bpfree_core.consolidation import Consolidator
 from bpfree_core.seeds import derive
 
 Packet = dict[str, torch.Tensor]
@@ -87,6 +88,7 @@ class LocalLayer(nn.Module):
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
         self._host_steps: int | None = None      # mirror of `steps`, reset when weights load
         self.kernels = "foreach"                 # optimiser kernels (see `place`)
+        self.consolidators: dict[str, Consolidator] = {}   # continual learning: "body", "head"
         self.register_load_state_dict_post_hook(self._forget_host_steps)
 
     # -- construction -------------------------------------------------------------------------
@@ -158,7 +160,23 @@ class LocalLayer(nn.Module):
         assert self.optimizer is not None
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self.optimizer.step()
+        self._step(self.optimizer, self.consolidators.get("body"))
+
+    @staticmethod
+    def _step(optimizer: torch.optim.Optimizer, consolidator: Consolidator | None) -> None:
+        if consolidator is None:
+            optimizer.step()
+            return
+        consolidator.before_step()   # EWC / SI: the penalty's gradient joins the local one
+        optimizer.step()
+        consolidator.after_step()
+
+    def consolidate(self, kind: str, strength: float, damping: float = 1e-3) -> None:
+        """Protect this layer's parameters (body and head) with EWC or SI from now on."""
+        self.consolidators = {"body": Consolidator(self.body_parameters(), kind, strength, damping)}
+        if self.head is not None:
+            self.consolidators["head"] = Consolidator(list(self.head.parameters()), kind, strength,
+                                                      damping)
 
     def step_head(self, features: torch.Tensor, labels: torch.Tensor) -> Metrics:
         """One head step on detached features; returns head loss and accuracy on the batch."""
@@ -168,7 +186,7 @@ class LocalLayer(nn.Module):
         loss = F.cross_entropy(logits, labels)
         self.head_optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self.head_optimizer.step()
+        self._step(self.head_optimizer, self.consolidators.get("head"))
         acc = (logits.argmax(1) == labels).float().mean()
         return {"head_loss": loss.detach(), "head_acc": acc}
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from bpfree_core.config import ExperimentConfig
@@ -14,7 +16,10 @@ OPTIMIZER = "optimizer."   # key prefix of optimiser-state tensors (Stage.optimi
 
 
 def build_objective(cfg: ExperimentConfig) -> Objective:
-    return get_objective(cfg, SPECS[cfg.model.dataset])
+    spec = SPECS[cfg.model.dataset]
+    if cfg.model.num_classes:
+        spec = dataclasses.replace(spec, num_classes=cfg.model.num_classes)
+    return get_objective(cfg, spec)
 
 
 def build_layers(

@@ -11,7 +11,8 @@ reduced mod 2**62 and now follows the common rule: it differs where its old valu
 
 Purposes: "layer" (init of layer i), "client" (client k's batch/negative stream), "epoch" (batch
 order of an epoch), "batch" (the draws of one (epoch, batch)), "noise" (a UFF cell's denoising
-noise at a step), "pattern" (the fixed class patterns), "partition" (who holds which samples).
+noise at a step), "pattern" (the fixed class patterns), "partition" (who holds which samples),
+"tasks" (the continual class order), "memory" (which samples of a task replay keeps).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ _STEPS: dict[str, tuple[tuple[int, int, int], ...]] = {
     "noise": ((1_000_003, 1, 0), (1_000_033, 1, 0)),       # parts: cell index, step
     "pattern": ((31, 0, 2_718),),                          # no parts
     "partition": (),                                       # no parts: the seed itself
+    "tasks": ((1_000_211, 0, 7_727),),                     # no parts: continual class order
+    "memory": ((1_000_249, 15_485_863, 15_485_863),),      # part: task whose samples replay keeps
 }
 PURPOSES = tuple(_STEPS)
 

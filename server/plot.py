@@ -1,4 +1,5 @@
-"""A PNG of test accuracy per round, drawn from a run directory's metrics.jsonl."""
+"""PNGs of a run directory: test accuracy per round (federated), and the accuracy matrix and
+per-task curves of a continual run."""
 
 from __future__ import annotations
 
@@ -35,3 +36,52 @@ def plot_accuracy(run_dir: Path, out: Path | None = None) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_continual(run_dir: Path) -> list[Path]:
+    """RUN_DIR/accuracy_matrix.png (heatmap: row = after task i, column = tested on task j) and
+    RUN_DIR/task_accuracy.png (each task's accuracy as tasks arrive), from summary.json."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = json.loads((run_dir / "summary.json").read_text())
+    matrix, tasks = s["accuracy_matrix"], s["tasks"]
+    names = ["".join(map(str, t)) if len(t) < 4 else f"{t[0]}..{t[-1]}" for t in tasks]
+    title = f"{s['algorithm']}, {s['scenario']}-incremental, {s['strategy']} ({s['method']})"
+    fig, ax = plt.subplots(figsize=(5.2, 4.4), dpi=120)
+    im = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
+    for i, row in enumerate(matrix):
+        for j, v in enumerate(row):
+            ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center",
+                    color="white" if v < 0.6 else "black", fontsize=8)
+    ax.set_xticks(range(len(tasks)), [f"task {j + 1}\n{n}" for j, n in enumerate(names)], fontsize=7)
+    ax.set_yticks(range(len(tasks)), [f"after {i + 1}" for i in range(len(tasks))], fontsize=7)
+    ax.set_xlabel("tested on")
+    ax.set_title(f"{title}\naverage {100 * s['average_accuracy']:.1f}%, forgetting "
+                 f"{100 * s['forgetting']:.1f} pt", fontsize=8)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    heat = run_dir / "accuracy_matrix.png"
+    fig.savefig(heat)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5.2, 3.6), dpi=120)
+    steps = range(1, len(matrix) + 1)
+    for j in range(len(tasks)):
+        ax.plot(steps[j:], [matrix[i][j] for i in range(j, len(matrix))], marker="o",
+                label=f"task {j + 1} ({names[j]})")
+    ax.plot(steps, s["seen_accuracy"], "k--", label="mean over seen tasks")
+    ax.set_xlabel("tasks trained")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.set_xticks(list(steps))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    curve = run_dir / "task_accuracy.png"
+    fig.savefig(curve)
+    plt.close(fig)
+    return [heat, curve]

@@ -1,0 +1,342 @@
+"""Continual learning: the dataset split into tasks that arrive one after another (SplitMNIST).
+
+After each task the model is tested on every task, giving the accuracy matrix R (R[i][j] =
+accuracy on task j's test set after training on tasks 0..i), and from it the usual measures
+(Lopez-Paz & Ranzato 2017; Chaudhry et al. 2018):
+
+  average accuracy   mean_j R[T-1][j]
+  forgetting         mean_{j<T-1} (max_{j<=i<T-1} R[i][j] - R[T-1][j])
+  backward transfer  mean_{j<T-1} (R[T-1][j] - R[j][j])
+  forward transfer   mean_{j>0} (R[j-1][j] - b_j), b_j = task j's accuracy before any training
+
+Scenarios (van de Ven & Tolias 2019): `class` (one prediction over every class), `domain` (the
+within-task label: a 2-way problem shared by all tasks), `task` (the task id is known at test:
+the prediction is restricted to that task's classes).
+
+Strategies, all local to whoever holds the data or the layer: `replay` keeps a small memory of
+past tasks' samples (with the data, on the driver or client: it never leaves it) and mixes a
+batch of it into every training batch; `ewc` and `si` (bpfree_core.consolidation) make each
+layer protect its own parameters. `naive` does nothing (the lower bound).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bpfree_core.checkpoint import atomic_write_json
+from bpfree_core.config import ExperimentConfig
+from bpfree_core.data import Dataset, Split, epoch_batches, load_dataset
+from bpfree_core.errors import ConfigError
+from bpfree_core.executor import Executor
+from bpfree_core.layers import GOODNESS, LOGITS, LocalLayer, Packet
+from bpfree_core.metrics import MetricsWriter
+from bpfree_core.model import Stage, build_layers, build_objective
+from bpfree_core.objectives import Objective
+from bpfree_core.runtime import progress_bar
+from bpfree_core.seeds import generator
+from bpfree_core.trainer import EVAL_BATCH, batch_generator, jitter
+
+log = logging.getLogger(__name__)
+
+SCORES = {"softmax": LOGITS, "goodness": GOODNESS}   # prediction method -> packet key of its scores
+
+
+@dataclass(frozen=True)
+class Task:
+    index: int
+    classes: tuple[int, ...]    # dataset labels in this task
+    train: Split                # labels as the scenario sees them (within-task for `domain`)
+    test: Split
+
+
+def class_order(cfg: ExperimentConfig, num_classes: int) -> list[int]:
+    if cfg.continual.class_order == "fixed":
+        return list(range(num_classes))
+    return torch.randperm(num_classes, generator=generator(cfg.train.seed, "tasks")).tolist()
+
+
+def split_tasks(data: Dataset, cfg: ExperimentConfig) -> list[Task]:
+    """The dataset's classes split evenly into cfg.continual.tasks tasks (train_limit and
+    test_limit apply per task)."""
+    n, t = data.spec.num_classes, cfg.continual.tasks
+    if n % t:
+        raise ConfigError(f"continual.tasks = {t} does not divide {data.spec.name}'s {n} classes "
+                          f"evenly; choose a divisor of {n}")
+    order, per = class_order(cfg, n), n // t
+    tasks = []
+    for i in range(t):
+        classes = tuple(order[i * per:(i + 1) * per])
+        tasks.append(Task(i, classes, _task_split(data.train, classes, cfg.train.train_limit, cfg),
+                          _task_split(data.test, classes, cfg.train.test_limit, cfg)))
+    return tasks
+
+
+def _task_split(split: Split, classes: tuple[int, ...], limit: int, cfg: ExperimentConfig) -> Split:
+    idx = torch.nonzero(torch.isin(split.labels, torch.tensor(classes))).squeeze(1)
+    if limit:
+        idx = idx[:limit]
+    labels = split.labels[idx]
+    if cfg.continual.scenario == "domain":   # the position within the task: 0 or 1
+        labels = torch.searchsorted(torch.tensor(sorted(classes)), labels)
+    return Split(split.images[idx], labels)
+
+
+def model_classes(cfg: ExperimentConfig, dataset_classes: int) -> int:
+    """Labels the model tells apart: the task's for `domain`, every class otherwise."""
+    return dataset_classes // cfg.continual.tasks if cfg.continual.scenario == "domain" else 0
+
+
+class ReplayMemory:
+    """At most `size` training samples of past tasks, an equal share per task (Avalanche's
+    experience-balanced buffer), chosen with the run's seed. It lives with the data: on the
+    driver or the federated client, never sent anywhere."""
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed = size, seed
+        self.parts: list[Split] = []
+
+    def __len__(self) -> int:
+        return sum(len(p) for p in self.parts)
+
+    def add_task(self, task: int, split: Split) -> None:
+        share = self.size // (len(self.parts) + 1)
+        self.parts = [p.subset(slice(0, share)) for p in self.parts]   # keep a prefix: random already
+        pick = torch.randperm(len(split), generator=generator(self.seed, "memory", task))[:share]
+        self.parts.append(split.subset(pick))
+
+    def sample(self, n: int, gen: torch.Generator) -> Split:
+        """n samples drawn uniformly (with replacement) from the memory."""
+        pool = Split(torch.cat([p.images for p in self.parts]), torch.cat([p.labels for p in self.parts]))
+        return pool.subset(torch.randint(0, len(pool), (n,), generator=gen))
+
+
+def task_packets(objective: Objective, split: Split, memory: ReplayMemory | None,
+                 cfg: ExperimentConfig, epoch: int) -> Iterator[Packet]:
+    """One epoch of a task: each batch of the task's data, followed by as many memory samples
+    (`epoch` numbers epochs across the whole stream, so every batch has its own draws)."""
+    batch = cfg.train.batch_size
+    for b, idx in enumerate(epoch_batches(len(split), batch, cfg.train.seed, epoch)):
+        gen = batch_generator(cfg.train.seed, epoch, b)
+        x, y = split.images[idx], split.labels[idx]
+        if memory is not None and len(memory):
+            old = memory.sample(len(idx), gen)
+            x, y = torch.cat([x, old.images]), torch.cat([y, old.labels])
+        if cfg.train.jitter:
+            x = jitter(x, objective.spec.shape, cfg.train.jitter, gen)
+        yield objective.encode_train(x, y, gen)
+
+
+def methods(objective: Objective, cfg: ExperimentConfig) -> list[str]:
+    mode = cfg.train.predict
+    if mode == "both":
+        return ["softmax", "goodness"] if objective.supports_goodness else ["softmax"]
+    if mode == "goodness" and not objective.supports_goodness:
+        raise ConfigError(f"train.predict = 'goodness' but {objective.name} has no goodness; "
+                          "use softmax")
+    return [mode]
+
+
+def task_accuracy(executor: Executor, objective: Objective, task: Task, cfg: ExperimentConfig,
+                  ) -> dict[str, float]:
+    """Accuracy on one task's test set by each prediction method (task-IL: its classes only)."""
+    want = methods(objective, cfg)
+    correct = dict.fromkeys(want, 0)
+    for start in range(0, len(task.test), EVAL_BATCH):
+        x = task.test.images[start:start + EVAL_BATCH]
+        y = task.test.labels[start:start + EVAL_BATCH]
+        out = executor.eval_forward(objective.encode_eval(x, "goodness" in want))
+        for m in want:
+            scores = out[SCORES[m]].float().cpu()                       # (B, C)
+            if cfg.continual.scenario == "task":
+                mask = torch.full_like(scores, -math.inf)
+                mask[:, list(task.classes)] = 0.0
+                scores = scores + mask
+            correct[m] += int((scores.argmax(1) == y).sum())
+    return {m: c / max(len(task.test), 1) for m, c in correct.items()}
+
+
+def cl_metrics(matrix: list[list[float]], before: list[float]) -> dict[str, Any]:
+    """Average accuracy, forgetting, backward and forward transfer of an accuracy matrix
+    (row i: after training task i; column j: tested on task j), and the per-step curve."""
+    t = len(matrix)
+    final = matrix[-1]
+    old = range(t - 1)
+    return {
+        "average_accuracy": sum(final) / t,
+        "forgetting": (sum(max(matrix[i][j] for i in range(j, t - 1)) - final[j] for j in old)
+                       / (t - 1)) if t > 1 else 0.0,
+        "backward_transfer": sum(final[j] - matrix[j][j] for j in old) / (t - 1) if t > 1 else 0.0,
+        "forward_transfer": (sum(matrix[j - 1][j] - before[j] for j in range(1, t)) / (t - 1)
+                             if t > 1 else 0.0),
+        "seen_accuracy": [sum(matrix[i][:i + 1]) / (i + 1) for i in range(t)],
+    }
+
+
+# -- the local strategies' hooks into the layers ----------------------------------------------
+
+def consolidating_layers(executor: Executor, cfg: ExperimentConfig) -> list[LocalLayer]:
+    """The layers that run EWC / SI (their penalties live with them), set up for the run."""
+    c = cfg.continual
+    if c.strategy not in ("ewc", "si"):
+        return []
+    if not hasattr(executor, "local_layers"):
+        raise ConfigError(f"continual.strategy = {c.strategy!r} keeps its penalties inside the "
+                          "layers and runs in one process for now; use --executor inprocess, or "
+                          "replay / naive on a pipeline")
+    layers = executor.local_layers()  # type: ignore[attr-defined]
+    strength = c.ewc_lambda if c.strategy == "ewc" else c.si_c
+    for layer in layers:
+        layer.consolidate(c.strategy, strength, c.si_damping)
+    return layers
+
+
+def _consolidators(layers: list[LocalLayer]) -> list[Any]:
+    return [c for layer in layers for c in layer.consolidators.values()]
+
+
+# -- the run ------------------------------------------------------------------------------------
+
+def run_continual(cfg: ExperimentConfig, executor: Executor, run_dir: Path | None = None,
+                  progress: bool = True) -> dict[str, Any]:
+    """Train the task stream through `executor`; RUN_DIR gets config.json, metrics.jsonl (one
+    record per task) and summary.json (the accuracy matrix and every CL measure)."""
+    data = load_dataset(cfg.model.dataset, cfg.train.data_dir or None)
+    classes = model_classes(cfg, data.spec.num_classes)
+    if classes != cfg.model.num_classes:
+        raise ConfigError(f"model.num_classes = {cfg.model.num_classes} but continual.scenario = "
+                          f"{cfg.continual.scenario!r} needs {classes} (use continual_config)")
+    tasks = split_tasks(data, cfg)
+    objective = build_objective(cfg)
+    want = methods(objective, cfg)
+    headline = "goodness" if "goodness" in want else want[0]
+    c = cfg.continual
+    layers = consolidating_layers(executor, cfg)
+    memory = ReplayMemory(c.memory, cfg.train.seed) if c.strategy == "replay" else None
+    if run_dir:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run_dir / "config.json", cfg.to_dict())
+    writer = MetricsWriter(run_dir)
+    start = time.perf_counter()
+    before = [task_accuracy(executor, objective, task, cfg) for task in tasks]
+    matrices: dict[str, list[list[float]]] = {m: [] for m in want}
+    total = len(tasks) * c.epochs_per_task
+    bar = progress_bar(total=total, enabled=progress, unit="epoch", desc="tasks", leave=False)
+    for task in tasks:
+        epochs = []
+        for k in range(c.epochs_per_task):
+            for con in _consolidators(layers):   # EWC's Fisher: the task's last epoch
+                con.collecting = con.kind == "ewc" and k == c.epochs_per_task - 1
+            packets = task_packets(objective, task.train, memory, cfg,
+                                   task.index * c.epochs_per_task + k)
+            epochs.append(executor.train_epoch(packets, k, c.epochs_per_task))
+            bar.update(1)
+        penalty = sum(con.penalty() for con in _consolidators(layers))   # vs the earlier tasks
+        for con in _consolidators(layers):
+            con.end_task()
+        if memory is not None:
+            memory.add_task(task.index, task.train)
+        rows = [task_accuracy(executor, objective, other, cfg) for other in tasks]
+        for m in want:
+            matrices[m].append([r[m] for r in rows])
+        seen = matrices[headline][-1][:task.index + 1]
+        line = (f"task {task.index + 1}/{len(tasks)} classes {list(task.classes)}: accuracy on "
+                f"tasks seen {sum(seen) / len(seen):.4f} ("
+                + " ".join(f"{a:.3f}" for a in matrices[headline][-1][:task.index + 1]) + ")")
+        if progress and not bar.disable:
+            bar.write(line)
+        else:
+            log.info("%s", line)
+        writer.write({"task": task.index + 1, "classes": list(task.classes),
+                      "accuracy": {m: matrices[m][-1] for m in want},
+                      "epochs": [{k: e[k] for k in ("layers", "seconds", "samples_per_second")}
+                                 for e in epochs],
+                      "memory": len(memory) if memory is not None else 0,
+                      "penalty": penalty},
+                     step=task.index + 1)
+    bar.close()
+    writer.close()
+    weights = executor.get_weights()
+    summary = {
+        "algorithm": cfg.model.algorithm, "dataset": cfg.model.dataset,
+        "scenario": c.scenario, "strategy": c.strategy, "tasks": [list(t.classes) for t in tasks],
+        "method": headline, "accuracy_matrix": matrices[headline],
+        **cl_metrics(matrices[headline], [b[headline] for b in before]),
+        "by_method": {m: {"accuracy_matrix": matrices[m],
+                          **cl_metrics(matrices[m], [b[m] for b in before])} for m in want},
+        "before_training": [b[headline] for b in before],
+        "memory": len(memory) if memory is not None else 0,
+        "activity": layer_activity(weights, cfg, objective, tasks),
+        "fingerprint": cfg.fingerprint(), **executor.describe(),
+        "wall_seconds": time.perf_counter() - start,
+    }
+    if run_dir:
+        atomic_write_json(run_dir / "summary.json", summary)
+    summary["weights"] = weights
+    return summary
+
+
+def continual_config(cfg: ExperimentConfig) -> ExperimentConfig:
+    """cfg with what the scenario implies: domain-incremental tells 2 labels apart."""
+    from bpfree_core.data import SPECS
+
+    n = model_classes(cfg, SPECS[cfg.model.dataset].num_classes)
+    return cfg if n == cfg.model.num_classes else cfg.with_overrides([f"model.num_classes={n}"])
+
+
+# -- what the SFFA paper suggests is the mechanism: sparse, specialised units ------------------
+
+def layer_activity(weights: dict[str, torch.Tensor], cfg: ExperimentConfig, objective: Objective,
+                   tasks: list[Task], samples: int = 1000) -> dict[str, dict[str, float]]:
+    """Per layer, on each task's test images (neutral label): the share of zero activations
+    (sparsity), and how many units are specialised: a unit is, when more than half its mean
+    activity over the tasks comes from one task (uniform would be 1 / tasks)."""
+    stage = Stage(build_layers(cfg, objective=objective), "cpu")
+    stage.load_state_dict(weights)
+    per_task: list[dict[str, torch.Tensor]] = []
+    zeros: dict[str, list[float]] = {}
+    for task in tasks:
+        acts = _activations(stage, objective, task.test.images[:samples])
+        per_task.append({k: a.mean(0) for k, a in acts.items()})             # (D,) mean per unit
+        for k, a in acts.items():
+            zeros.setdefault(k, []).append(float((a <= 0).float().mean()))
+    out = {}
+    for k in per_task[0]:
+        m = torch.stack([t[k] for t in per_task])                            # (tasks, D)
+        total = m.sum(0)
+        alive = total > 0
+        share = m.max(0).values[alive] / total[alive]
+        out[k] = {"sparsity": sum(zeros[k]) / len(zeros[k]), "dead_units": float((~alive).float().mean()),
+                  "specialised_units": float((share > 0.5).float().mean()) if alive.any() else 0.0,
+                  "mean_top_task_share": float(share.mean()) if alive.any() else 0.0}
+    return out
+
+
+@torch.no_grad()
+def _activations(stage: Stage, objective: Objective, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each layer's activations (B, D) on the neutral input: the ReLU modules' outputs where a
+    layer has them (bp), else the activations it hands on."""
+    captured: dict[str, torch.Tensor] = {}
+    packet = objective.encode_eval(x, False)
+    for layer in stage.layers:
+        relus = [m for m in layer.modules() if isinstance(m, nn.ReLU)]
+        hooks = [r.register_forward_hook(
+            lambda _m, _i, o, k=f"{layer.index}.{j}": captured.__setitem__(k, o.flatten(1)))
+            for j, r in enumerate(relus)]
+        layer.eval()
+        packet = layer.eval_step(packet)
+        for h in hooks:
+            h.remove()
+        if not relus:
+            act = packet.get("neutral", packet.get("x"))
+            if act is not None:
+                captured[str(layer.index)] = act.flatten(1)
+    return captured

@@ -1,0 +1,100 @@
+"""`bpfree continual`: a task stream (SplitMNIST) through one process or a pipeline of stage workers.
+
+    bpfree continual --algorithm sffa --strategy replay --data-dir ../shared/datasets --out runs/cl
+    bpfree continual --quick --data-dir ../shared/datasets                   # seconds, a tiny subset
+    bpfree continual --executor pipeline --stages 2 --strategy replay ...    # stages as processes
+
+RUN_DIR gets config.json, metrics.jsonl (one record per task), summary.json (the accuracy
+matrix, average accuracy, forgetting, backward and forward transfer, per-layer sparsity and
+specialisation) and two PNGs: the accuracy matrix as a heatmap, and each task's accuracy as
+tasks arrive.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from bpfree_core.cli_train import add_config_arguments, config_from_args, progress_from_args
+from bpfree_core.config import SCENARIOS, STRATEGIES, ExperimentConfig
+from bpfree_core.continual import continual_config, run_continual
+from bpfree_core.errors import ConfigError
+from bpfree_core.executor import InProcessExecutor
+from bpfree_core.runtime import resolve_device, set_threads
+
+# A tiny subset: 600 training and 200 test images per task, narrow layers.
+QUICK = ("train.train_limit=600", "train.test_limit=200", "train.batch_size=50",
+         "model.hidden=[200,200]", "continual.memory=100")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--scenario", choices=SCENARIOS, help="class | domain | task "
+                        "(continual.scenario)")
+    parser.add_argument("--strategy", choices=STRATEGIES, help="continual.strategy")
+    parser.add_argument("--tasks", type=int, help="continual.tasks (classes split evenly)")
+    parser.add_argument("--epochs-per-task", type=int, help="continual.epochs_per_task")
+    parser.add_argument("--memory", type=int, help="replay memory size (continual.memory)")
+    parser.add_argument("--executor", choices=("inprocess", "pipeline"), default="inprocess",
+                        help="inprocess (default) | pipeline: pipeline.stages worker processes")
+    parser.add_argument("--stages", type=int, help="pipeline.stages (with --executor pipeline)")
+    parser.add_argument("--quick", action="store_true", help="a tiny subset (seconds): "
+                        + " ".join(QUICK) + " (explicit --set / flags win)")
+    parser.add_argument("--no-plot", action="store_true", help="skip the PNGs")
+
+
+def resolve(args: argparse.Namespace) -> ExperimentConfig:
+    flags = [f"continual.{key}={value}" for key, value in (
+        ("scenario", args.scenario), ("strategy", args.strategy), ("tasks", args.tasks),
+        ("epochs_per_task", args.epochs_per_task), ("memory", args.memory)) if value is not None]
+    if args.stages is not None:
+        flags.append(f"pipeline.stages={args.stages}")
+    cfg = config_from_args(args)
+    if args.quick:   # under everything the user gave
+        cfg = ExperimentConfig().with_overrides(list(QUICK)).with_overrides(
+            _given(config_from_args(args)))
+    return continual_config(cfg.with_overrides(flags))
+
+
+def _given(cfg: ExperimentConfig) -> list[str]:
+    """The config's fields that differ from the defaults, as overrides."""
+    base, out = ExperimentConfig().to_dict(), []
+    for section, values in cfg.to_dict().items():
+        for key, value in values.items():
+            if base[section][key] != value:
+                out.append(f"{section}.{key}={json.dumps(value) if not isinstance(value, str) else value}")
+    return out
+
+
+def continual(cfg: ExperimentConfig, executor: str = "inprocess", run_dir: Path | None = None,
+              progress: bool = True) -> dict[str, Any]:
+    """Run the task stream through one process or a local pipeline of stage workers."""
+    set_threads(cfg.train.threads)
+    if executor == "pipeline":
+        from client.executor import PipelineExecutor
+        from client.pipeline import Pipeline
+
+        with Pipeline.launch_local(cfg, threads=max(cfg.train.threads, 1)) as pipe:
+            return run_continual(cfg, PipelineExecutor.from_pipeline(pipe), run_dir, progress)
+    with InProcessExecutor(cfg, resolve_device(cfg.train.device)) as ex:
+        return run_continual(cfg, ex, run_dir, progress)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = resolve(args)
+    run_dir = args.out or Path("runs") / time.strftime("continual-%Y%m%d-%H%M%S")
+    if cfg.continual.strategy in ("ewc", "si") and args.executor == "pipeline":
+        raise ConfigError(f"continual.strategy = {cfg.continual.strategy!r} runs in one process "
+                          "for now (its penalties live inside the layers); use --executor "
+                          "inprocess, or replay / naive on a pipeline")
+    summary = continual(cfg, args.executor, run_dir, progress_from_args(args))
+    summary.pop("weights")
+    if not args.no_plot:
+        from server.plot import plot_continual
+
+        summary["plots"] = [str(p) for p in plot_continual(run_dir)]
+    print(json.dumps({k: v for k, v in summary.items() if k != "by_method"}, indent=2))
+    return 0
