@@ -2,7 +2,7 @@
 
 links.json   every row and the run's settings        links.csv  one line per point
 links.md     the table with the command that made it  links.png  samples/s vs link rate
-links_accuracy.{md,json}   test accuracy per wire dtype (`--accuracy`)
+links_accuracy_<E>ep.{md,json}   test accuracy per wire dtype after E epochs (`--accuracy`)
 """
 
 from __future__ import annotations
@@ -145,7 +145,8 @@ def write_outputs(res: dict[str, Any], out: Path) -> list[Path]:
 
 def write_accuracy(res: dict[str, Any], out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "links_accuracy.json").write_text(json.dumps(res, indent=1) + "\n")
+    name = f"links_accuracy_{res['rows'][0]['epochs']}ep"
+    (out / f"{name}.json").write_text(json.dumps(res, indent=1) + "\n")
     by_wire: dict[str, list[float]] = {}
     for r in res["rows"]:
         by_wire.setdefault(r["wire"], []).append(r["test_accuracy"])
@@ -167,5 +168,5 @@ def write_accuracy(res: dict[str, Any], out: Path) -> list[Path]:
         secs = statistics.mean(r["seconds"] for r in rows if r["wire"] == wire)
         lines.append(f"| {wire} | {len(accs)} | {100 * statistics.mean(accs):.2f}% | "
                      f"{100 * (statistics.mean(accs) - base):+.2f} pt | {secs / 60:.1f} min |")
-    (out / "links_accuracy.md").write_text("\n".join(lines) + "\n")
-    return [out / "links_accuracy.md", out / "links_accuracy.json"]
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    return [out / f"{name}.md", out / f"{name}.json"]
