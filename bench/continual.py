@@ -51,17 +51,22 @@ class Row:
     algorithm: str
     scenario: str
     strategy: str
+    clients: int = 0     # > 0: federated, K clients with IID shares of every task, 2 rounds per task
 
     @property
     def name(self) -> str:
-        return f"{self.algorithm}-{self.scenario}-{self.strategy}"
+        fed = f"-fed{self.clients}" if self.clients else ""
+        return f"{self.algorithm}-{self.scenario}-{self.strategy}{fed}"
 
     def overrides(self, seed: int) -> list[str]:
+        fed = ["continual.federated=true", f"federation.clients={self.clients}",
+               "federation.rounds=10", "federation.local_epochs=1"] if self.clients else []
         return [*PAPER, *ALGOS[self.algorithm], f"continual.scenario={self.scenario}",
-                f"continual.strategy={self.strategy}", f"train.seed={seed}"]
+                f"continual.strategy={self.strategy}", f"train.seed={seed}", *fed]
 
 
-ROWS = ([Row(a, "class", "replay") for a in ALGOS] + [Row(a, "class", "naive") for a in ("sffa", "bp")]
+ROWS = ([Row(a, "class", "replay") for a in ALGOS] + [Row("sffa", "class", "replay", clients=4)]
+        + [Row(a, "class", "naive") for a in ("sffa", "bp")]
         + [Row(a, "domain", "replay") for a in ("sffa", "bp")]
         + [Row(a, "class", s) for s in ("ewc", "si") for a in ("sffa", "bp")])
 
@@ -72,7 +77,18 @@ def run_row(row: Row, seed: int, data_dir: str, sets: list[str], run_root: Path)
     cfg = continual_config(ExperimentConfig().with_overrides(
         [*row.overrides(seed), f"train.data_dir={data_dir}", *sets]))
     torch.set_num_threads(cfg.train.threads)
-    s = continual(cfg, run_dir=run_root / f"{row.name}-s{seed}", progress=False)
+    run_dir = run_root / f"{row.name}-s{seed}"
+    if row.clients:
+        # The in-process federated reference: by the golden rule (tests/test_continual.py) it ends
+        # with the weights of the same federation on Flower with pipelined clients.
+        from server.coordinator import Coordinator
+        from server.reference import InProcessTransport
+
+        t0 = time.time()
+        fed = Coordinator(cfg, run_dir, evaluate=False).run(InProcessTransport(cfg))
+        s = {**fed["continual"], "wall_seconds": time.time() - t0}
+    else:
+        s = continual(cfg, run_dir=run_dir, progress=False)
     keep = ("method", "average_accuracy", "forgetting", "backward_transfer", "forward_transfer",
             "accuracy_matrix", "activity", "wall_seconds")
     return {"row": row.name, "seed": seed, **{k: s[k] for k in keep},
@@ -117,7 +133,8 @@ def markdown(res: dict[str, Any]) -> str:
         keys = sorted(act)[:2]
         soft = [r["by_method"]["softmax"]["average_accuracy"] for r in rs if "softmax" in r["by_method"]]
         lines.append(
-            f"| {row.name} | {row.algorithm} | {row.scenario}-IL | {row.strategy} | "
+            f"| {row.name} | {row.algorithm}{f' ({row.clients} clients)' if row.clients else ''} | "
+            f"{row.scenario}-IL | {row.strategy} | "
             f"{','.join(str(r['seed']) for r in rs)} | {_pm([r['average_accuracy'] for r in rs])} | "
             f"{_pm(soft) if soft and rs[0]['method'] != 'softmax' else '—'} | "
             f"{_pm([r['forgetting'] for r in rs])} | "

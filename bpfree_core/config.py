@@ -256,6 +256,9 @@ class ContinualConfig:
     ewc_lambda: float = 1e5        # ewc: penalty lambda * sum F (w - w*)^2, per past task
     si_c: float = 1.0              # si: penalty c * sum Omega (w - w*)^2
     si_damping: float = 1e-3       # si: xi in Omega = omega / (delta^2 + xi)
+    federated: bool = False        # bpfree simulate / flwr run train the task stream: each client
+                                   # its share of the current task (+ its own replay memory);
+                                   # federation.rounds split evenly over the tasks
     client_order: str = "same"     # federated: same task order on every client | shuffled per client
 
     def __post_init__(self) -> None:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,6 +95,13 @@ def model_classes(cfg: ExperimentConfig, dataset_classes: int) -> int:
     return dataset_classes // cfg.continual.tasks if cfg.continual.scenario == "domain" else 0
 
 
+def _check_classes(cfg: ExperimentConfig, dataset_classes: int) -> None:
+    want = model_classes(cfg, dataset_classes)
+    if want != cfg.model.num_classes:
+        raise ConfigError(f"continual.scenario = {cfg.continual.scenario!r} needs model.num_classes "
+                          f"= {want} but it is {cfg.model.num_classes}; set it (0 = the dataset's)")
+
+
 class ReplayMemory:
     """At most `size` training samples of past tasks, an equal share per task (Avalanche's
     experience-balanced buffer), chosen with the run's seed. It lives with the data: on the
@@ -145,15 +152,16 @@ def methods(objective: Objective, cfg: ExperimentConfig) -> list[str]:
     return [mode]
 
 
-def task_accuracy(executor: Executor, objective: Objective, task: Task, cfg: ExperimentConfig,
-                  ) -> dict[str, float]:
-    """Accuracy on one task's test set by each prediction method (task-IL: its classes only)."""
+def task_accuracy(forward: Callable[[Packet], Packet], objective: Objective, task: Task,
+                  cfg: ExperimentConfig) -> dict[str, float]:
+    """Accuracy on one task's test set by each prediction method (task-IL: its classes only),
+    running packets through `forward` (an executor's eval_forward, a Stage's eval_step)."""
     want = methods(objective, cfg)
     correct = dict.fromkeys(want, 0)
     for start in range(0, len(task.test), EVAL_BATCH):
         x = task.test.images[start:start + EVAL_BATCH]
         y = task.test.labels[start:start + EVAL_BATCH]
-        out = executor.eval_forward(objective.encode_eval(x, "goodness" in want))
+        out = forward(objective.encode_eval(x, "goodness" in want))
         for m in want:
             scores = out[SCORES[m]].float().cpu()                       # (B, C)
             if cfg.continual.scenario == "task":
@@ -210,10 +218,7 @@ def run_continual(cfg: ExperimentConfig, executor: Executor, run_dir: Path | Non
     """Train the task stream through `executor`; RUN_DIR gets config.json, metrics.jsonl (one
     record per task) and summary.json (the accuracy matrix and every CL measure)."""
     data = load_dataset(cfg.model.dataset, cfg.train.data_dir or None)
-    classes = model_classes(cfg, data.spec.num_classes)
-    if classes != cfg.model.num_classes:
-        raise ConfigError(f"model.num_classes = {cfg.model.num_classes} but continual.scenario = "
-                          f"{cfg.continual.scenario!r} needs {classes} (use continual_config)")
+    _check_classes(cfg, data.spec.num_classes)
     tasks = split_tasks(data, cfg)
     objective = build_objective(cfg)
     want = methods(objective, cfg)
@@ -226,7 +231,7 @@ def run_continual(cfg: ExperimentConfig, executor: Executor, run_dir: Path | Non
         atomic_write_json(run_dir / "config.json", cfg.to_dict())
     writer = MetricsWriter(run_dir)
     start = time.perf_counter()
-    before = [task_accuracy(executor, objective, task, cfg) for task in tasks]
+    before = [task_accuracy(executor.eval_forward, objective, task, cfg) for task in tasks]
     matrices: dict[str, list[list[float]]] = {m: [] for m in want}
     total = len(tasks) * c.epochs_per_task
     bar = progress_bar(total=total, enabled=progress, unit="epoch", desc="tasks", leave=False)
@@ -244,7 +249,7 @@ def run_continual(cfg: ExperimentConfig, executor: Executor, run_dir: Path | Non
             con.end_task()
         if memory is not None:
             memory.add_task(task.index, task.train)
-        rows = [task_accuracy(executor, objective, other, cfg) for other in tasks]
+        rows = [task_accuracy(executor.eval_forward, objective, other, cfg) for other in tasks]
         for m in want:
             matrices[m].append([r[m] for r in rows])
         seen = matrices[headline][-1][:task.index + 1]
@@ -282,6 +287,88 @@ def run_continual(cfg: ExperimentConfig, executor: Executor, run_dir: Path | Non
         atomic_write_json(run_dir / "summary.json", summary)
     summary["weights"] = weights
     return summary
+
+
+# -- federated continual learning: every client sees the task stream --------------------------
+
+def check_federated(cfg: ExperimentConfig) -> None:
+    """Refuse a federated task stream that cannot run, before anything starts."""
+    from bpfree_core.data import SPECS
+
+    if cfg.continual.strategy in ("ewc", "si"):
+        raise ConfigError(f"continual.strategy = {cfg.continual.strategy!r} keeps penalties inside "
+                          "the layers across rounds, which federated clients do not; use replay or "
+                          "naive in a federation")
+    rounds_per_task(cfg)
+    _check_classes(cfg, SPECS[cfg.model.dataset].num_classes)
+
+
+def rounds_per_task(cfg: ExperimentConfig) -> int:
+    rounds, tasks = cfg.federation.rounds, cfg.continual.tasks
+    if rounds % tasks:
+        raise ConfigError(f"continual.federated = true splits federation.rounds = {rounds} evenly over "
+                          f"continual.tasks = {tasks}; make the rounds a multiple of the tasks")
+    return rounds // tasks
+
+
+def client_tasks(cfg: ExperimentConfig, client: int, num_classes: int) -> list[tuple[int, ...]]:
+    """Client `client`'s task order (the classes of each task): the run's, or its own
+    (continual.client_order = shuffled: the same tasks, in an order drawn per client)."""
+    order, per = class_order(cfg, num_classes), num_classes // cfg.continual.tasks
+    tasks = [tuple(order[i * per:(i + 1) * per]) for i in range(cfg.continual.tasks)]
+    if cfg.continual.client_order == "shuffled":
+        perm = torch.randperm(len(tasks), generator=generator(cfg.train.seed, "tasks", client + 1))
+        tasks = [tasks[i] for i in perm.tolist()]
+    return tasks
+
+
+def client_round_data(cfg: ExperimentConfig, data: Split, client: int, rnd: int,
+                      client_seed: int) -> tuple[Split, ReplayMemory | None]:
+    """What client `client` (`data`: its partition) trains on in round `rnd` of the run `cfg`: its
+    share of the current task, and (replay) a memory of its own earlier tasks, rebuilt from its
+    data with its own seed every round: it never leaves the client."""
+    from bpfree_core.data import SPECS
+
+    check_federated(cfg)
+    tasks = client_tasks(cfg, client, SPECS[cfg.model.dataset].num_classes)
+    current = rnd // rounds_per_task(cfg)
+    split = _task_split(data, tasks[current], 0, cfg)
+    memory = None
+    if cfg.continual.strategy == "replay":
+        memory = ReplayMemory(cfg.continual.memory, client_seed)
+        for i in range(current):
+            memory.add_task(i, _task_split(data, tasks[i], 0, cfg))
+    return split, memory
+
+
+class TaskEvaluator:
+    """The coordinator's view of a federated task stream: every task's test accuracy of a set
+    of global weights (the rows of the accuracy matrix)."""
+
+    def __init__(self, cfg: ExperimentConfig):
+        data = load_dataset(cfg.model.dataset, cfg.train.data_dir or None)
+        check_federated(cfg)
+        self.cfg, self.tasks = cfg, split_tasks(data, cfg)
+        self.objective = build_objective(cfg)
+        self.methods = methods(self.objective, cfg)
+        self.headline = "goodness" if "goodness" in self.methods else self.methods[0]
+
+    def row(self, weights: dict[str, torch.Tensor]) -> dict[str, list[float]]:
+        stage = Stage(build_layers(self.cfg, objective=self.objective), self.cfg.train.device)
+        stage.load_state_dict(weights)
+        accs = [task_accuracy(stage.eval_step, self.objective, t, self.cfg) for t in self.tasks]
+        return {m: [a[m] for a in accs] for m in self.methods}
+
+    def summary(self, rows: list[dict[str, list[float]]], before: dict[str, list[float]],
+                weights: dict[str, torch.Tensor]) -> dict[str, Any]:
+        h = self.headline
+        return {"scenario": self.cfg.continual.scenario, "strategy": self.cfg.continual.strategy,
+                "tasks": [list(t.classes) for t in self.tasks], "method": h,
+                "accuracy_matrix": [r[h] for r in rows], **cl_metrics([r[h] for r in rows], before[h]),
+                "by_method": {m: {"accuracy_matrix": [r[m] for r in rows],
+                                  **cl_metrics([r[m] for r in rows], before[m])} for m in self.methods},
+                "before_training": before[h],
+                "activity": layer_activity(weights, self.cfg, self.objective, self.tasks)}
 
 
 def continual_config(cfg: ExperimentConfig) -> ExperimentConfig:

@@ -23,6 +23,7 @@ import time
 
 from bpfree_core.aggregate import ClientUpdate, Weights
 from bpfree_core.config import ExperimentConfig
+from bpfree_core.continual import client_round_data, task_packets
 from bpfree_core.data import Split, load_dataset
 from bpfree_core.errors import ConfigError
 from bpfree_core.executor import Executor, InProcessExecutor
@@ -98,11 +99,18 @@ def _round_once(executor: Executor, cfg: ExperimentConfig, data: Split, client: 
                 global_weights: Weights) -> ClientUpdate:
     ccfg = client_config(cfg, client)
     objective = build_objective(ccfg)
+    memory = None
+    if cfg.continual.federated:   # this round's task (+ the client's own replay memory)
+        data, memory = client_round_data(cfg, data, client, rnd, ccfg.train.seed)
     executor.load_weights(global_weights, proximal_mu=cfg.federation.proximal_mu)
     t0 = time.perf_counter()
     metrics: dict[str, float] = {}
     for epoch in round_epochs(cfg, rnd):
-        stats = run_epoch(executor, objective, data, ccfg, epoch, total_epochs(cfg))
+        if cfg.continual.federated:
+            stats = executor.train_epoch(task_packets(objective, data, memory, ccfg, epoch), epoch,
+                                         total_epochs(cfg))
+        else:
+            stats = run_epoch(executor, objective, data, ccfg, epoch, total_epochs(cfg))
         metrics = flat_numbers(stats["layers"], "train/")  # the last local epoch's means
     metrics["train_seconds"] = time.perf_counter() - t0
     return ClientUpdate(client=client, num_examples=len(data), weights=executor.get_weights(),

@@ -34,7 +34,8 @@ _STEPS: dict[str, tuple[tuple[int, int, int], ...]] = {
     "noise": ((1_000_003, 1, 0), (1_000_033, 1, 0)),       # parts: cell index, step
     "pattern": ((31, 0, 2_718),),                          # no parts
     "partition": (),                                       # no parts: the seed itself
-    "tasks": ((1_000_211, 0, 7_727),),                     # no parts: continual class order
+    "tasks": ((1_000_211, 7_919, 7_727),),                 # part: 0 = the class order, k + 1 =
+                                                           # client k's own task order
     "memory": ((1_000_249, 15_485_863, 15_485_863),),      # part: task whose samples replay keeps
 }
 PURPOSES = tuple(_STEPS)

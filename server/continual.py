@@ -3,11 +3,17 @@
     bpfree continual --algorithm sffa --strategy replay --data-dir ../shared/datasets --out runs/cl
     bpfree continual --quick --data-dir ../shared/datasets                   # seconds, a tiny subset
     bpfree continual --executor pipeline --stages 2 --strategy replay ...    # stages as processes
+    bpfree continual --clients 4 --stages 2 --strategy replay ...            # federated (Flower)
 
 RUN_DIR gets config.json, metrics.jsonl (one record per task), summary.json (the accuracy
 matrix, average accuracy, forgetting, backward and forward transfer, per-layer sparsity and
 specialisation) and two PNGs: the accuracy matrix as a heatmap, and each task's accuracy as
 tasks arrive.
+
+With --clients K the stream is federated (`continual.federated`): every client trains its share of
+the current task (and replays its own memory, which never leaves it) for continual.epochs_per_task
+rounds of one local epoch, the coordinator averages each layer per round and tests every task after
+each task's last round; the Flower simulation runs it (summary.json's "continual" holds the matrix).
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--executor", choices=("inprocess", "pipeline"), default="inprocess",
                         help="inprocess (default) | pipeline: pipeline.stages worker processes")
     parser.add_argument("--stages", type=int, help="pipeline.stages (with --executor pipeline)")
+    parser.add_argument("--clients", type=int, help="federated continual learning with K clients "
+                        "(Flower simulation; each client's stages as --executor says)")
     parser.add_argument("--quick", action="store_true", help="a tiny subset (seconds): "
                         + " ".join(QUICK) + " (explicit --set / flags win)")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNGs")
@@ -52,11 +60,19 @@ def resolve(args: argparse.Namespace) -> ExperimentConfig:
         ("epochs_per_task", args.epochs_per_task), ("memory", args.memory)) if value is not None]
     if args.stages is not None:
         flags.append(f"pipeline.stages={args.stages}")
+    if args.clients:
+        flags.append(f"federation.clients={args.clients}")
     cfg = config_from_args(args)
     if args.quick:   # under everything the user gave
         cfg = ExperimentConfig().with_overrides(list(QUICK)).with_overrides(
             _given(config_from_args(args)))
-    return continual_config(cfg.with_overrides(flags))
+    cfg = cfg.with_overrides(flags)
+    if args.clients:   # one round of one local epoch per epoch of a task
+        cfg = cfg.with_overrides([
+            "continual.federated=true", "federation.local_epochs=1",
+            f"federation.rounds={cfg.continual.tasks * cfg.continual.epochs_per_task}",
+            f"federation.executor={args.executor}"])
+    return continual_config(cfg)
 
 
 def _given(cfg: ExperimentConfig) -> list[str]:
@@ -73,6 +89,12 @@ def continual(cfg: ExperimentConfig, executor: str = "inprocess", run_dir: Path 
               progress: bool = True) -> dict[str, Any]:
     """Run the task stream through one process or a local pipeline of stage workers."""
     set_threads(cfg.train.threads)
+    if cfg.continual.federated:
+        from server.simulate import simulate
+
+        if run_dir is None:
+            raise ConfigError("a federated continual run needs a run directory")
+        return simulate(cfg, run_dir, progress=progress)
     if executor == "pipeline":
         from client.executor import PipelineExecutor
         from client.pipeline import Pipeline
@@ -86,7 +108,7 @@ def continual(cfg: ExperimentConfig, executor: str = "inprocess", run_dir: Path 
 def run(args: argparse.Namespace) -> int:
     cfg = resolve(args)
     run_dir = args.out or Path("runs") / time.strftime("continual-%Y%m%d-%H%M%S")
-    if cfg.continual.strategy in ("ewc", "si") and args.executor == "pipeline":
+    if cfg.continual.strategy in ("ewc", "si") and (args.executor == "pipeline" or args.clients):
         raise ConfigError(f"continual.strategy = {cfg.continual.strategy!r} runs in one process "
                           "for now (its penalties live inside the layers); use --executor "
                           "inprocess, or replay / naive on a pipeline")
@@ -96,5 +118,6 @@ def run(args: argparse.Namespace) -> int:
         from server.plot import plot_continual
 
         summary["plots"] = [str(p) for p in plot_continual(run_dir)]
-    print(json.dumps({k: v for k, v in summary.items() if k != "by_method"}, indent=2))
+    shown = {**summary, **summary.pop("continual", {})}
+    print(json.dumps({k: v for k, v in shown.items() if k != "by_method"}, indent=2))
     return 0

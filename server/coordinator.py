@@ -26,6 +26,7 @@ from typing import Any, Protocol
 from bpfree_core.aggregate import ClientUpdate, Weights, fedavg, layer_stats, validate_update
 from bpfree_core.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint, save_checkpoint
 from bpfree_core.config import ExperimentConfig
+from bpfree_core.continual import TaskEvaluator, rounds_per_task
 from bpfree_core.data import load_dataset
 from bpfree_core.errors import AggregationError, ProtocolError
 from bpfree_core.federated import stack_template
@@ -89,6 +90,9 @@ class Coordinator:
         self.objective = objective
         data = load_dataset(cfg.model.dataset, cfg.train.data_dir or None)
         self.test = limited(data.test, cfg.train.test_limit)
+        # A federated task stream: every task's accuracy after each task's last round.
+        self.tasks = TaskEvaluator(cfg) if cfg.continual.federated else None
+        self.before_tasks = self.tasks.row(self.template) if self.tasks else {}
 
     # -- resume -----------------------------------------------------------------------------------
     def _resume(self, run_dir: Path) -> None:
@@ -174,9 +178,12 @@ class Coordinator:
             self.on_round(rnd, new, accepted)
         t2 = time.perf_counter()
         acc = self.evaluate(new) if self.evaluate_rounds else {}
+        extra: dict[str, Any] = {}
+        if self.tasks is not None and (rnd + 1) % rounds_per_task(cfg) == 0:
+            extra["continual"] = {"task": (rnd + 1) // rounds_per_task(cfg), "accuracy": self.tasks.row(new)}
         t_eval = time.perf_counter() - t2
         slowest = max((u.metrics.get("train_seconds", 0.0) for u in accepted), default=0.0)
-        return {
+        return {**extra,
             "round": rnd + 1,
             "test_accuracy": acc,
             "test_accuracy_headline": headline(acc, cfg) if acc else float("nan"),
@@ -233,6 +240,9 @@ class Coordinator:
             "fingerprint": cfg.fingerprint(),
             "wall_seconds": wall,
         }
+        rows = [r["continual"]["accuracy"] for r in self.history if "continual" in r]
+        if self.tasks is not None and rows:
+            summary["continual"] = self.tasks.summary(rows, self.before_tasks, self.weights)
         if self.run_dir is not None:
             atomic_write_json(self.run_dir / "summary.json", summary)
         return {**summary, "weights": self.weights}

@@ -47,6 +47,7 @@ def plot_continual(run_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     s = json.loads((run_dir / "summary.json").read_text())
+    s = {**s, **s.get("continual", {})}   # a federated run keeps its task results under "continual"
     matrix, tasks = s["accuracy_matrix"], s["tasks"]
     names = ["".join(map(str, t)) if len(t) < 4 else f"{t[0]}..{t[-1]}" for t in tasks]
     title = f"{s['algorithm']}, {s['scenario']}-incremental, {s['strategy']} ({s['method']})"

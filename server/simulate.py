@@ -120,6 +120,8 @@ def simulate(cfg: ExperimentConfig, run_dir: Path, resume: bool = False, progres
     `client_mods` ("module:function") are Flower client mods every ClientApp wraps itself in
     (tests use them to corrupt or kill a client on the way).
     """
+    if cfg.train.data_dir:   # the ServerApp and ClientApps run elsewhere: never a relative path
+        cfg = cfg.with_overrides([f"train.data_dir={Path(cfg.train.data_dir).resolve()}"])
     preflight(cfg)
     if cfg.federation.backend == "ray":   # stage actors on a Ray cluster: server/ray_backend.py
         from server.ray_backend import simulate_ray
@@ -231,6 +233,10 @@ def preflight(cfg: ExperimentConfig) -> None:
         dataset_dir(cfg.model.dataset, cfg.train.data_dir or None)   # names the missing dir/file
     if cfg.federation.executor == "pipeline" and build_objective(cfg).pipelinable:
         split_stages(len(build_objective(cfg).layer_sizes()), cfg.pipeline.stages)
+    if cfg.continual.federated:
+        from bpfree_core.continual import check_federated
+
+        check_federated(cfg)
 
 
 def launch_stage_workers(cfg: ExperimentConfig, log_dir: Path,

@@ -203,3 +203,50 @@ def test_cli_quick_writes_everything_and_refuses_ewc_on_a_pipeline(data_dir: Pat
                           str(tmp_path / "bad")], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert bad.returncode != 0 and bad.stderr.strip().count("\n") == 0
     assert "runs in one process for now" in bad.stderr
+
+
+# -- federated continual learning -------------------------------------------------------------------
+
+def test_client_task_orders(data_dir: Path) -> None:
+    from bpfree_core.continual import client_tasks
+
+    same = _cfg(data_dir, "continual.federated=true", "federation.clients=4", "federation.rounds=5")
+    assert {tuple(client_tasks(same, k, 10)) for k in range(4)} == {((0, 1), (2, 3), (4, 5), (6, 7), (8, 9))}
+    own = same.with_overrides(["continual.client_order=shuffled"])
+    orders = [client_tasks(own, k, 10) for k in range(4)]
+    assert all(sorted(o) == sorted(orders[0]) for o in orders)      # the same tasks ...
+    assert len({tuple(o) for o in orders}) > 1                     # ... in each client's own order
+    assert orders == [client_tasks(own, k, 10) for k in range(4)]  # fixed by the seed
+    with pytest.raises(ConfigError, match="multiple of the tasks"):
+        from bpfree_core.continual import check_federated
+
+        check_federated(same.with_overrides(["federation.rounds=7"]))
+
+
+def test_federated_continual_on_flower_pipelines_equals_the_reference(data_dir: Path,
+                                                                     tmp_path: Path) -> None:
+    """`bpfree continual --clients 2 --stages 2 --executor pipeline`: Flower's simulation, two
+    pipelined clients with their own replay memories; the global weights after every task equal
+    the in-process federated reference, and the summary carries the accuracy matrix."""
+    from bpfree_core.checkpoint import load_checkpoint
+    from server.reference import federated_reference
+
+    run = tmp_path / "fed"
+    done = subprocess.run(
+        [sys.executable, "-m", "bpfree_cli", "continual", "--quick", "--clients", "2", "--stages", "2",
+         "--executor", "pipeline", "--strategy", "replay", "--epochs-per-task", "1",
+         "--set", "train.train_limit=3000", "--set", "train.threads=1", "--data-dir", str(data_dir),
+         "--out", str(run),
+         "--no-progress"], capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    c = summary["continual"]
+    assert summary["rounds"] == 5 and summary["replies"]["accepted"] == 10
+    assert len(c["accuracy_matrix"]) == 5 and c["strategy"] == "replay"
+    assert c["accuracy_matrix"][0][0] > 0.8          # the first task was learnt
+    assert (run / "accuracy_matrix.png").is_file()
+    cfg = ExperimentConfig.from_dict(json.loads((run / "config.json").read_text()))
+    assert cfg.continual.federated and cfg.federation.executor == "pipeline"
+    reference = federated_reference(cfg)
+    final = load_checkpoint(run / "checkpoints" / "round-0005.pt")["weights"]
+    assert all(torch.equal(final[k], reference[k]) for k in reference)
