@@ -33,6 +33,9 @@ def test_the_rule_reproduces_the_formulas_every_committed_run_used(seed: int):
     assert derive(seed, "noise", 1, 40) == ((seed * 1_000_003 + 1) * 1_000_033 + 40) % 2**62
     assert derive(seed, "pattern") == seed * 31 + 2718
     assert derive(seed, "partition") == seed
+    assert derive(seed, "tasks") == seed * 1_000_211 + 7_727
+    assert derive(seed, "tasks", 3) == seed * 1_000_211 + 7_919 * 3 + 7_727
+    assert derive(seed, "memory", 2) == seed * 1_000_249 + 15_485_863 * 3
 
 
 @given(seed=st.integers(0, SEED_SPACE - 1), purpose=st.sampled_from(PURPOSES),
@@ -40,7 +43,7 @@ def test_the_rule_reproduces_the_formulas_every_committed_run_used(seed: int):
 def test_every_seed_gives_a_valid_torch_seed(seed: int, purpose: str, parts: list[int]):
     if purpose in ("pattern", "partition"):
         parts = []
-    elif purpose in ("layer", "client", "epoch"):
+    elif purpose in ("layer", "client", "epoch", "tasks", "memory"):
         parts = parts[:1]
     value = derive(seed, purpose, *parts)
     assert 0 <= value < SEED_SPACE
