@@ -32,7 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.testbed import Testbed, payload_fraction, unavailable
+from bench.model import PipelineModel
+from bench.sweep_analysis import driver_seconds, predict
+from bench.testbed import Testbed, payload_fraction, rate_args, unavailable
 from bpfree_core.errors import BpfreeError, ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -125,10 +127,7 @@ def qdisc_bytes(ns: str, dev: str) -> int:
 
 def drive(spec: dict[str, Any], rows_path: Path) -> None:
     """Measure every point of `spec`; append one JSON row per point to `rows_path`."""
-    from bench.model import PipelineModel
     from bench.sweep import cpu_seconds
-    from bench.sweep_analysis import _driver_seconds, predict
-    from bench.testbed import _rate_args
     from bpfree_core.config import ExperimentConfig
     from bpfree_core.data import load_dataset
     from bpfree_core.model import build_objective
@@ -154,7 +153,7 @@ def drive(spec: dict[str, Any], rows_path: Path) -> None:
                                capture_output=True, timeout=30)
             else:
                 subprocess.run(["tc", "-n", ns, "qdisc", "replace", "dev", dev, "root", "tbf",
-                                *_rate_args(rate)], check=True, capture_output=True, timeout=30)
+                                *rate_args(rate)], check=True, capture_output=True, timeout=30)
         for batch in plan.batches:
             for wire in plan.wires:
                 cfg = base.with_overrides([f"train.batch_size={batch}", f"pipeline.wire_dtype={wire}"])
@@ -172,15 +171,13 @@ def drive(spec: dict[str, Any], rows_path: Path) -> None:
                     cpu = [b - a for a, b in zip(cpu0, [time.process_time(),
                                                         *map(cpu_seconds, spec["pids"])], strict=True)]
                     sent = [qdisc_bytes(spec["switch"], p) - s for p, s in zip(ports, sent0, strict=True)]
-                row = analyse(epoch, rate, wire, batch, plan.window, sent, cpu, cores,
-                              PipelineModel, _driver_seconds, predict)
+                row = analyse(epoch, rate, wire, batch, plan.window, sent, cpu, cores)
                 with open(rows_path, "a") as f:
                     f.write(json.dumps(row) + "\n")
 
 
 def analyse(epoch: dict[str, Any], rate: float | None, wire: str, batch: int, window: int,
-            sent: list[int], cpu: list[float], cores: int, model_cls: Any, driver_seconds: Any,
-            predict: Any) -> dict[str, Any]:
+            sent: list[int], cpu: list[float], cores: int) -> dict[str, Any]:
     """One point's row: the measurement beside the model's prediction for it."""
     st = epoch["stages"]
     n, wall = epoch["batches"], epoch["seconds"]
@@ -193,7 +190,7 @@ def analyse(epoch: dict[str, Any], rate: float | None, wire: str, batch: int, wi
     bandwidth = math.inf if rate is None else rate * 1e6 / 8
     driver = driver_seconds(epoch)
     cpu_per_batch = [c / n for c in cpu]
-    model = model_cls(compute=(driver, *per_batch), link_bytes=tuple(b / n for b in on_link),
+    model = PipelineModel(compute=(driver, *per_batch), link_bytes=tuple(b / n for b in on_link),
                       bandwidth=bandwidth, window=window)
     predicted = predict(model, n, batch, cpu_per_batch, cores)
     compute_only = predict(dataclasses.replace(model, bandwidth=math.inf), n, batch, cpu_per_batch,

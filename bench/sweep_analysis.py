@@ -30,7 +30,7 @@ def predict(model: Any, batches: int, batch_size: int, cpu_per_batch: list[float
 def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
-def _driver_seconds(epoch: dict[str, Any]) -> float:
+def driver_seconds(epoch: dict[str, Any]) -> float:
     """The driver's own time per batch: making a packet (gaps between its sends, median)."""
     sends = epoch.get("driver_timeline") or []
     gaps = [b[0] - a[1] for a, b in zip(sends, sends[1:], strict=False)]
@@ -48,7 +48,7 @@ def analyse_pipeline(p: Point, cfg: ExperimentConfig, epoch: dict[str, Any], flo
     per_batch = [b / max(s["train_batches"], 1) for b, s in zip(busy, st, strict=True)]
     # link 0: driver -> stage 0; link i: stage i-1 -> stage i (bytes as they crossed the socket)
     link_bytes = [st[0]["bytes_in"]] + [s["bytes_in"] for s in st[1:]]
-    driver = _driver_seconds(epoch)
+    driver = driver_seconds(epoch)
     model = PipelineModel(compute=(driver, *per_batch), link_bytes=tuple(b / n for b in link_bytes),
                           bandwidth=ceilings["stream_bytes_per_s"], window=p.window)
     cpu = [x / n for x in epoch.get("cpu_seconds", [])]

@@ -142,7 +142,8 @@ def remove_stale() -> list[str]:
     return stale
 
 
-def _rate_args(rate_mbit: float) -> list[str]:
+def rate_args(rate_mbit: float) -> list[str]:
+    """tc tbf arguments for `rate_mbit`: 4 ms of burst (>= 32 KiB), a 50 ms queue."""
     rate = rate_mbit * 1e6 / 8                      # bytes/s
     burst = max(32 << 10, int(rate / 250))          # 4 ms of traffic, at least 32 KiB
     limit = max(2 * burst, int(rate * 0.05))        # a 50 ms queue
@@ -218,7 +219,7 @@ class Testbed:
                                capture_output=True, timeout=30)   # absent already is fine
             else:
                 _run(["tc", "-n", ns, "qdisc", "replace", "dev", dev, "root", "tbf",
-                      *_rate_args(rate_mbit)])
+                      *rate_args(rate_mbit)])
         self.rates[host] = rate_mbit
 
     def shape_all(self, rate_mbit: float | None) -> None:

@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bpfree_core.cli_train import add_config_arguments, config_from_args, progress_from_args
-from bpfree_core.config import SCENARIOS, STRATEGIES, ExperimentConfig
+from bpfree_core.cli_train import SHORTCUTS, add_config_arguments, progress_from_args
+from bpfree_core.config import SCENARIOS, STRATEGIES, ExperimentConfig, load_config
 from bpfree_core.continual import continual_config, run_continual
 from bpfree_core.errors import ConfigError
 from bpfree_core.executor import InProcessExecutor
@@ -62,27 +62,16 @@ def resolve(args: argparse.Namespace) -> ExperimentConfig:
         flags.append(f"pipeline.stages={args.stages}")
     if args.clients:
         flags.append(f"federation.clients={args.clients}")
-    cfg = config_from_args(args)
-    if args.quick:   # under everything the user gave
-        cfg = ExperimentConfig().with_overrides(list(QUICK)).with_overrides(
-            _given(config_from_args(args)))
-    cfg = cfg.with_overrides(flags)
+    shortcuts = [f"{key}={getattr(args, flag)}" for flag, key in SHORTCUTS.items()
+                 if getattr(args, flag, None) is not None]
+    # --quick first: every flag and --set the user gave wins over it
+    cfg = load_config(args.config, [*(QUICK if args.quick else ()), *shortcuts, *args.set, *flags])
     if args.clients:   # one round of one local epoch per epoch of a task
         cfg = cfg.with_overrides([
             "continual.federated=true", "federation.local_epochs=1",
             f"federation.rounds={cfg.continual.tasks * cfg.continual.epochs_per_task}",
             f"federation.executor={args.executor}"])
     return continual_config(cfg)
-
-
-def _given(cfg: ExperimentConfig) -> list[str]:
-    """The config's fields that differ from the defaults, as overrides."""
-    base, out = ExperimentConfig().to_dict(), []
-    for section, values in cfg.to_dict().items():
-        for key, value in values.items():
-            if base[section][key] != value:
-                out.append(f"{section}.{key}={json.dumps(value) if not isinstance(value, str) else value}")
-    return out
 
 
 def continual(cfg: ExperimentConfig, executor: str = "inprocess", run_dir: Path | None = None,

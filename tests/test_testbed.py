@@ -127,7 +127,8 @@ def _alive(pid: int) -> bool:
 
 
 CREATOR = """
-import json, subprocess, sys
+import json, signal, subprocess, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)   # as in a shell (pytest's may ignore it)
 sys.path.insert(0, sys.argv[1])
 from bench.testbed import Testbed
 with Testbed(["a", "b"], rate_mbit=50) as tb:
