@@ -161,11 +161,19 @@ def test_naive_forgets_and_replay_forgets_less(runs: dict[str, dict]) -> None:
 
 
 def test_task_incremental_masks_to_the_tasks_classes(data_dir: Path, runs: dict[str, dict]) -> None:
-    task_il = continual(_cfg(data_dir, "continual.scenario=task"), progress=False)
-    # Same weights as naive class-IL (the scenario changes only the test): the task id rescues it.
-    assert all(torch.equal(task_il["weights"][k], runs["naive"]["weights"][k])
-               for k in task_il["weights"])
-    assert task_il["average_accuracy"] > runs["naive"]["average_accuracy"] + 0.3
+    """The naive run's weights scored with the task id known: the same net, far higher accuracy
+    (the scenario changes only the test)."""
+    from bpfree_core.continual import task_accuracy
+    from bpfree_core.model import Stage, build_layers, build_objective
+
+    cfg = _cfg(data_dir, "continual.scenario=task")
+    objective = build_objective(cfg)
+    stage = Stage(build_layers(cfg, objective=objective))
+    stage.load_state_dict(runs["naive"]["weights"])
+    tasks = split_tasks(load_dataset("mnist", data_dir), cfg)
+    task_il = [task_accuracy(stage.eval_step, objective, t, cfg)["softmax"] for t in tasks]
+    assert sum(task_il) / 5 > runs["naive"]["average_accuracy"] + 0.3
+    assert all(a >= c for a, c in zip(task_il, runs["naive"]["accuracy_matrix"][-1], strict=True))
 
 
 def test_ewc_and_si_run_and_penalise(data_dir: Path, tmp_path: Path) -> None:
@@ -225,28 +233,29 @@ def test_client_task_orders(data_dir: Path) -> None:
 
 def test_federated_continual_on_flower_pipelines_equals_the_reference(data_dir: Path,
                                                                      tmp_path: Path) -> None:
-    """`bpfree continual --clients 2 --stages 2 --executor pipeline`: Flower's simulation, two
-    pipelined clients with their own replay memories; the global weights after every task equal
-    the in-process federated reference, and the summary carries the accuracy matrix."""
+    """`bpfree continual --clients 2 --stages 2 --executor pipeline --tasks 2`: Flower's
+    simulation, two pipelined clients with their own replay memories (the second task replays the
+    first); the global weights equal the in-process federated reference, and the summary carries
+    the accuracy matrix."""
     from bpfree_core.checkpoint import load_checkpoint
     from server.reference import federated_reference
 
     run = tmp_path / "fed"
     done = subprocess.run(
         [sys.executable, "-m", "bpfree_cli", "continual", "--quick", "--clients", "2", "--stages", "2",
-         "--executor", "pipeline", "--strategy", "replay", "--epochs-per-task", "1",
+         "--executor", "pipeline", "--strategy", "replay", "--epochs-per-task", "1", "--tasks", "2",
          "--set", "train.train_limit=3000", "--set", "train.threads=1", "--data-dir", str(data_dir),
          "--out", str(run),
          "--no-progress"], capture_output=True, text=True, cwd=REPO, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
     c = summary["continual"]
-    assert summary["rounds"] == 5 and summary["replies"]["accepted"] == 10
-    assert len(c["accuracy_matrix"]) == 5 and c["strategy"] == "replay"
-    assert c["accuracy_matrix"][0][0] > 0.8          # the first task was learnt
+    assert summary["rounds"] == 2 and summary["replies"]["accepted"] == 4
+    assert len(c["accuracy_matrix"]) == 2 and c["strategy"] == "replay"
+    assert c["accuracy_matrix"][0][0] > 0.5          # the first task (5 classes) was learnt
     assert (run / "accuracy_matrix.png").is_file()
     cfg = ExperimentConfig.from_dict(json.loads((run / "config.json").read_text()))
     assert cfg.continual.federated and cfg.federation.executor == "pipeline"
     reference = federated_reference(cfg)
-    final = load_checkpoint(run / "checkpoints" / "round-0005.pt")["weights"]
+    final = load_checkpoint(run / "checkpoints" / "round-0002.pt")["weights"]
     assert all(torch.equal(final[k], reference[k]) for k in reference)
