@@ -34,7 +34,7 @@ from typing import Any
 
 from bench.model import PipelineModel
 from bench.sweep_analysis import driver_seconds, predict
-from bench.testbed import Testbed, payload_fraction, rate_args, unavailable
+from bench.testbed import Testbed, payload_fraction, shape_device, unavailable
 from bpfree_core.errors import BpfreeError, ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,7 +88,7 @@ def start_workers(tb: Testbed, hosts: list[str], work: Path, *, certs: Path | No
                   timeout: float = 60.0) -> tuple[list[subprocess.Popen], list[str]]:
     """One `bpfree worker` per host, listening on the host's address; returns the processes and
     their addresses in host order. They stop with the testbed (or by PID)."""
-    from client.supervisor import stop_processes, wait_port, worker_env
+    from client.supervisor import stop_processes, wait_port, worker_command, worker_env
 
     env = worker_env(threads)
     if token:
@@ -98,9 +98,7 @@ def start_workers(tb: Testbed, hosts: list[str], work: Path, *, certs: Path | No
         for h in hosts:
             port_file, log_file = work / f"{h}.port", work / f"{h}.log"
             port_file.unlink(missing_ok=True)
-            cmd = [sys.executable, "-m", "bpfree_cli", "worker", "--listen", f"{tb.address(h)}:0",
-                   "--threads", str(threads), "--port-file", str(port_file),
-                   "--parent-pid", str(os.getpid())]
+            cmd = worker_command(f"{tb.address(h)}:0", port_file, threads=threads)
             if certs is not None:
                 cmd += ["--tls-cert", str(certs / h / "server.crt"), "--tls-key",
                         str(certs / h / "server.key"), "--tls-ca", str(certs / h / "ca.crt")]
@@ -148,12 +146,7 @@ def drive(spec: dict[str, Any], rows_path: Path) -> None:
     cores = os.cpu_count() or 1
     for rate in plan.rates:
         for ns, dev in links:
-            if rate is None:
-                subprocess.run(["tc", "-n", ns, "qdisc", "del", "dev", dev, "root"],
-                               capture_output=True, timeout=30)
-            else:
-                subprocess.run(["tc", "-n", ns, "qdisc", "replace", "dev", dev, "root", "tbf",
-                                *rate_args(rate)], check=True, capture_output=True, timeout=30)
+            shape_device(ns, dev, rate)
         for batch in plan.batches:
             for wire in plan.wires:
                 cfg = base.with_overrides([f"train.batch_size={batch}", f"pipeline.wire_dtype={wire}"])
@@ -254,8 +247,7 @@ def run_links(plan: LinkPlan, data_dir: str, out: Path, *, sets: list[str], prog
         spec = {"plan": dataclasses.asdict(plan), "addresses": addresses, "data_dir": data_dir,
                 "sets": sets, "pids": [p.pid for p in procs], "switch": tb.switch,
                 "switch_ports": [f"p{tb.hosts.index(h)}" for h in stages],
-                "links": [[ns, dev] for h in tb.hosts for ns, dev in
-                          ((tb.ns(h), "eth0"), (tb.switch, f"p{tb.hosts.index(h)}"))]}
+                "links": [end for h in tb.hosts for end in tb.link_ends(h)]}
         (work / "spec.json").write_text(json.dumps(spec))
         rows_path = work / "rows.jsonl"
         rows_path.touch()

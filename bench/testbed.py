@@ -142,12 +142,22 @@ def remove_stale() -> list[str]:
     return stale
 
 
-def rate_args(rate_mbit: float) -> list[str]:
+def _rate_args(rate_mbit: float) -> list[str]:
     """tc tbf arguments for `rate_mbit`: 4 ms of burst (>= 32 KiB), a 50 ms queue."""
     rate = rate_mbit * 1e6 / 8                      # bytes/s
     burst = max(32 << 10, int(rate / 250))          # 4 ms of traffic, at least 32 KiB
     limit = max(2 * burst, int(rate * 0.05))        # a 50 ms queue
     return ["rate", f"{rate_mbit:g}mbit", "burst", str(burst), "limit", str(limit)]
+
+
+def shape_device(ns: str, dev: str, rate_mbit: float | None) -> None:
+    """Pace what `dev` in namespace `ns` sends at `rate_mbit` (None: unshaped). Needs only the
+    names, so a process inside a host (bench links' driver) can re-shape links too."""
+    if rate_mbit is None:
+        subprocess.run(["tc", "-n", ns, "qdisc", "del", "dev", dev, "root"],
+                       capture_output=True, timeout=30)   # absent already is fine
+    else:
+        _run(["tc", "-n", ns, "qdisc", "replace", "dev", dev, "root", "tbf", *_rate_args(rate_mbit)])
 
 
 class Testbed:
@@ -210,21 +220,16 @@ class Testbed:
             _ip("-n", ns, "link", "set", "eth0", "up")
             _ip("-n", ns, "link", "set", "lo", "up")
 
+    def link_ends(self, host: str) -> list[tuple[str, str]]:
+        """(namespace, device) of both ends of `host`'s link: its eth0 (upload) and its switch
+        port (download)."""
+        return [(self.ns(host), "eth0"), (self.switch, f"p{self.hosts.index(host)}")]
+
     def shape(self, host: str, rate_mbit: float | None) -> None:
         """Cap both directions of `host`'s link at `rate_mbit` (None: unshaped)."""
-        i = self.hosts.index(host)
-        for ns, dev in ((self.ns(host), "eth0"), (self.switch, f"p{i}")):
-            if rate_mbit is None:
-                subprocess.run(["tc", "-n", ns, "qdisc", "del", "dev", dev, "root"],
-                               capture_output=True, timeout=30)   # absent already is fine
-            else:
-                _run(["tc", "-n", ns, "qdisc", "replace", "dev", dev, "root", "tbf",
-                      *rate_args(rate_mbit)])
+        for ns, dev in self.link_ends(host):
+            shape_device(ns, dev, rate_mbit)
         self.rates[host] = rate_mbit
-
-    def shape_all(self, rate_mbit: float | None) -> None:
-        for h in self.hosts:
-            self.shape(h, rate_mbit)
 
     def command(self, host: str, argv: Sequence[str]) -> list[str]:
         """`argv` run inside `host` (`ip netns exec` execs it: the PID is the command's own)."""

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ from torch import nn
 
 from bpfree_core.checkpoint import atomic_write_json
 from bpfree_core.config import ExperimentConfig
-from bpfree_core.data import Dataset, Split, epoch_batches, load_dataset
+from bpfree_core.data import SPECS, Dataset, Split, load_dataset
 from bpfree_core.errors import ConfigError
 from bpfree_core.executor import Executor
 from bpfree_core.layers import GOODNESS, LOGITS, LocalLayer, Packet
@@ -43,7 +43,7 @@ from bpfree_core.model import Stage, build_layers, build_objective
 from bpfree_core.objectives import Objective
 from bpfree_core.runtime import progress_bar
 from bpfree_core.seeds import generator
-from bpfree_core.trainer import EVAL_BATCH, batch_generator, jitter
+from bpfree_core.trainer import EVAL_BATCH, train_packets
 
 log = logging.getLogger(__name__)
 
@@ -64,20 +64,22 @@ def class_order(cfg: ExperimentConfig, num_classes: int) -> list[int]:
     return torch.randperm(num_classes, generator=generator(cfg.train.seed, "tasks")).tolist()
 
 
+def task_classes(cfg: ExperimentConfig, num_classes: int) -> list[tuple[int, ...]]:
+    """The classes of each task, in the run's task order: the classes split evenly."""
+    t = cfg.continual.tasks
+    if num_classes % t:
+        raise ConfigError(f"continual.tasks = {t} does not divide {cfg.model.dataset}'s "
+                          f"{num_classes} classes evenly; choose a divisor of {num_classes}")
+    order, per = class_order(cfg, num_classes), num_classes // t
+    return [tuple(order[i * per:(i + 1) * per]) for i in range(t)]
+
+
 def split_tasks(data: Dataset, cfg: ExperimentConfig) -> list[Task]:
-    """The dataset's classes split evenly into cfg.continual.tasks tasks (train_limit and
-    test_limit apply per task)."""
-    n, t = data.spec.num_classes, cfg.continual.tasks
-    if n % t:
-        raise ConfigError(f"continual.tasks = {t} does not divide {data.spec.name}'s {n} classes "
-                          f"evenly; choose a divisor of {n}")
-    order, per = class_order(cfg, n), n // t
-    tasks = []
-    for i in range(t):
-        classes = tuple(order[i * per:(i + 1) * per])
-        tasks.append(Task(i, classes, _task_split(data.train, classes, cfg.train.train_limit, cfg),
-                          _task_split(data.test, classes, cfg.train.test_limit, cfg)))
-    return tasks
+    """The dataset split into cfg.continual.tasks tasks (train_limit and test_limit apply per
+    task)."""
+    return [Task(i, classes, _task_split(data.train, classes, cfg.train.train_limit, cfg),
+                 _task_split(data.test, classes, cfg.train.test_limit, cfg))
+            for i, classes in enumerate(task_classes(cfg, data.spec.num_classes))]
 
 
 def _task_split(split: Split, classes: tuple[int, ...], limit: int, cfg: ExperimentConfig) -> Split:
@@ -110,6 +112,7 @@ class ReplayMemory:
     def __init__(self, size: int, seed: int):
         self.size, self.seed = size, seed
         self.parts: list[Split] = []
+        self._pool = Split(torch.empty(0), torch.empty(0, dtype=torch.int64))   # the parts, joined
 
     def __len__(self) -> int:
         return sum(len(p) for p in self.parts)
@@ -119,27 +122,16 @@ class ReplayMemory:
         self.parts = [p.subset(slice(0, share)) for p in self.parts]   # keep a prefix: random already
         pick = torch.randperm(len(split), generator=generator(self.seed, "memory", task))[:share]
         self.parts.append(split.subset(pick))
+        self._pool = Split(torch.cat([p.images for p in self.parts]),
+                           torch.cat([p.labels for p in self.parts]))
 
     def sample(self, n: int, gen: torch.Generator) -> Split:
         """n samples drawn uniformly (with replacement) from the memory."""
-        pool = Split(torch.cat([p.images for p in self.parts]), torch.cat([p.labels for p in self.parts]))
-        return pool.subset(torch.randint(0, len(pool), (n,), generator=gen))
+        return self._pool.subset(torch.randint(0, len(self._pool), (n,), generator=gen))
 
-
-def task_packets(objective: Objective, split: Split, memory: ReplayMemory | None,
-                 cfg: ExperimentConfig, epoch: int) -> Iterator[Packet]:
-    """One epoch of a task: each batch of the task's data, followed by as many memory samples
-    (`epoch` numbers epochs across the whole stream, so every batch has its own draws)."""
-    batch = cfg.train.batch_size
-    for b, idx in enumerate(epoch_batches(len(split), batch, cfg.train.seed, epoch)):
-        gen = batch_generator(cfg.train.seed, epoch, b)
-        x, y = split.images[idx], split.labels[idx]
-        if memory is not None and len(memory):
-            old = memory.sample(len(idx), gen)
-            x, y = torch.cat([x, old.images]), torch.cat([y, old.labels])
-        if cfg.train.jitter:
-            x = jitter(x, objective.spec.shape, cfg.train.jitter, gen)
-        yield objective.encode_train(x, y, gen)
+    def replay(self) -> Callable[[int, torch.Generator], Split] | None:
+        """`sample`, for train_packets' replay, once the memory holds anything."""
+        return self.sample if len(self) else None
 
 
 def methods(objective: Objective, cfg: ExperimentConfig) -> list[str]:
@@ -150,6 +142,11 @@ def methods(objective: Objective, cfg: ExperimentConfig) -> list[str]:
         raise ConfigError(f"train.predict = 'goodness' but {objective.name} has no goodness; "
                           "use softmax")
     return [mode]
+
+
+def headline_method(want: list[str]) -> str:
+    """The method a run reports: goodness where measured (the SFFA paper's), else softmax."""
+    return "goodness" if "goodness" in want else want[0]
 
 
 def task_accuracy(forward: Callable[[Packet], Packet], objective: Objective, task: Task,
@@ -170,6 +167,21 @@ def task_accuracy(forward: Callable[[Packet], Packet], objective: Objective, tas
                 scores = scores + mask
             correct[m] += int((scores.argmax(1) == y).sum())
     return {m: c / max(len(task.test), 1) for m, c in correct.items()}
+
+
+def stream_summary(cfg: ExperimentConfig, objective: Objective, tasks: list[Task],
+                   matrices: dict[str, list[list[float]]], before: dict[str, list[float]],
+                   weights: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """What a task stream's summary.json reports: the headline method's matrix and CL measures,
+    every method's, and the per-layer activity of the final weights."""
+    h = headline_method(list(matrices))
+    return {"scenario": cfg.continual.scenario, "strategy": cfg.continual.strategy,
+            "tasks": [list(t.classes) for t in tasks], "method": h,
+            "accuracy_matrix": matrices[h], **cl_metrics(matrices[h], before[h]),
+            "by_method": {m: {"accuracy_matrix": mat, **cl_metrics(mat, before[m])}
+                          for m, mat in matrices.items()},
+            "before_training": before[h],
+            "activity": layer_activity(weights, cfg, objective, tasks)}
 
 
 def cl_metrics(matrix: list[list[float]], before: list[float]) -> dict[str, Any]:
@@ -222,7 +234,7 @@ def run_continual(cfg: ExperimentConfig, executor: Executor, run_dir: Path | Non
     tasks = split_tasks(data, cfg)
     objective = build_objective(cfg)
     want = methods(objective, cfg)
-    headline = "goodness" if "goodness" in want else want[0]
+    headline = headline_method(want)
     c = cfg.continual
     layers = consolidating_layers(executor, cfg)
     memory = ReplayMemory(c.memory, cfg.train.seed) if c.strategy == "replay" else None
@@ -240,8 +252,9 @@ def run_continual(cfg: ExperimentConfig, executor: Executor, run_dir: Path | Non
         for k in range(c.epochs_per_task):
             for con in _consolidators(layers):   # EWC's Fisher: the task's last epoch
                 con.collecting = con.kind == "ewc" and k == c.epochs_per_task - 1
-            packets = task_packets(objective, task.train, memory, cfg,
-                                   task.index * c.epochs_per_task + k)
+            # batch draws numbered across the whole stream; the lr schedule restarts per task
+            packets = train_packets(objective, task.train, cfg, task.index * c.epochs_per_task + k,
+                                    memory.replay() if memory is not None else None)
             epochs.append(executor.train_epoch(packets, k, c.epochs_per_task))
             bar.update(1)
         penalty = sum(con.penalty() for con in _consolidators(layers))   # vs the earlier tasks
@@ -272,14 +285,9 @@ def run_continual(cfg: ExperimentConfig, executor: Executor, run_dir: Path | Non
     weights = executor.get_weights()
     summary = {
         "algorithm": cfg.model.algorithm, "dataset": cfg.model.dataset,
-        "scenario": c.scenario, "strategy": c.strategy, "tasks": [list(t.classes) for t in tasks],
-        "method": headline, "accuracy_matrix": matrices[headline],
-        **cl_metrics(matrices[headline], [b[headline] for b in before]),
-        "by_method": {m: {"accuracy_matrix": matrices[m],
-                          **cl_metrics(matrices[m], [b[m] for b in before])} for m in want},
-        "before_training": [b[headline] for b in before],
+        **stream_summary(cfg, objective, tasks, matrices, {m: [b[m] for b in before] for m in want},
+                         weights),
         "memory": len(memory) if memory is not None else 0,
-        "activity": layer_activity(weights, cfg, objective, tasks),
         "fingerprint": cfg.fingerprint(), **executor.describe(),
         "wall_seconds": time.perf_counter() - start,
     }
@@ -293,8 +301,6 @@ def run_continual(cfg: ExperimentConfig, executor: Executor, run_dir: Path | Non
 
 def check_federated(cfg: ExperimentConfig) -> None:
     """Refuse a federated task stream that cannot run, before anything starts."""
-    from bpfree_core.data import SPECS
-
     if cfg.continual.strategy in ("ewc", "si"):
         raise ConfigError(f"continual.strategy = {cfg.continual.strategy!r} keeps penalties inside "
                           "the layers across rounds, which federated clients do not; use replay or "
@@ -314,8 +320,7 @@ def rounds_per_task(cfg: ExperimentConfig) -> int:
 def client_tasks(cfg: ExperimentConfig, client: int, num_classes: int) -> list[tuple[int, ...]]:
     """Client `client`'s task order (the classes of each task): the run's, or its own
     (continual.client_order = shuffled: the same tasks, in an order drawn per client)."""
-    order, per = class_order(cfg, num_classes), num_classes // cfg.continual.tasks
-    tasks = [tuple(order[i * per:(i + 1) * per]) for i in range(cfg.continual.tasks)]
+    tasks = task_classes(cfg, num_classes)
     if cfg.continual.client_order == "shuffled":
         perm = torch.randperm(len(tasks), generator=generator(cfg.train.seed, "tasks", client + 1))
         tasks = [tasks[i] for i in perm.tolist()]
@@ -327,8 +332,6 @@ def client_round_data(cfg: ExperimentConfig, data: Split, client: int, rnd: int,
     """What client `client` (`data`: its partition) trains on in round `rnd` of the run `cfg`: its
     share of the current task, and (replay) a memory of its own earlier tasks, rebuilt from its
     data with its own seed every round: it never leaves the client."""
-    from bpfree_core.data import SPECS
-
     check_federated(cfg)
     tasks = client_tasks(cfg, client, SPECS[cfg.model.dataset].num_classes)
     current = rnd // rounds_per_task(cfg)
@@ -351,7 +354,6 @@ class TaskEvaluator:
         self.cfg, self.tasks = cfg, split_tasks(data, cfg)
         self.objective = build_objective(cfg)
         self.methods = methods(self.objective, cfg)
-        self.headline = "goodness" if "goodness" in self.methods else self.methods[0]
 
     def row(self, weights: dict[str, torch.Tensor]) -> dict[str, list[float]]:
         stage = Stage(build_layers(self.cfg, objective=self.objective), self.cfg.train.device)
@@ -361,20 +363,12 @@ class TaskEvaluator:
 
     def summary(self, rows: list[dict[str, list[float]]], before: dict[str, list[float]],
                 weights: dict[str, torch.Tensor]) -> dict[str, Any]:
-        h = self.headline
-        return {"scenario": self.cfg.continual.scenario, "strategy": self.cfg.continual.strategy,
-                "tasks": [list(t.classes) for t in self.tasks], "method": h,
-                "accuracy_matrix": [r[h] for r in rows], **cl_metrics([r[h] for r in rows], before[h]),
-                "by_method": {m: {"accuracy_matrix": [r[m] for r in rows],
-                                  **cl_metrics([r[m] for r in rows], before[m])} for m in self.methods},
-                "before_training": before[h],
-                "activity": layer_activity(weights, self.cfg, self.objective, self.tasks)}
+        matrices = {m: [r[m] for r in rows] for m in self.methods}
+        return stream_summary(self.cfg, self.objective, self.tasks, matrices, before, weights)
 
 
 def continual_config(cfg: ExperimentConfig) -> ExperimentConfig:
     """cfg with what the scenario implies: domain-incremental tells 2 labels apart."""
-    from bpfree_core.data import SPECS
-
     n = model_classes(cfg, SPECS[cfg.model.dataset].num_classes)
     return cfg if n == cfg.model.num_classes else cfg.with_overrides([f"model.num_classes={n}"])
 

@@ -23,7 +23,7 @@ import time
 
 from bpfree_core.aggregate import ClientUpdate, Weights
 from bpfree_core.config import ExperimentConfig
-from bpfree_core.continual import client_round_data, task_packets
+from bpfree_core.continual import client_round_data
 from bpfree_core.data import Split, load_dataset
 from bpfree_core.errors import ConfigError
 from bpfree_core.executor import Executor, InProcessExecutor
@@ -106,11 +106,8 @@ def _round_once(executor: Executor, cfg: ExperimentConfig, data: Split, client: 
     t0 = time.perf_counter()
     metrics: dict[str, float] = {}
     for epoch in round_epochs(cfg, rnd):
-        if cfg.continual.federated:
-            stats = executor.train_epoch(task_packets(objective, data, memory, ccfg, epoch), epoch,
-                                         total_epochs(cfg))
-        else:
-            stats = run_epoch(executor, objective, data, ccfg, epoch, total_epochs(cfg))
+        stats = run_epoch(executor, objective, data, ccfg, epoch, total_epochs(cfg),
+                          replay=memory.replay() if memory is not None else None)
         metrics = flat_numbers(stats["layers"], "train/")  # the last local epoch's means
     metrics["train_seconds"] = time.perf_counter() - t0
     return ClientUpdate(client=client, num_examples=len(data), weights=executor.get_weights(),

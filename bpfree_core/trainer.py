@@ -43,15 +43,20 @@ def batch_generator(seed: int, epoch: int, batch: int) -> torch.Generator:
 
 
 def train_packets(
-    objective: Objective, split: Split, cfg: ExperimentConfig, epoch: int
+    objective: Objective, split: Split, cfg: ExperimentConfig, epoch: int,
+    replay: Callable[[int, torch.Generator], Split] | None = None,
 ) -> Iterator[Packet]:
-    """The first-layer packets of one training epoch, in order."""
+    """The first-layer packets of one training epoch, in order. `replay(n, gen)` (continual
+    learning's memory) appends n old samples to each batch of n, drawn from the batch's generator."""
     for b, idx in enumerate(epoch_batches(len(split), cfg.train.batch_size, cfg.train.seed, epoch)):
         gen = batch_generator(cfg.train.seed, epoch, b)
-        x = split.images[idx]
+        x, y = split.images[idx], split.labels[idx]
+        if replay is not None:
+            old = replay(len(idx), gen)
+            x, y = torch.cat([x, old.images]), torch.cat([y, old.labels])
         if cfg.train.jitter:
             x = jitter(x, objective.spec.shape, cfg.train.jitter, gen)
-        yield objective.encode_train(x, split.labels[idx], gen)
+        yield objective.encode_train(x, y, gen)
 
 
 def jitter(x: torch.Tensor, shape: tuple[int, int, int], pixels: int,
@@ -153,9 +158,11 @@ def check_resumable(saved: ExperimentConfig, cfg: ExperimentConfig, run_dir: Pat
 
 # -- the epoch loop --------------------------------------------------------------------------------
 def run_epoch(executor: Executor, objective: Objective, split: Split, cfg: ExperimentConfig,
-              epoch: int, total_epochs: int, progress: bool = False) -> dict[str, Any]:
-    """One training epoch of `split` through `executor`: the step every job's epochs run."""
-    packets: Iterator[Packet] = train_packets(objective, split, cfg, epoch)
+              epoch: int, total_epochs: int, progress: bool = False,
+              replay: Callable[[int, torch.Generator], Split] | None = None) -> dict[str, Any]:
+    """One training epoch of `split` (+ `replay` samples, see train_packets) through `executor`:
+    the step every job's epochs run."""
+    packets: Iterator[Packet] = train_packets(objective, split, cfg, epoch, replay)
     if progress:  # a live bar on a terminal (tqdm stays silent elsewhere)
         packets = iter(progress_bar(packets, total=num_train_batches(split, cfg), leave=False,
                                     unit="batch", desc=f"epoch {epoch + 1}/{total_epochs}"))

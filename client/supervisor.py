@@ -82,6 +82,15 @@ def worker_env(threads: int) -> dict[str, str]:
     return env
 
 
+def worker_command(listen: str, port_file: Path, *, device: str = "cpu", threads: int = 1,
+                   scratch_dir: Path | None = None) -> list[str]:
+    """`bpfree worker` on `listen`, reporting its port in `port_file`, stopping when this process
+    goes away; a fresh interpreter (never fork: gRPC may already run threads in this process)."""
+    cmd = [sys.executable, "-m", "bpfree_cli", "worker", "--listen", listen, "--device", device,
+           "--threads", str(threads), "--port-file", str(port_file), "--parent-pid", str(os.getpid())]
+    return cmd + (["--scratch-dir", str(scratch_dir)] if scratch_dir is not None else [])
+
+
 def launch_workers(n: int, tmp_dir: Path, *, device: str = "cpu", threads: int = 1,
                    log_dir: Path | None = None, token: str = "", timeout: float = 30.0,
                    scratch: bool = False) -> tuple[list[subprocess.Popen], list[str]]:
@@ -110,11 +119,8 @@ def launch_workers(n: int, tmp_dir: Path, *, device: str = "cpu", threads: int =
 def _spawn_worker(device: str, threads: int, port_file: Path, log_file: Path,
                   token: str, scratch: bool = False) -> subprocess.Popen:
     """`scratch`: the port file's directory is ours alone; an orphaned worker removes it."""
-    # A fresh interpreter (never fork: gRPC may already run threads in this process).
-    cmd = [sys.executable, "-m", "bpfree_cli", "worker", "--listen", "127.0.0.1:0", "--device", device,
-           "--threads", str(threads), "--port-file", str(port_file), "--parent-pid", str(os.getpid())]
-    if scratch:
-        cmd += ["--scratch-dir", str(port_file.parent)]
+    cmd = worker_command("127.0.0.1:0", port_file, device=device, threads=threads,
+                         scratch_dir=port_file.parent if scratch else None)
     env = worker_env(threads)
     if token:
         env["BPFREE_TOKEN"] = token   # via the environment: not visible in `ps`
