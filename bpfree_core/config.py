@@ -20,7 +20,7 @@ from typing import Any
 from bpfree_core.errors import ConfigError
 from bpfree_core.seeds import SEED_SPACE
 
-ALGORITHMS = ("ff", "symba", "sffa", "ffcl", "uff", "bp", "cwc")
+ALGORITHMS = ("ff", "symba", "sffa", "ffcl", "uff", "bp", "cwc", "mono", "deeper")
 DATASETS = ("mnist", "fashion-mnist")
 WIRE_DTYPES = ("float32", "bfloat16", "float16", "int8")
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")   # Ray placement-group strategies
@@ -62,7 +62,8 @@ class ModelConfig:
     algorithm: str = "ff"                          # one of ALGORITHMS
     dataset: str = "mnist"                         # one of DATASETS
     hidden: tuple[int, ...] = (500, 500)           # units per hidden layer, in order
-    conv: tuple[int, ...] = ()                     # conv channels before `hidden` (uff, bp, cwc)
+    conv: tuple[int, ...] = ()                     # conv channels before `hidden` (uff, bp, cwc,
+                                                   # deeper)
     num_classes: int = 0                           # labels the model tells apart (0 = the dataset's;
                                                    # domain-incremental continual learning sets 2)
 
@@ -84,10 +85,10 @@ class ModelConfig:
         for i, c in enumerate(self.conv):
             if not isinstance(c, int) or c < 1:
                 raise ConfigError(f"model.conv[{i}] = {c!r}: every conv layer needs >= 1 channel")
-        if self.conv and self.algorithm not in ("uff", "bp", "cwc"):
+        if self.conv and self.algorithm not in ("uff", "bp", "cwc", "deeper"):
             raise ConfigError(
                 f"model.conv is set but model.algorithm = {self.algorithm!r}: conv layers are "
-                "supported for uff, bp and cwc; use model.hidden for the others"
+                "supported for uff, bp, cwc and deeper; use model.hidden for the others"
             )
 
 
@@ -147,6 +148,11 @@ class TrainConfig:
     seed: int = 0
     train_limit: int = 0           # use only the first N training images (0 = all)
     test_limit: int = 0            # evaluate on the first N test images (0 = all)
+    validation: int = 0            # hold out the last N training images (after train_limit):
+                                   # never trained on, scored every epoch/round; choose recipes
+                                   # on it, not on the test set
+    eval_limit: int = runtime(0)   # per-epoch test (and train) accuracy on the first N images
+                                   # only; the last epoch always scores the whole test set (0 = all)
     threads: int = runtime(0)      # torch threads (0 = torch default)
     device: str = runtime("cpu")   # cpu | cuda | cuda:N
     predict: str = "softmax"       # softmax | goodness | both (goodness: ff, symba, sffa only)
@@ -158,6 +164,11 @@ class TrainConfig:
         _check_positive("train", "batch_size", self.batch_size)
         _check_positive("train", "train_limit", self.train_limit, allow_zero=True)
         _check_positive("train", "test_limit", self.test_limit, allow_zero=True)
+        _check_positive("train", "validation", self.validation, allow_zero=True)
+        _check_positive("train", "eval_limit", self.eval_limit, allow_zero=True)
+        if self.train_limit and self.validation >= self.train_limit:
+            raise ConfigError(f"train.validation = {self.validation} leaves nothing of "
+                              f"train.train_limit = {self.train_limit} to train on; hold out fewer")
         if not isinstance(self.seed, int) or not 0 <= self.seed < SEED_SPACE:
             raise ConfigError(f"train.seed = {self.seed!r}: give a whole number in 0..{SEED_SPACE - 1}")
         if not isinstance(self.threads, int) or self.threads < 0:

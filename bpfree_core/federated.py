@@ -24,7 +24,7 @@ import time
 from bpfree_core.aggregate import ClientUpdate, Weights
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.continual import client_round_data
-from bpfree_core.data import Split, load_dataset
+from bpfree_core.data import Split
 from bpfree_core.errors import ConfigError
 from bpfree_core.executor import Executor, InProcessExecutor
 from bpfree_core.metrics import flat_numbers
@@ -32,7 +32,7 @@ from bpfree_core.model import Stage, build_layers, build_objective
 from bpfree_core.partition import partition_indices
 from bpfree_core.restarts import with_restarts
 from bpfree_core.seeds import derive
-from bpfree_core.trainer import limited, run_epoch
+from bpfree_core.trainer import run_epoch, run_splits
 
 
 # -- the plan -------------------------------------------------------------------------------------
@@ -58,9 +58,9 @@ def client_config(cfg: ExperimentConfig, client: int) -> ExperimentConfig:
 
 
 def train_split(cfg: ExperimentConfig) -> Split:
-    """The run's whole training split (train.train_limit applied), before partitioning."""
-    data = load_dataset(cfg.model.dataset, cfg.train.data_dir or None)
-    return limited(data.train, cfg.train.train_limit)
+    """The run's whole training split (train.train_limit applied, train.validation held out),
+    before partitioning."""
+    return run_splits(cfg)[0]
 
 
 def client_split(cfg: ExperimentConfig, train: Split, client: int) -> Split:

@@ -89,6 +89,7 @@ class LocalLayer(nn.Module):
         self._host_steps: int | None = None      # mirror of `steps`, reset when weights load
         self.kernels = "foreach"                 # optimiser kernels (see `place`)
         self.consolidators: dict[str, Consolidator] = {}   # continual learning: "body", "head"
+        self.always_vote = False                 # diagnostics: score every layer on its own
         self.register_load_state_dict_post_hook(self._forget_host_steps)
 
     # -- construction -------------------------------------------------------------------------
@@ -196,7 +197,8 @@ class LocalLayer(nn.Module):
         All but the first, as Hinton, unless `objective.vote_first`: with hard negatives the first
         layer is the best-trained one (it sees the label directly) and adds 0.1-0.3 points.
         """
-        return self.index > 0 or self.num_layers == 1 or self.cfg.objective.vote_first
+        return (self.index > 0 or self.num_layers == 1 or self.cfg.objective.vote_first
+                or self.always_vote)
 
     def add_logits(self, packet: Packet, features: torch.Tensor) -> None:
         if self.head is not None and self.votes():

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from bpfree_core.checkpoint import atomic_write_json, load_checkpoint, save_checkpoint
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.data import Split, epoch_batches, load_dataset
+from bpfree_core.diagnostics import format_table, layer_diagnostics
 from bpfree_core.errors import ConfigError
 from bpfree_core.executor import Executor, InProcessExecutor
 from bpfree_core.layers import Packet
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 
 EVAL_BATCH = 1000
 TRAIN_EVAL_SAMPLES = 10_000   # train accuracy is measured on this many training images
+DIAGNOSTIC_SAMPLES = 1000     # held-out images each epoch's per-layer diagnostics score
 
 
 def batch_generator(seed: int, epoch: int, batch: int) -> torch.Generator:
@@ -146,6 +148,19 @@ def limited(split: Split, limit: int) -> Split:
     return split.subset(slice(0, limit)) if limit else split
 
 
+def run_splits(cfg: ExperimentConfig) -> tuple[Split, Split, Split]:
+    """(train, validation, test) of a run: train.train_limit first, then the last
+    train.validation images of that are held out (never trained on); train.test_limit on test."""
+    data = load_dataset(cfg.model.dataset, cfg.train.data_dir or None)
+    train = limited(data.train, cfg.train.train_limit)
+    n = len(train) - cfg.train.validation
+    if n < cfg.train.batch_size:
+        raise ConfigError(f"train.validation = {cfg.train.validation} leaves {max(n, 0)} of "
+                          f"{len(train)} training images, fewer than one batch; hold out fewer")
+    return (train.subset(slice(0, n)), train.subset(slice(n, len(train))),
+            limited(data.test, cfg.train.test_limit))
+
+
 def check_resumable(saved: ExperimentConfig, cfg: ExperimentConfig, run_dir: Path) -> None:
     """Refuse to resume a run whose computed config changed (runtime fields may change)."""
     old, new = saved.computed_dict(), cfg.computed_dict()
@@ -180,9 +195,7 @@ def train_epochs(cfg: ExperimentConfig, executor: Executor, run_dir: Path | None
     epoch's starting snapshot restored and the epoch rerun (at most pipeline.restarts times),
     ending exactly as an undisturbed epoch would.
     """
-    data = load_dataset(cfg.model.dataset, cfg.train.data_dir or None)
-    train_split = limited(data.train, cfg.train.train_limit)
-    test_split = limited(data.test, cfg.train.test_limit)
+    train_split, val_split, test_split = run_splits(cfg)
     objective = build_objective(cfg)
     prediction_modes(objective, cfg)   # a bad train.predict fails before any training
     resumable = hasattr(executor, "snapshot")
@@ -207,24 +220,35 @@ def train_epochs(cfg: ExperimentConfig, executor: Executor, run_dir: Path | None
             snapshot = executor.snapshot()  # type: ignore[attr-defined]   # the epoch's start
         stats, reruns = _epoch_with_reruns(executor, snapshot if rerun else None, objective,
                                            train_split, cfg, epoch, total, progress)
-        acc = evaluate(executor.eval_forward, objective, test_split, cfg)
+        # cheap per-epoch scores on eval_limit images; the last epoch scores the whole test set
+        part = cfg.train.eval_limit if epoch + 1 < total else 0
+        acc = evaluate(executor.eval_forward, objective, limited(test_split, part), cfg)
         train_acc = evaluate(executor.eval_forward, objective,
-                             train_split.subset(slice(0, TRAIN_EVAL_SAMPLES)), cfg)
+                             limited(train_split, min(part or TRAIN_EVAL_SAMPLES, TRAIN_EVAL_SAMPLES)),
+                             cfg)
         stuck = stuck_layers(stats["layers"], cfg.optim.lr)
         warnings = [msg for name, msg in stuck.items() if name in stuck_before]
         stuck_before = stuck
         for w in warnings:
             log.warning("%s", w)
         record = {"epoch": epoch + 1, "layers": stats["layers"], "test_accuracy": acc,
+                  "test_images": len(limited(test_split, part)),
                   "warnings": warnings, "train_accuracy": train_acc, "reruns": reruns,
                   "epoch_seconds": stats["seconds"],
                   "samples_per_second": stats["samples_per_second"]}
         if "stages" in stats:   # per-batch timelines stay out of the JSONL (bench sweep plots them)
             record["stages"] = [{k: v for k, v in s.items() if k != "timeline"}
                                 for s in stats["stages"]]
+        if len(val_split):
+            record["val_accuracy"] = evaluate(executor.eval_forward, objective, val_split, cfg)
+        # which layer learns what, on held-out images (validation if there is one)
+        record["layer_diagnostics"] = layer_diagnostics(
+            executor.get_weights(), cfg, objective, val_split if len(val_split) else test_split,
+            DIAGNOSTIC_SAMPLES)
         writer.write(record, step=epoch + 1)
         line = (f"epoch {epoch + 1}/{total}  test {_fmt(acc)}  train {_fmt(train_acc)}  "
-                f"{stats['seconds']:.1f}s  {stats['samples_per_second']:.0f} samples/s")
+                + (f"val {_fmt(record['val_accuracy'])}  " if len(val_split) else "")
+                + f"{stats['seconds']:.1f}s  {stats['samples_per_second']:.0f} samples/s")
         if "stages" in stats:
             line += "  busy " + " ".join(f"{s['busy_seconds']:.1f}s" for s in stats["stages"])
         if progress:
@@ -240,13 +264,21 @@ def train_epochs(cfg: ExperimentConfig, executor: Executor, run_dir: Path | None
     writer.close()
     if not acc:  # resumed a finished run: evaluate what was loaded
         acc = evaluate(executor.eval_forward, objective, test_split, cfg)
+    val = evaluate(executor.eval_forward, objective, val_split, cfg) if len(val_split) else {}
+    weights = executor.get_weights()
+    diagnostics = layer_diagnostics(weights, cfg, objective,
+                                    val_split if len(val_split) else test_split)
     summary = {"algorithm": cfg.model.algorithm, "dataset": cfg.model.dataset,
                "test_accuracy": headline(acc, cfg), "test_accuracy_by_method": acc,
+               **({"val_accuracy": headline(val, cfg), "val_accuracy_by_method": val} if val else {}),
                "epochs": cfg.train.epochs, "fingerprint": cfg.fingerprint(), **executor.describe(),
-               "wall_seconds": time.perf_counter() - start}
+               "layer_diagnostics": diagnostics, "wall_seconds": time.perf_counter() - start}
+    if progress:
+        tqdm.write("per layer, on " + ("validation" if len(val_split) else "test")
+                   + " images:\n" + format_table(diagnostics))
     if run_dir:
         atomic_write_json(run_dir / "summary.json", summary)
-    summary["weights"] = executor.get_weights()
+    summary["weights"] = weights
     return summary
 
 

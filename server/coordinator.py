@@ -27,13 +27,14 @@ from bpfree_core.aggregate import ClientUpdate, Weights, fedavg, layer_stats, va
 from bpfree_core.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint, save_checkpoint
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.continual import TaskEvaluator, rounds_per_task
-from bpfree_core.data import load_dataset
+from bpfree_core.data import Split
+from bpfree_core.diagnostics import layer_diagnostics
 from bpfree_core.errors import AggregationError, ProtocolError
 from bpfree_core.federated import stack_template
 from bpfree_core.metrics import MetricsWriter
 from bpfree_core.model import build_objective
 from bpfree_core.runtime import progress_bar, set_threads
-from bpfree_core.trainer import check_resumable, evaluate_weights, headline, limited
+from bpfree_core.trainer import check_resumable, evaluate_weights, headline, limited, run_splits
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +89,7 @@ class Coordinator:
             atomic_write_json(run_dir / "config.json", cfg.to_dict())  # no token on disk
         objective = build_objective(cfg)
         self.objective = objective
-        data = load_dataset(cfg.model.dataset, cfg.train.data_dir or None)
-        self.test = limited(data.test, cfg.train.test_limit)
+        _, self.val, self.test = run_splits(cfg)
         # A federated task stream: every task's accuracy after each task's last round.
         self.tasks = TaskEvaluator(cfg) if cfg.continual.federated else None
         self.before_tasks = self.tasks.row(self.template) if self.tasks else {}
@@ -177,8 +177,12 @@ class Coordinator:
         if self.on_round is not None:
             self.on_round(rnd, new, accepted)
         t2 = time.perf_counter()
-        acc = self.evaluate(new) if self.evaluate_rounds else {}
+        # rounds before the last score eval_limit test images (cheap); the last the whole set
+        part = cfg.train.eval_limit if rnd + 1 < cfg.federation.rounds else 0
+        acc = self.evaluate(new, limited(self.test, part)) if self.evaluate_rounds else {}
         extra: dict[str, Any] = {}
+        if self.evaluate_rounds and len(self.val):
+            extra["val_accuracy"] = self.evaluate(new, self.val)
         if self.tasks is not None and (rnd + 1) % rounds_per_task(cfg) == 0:
             extra["continual"] = {"task": (rnd + 1) // rounds_per_task(cfg), "accuracy": self.tasks.row(new)}
         t_eval = time.perf_counter() - t2
@@ -212,9 +216,10 @@ class Coordinator:
             accepted[update.client] = update
         return list(accepted.values()), rejected
 
-    def evaluate(self, weights: Weights) -> dict[str, float]:
-        """Test accuracy of `weights`, evaluated in this process."""
-        return evaluate_weights(weights, self.objective, self.test, self.cfg)
+    def evaluate(self, weights: Weights, split: Split | None = None) -> dict[str, float]:
+        """Accuracy of `weights` on `split` (default: the test set), evaluated in this process."""
+        return evaluate_weights(weights, self.objective, self.test if split is None else split,
+                                self.cfg)
 
     def _checkpoint(self, rnd: int, record: dict[str, Any]) -> None:
         if self.run_dir is None:
@@ -233,6 +238,8 @@ class Coordinator:
             "algorithm": cfg.model.algorithm, "dataset": cfg.model.dataset,
             "test_accuracy": headline(acc, cfg) if acc else float("nan"),
             "test_accuracy_by_method": acc,
+            **({"val_accuracy_by_method": self.history[-1]["val_accuracy"]}
+               if self.history and "val_accuracy" in self.history[-1] else {}),
             "accuracy_per_round": [r["test_accuracy_headline"] for r in self.history],
             "rounds": len(self.history), "clients": cfg.federation.clients,
             "stages": cfg.pipeline.stages, "executor": cfg.federation.executor,
@@ -240,6 +247,9 @@ class Coordinator:
             "fingerprint": cfg.fingerprint(),
             "wall_seconds": wall,
         }
+        if self.evaluate_rounds:   # which layer of the global model learns what
+            summary["layer_diagnostics"] = layer_diagnostics(
+                self.weights, cfg, self.objective, self.val if len(self.val) else self.test)
         rows = [r["continual"]["accuracy"] for r in self.history if "continual" in r]
         if self.tasks is not None and rows:
             summary["continual"] = self.tasks.summary(rows, self.before_tasks, self.weights)

@@ -40,6 +40,7 @@ def test_toml_round_trip(tmp_path):
         ("pipeline.wire_dtype=int4", ["pipeline.wire_dtype", "bfloat16, float16, int8"]),
         ("objective.temperature=0", ["objective.temperature", "> 0"]),
         ("objective.negatives=random", ["objective.negatives", "uniform, hard"]),
+        ("train.validation=-5", ["train.validation", ">= 0"]),
     ],
 )
 def test_bad_values_name_the_field_and_the_fix(override, words):
@@ -47,6 +48,14 @@ def test_bad_values_name_the_field_and_the_fix(override, words):
         ExperimentConfig().with_overrides([override])
     for word in words:
         assert word in str(err.value)
+
+
+def test_a_validation_split_must_leave_images_to_train_on():
+    with pytest.raises(ConfigError, match="train.validation = 1000 leaves nothing of "
+                                          "train.train_limit = 1000"):
+        ExperimentConfig().with_overrides(["train.train_limit=1000", "train.validation=1000"])
+    with pytest.raises(ConfigError, match="supported for uff, bp, cwc and deeper"):
+        ExperimentConfig().with_overrides(["model.algorithm=mono", "model.conv=8"])
 
 
 def test_missing_and_malformed_config_files(tmp_path):

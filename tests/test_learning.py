@@ -33,6 +33,9 @@ CASES = [
     (("model.algorithm=bp",), {"softmax": 0.85}),
     (("model.algorithm=cwc", "model.conv=10,20,40", "model.hidden=[]", "optim.lr=1e-2"),
      {"goodness": 0.6, "softmax": 0.85}),
+    (("model.algorithm=mono",), {"softmax": 0.88}),
+    (("model.algorithm=deeper", "model.conv=10,20,40,80", "model.hidden=[]", "optim.lr=1e-2"),
+     {"goodness": 0.6, "softmax": 0.85}),
 ]
 
 

@@ -13,11 +13,13 @@ from bpfree_core.config import ALGORITHMS, load_config
 from bpfree_core.layers import LocalLayer, Packet
 from bpfree_core.model import Stage, build_layers, build_objective
 
-LOCAL = [a for a in ALGORITHMS if a not in ("bp", "cwc")]
+LOCAL = [a for a in ALGORITHMS if a not in ("bp", "cwc", "deeper")]
 CASES = [(a, ()) for a in LOCAL] + [("symba", ("objective.icp=false",)),
                                     ("uff", ("model.conv=3", "model.hidden=8,8")),
                                     ("cwc", ("model.hidden=20,20,20",)),   # 10 class groups
-                                    ("cwc", ("model.conv=10,20", "model.hidden=20"))]
+                                    ("cwc", ("model.conv=10,20", "model.hidden=20")),
+                                    ("deeper", ("model.hidden=20,20,20",)),
+                                    ("deeper", ("model.conv=10,10,20", "model.hidden=[]"))]
 
 
 def setup(algorithm: str, extra: tuple[str, ...]):  # noqa: ANN201

@@ -311,6 +311,67 @@ def test_hard_negatives_config_errors_say_what_to_change(algorithm: str, extra: 
         cfg_for("ff", "objective.negatives=hardest")
 
 
+def test_mono_forward_loss_is_cross_entropy_of_the_layer_projection():
+    lay = layer("mono", "model.hidden=4,4")
+    x = np.array([[1.0, -2.0, 0.5, 3.0], [0.0, 1.0, -1.0, 2.0]], dtype=np.float32)
+    labels = np.array([2, 7])
+    w, b = lay.body.weight.detach().numpy(), lay.body.bias.detach().numpy()
+    with torch.no_grad():
+        lay.proj.weight.copy_(torch.randn(10, 4))                          # init is not zero
+    m = lay.proj.weight.detach().numpy()                                   # (C, D)
+    x784 = np.zeros((2, 784), dtype=np.float32)
+    x784[:, :4] = x
+    a = np.maximum(x784 @ w.T + b, 0.0)                                    # (B, D)
+    scores = a @ m.T                                                       # (B, C)
+    logp = scores - np.log(np.exp(scores).sum(1, keepdims=True))
+    loss, metrics = lay.loss(lay.forward_body(t(x784)), torch.from_numpy(labels))
+    assert float(loss.detach()) == pytest.approx(-logp[np.arange(2), labels].mean(), rel=1e-5)
+    assert float(metrics["layer_acc"]) == pytest.approx((scores.argmax(1) == labels).mean())
+
+
+def test_mono_forward_trains_the_projection_and_predicts_by_summed_log_softmax():
+    cfg = cfg_for("mono", "objective.vote_first=true")
+    first, second = build_layers(cfg)
+    packet = build_objective(cfg).encode_train(torch.rand(5, 784), torch.arange(5), torch.Generator())
+    before = first.proj.weight.detach().clone()
+    first.train_step(packet)
+    assert not torch.equal(first.proj.weight, before), "the projection M is trained by the local CE"
+    x = torch.rand(3, 784)
+    out = second.eval_step(first.eval_step({"x": x}))
+    a0 = first.forward_body(x)
+    a1 = second.forward_body(a0)
+    want = (torch.log_softmax(first.proj(a0), 1) + torch.log_softmax(second.proj(a1), 1)).detach()
+    assert torch.allclose(out["logits"], want) and "goodness" not in out
+
+
+def test_deeper_loss_is_cross_entropy_over_class_group_means():
+    lay = layer("deeper", "model.hidden=20,20")           # 10 class groups of 2 units
+    a = np.arange(40, dtype=np.float32).reshape(2, 20) / 20.0
+    labels = np.array([3, 9])
+    loss, metrics = lay.loss(t(a), torch.from_numpy(labels))
+    g = a.reshape(2, 10, 2).mean(2)                      # mean, not mean square (DeeperForward)
+    logp = g - np.log(np.exp(g).sum(1, keepdims=True))
+    assert float(loss) == pytest.approx(-logp[np.arange(2), labels].mean(), rel=1e-5)
+    assert float(metrics["layer_acc"]) == pytest.approx(0.5)
+
+
+def test_deeper_hands_on_group_normalised_activity_plus_the_residual():
+    cfg = cfg_for("deeper", "model.conv=10,10,20", "model.hidden=[]")
+    objective = build_objective(cfg)
+    assert objective.shapes() == [(1, 28, 28), (10, 28, 28), (10, 28, 28), (20, 14, 14)]
+    layers = build_layers(cfg, objective=objective)
+    assert [lay.residual for lay in layers] == [False, True, False]
+    assert [lay.body.stride for lay in layers] == [(1, 1), (1, 1), (2, 2)]
+    h = torch.randn(4, 10, 28, 28)
+    _, a = layers[1].activity(h)
+    out = layers[1].hand_on(h, a) - h                    # the residual is exactly the input
+    groups = out.reshape(4, 10, -1)                      # one channel per class group here
+    assert torch.allclose(groups.mean(2), torch.zeros(4, 10), atol=1e-4)   # g is removed
+    assert torch.allclose(groups.var(2, unbiased=False), torch.ones(4, 10), atol=1e-2)
+    with pytest.raises(ConfigError, match=r"model.conv\[1\] = 15: deeper splits channels"):
+        build_objective(cfg_for("deeper", "model.conv=10,15", "model.hidden=[]")).shapes()
+
+
 # -- registry -----------------------------------------------------------------------------------
 
 def test_every_configured_algorithm_is_registered():
@@ -318,7 +379,7 @@ def test_every_configured_algorithm_is_registered():
     assert set(ALGORITHMS) <= set(reg)
     for name in ALGORITHMS:
         assert reg[name].name == name
-        sizes = ["model.hidden=20,20"] if name == "cwc" else []  # cwc: 10 class groups
+        sizes = ["model.hidden=20,20"] if name in ("cwc", "deeper") else []  # 10 class groups
         objective = get_objective(cfg_for(name, *sizes), SPECS["mnist"])
         assert objective.layer_sizes()
 

@@ -113,6 +113,19 @@ def test_hard_negatives_pipeline_matches_reference_exactly(data_dir: Path, tmp_p
                                            "train.epochs=1", "train.predict=both"), tmp_path)
 
 
+def test_mono_forward_pipeline_matches_reference_exactly(data_dir: Path, tmp_path: Path) -> None:
+    # Each stage trains its layers and their class projections from the labels in the packet.
+    _assert_pipeline_equals_reference(_cfg(data_dir, "model.algorithm=mono", "pipeline.stages=2",
+                                           "train.epochs=1"), tmp_path)
+
+
+def test_deeper_conv_pipeline_matches_reference_exactly(data_dir: Path, tmp_path: Path) -> None:
+    # Residual conv layers on both stages (10 -> 10 keeps the shape), stride 2 where it grows.
+    _assert_pipeline_equals_reference(_cfg(data_dir, "model.algorithm=deeper", "model.conv=10,10,20,20",
+                                           "model.hidden=[]", "optim.lr=1e-2", "pipeline.stages=2",
+                                           "train.epochs=1", "train.predict=both"), tmp_path)
+
+
 def test_cwc_conv_pipeline_matches_reference_exactly(data_dir: Path, tmp_path: Path) -> None:
     # Conv feature maps (B, C, H, W) on the wire, grouped convs, batch-statistics BatchNorm.
     _assert_pipeline_equals_reference(_cfg(data_dir, "model.algorithm=cwc", "model.conv=10,20",

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from bpfree_core.checkpoint import load_checkpoint
@@ -114,3 +115,50 @@ def test_a_layer_stuck_for_two_epochs_is_named_with_the_fix(data_dir, tmp_path):
     train_reference(_cfg(data_dir, "train.epochs=2"), tmp_path / "good", progress=False)
     records = [json.loads(line) for line in (tmp_path / "good" / "metrics.jsonl").open()]
     assert [r["warnings"] for r in records] == [[], []]
+
+
+def test_validation_images_are_held_out_and_scored_every_epoch(data_dir, tmp_path):
+    held = load_config(None, [*SMALL, f"train.data_dir={data_dir}", "train.validation=500"])
+    plain = load_config(None, [*SMALL, f"train.data_dir={data_dir}", "train.train_limit=1500"])
+    out = train_reference(held, tmp_path, progress=False)
+    # the last 500 of the 2000 images are never trained on: the weights equal a 1500-image run
+    ref = train_reference(plain, None, progress=False)
+    assert all(torch.equal(out["weights"][k], ref["weights"][k]) for k in ref["weights"])
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(0.2 < r["val_accuracy"]["softmax"] <= 1 for r in records)   # chance: 0.1
+    assert out["val_accuracy"] == records[-1]["val_accuracy"]["softmax"]
+    assert "val_accuracy" not in ref
+
+
+def test_eval_limit_scores_a_subset_per_epoch_and_the_whole_test_set_at_the_end(data_dir, tmp_path):
+    cheap = load_config(None, [*SMALL, f"train.data_dir={data_dir}", "train.eval_limit=100",
+                               "train.epochs=3"])
+    out = train_reference(cheap, tmp_path, progress=False)
+    full = train_reference(cheap.with_overrides(["train.eval_limit=0"]), None, progress=False)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["test_images"] for r in records] == [100, 100, 500]
+    assert out["test_accuracy_by_method"] == full["test_accuracy_by_method"]   # runtime only
+
+
+def test_layer_diagnostics_score_each_layer_on_its_own(data_dir, tmp_path):
+    from bpfree_core.diagnostics import layer_diagnostics, separation
+    from bpfree_core.model import build_objective
+    from bpfree_core.trainer import run_splits
+
+    cfg = load_config(None, [*SMALL, f"train.data_dir={data_dir}", "model.algorithm=mono",
+                             "train.validation=500"])
+    out = train_reference(cfg, tmp_path, progress=False)
+    table = out["layer_diagnostics"]
+    assert list(table) == ["0", "1"]
+    # only the last layer votes here, so its own accuracy is the model's
+    assert table["1"]["softmax"] == round(out["val_accuracy"], 4)
+    assert table["0"]["softmax"] > 0.5 and 0 <= table["0"]["dead_units"] <= 1
+    weights = {k: v.clone() for k, v in out["weights"].items()}
+    weights["layers.1.body.bias"].fill_(-1e6)                 # every unit of layer 1 is dead
+    _, val, _ = run_splits(cfg)
+    dead = layer_diagnostics(weights, cfg, build_objective(cfg), val)
+    assert dead["1"]["dead_units"] == 1.0 and dead["1"]["sparsity"] == 1.0
+    assert dead["0"] == table["0"]
+    g = torch.tensor([[3.0, 1.0, 1.0], [1.0, 3.0, 1.0]])
+    assert separation(g, torch.tensor([0, 1])) == pytest.approx(2.0 / float(g.std()))
+    assert separation(g, torch.tensor([1, 0])) < 0
