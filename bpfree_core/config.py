@@ -21,7 +21,7 @@ from bpfree_core.errors import ConfigError
 from bpfree_core.seeds import SEED_SPACE
 
 ALGORITHMS = ("ff", "symba", "sffa", "ffcl", "uff", "bp", "cwc", "mono", "deeper")
-DATASETS = ("mnist", "fashion-mnist")
+DATASETS = ("mnist", "fashion-mnist", "cifar10", "cifar100")
 WIRE_DTYPES = ("float32", "bfloat16", "float16", "int8")
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")   # Ray placement-group strategies
 # Every field is one of three kinds, declared where it is defined:

@@ -1,19 +1,28 @@
-"""MNIST and Fashion-MNIST from their original IDX .gz files: local dir, or downloaded to a cache.
+"""MNIST and Fashion-MNIST (original IDX .gz files), CIFAR-10 and CIFAR-100 (the official
+python-pickle archives): from a local dir, or downloaded to a cache.
 
 Every file is MD5-checked before use. Where the files come from, in order:
 1. `data_dir` (the `--data-dir` flag or `train.data_dir`), else `$BPFREE_DATA_DIR`;
-   the files may sit in `DIR/` itself or in `DIR/<dataset>/`.
+   the files may sit in `DIR/` itself or in `DIR/<dataset>/`. A CIFAR archive may also be
+   given unpacked (`cifar-10-batches-py/`, `cifar-100-python/`); there is no published MD5 for
+   the unpacked files, so only their shapes are checked.
 2. The download cache `$BPFREE_CACHE_DIR` (default `~/.cache/bpfree`), filled from the mirrors.
+
+CIFAR batches are pickles; they are read with an unpickler that builds only plain containers
+and numpy arrays, so a tampered file cannot run code.
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import logging
 import os
+import pickle
 import shutil
 import struct
+import tarfile
 import tempfile
 import urllib.error
 import urllib.request
@@ -40,6 +49,7 @@ class DatasetSpec:
     md5: dict[str, str]            # file name -> MD5 of the .gz
     num_classes: int = 10
     shape: tuple[int, int, int] = (1, 28, 28)
+    layout: str = "idx"            # idx: MNIST-style .gz files | cifar: the python-pickle archive
 
 
 SPECS = {
@@ -66,12 +76,25 @@ SPECS = {
             "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
         },
     ),
+    "cifar10": DatasetSpec(
+        "cifar10", ("https://www.cs.toronto.edu/~kriz/",),
+        {"cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a"}, 10, (3, 32, 32), "cifar"),
+    "cifar100": DatasetSpec(
+        "cifar100", ("https://www.cs.toronto.edu/~kriz/",),
+        {"cifar-100-python.tar.gz": "eb9058c3a382ffc7106e4002c42a8d85"}, 100, (3, 32, 32), "cifar"),
+}
+
+# CIFAR archive layout: the folder inside, train and test batch files, the label key.
+CIFAR_LAYOUT = {
+    "cifar10": ("cifar-10-batches-py", tuple(f"data_batch_{i}" for i in range(1, 6)),
+                ("test_batch",), "labels"),
+    "cifar100": ("cifar-100-python", ("train",), ("test",), "fine_labels"),
 }
 
 
 @dataclass(frozen=True)
 class Split:
-    """Images as float32 in [0, 1], shape (N, 784); labels int64, shape (N,)."""
+    """Images as float32 in [0, 1], shape (N, C*H*W) (784 for MNIST); labels int64, shape (N,)."""
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -111,11 +134,14 @@ def _find_local(spec: DatasetSpec, data_dir: Path) -> Path:
     for candidate in (data_dir / spec.name, data_dir):
         if all((candidate / f).is_file() for f in spec.md5):
             return candidate
+        if spec.layout == "cifar" and (candidate / CIFAR_LAYOUT[spec.name][0]).is_dir():
+            return candidate   # unpacked archive
     missing = [f for f in spec.md5 if not (data_dir / spec.name / f).is_file()]
     raise DataError(
         f"{spec.name} files missing in {data_dir} (looked in {data_dir / spec.name} and "
-        f"{data_dir}): {', '.join(missing)}; copy the original IDX .gz files there or unset "
-        "the data dir to download them"
+        f"{data_dir}): {', '.join(missing)}; copy the original "
+        f"{'python archive' if spec.layout == 'cifar' else 'IDX .gz files'} there or unset the "
+        "data dir to download them"
     )
 
 
@@ -197,7 +223,8 @@ def dataset_dir(name: str, data_dir: str | Path | None = None, download_ok: bool
     if local:
         folder = _find_local(spec, Path(local))
         for fname, md5 in spec.md5.items():
-            _verify(folder / fname, md5)
+            if (folder / fname).is_file():   # (an unpacked CIFAR archive has no MD5 to check)
+                _verify(folder / fname, md5)
         return folder
     if not download_ok:
         raise DataError(f"no data dir given for {name} and downloads are off; pass --data-dir")
@@ -211,6 +238,8 @@ def load_dataset(name: str, data_dir: str | Path | None = None) -> Dataset:
     """Load a dataset (memoised per process), images scaled to [0, 1] and flattened."""
     folder = dataset_dir(name, data_dir)
     key = (name, str(folder.resolve()))
+    if key not in _CACHE and SPECS[name].layout == "cifar":
+        _CACHE[key] = Dataset(SPECS[name], *_read_cifar(SPECS[name], folder))
     if key not in _CACHE:
         spec = SPECS[name]
 
@@ -224,6 +253,70 @@ def load_dataset(name: str, data_dir: str | Path | None = None) -> Dataset:
 
         _CACHE[key] = Dataset(spec, split("train"), split("t10k"))
     return _CACHE[key]
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Builds dicts, lists, strings, numbers and numpy arrays; refuses every other class."""
+
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"),
+               ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+               ("_codecs", "encode")}   # protocol-2 pickles written by Python 3 wrap bytes so
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise DataError(f"refusing to load {module}.{name} from a CIFAR batch: the official "
+                        "files hold only arrays and lists; replace the file with the original")
+
+
+def _read_cifar(spec: DatasetSpec, folder: Path) -> tuple[Split, Split]:
+    """(train, test) from the archive in `folder`, or from its unpacked folder."""
+    inner, train_files, test_files, label_key = CIFAR_LAYOUT[spec.name]
+    archive = folder / next(iter(spec.md5))
+    if archive.is_file():
+        try:
+            with tarfile.open(archive, "r:gz") as tar:
+                members = {m.name: m for m in tar.getmembers() if m.isfile()}
+                raw = {}
+                for f in train_files + test_files:
+                    member = members.get(f"{inner}/{f}")
+                    if member is None:
+                        raise DataError(f"{archive} has no {inner}/{f}: not the official archive")
+                    raw[f] = tar.extractfile(member).read()  # type: ignore[union-attr]
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise DataError(f"{archive} cannot be read ({exc}); replace it with the original") from exc
+    else:
+        raw = {}
+        for f in train_files + test_files:
+            path = folder / inner / f
+            if not path.is_file():
+                raise DataError(f"{path} is missing; unpack the whole official archive there")
+            raw[f] = path.read_bytes()
+
+    def split(files: tuple[str, ...]) -> Split:
+        xs, ys = [], []
+        for f in files:
+            try:
+                batch = _ArrayUnpickler(io.BytesIO(raw[f]), encoding="bytes").load()
+            except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as exc:
+                raise DataError(f"{spec.name} batch {f} is not a valid pickle ({exc}); replace "
+                                "it with the original") from exc
+            batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
+            x = np.asarray(batch.get("data"))
+            y = np.asarray(batch.get(label_key, []), dtype=np.int64)
+            if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3 * 32 * 32 or len(y) != len(x):
+                raise DataError(f"{spec.name} batch {f}: data {x.dtype} {x.shape} and {len(y)} "
+                                f"'{label_key}', expected uint8 (N, 3072) and N labels")
+            if len(y) and not (0 <= y.min() and y.max() < spec.num_classes):
+                raise DataError(f"{spec.name} batch {f}: labels outside 0..{spec.num_classes - 1}")
+            xs.append(x)
+            ys.append(y)
+        # rows are channel planes (R, G, B), each 32x32 row-major: already (C, H, W) flattened
+        images = torch.from_numpy(np.concatenate(xs).astype(np.float32) / 255.0)
+        return Split(images, torch.from_numpy(np.concatenate(ys)))
+
+    return split(train_files), split(test_files)
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import http.server
+import os
+import pickle
 import shutil
+import tarfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -110,3 +115,95 @@ def test_epoch_batches_are_a_pure_function_of_seed_and_epoch():
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     assert not torch.equal(a[0], c[0])
     assert torch.cat(a).unique().numel() == 64 * len(a)   # no sample twice in an epoch
+
+
+# -- CIFAR: the real loader on small archives made here in the official format ------------------
+
+def make_cifar(root: Path, name: str, per_batch: int = 8) -> tuple[Path, dict[str, np.ndarray]]:
+    """A tiny CIFAR archive laid out as the official one (pickled dicts with bytes keys, uint8
+    rows of 3072 = R, G, B planes); returns the .tar.gz and the pixels per batch file."""
+    inner, train_files, test_files, label_key = data.CIFAR_LAYOUT[name]
+    classes = data.SPECS[name].num_classes
+    rng = np.random.default_rng(0)
+    folder = root / "src" / inner
+    folder.mkdir(parents=True)
+    pixels = {}
+    for i, f in enumerate(train_files + test_files):
+        x = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
+        entry = {b"batch_label": f.encode(), b"data": x,
+                 label_key.encode(): [int(v) for v in (np.arange(per_batch) + i) % classes],
+                 b"filenames": [f"{f}_{j}.png".encode() for j in range(per_batch)]}
+        if name == "cifar100":
+            entry[b"coarse_labels"] = [0] * per_batch
+        (folder / f).write_bytes(pickle.dumps(entry, protocol=2))
+        pixels[f] = x
+    archive = root / next(iter(data.SPECS[name].md5))
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname=inner)
+    return archive, pixels
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_archive_loads_checked_from_a_dir_and_from_a_download(name, tmp_path, monkeypatch):
+    archive, pixels = make_cifar(tmp_path, name)
+    spec = data.SPECS[name]
+    # our archive is not the official one: its MD5 fails until the test names it
+    with pytest.raises(DataError, match="corrupt or truncated"):
+        data.dataset_dir(name, tmp_path)
+    monkeypatch.setitem(data.SPECS, name, dataclasses.replace(
+        spec, md5={archive.name: data.md5sum(archive)}))
+    ds = data.load_dataset(name, tmp_path)
+    train_files, test_files = data.CIFAR_LAYOUT[name][1:3]
+    assert ds.train.images.shape == (8 * len(train_files), 3072)
+    assert ds.test.images.shape == (8 * len(test_files), 3072)
+    first = ds.train.images[0].view(3, 32, 32)                  # (C, H, W): R plane first
+    raw = pixels[train_files[0]][0]
+    assert torch.equal(first[1, 0, :] * 255, torch.from_numpy(raw[1024:1056].astype(np.float32)))
+    assert ds.test.labels.tolist() == [(i + len(train_files)) % spec.num_classes for i in range(8)]
+    with serve(tmp_path) as url:                                 # the download path, MD5 checked
+        folder = data.download(data.SPECS[name], tmp_path / "cache", mirrors=(url,))
+    assert data.md5sum(folder / archive.name) == data.md5sum(archive)
+    # unpacked: read from the folder
+    unpacked = tmp_path / "unpacked" / name
+    shutil.copytree(tmp_path / "src", unpacked)
+    again = data.load_dataset(name, tmp_path / "unpacked")
+    assert torch.equal(again.train.images, ds.train.images)
+
+
+def test_a_cifar_batch_that_would_run_code_is_refused(tmp_path, monkeypatch):
+    archive, _ = make_cifar(tmp_path, "cifar10")
+    evil = tmp_path / "evil" / "cifar-10-batches-py"
+    shutil.copytree(tmp_path / "src" / "cifar-10-batches-py", evil)
+
+    class Boom:
+        def __reduce__(self):  # noqa: ANN204
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    (evil / "test_batch").write_bytes(pickle.dumps({b"data": Boom()}, protocol=2))
+    with pytest.raises(DataError, match="refusing to load posix.system"):
+        data.load_dataset("cifar10", tmp_path / "evil")
+    assert not (tmp_path / "pwned").exists()
+    (evil / "test_batch").write_bytes(pickle.dumps({b"data": np.zeros((2, 10), np.uint8),
+                                                    b"labels": [0, 1]}, protocol=2))
+    with pytest.raises(DataError, match=r"expected uint8 \(N, 3072\)"):
+        data.load_dataset("cifar10", tmp_path / "evil")
+
+
+@pytest.mark.parametrize("extra", [("model.algorithm=deeper", "model.conv=10,20", "model.hidden=[]"),
+                                   ("model.algorithm=symba", "model.hidden=40,40"),
+                                   ("model.algorithm=ff", "model.hidden=40,40"),
+                                   ("model.algorithm=bp", "model.conv=8", "model.hidden=20")])
+def test_colour_images_train_every_family(extra, tmp_path, monkeypatch):
+    from bpfree_core.config import load_config
+    from bpfree_core.trainer import train_reference
+
+    archive, _ = make_cifar(tmp_path, "cifar10", per_batch=40)
+    monkeypatch.setitem(data.SPECS, "cifar10", dataclasses.replace(
+        data.SPECS["cifar10"], md5={archive.name: data.md5sum(archive)}))
+    cfg = load_config(None, ["model.dataset=cifar10", f"train.data_dir={tmp_path}", "train.epochs=1",
+                             "train.batch_size=20", "train.threads=1", "train.predict=both"
+                             if "bp" not in extra[0] else "train.predict=softmax",
+                             "train.jitter=2", *extra])
+    summary = train_reference(cfg, None, progress=False)
+    assert all(0 <= v <= 1 for v in summary["test_accuracy_by_method"].values())
+    assert summary["weights"]

@@ -372,6 +372,20 @@ def test_deeper_hands_on_group_normalised_activity_plus_the_residual():
         build_objective(cfg_for("deeper", "model.conv=10,15", "model.hidden=[]")).shapes()
 
 
+def test_colour_images_carry_the_label_in_every_colour_plane():
+    from bpfree_core.objectives.goodness import embed_label
+
+    x = torch.rand(2, 3 * 16)                                      # 3 planes of 16 pixels
+    out = embed_label(x, torch.tensor([1, 4]), 5, channels=3).view(2, 3, 16)
+    want = torch.zeros(2, 5)
+    want[0, 1] = want[1, 4] = 1.0
+    for plane in range(3):
+        assert torch.equal(out[:, plane, :5], want)
+        assert torch.equal(out[:, plane, 5:], x.view(2, 3, 16)[:, plane, 5:])
+    gray = embed_label(x, torch.tensor([1, 4]), 5)                 # MNIST: the first C pixels only
+    assert torch.equal(gray[:, 5:], x[:, 5:]) and torch.equal(gray[:, :5], want)
+
+
 # -- registry -----------------------------------------------------------------------------------
 
 def test_every_configured_algorithm_is_registered():

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from bpfree_core.config import ExperimentConfig
-from bpfree_core.data import DatasetSpec
+from bpfree_core.data import SPECS, DatasetSpec
 from bpfree_core.errors import ConfigError
 from bpfree_core.layers import GOODNESS, LABELS, LocalLayer, Metrics, Packet, relu, rms_normalize
 from bpfree_core.objectives.base import Objective
@@ -30,11 +30,21 @@ ROLES = ("pos", "neg", "neutral")
 LossOut = tuple[torch.Tensor, Metrics]  # (loss, metrics)
 
 
-def embed_label(x: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Hinton's label embedding: the first C pixels become the one-hot of y. (B, D) -> (B, D)."""
+def embed_label(x: torch.Tensor, y: torch.Tensor, num_classes: int, channels: int = 1,
+                value: float | None = None) -> torch.Tensor:
+    """Hinton's label embedding: the first C pixels become the one-hot of y (B, D) -> (B, D).
+
+    Colour images (`channels` > 1) carry it in the first C pixels of every colour plane, so no
+    channel's units see an input whose corner contradicts the others'. `value` fills the C
+    pixels instead of a one-hot (the neutral label: 1 / C).
+    """
     out = x.clone()
-    out[:, :num_classes] = 0.0
-    out[torch.arange(x.shape[0]), y] = 1.0
+    planes = out.view(x.shape[0], channels, -1)                        # (B, channels, D / ch)
+    if value is not None:
+        planes[:, :, :num_classes] = value
+        return out
+    planes[:, :, :num_classes] = 0.0
+    planes[torch.arange(x.shape[0]), :, y] = 1.0
     return out
 
 
@@ -120,7 +130,8 @@ class GoodnessLayer(LocalLayer):
         packet = {k: v for k, v in packet.items() if k != "u"}
         packet["y_neg"] = y_neg
         if self.patterns is None:  # the label lives in the first pixels of the input
-            packet["neg"] = embed_label(packet["pos"], y_neg, self.num_classes)
+            packet["neg"] = embed_label(packet["pos"], y_neg, self.num_classes,
+                                        SPECS[self.cfg.model.dataset].shape[0])
         return packet
 
     def train_step(self, packet: Packet) -> tuple[Packet, Metrics]:
@@ -198,12 +209,11 @@ class GoodnessObjective(Objective):
 
     # Label in the first C pixels (Hinton); the pattern objectives override these two.
     def embed(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return embed_label(x, y, self.num_classes)
+        return embed_label(x, y, self.num_classes, self.spec.shape[0])
 
     def embed_neutral(self, x: torch.Tensor) -> torch.Tensor:
-        out = x.clone()
-        out[:, : self.num_classes] = 1.0 / self.num_classes
-        return out
+        return embed_label(x, x.new_zeros(0), self.num_classes, self.spec.shape[0],
+                           value=1.0 / self.num_classes)
 
     def encode_train(self, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> Packet:
         y_neg = self.wrong_labels(y, gen)
