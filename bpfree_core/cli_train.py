@@ -43,10 +43,19 @@ SHORTCUTS = {"algorithm": "model.algorithm", "dataset": "model.dataset", "layers
              "seed": "train.seed", "data_dir": "train.data_dir", "device": "train.device"}
 
 
-def config_from_args(args: argparse.Namespace):  # noqa: ANN201
+# Without --config, `bpfree train` and `bpfree pipeline` run the recipe a first run should see
+# (chosen on a validation split: bench/results/defaults.md); a config file, and the library,
+# start from the plain field defaults instead.
+TRAIN_DEFAULTS = ("model.algorithm=mono", "model.hidden=1000,1000", "optim.lr=1e-3",
+                  "train.jitter=1", "objective.vote_first=true", "train.epochs=4")
+
+
+def config_from_args(args: argparse.Namespace, defaults: tuple[str, ...] = ()):  # noqa: ANN201
+    """The config: `defaults` (only without --config), the file, the shortcuts, then --set."""
     overrides = [f"{key}={getattr(args, flag)}" for flag, key in SHORTCUTS.items()
                  if getattr(args, flag, None) is not None]
-    return load_config(args.config, overrides + list(args.set))
+    base = [] if args.config else list(defaults)
+    return load_config(args.config, base + overrides + list(args.set))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from bpfree_core.trainer import train_reference
 
-    cfg = config_from_args(args)
+    cfg = config_from_args(args, TRAIN_DEFAULTS)
     summary = train_reference(cfg, args.out, resume=args.resume, progress=progress_from_args(args))
     summary.pop("weights")
     print(json.dumps(summary, indent=2))

@@ -235,6 +235,7 @@ def train_epochs(cfg: ExperimentConfig, executor: Executor, run_dir: Path | None
                   "test_images": len(limited(test_split, part)),
                   "warnings": warnings, "train_accuracy": train_acc, "reruns": reruns,
                   "epoch_seconds": stats["seconds"],
+                  "elapsed_seconds": time.perf_counter() - start,   # since the loop began
                   "samples_per_second": stats["samples_per_second"]}
         if "stages" in stats:   # per-batch timelines stay out of the JSONL (bench sweep plots them)
             record["stages"] = [{k: v for k, v in s.items() if k != "timeline"}

@@ -16,7 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from bpfree_core.checkpoint import save_checkpoint
-from bpfree_core.cli_train import add_config_arguments, config_from_args, progress_from_args
+from bpfree_core.cli_train import (
+    TRAIN_DEFAULTS,
+    add_config_arguments,
+    config_from_args,
+    progress_from_args,
+)
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.errors import ConfigError
 from bpfree_core.runtime import set_threads
@@ -60,7 +65,7 @@ def train_pipeline(cfg: ExperimentConfig, pipe: Pipeline, run_dir: Path | None =
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
+    cfg = config_from_args(args, TRAIN_DEFAULTS)
     extra = [f"pipeline.{key}={value}" for key, value in (
         ("stages", args.stages), ("wire_dtype", args.wire_dtype), ("token", args.token),
         ("tls_ca", args.tls_ca)) if value is not None]

@@ -31,7 +31,7 @@ from bpfree_core.errors import BpfreeError, ConfigError
 log = logging.getLogger(__name__)
 
 # Without --config: an algorithm that learns fast, and a run that fits in minutes on 2 cores.
-SIMULATE_DEFAULTS = ["model.algorithm=symba", "federation.rounds=5", "train.threads=1"]
+SIMULATE_DEFAULTS = ("model.algorithm=symba", "federation.rounds=5", "train.threads=1")
 
 SHORTCUTS = {"clients": "federation.clients", "rounds": "federation.rounds",
              "local_epochs": "federation.local_epochs", "partition": "federation.partition",
@@ -82,10 +82,8 @@ def resolve(args: argparse.Namespace) -> tuple[ExperimentConfig, Path, bool]:
             raise ConfigError("--resume RUN_DIR continues RUN_DIR in place; drop --out")
         base = ExperimentConfig.from_dict(json.loads(saved.read_text()))
         return env_token(base.with_overrides(extra + list(args.set))), args.resume, True
-    if not args.config:
-        args.set = SIMULATE_DEFAULTS + list(args.set)
     args.set = list(args.set) + extra
-    cfg = env_token(config_from_args(args))
+    cfg = env_token(config_from_args(args, SIMULATE_DEFAULTS))
     run_dir = args.out or Path("runs") / time.strftime("simulate-%Y%m%d-%H%M%S")
     return cfg, run_dir, False
 

@@ -112,3 +112,29 @@ def test_small_input_errors_say_the_format():
     parser = argparse.ArgumentParser()
     add_config_arguments(parser)
     assert "cwc" in parser.format_help()
+
+
+def test_cli_defaults_apply_without_a_config_and_flags_win_over_them(tmp_path):
+    import argparse
+
+    from bpfree_core.cli_train import TRAIN_DEFAULTS, add_config_arguments, config_from_args
+    from server import simulate
+
+    def parse(add, *argv: str) -> argparse.Namespace:
+        parser = argparse.ArgumentParser()
+        add(parser)
+        return parser.parse_args(list(argv))
+
+    sim = parse(simulate.add_arguments, "--algorithm", "mono", "--rounds", "2", "--set",
+                "train.epochs=3")
+    cfg, _, _ = simulate.resolve(sim)
+    # --algorithm used to lose to the simulate default (symba) when no --config was given
+    assert (cfg.model.algorithm, cfg.federation.rounds, cfg.train.epochs) == ("mono", 2, 3)
+    assert simulate.resolve(parse(simulate.add_arguments))[0].model.algorithm == \
+        dict(s.split("=") for s in simulate.SIMULATE_DEFAULTS)["model.algorithm"]
+    train = config_from_args(parse(add_config_arguments, "--layers", "30,30"), TRAIN_DEFAULTS)
+    assert train.model.hidden == (30, 30) and train.model.algorithm == "mono"
+    toml = tmp_path / "c.toml"
+    toml.write_text("[train]\nepochs = 1\n")
+    plain = config_from_args(parse(add_config_arguments, "--config", str(toml)), TRAIN_DEFAULTS)
+    assert plain.model == ExperimentConfig().model      # a config file starts from the plain defaults

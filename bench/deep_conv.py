@@ -1,0 +1,137 @@
+"""A deep DeeperForward conv net over S = 1, 2, 4 stage workers: throughput and stage balance.
+
+    python -m bench.deep_conv --data-dir ../shared/datasets --out bench/results
+
+1. Each layer's cost, measured in this process on one thread: seconds per training batch
+   (forward, local loss, backward into its own weights, optimiser step), after a warm-up.
+2. Real pipelines of S = 1, 2, 4 `bpfree worker` processes (1 thread each) on loopback: one
+   warm-up epoch, one measured epoch; samples/s and each stage's busy seconds.
+3. On paper, every stage on a core of its own and the link free: samples/s = batch / (the
+   slowest stage's summed layer cost), and the balance = fastest / slowest stage. With fewer
+   cores than stages (S = 4 on 2 cores here) the measured row is core-bound and the paper row
+   is what 4 cores or GPUs would do.
+Writes deep_conv.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bpfree_core.checkpoint import atomic_write_json
+from bpfree_core.config import ExperimentConfig, load_config
+from bpfree_core.model import build_layers, build_objective, split_stages
+from bpfree_core.trainer import limited, run_epoch, run_splits, train_packets
+
+RESULTS = Path(__file__).resolve().parent / "results"
+NET = ("model.algorithm=deeper", "model.conv=20,20,40,40,80,80,160,160", "model.hidden=[]",
+       "optim.lr=1e-2", "train.batch_size=100", "train.threads=1")
+
+
+def layer_costs(cfg: ExperimentConfig, batches: int = 12, warmup: int = 3) -> list[float]:
+    """Seconds per training batch of every layer, in this process on one thread."""
+    torch.set_num_threads(1)
+    objective = build_objective(cfg)
+    layers = build_layers(cfg, objective=objective)
+    train, _, _ = run_splits(cfg)
+    packets = list(train_packets(objective, limited(train, (batches + warmup) *
+                                                    cfg.train.batch_size), cfg, 0))
+    spent = [0.0] * len(layers)
+    for b, packet in enumerate(packets):
+        for i, layer in enumerate(layers):
+            t0 = time.perf_counter()
+            packet, _ = layer.train_step(packet)
+            if b >= warmup:
+                spent[i] += time.perf_counter() - t0
+    return [s / batches for s in spent]
+
+
+def pipeline_row(cfg: ExperimentConfig, stages: int, images: int) -> dict[str, Any]:
+    from client.executor import PipelineExecutor  # gRPC only here
+
+    cfg = cfg.with_overrides([f"pipeline.stages={stages}"])
+    objective = build_objective(cfg)
+    train, _, _ = run_splits(cfg)
+    split = limited(train, images)
+    with PipelineExecutor(cfg) as executor:
+        run_epoch(executor, objective, split, cfg, 0, 2)          # warm-up
+        stats = run_epoch(executor, objective, split, cfg, 1, 2)
+    return {"stages": stages, "samples_per_second": stats["samples_per_second"],
+            "seconds": stats["seconds"],
+            "busy_seconds": [s["busy_seconds"] for s in stats["stages"]],
+            "layers": [s["layers"] for s in stats["stages"]]}
+
+
+def on_paper(costs: list[float], stages: int, batch: int) -> dict[str, Any]:
+    per_stage = [sum(costs[i] for i in r) for r in split_stages(len(costs), stages)]
+    return {"stages": stages, "stage_seconds_per_batch": per_stage,
+            "samples_per_second": batch / max(per_stage),
+            "balance": min(per_stage) / max(per_stage)}
+
+
+def markdown(res: dict[str, Any]) -> str:
+    lines = [
+        "# Deep conv net (DeeperForward-style) over S stages",
+        "",
+        f"Net: `{' '.join(res['net'])}` ({len(res['layer_costs'])} conv layers, 28->14->7->4 "
+        f"pixels). Machine: {res['machine']}. Command: `{res['command']}`.",
+        "",
+        "Per-layer cost (ms per batch of 100, one thread): "
+        + ", ".join(f"L{i} {c * 1e3:.1f}" for i, c in enumerate(res["layer_costs"])) + ".",
+        "",
+        "| S | measured samples/s | stage busy seconds (measured) | on paper samples/s "
+        "(a core per stage) | stage balance on paper (fastest / slowest) | speed-up on paper |",
+        "|---|---|---|---|---|---|",
+    ]
+    base = res["paper"][0]["samples_per_second"]
+    for meas, paper in zip(res["measured"], res["paper"], strict=True):
+        busy = " / ".join(f"{b:.1f}" for b in meas["busy_seconds"])
+        lines.append(f"| {meas['stages']} | {meas['samples_per_second']:.0f} | {busy} | "
+                     f"{paper['samples_per_second']:.0f} | {paper['balance']:.2f} | "
+                     f"{paper['samples_per_second'] / base:.2f}x |")
+    lines += ["", f"This machine has {os.cpu_count()} cores: rows with more stages than cores "
+              "are core-bound when measured; the paper column is what a core (or GPU) per stage "
+              "gives with a free link (bench/model.py's compute bound).", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.deep_conv", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", default=os.environ.get("BPFREE_DATA_DIR", ""))
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--stages", default="1,2,4")
+    p.add_argument("--images", type=int, default=2000, help="training images per measured epoch")
+    p.add_argument("--set", action="append", default=[], help="extra overrides")
+    args = p.parse_args(argv)
+    cfg = load_config(None, [*NET, f"train.data_dir={args.data_dir}", *args.set])
+    stages = [int(s) for s in args.stages.split(",")]
+    costs = layer_costs(cfg)
+    res: dict[str, Any] = {
+        "net": [*NET, *args.set], "layer_costs": costs,
+        "command": "python -m bench.deep_conv " + " ".join(
+            shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+        "machine": f"{os.cpu_count()} cores ({platform.processor() or platform.machine()}), "
+                   f"torch {torch.__version__}",
+        "paper": [on_paper(costs, s, cfg.train.batch_size) for s in stages], "measured": []}
+    for s in stages:
+        res["measured"].append(pipeline_row(cfg, s, args.images))
+        print(f"S={s}: {res['measured'][-1]['samples_per_second']:.0f} samples/s measured, "
+              f"{res['paper'][len(res['measured']) - 1]['samples_per_second']:.0f} on paper",
+              flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(args.out / "deep_conv.json", res)
+    (args.out / "deep_conv.md").write_text(markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
