@@ -100,7 +100,8 @@ def test_federation_across_hosts_with_tls_equals_the_reference(data_dir: Path, t
     from server.reference import federated_reference
 
     sets = [f"train.data_dir={data_dir}", "train.train_limit=2000", "train.test_limit=1000",
-            "model.hidden=200,200", "model.algorithm=symba", "train.threads=1"]
+            "model.hidden=200,200", "model.algorithm=symba", "train.threads=1",
+            "federation.local_epochs=1", "train.batch_size=100"]
     workers = {k: [f"c{k}s0", f"c{k}s1"] for k in range(2)}
     with Testbed(["link", "c0", "c1", *workers[0], *workers[1]], rate_mbit=RATE) as tb:
         certs = host_certs(tb, ["link", *workers[0], *workers[1]], tmp_path / "certs")
@@ -166,7 +167,7 @@ def test_ray_across_hosts_spreads_stages_and_equals_the_reference(data_dir: Path
 
     sets = [f"train.data_dir={data_dir}", "model.algorithm=symba", "model.hidden=[120,120]",
             "train.train_limit=2000", "train.test_limit=500", "train.threads=1",
-            "pipeline.stage_num_cpus=0.5"]
+            "pipeline.stage_num_cpus=0.5", "federation.local_epochs=1", "train.batch_size=100"]
     # Short temp dirs: Ray's unix socket paths live under them.
     tmps = [Path(tempfile.mkdtemp(prefix="bprh-", dir="/tmp")), Path(tempfile.mkdtemp(prefix="bprn-",
                                                                                        dir="/tmp"))]

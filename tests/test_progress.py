@@ -73,7 +73,8 @@ def test_simulate_on_a_terminal_shows_rounds_as_they_finish(data_dir: Path, tmp_
     out = _on_a_terminal(["simulate", "--data-dir", str(data_dir), "--out", str(tmp_path / "run"),
                           "--rounds", "2", "--clients", "2", "--executor", "inprocess",
                           "--no-plot", "--set", "train.train_limit=2000", "--set",
-                          "train.test_limit=500", "--set", "model.hidden=100,100"])
+                          "train.test_limit=500", "--set", "model.hidden=100,100",
+                          "--set", "federation.local_epochs=1"])
     assert "rounds:" in out and ("round/s" in out or "s/round" in out), out[-3000:]   # live bar
     lines = [x for x in out.replace("\r", "\n").splitlines() if x.startswith("round ")]
     assert [x.split()[1] for x in lines] == ["1/2", "2/2"], out[-3000:]

@@ -20,7 +20,7 @@ from server.reference import federated_reference
 
 TINY = ["train.train_limit=600", "train.test_limit=200", "model.hidden=40,40", "train.threads=1",
         "federation.clients=2", "federation.rounds=1", "federation.executor=inprocess",
-        "train.batch_size=100"]
+        "train.batch_size=100", "federation.local_epochs=1"]
 
 
 @pytest.mark.parametrize("seed", [0, 1, 7, 123, 9_999])
