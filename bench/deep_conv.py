@@ -28,7 +28,7 @@ import torch
 
 from bpfree_core.checkpoint import atomic_write_json
 from bpfree_core.config import ExperimentConfig, load_config
-from bpfree_core.model import build_layers, build_objective, split_stages
+from bpfree_core.model import build_layers, build_objective, split_stages, stage_ranges
 from bpfree_core.trainer import limited, run_epoch, run_splits, train_packets
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -70,11 +70,19 @@ def pipeline_row(cfg: ExperimentConfig, stages: int, images: int) -> dict[str, A
             "layers": [s["layers"] for s in stats["stages"]]}
 
 
-def on_paper(costs: list[float], stages: int, batch: int) -> dict[str, Any]:
-    per_stage = [sum(costs[i] for i in r) for r in split_stages(len(costs), stages)]
-    return {"stages": stages, "stage_seconds_per_batch": per_stage,
-            "samples_per_second": batch / max(per_stage),
-            "balance": min(per_stage) / max(per_stage)}
+def on_paper(cfg: ExperimentConfig, costs: list[float], stages: int) -> dict[str, Any]:
+    """Each split priced with the measured per-layer costs: the pipeline's own (equal layer
+    counts), by multiply-adds (pipeline.balance = flops), and the best one for these costs."""
+    out: dict[str, Any] = {"stages": stages}
+    for name, ranges in (("split", split_stages(len(costs), stages)),
+                         ("flops_split", stage_ranges(cfg.with_overrides(["pipeline.balance=flops"]),
+                                                      stages)),
+                         ("best_split", split_stages(len(costs), stages, costs))):
+        per_stage = [sum(costs[i] for i in r) for r in ranges]
+        out[name] = {"layers": [list(r) for r in ranges], "stage_seconds_per_batch": per_stage,
+                     "samples_per_second": cfg.train.batch_size / max(per_stage),
+                     "balance": min(per_stage) / max(per_stage)}
+    return out
 
 
 def markdown(res: dict[str, Any]) -> str:
@@ -87,16 +95,22 @@ def markdown(res: dict[str, Any]) -> str:
         "Per-layer cost (ms per batch of 100, one thread): "
         + ", ".join(f"L{i} {c * 1e3:.1f}" for i, c in enumerate(res["layer_costs"])) + ".",
         "",
-        "| S | measured samples/s | stage busy seconds (measured) | on paper samples/s "
-        "(a core per stage) | stage balance on paper (fastest / slowest) | speed-up on paper |",
-        "|---|---|---|---|---|---|",
+        "| S | layers per stage (equal counts) | measured samples/s | stage busy seconds "
+        "(measured) | on paper samples/s (a core per stage) | stage balance on paper (fastest / "
+        "slowest) | speed-up on paper | split by multiply-adds | best split for these costs |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    base = res["paper"][0]["samples_per_second"]
+    base = res["paper"][0]["split"]["samples_per_second"]
     for meas, paper in zip(res["measured"], res["paper"], strict=True):
         busy = " / ".join(f"{b:.1f}" for b in meas["busy_seconds"])
-        lines.append(f"| {meas['stages']} | {meas['samples_per_second']:.0f} | {busy} | "
-                     f"{paper['samples_per_second']:.0f} | {paper['balance']:.2f} | "
-                     f"{paper['samples_per_second'] / base:.2f}x |")
+        split, flops, best = paper["split"], paper["flops_split"], paper["best_split"]
+        layers = " / ".join(",".join(map(str, r)) for r in split["layers"])
+        lines.append(f"| {meas['stages']} | {layers} | {meas['samples_per_second']:.0f} | {busy} | "
+                     f"{split['samples_per_second']:.0f} | {split['balance']:.2f} | "
+                     f"{split['samples_per_second'] / base:.2f}x | "
+                     f"{flops['samples_per_second'] / base:.2f}x (balance {flops['balance']:.2f}) | "
+                     f"{best['samples_per_second'] / base:.2f}x (balance {best['balance']:.2f}: "
+                     f"{' / '.join(','.join(map(str, r)) for r in best['layers'])}) |")
     lines += ["", f"This machine has {os.cpu_count()} cores: rows with more stages than cores "
               "are core-bound when measured; the paper column is what a core (or GPU) per stage "
               "gives with a free link (bench/model.py's compute bound).", ""]
@@ -121,11 +135,11 @@ def main(argv: list[str] | None = None) -> int:
             shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
         "machine": f"{os.cpu_count()} cores ({platform.processor() or platform.machine()}), "
                    f"torch {torch.__version__}",
-        "paper": [on_paper(costs, s, cfg.train.batch_size) for s in stages], "measured": []}
+        "paper": [on_paper(cfg, costs, s) for s in stages], "measured": []}
     for s in stages:
         res["measured"].append(pipeline_row(cfg, s, args.images))
         print(f"S={s}: {res['measured'][-1]['samples_per_second']:.0f} samples/s measured, "
-              f"{res['paper'][len(res['measured']) - 1]['samples_per_second']:.0f} on paper",
+              f"{res['paper'][len(res['measured']) - 1]['split']['samples_per_second']:.0f} on paper",
               flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out / "deep_conv.json", res)

@@ -164,7 +164,7 @@ def stage_flops(cfg: ExperimentConfig) -> list[float]:
     from torch.utils.flop_counter import FlopCounterMode
 
     from bpfree_core.data import load_dataset
-    from bpfree_core.model import Stage, build_layers, build_objective, split_stages
+    from bpfree_core.model import Stage, build_layers, build_objective, stage_ranges
     from bpfree_core.trainer import limited, train_packets
 
     objective = build_objective(cfg)
@@ -172,7 +172,7 @@ def stage_flops(cfg: ExperimentConfig) -> list[float]:
                     cfg.train.batch_size)
     packet = next(iter(train_packets(objective, split, cfg, 0)))
     out = []
-    for r in split_stages(len(objective.layer_sizes()), cfg.pipeline.stages):
+    for r in stage_ranges(cfg, cfg.pipeline.stages, objective):
         stage = Stage(build_layers(cfg, r, objective))
         with FlopCounterMode(display=False) as counter, torch.enable_grad():
             packet, _ = stage.train_step(packet)

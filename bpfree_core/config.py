@@ -196,6 +196,8 @@ class PipelineConfig:
     stage_num_gpus: float = runtime(0.0)  # ray backend: GPUs each stage actor reserves (0 = CPU stage)
     bind_host: str = runtime("")          # ray backend: host stage actors serve on ("" = the node's IP)
     restarts: int = runtime(2)            # reruns of a client's round after a stage failure (0 = none)
+    balance: str = runtime("layers")      # how layers split into stages: layers (equal counts) |
+                                          # flops (the costliest stage's multiply-adds least)
 
     def __post_init__(self) -> None:
         _check_positive("pipeline", "stages", self.stages)
@@ -213,6 +215,7 @@ class PipelineConfig:
         _check_positive("pipeline", "rpc_timeout", self.rpc_timeout)
         _check_positive("pipeline", "connect_timeout", self.connect_timeout)
         _check_positive("pipeline", "restarts", self.restarts, allow_zero=True)
+        _check_choice("pipeline", "balance", self.balance, ("flops", "layers"))
 
 
 @dataclass(frozen=True)

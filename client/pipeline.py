@@ -27,7 +27,7 @@ from bpfree_core.config import ExperimentConfig
 from bpfree_core.errors import BpfreeError, ConfigError, PeerUnavailableError, StageTimeoutError
 from bpfree_core.executor import epoch_stats
 from bpfree_core.layers import LABELS, Packet
-from bpfree_core.model import OPTIMIZER, build_objective, split_stages
+from bpfree_core.model import OPTIMIZER, build_objective, stage_ranges
 from client.link import Link, PullReader, rpc_exception
 from client.memory import tune_malloc
 from client.supervisor import LocalWorkers
@@ -75,12 +75,12 @@ class Pipeline:
         self._eval_seq = 0
         tune_malloc()   # frames and received tensors reuse heap pages instead of page-faulting
         try:
-            num_layers = _check_pipelinable(cfg)
+            _check_pipelinable(cfg)
             if not addresses:
                 raise ConfigError("a pipeline needs at least one stage worker address")
             for address in self.addresses:
                 split_address(address, "stage worker address")
-            self.ranges = split_stages(num_layers, len(addresses))
+            self.ranges = stage_ranges(cfg, len(addresses))
             for address in self.addresses:
                 channel = security.channel(address)
                 self._channels.append(channel)

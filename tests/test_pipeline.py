@@ -255,3 +255,33 @@ def test_pipeline_cli_end_to_end(data_dir: Path, tmp_path: Path, capsys) -> None
     capsys.readouterr()
     assert main(["pipeline", *args, "--algorithm", "bp"]) == 2
     assert "cannot be split into pipeline stages" in capsys.readouterr().err
+
+
+def test_stage_splits_are_contiguous_and_balance_what_they_are_asked_to():
+    from bpfree_core.model import layer_flops, split_stages, stage_ranges
+
+    assert split_stages(5, 3) == [range(0, 2), range(2, 4), range(4, 5)]          # equal counts
+    assert split_stages(5, 3, [1.0] * 5) == split_stages(5, 3)                   # ties: the same
+    assert split_stages(4, 2, [5.0, 1.0, 1.0, 1.0]) == [range(0, 1), range(1, 4)]
+    assert split_stages(4, 3, [1.0, 1.0, 1.0, 9.0]) == [range(0, 2), range(2, 3), range(3, 4)]
+    with pytest.raises(ConfigError, match="only 2 layer"):
+        split_stages(2, 3, [1.0, 1.0])
+    cfg = ExperimentConfig().with_overrides(["model.algorithm=deeper", "model.conv=10,10,20",
+                                             "model.hidden=[]"])
+    assert layer_flops(build_objective(cfg)) == [28 * 28 * 10 * 1 * 9, 28 * 28 * 10 * 10 * 9,
+                                                 14 * 14 * 20 * 10 * 9]
+    assert stage_ranges(cfg, 2) == [range(0, 2), range(2, 3)]
+    flops = cfg.with_overrides(["pipeline.balance=flops"])
+    assert stage_ranges(flops, 2) == [range(0, 2), range(2, 3)]                  # 78k+706k | 353k
+    mlp = ExperimentConfig().with_overrides(["model.hidden=8,8,8", "pipeline.balance=flops"])
+    assert stage_ranges(mlp, 2) == [range(0, 1), range(1, 3)]                    # 784*8 | 64+64
+
+
+def test_a_flop_balanced_pipeline_still_matches_the_reference(data_dir: Path, tmp_path: Path) -> None:
+    # 784-400-60-60 over 2 stages by multiply-adds: layer 0 alone, then layers 1-2
+    cfg = _cfg(data_dir, "pipeline.stages=2", "pipeline.balance=flops", "train.epochs=1",
+               "model.hidden=400,60,60")
+    out = run_pipeline(cfg)
+    assert [s["layers"] for s in out["epochs"][0]["stages"]] == [[0], [1, 2]]
+    _assert_identical(out["weights"], reference(cfg.with_overrides(["pipeline.stages=1"]),
+                                                tmp_path)["weights"])

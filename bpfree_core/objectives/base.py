@@ -40,6 +40,10 @@ class Objective:
         """Output width of every layer of the stack, in order."""
         return list(self.cfg.model.hidden)
 
+    def layer_shapes(self) -> list[Shape]:
+        """Input shape of the stack, then every layer's output shape (per sample)."""
+        return [(self.input_dim,), *((n,) for n in self.layer_sizes())]
+
     def build_layer(self, index: int, num_layers: int, in_dim: int, out_dim: int) -> LocalLayer:
         raise NotImplementedError
 
@@ -88,6 +92,9 @@ class ShapedObjective(Objective):
 
     def layer_sizes(self) -> list[int]:
         return [numel(s) for s in self.shapes()[1:]]
+
+    def layer_shapes(self) -> list[Shape]:
+        return self.shapes()
 
     def build_layer(self, index: int, num_layers: int, in_dim: int, out_dim: int) -> LocalLayer:
         shapes = self.shapes()
