@@ -213,7 +213,8 @@ def test_a_failing_write_raises_and_leaves_nothing_behind(tmp_path: Path, monkey
 
 FED = ["train.train_limit=2000", "train.test_limit=500", "model.hidden=100,100",
        "model.algorithm=symba", "train.threads=1", "federation.clients=2", "pipeline.stages=2",
-       "federation.local_epochs=1", "train.batch_size=100"]   # not simulate's default recipe
+       "federation.local_epochs=1", "train.batch_size=100", "train.jitter=0",
+       "objective.vote_first=false"]   # not simulate's default recipe
 
 
 def _bpfree(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:

@@ -28,7 +28,8 @@ from server.simulate import simulate
 RECORD = "tests.flower_mods:record_replies"   # client mods run in the simulation's processes
 SMALL = ["train.train_limit=3000", "train.test_limit=1000", "model.hidden=200,200",
          "model.algorithm=symba", "train.threads=1", "federation.clients=3", "pipeline.stages=2",
-         "federation.local_epochs=1", "train.batch_size=100"]   # not simulate's default recipe
+         "federation.local_epochs=1", "train.batch_size=100", "train.jitter=0",
+         "objective.vote_first=false"]   # not simulate's default recipe
 
 
 def _cfg(data_dir: Path, *extra: str):

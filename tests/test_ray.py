@@ -279,6 +279,7 @@ def test_cli_simulate_joins_the_cluster(ray_cluster: Cluster, data_dir: Path, tm
          "--placement", "STRICT_PACK", "--clients", "2", "--stages", "2", "--rounds", "1",
          "--set", "model.hidden=[60,60]", "--set", "train.train_limit=1000",
          "--set", "federation.local_epochs=1", "--set", "train.batch_size=100",
+         "--set", "train.jitter=0", "--set", "objective.vote_first=false",
          "--set", "train.test_limit=200", "--set", "pipeline.stage_num_cpus=0.5",
          "--set", "pipeline.bind_host=127.0.0.1", "--set", f"train.data_dir={data_dir}",
          "--set", f"pipeline.tls_ca={ray_cluster.tls_ca}",

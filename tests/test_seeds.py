@@ -20,7 +20,8 @@ from server.reference import federated_reference
 
 TINY = ["train.train_limit=600", "train.test_limit=200", "model.hidden=40,40", "train.threads=1",
         "federation.clients=2", "federation.rounds=1", "federation.executor=inprocess",
-        "train.batch_size=100", "federation.local_epochs=1"]
+        "train.batch_size=100", "federation.local_epochs=1", "train.jitter=0",
+        "objective.vote_first=false"]
 
 
 @pytest.mark.parametrize("seed", [0, 1, 7, 123, 9_999])
