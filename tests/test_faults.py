@@ -432,7 +432,8 @@ def test_a_taken_port_is_named_and_grpc_core_stays_quiet():
 # -- bpfree pipeline: a dead stage is restarted and its epoch rerun; a dead driver resumes -------
 
 PIPE = ["train.train_limit=20000", "train.test_limit=500", "model.hidden=200,200",
-        "model.algorithm=symba", "train.threads=1", "pipeline.stages=2", "train.epochs=3"]
+        "model.algorithm=symba", "train.threads=1", "pipeline.stages=2", "train.epochs=3",
+        "optim.lr=2e-3", "train.jitter=0", "objective.vote_first=false"]   # not the CLI's defaults
 
 
 def _pipeline_reference(data_dir: Path) -> dict:

@@ -52,7 +52,8 @@ def _bpfree(tb: Testbed, host: str, args: list[str], timeout: float,
 def test_pipeline_across_hosts_with_tls_equals_bpfree_train(data_dir: Path, tmp_path: Path) -> None:
     sets = [f"train.data_dir={data_dir}", "model.algorithm=symba", "objective.negatives=hard",
             "model.hidden=200,200", "train.train_limit=2000", "train.test_limit=500",
-            "train.epochs=2", "train.threads=1", "pipeline.stages=2"]
+            "train.epochs=2", "train.threads=1", "pipeline.stages=2", "optim.lr=2e-3",
+            "train.jitter=0", "objective.vote_first=false"]   # not the CLI's defaults
     with Testbed(["driver", "s0", "s1"], rate_mbit=RATE) as tb:
         certs = host_certs(tb, ["s0", "s1"], tmp_path / "certs")
         _, addresses = start_workers(tb, ["s0", "s1"], tmp_path, certs=certs, token=TOKEN)

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -72,21 +68,4 @@ def test_large_seeds_train_a_federated_run(data_dir: Path, seed: int):
     assert all(torch.equal(weights[k], again[k]) for k in weights)   # still deterministic
 
 
-def test_simulate_with_the_largest_signed_seed_prints_only_bpfree_lines(data_dir: Path, tmp_path: Path):
-    # A real terminal-less run of the CLI, as a user starts it. Seeds used to overflow in every
-    # client (seed 19 and up: test_large_seeds_train_a_federated_run covers them in process);
-    # here the largest int64 seed crosses Flower's messages. Flower's deprecation block and Ray's
-    # raylet lines used to reach the terminal.
-    run = tmp_path / "run"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    done = subprocess.run(
-        [sys.executable, "-m", "bpfree_cli", "simulate", "--seed", str(2**63 - 1), "--data-dir",
-         str(data_dir), "--out", str(run), "--no-plot", *[a for s in TINY for a in ("--set", s)]],
-        env=env, capture_output=True, text=True, timeout=300)
-    out = done.stdout + done.stderr
-    assert done.returncode == 0, out[-3000:]
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["rounds"] == 1 and summary["test_accuracy"] > 0.2
-    for noise in ("DEPRECATED", "raylet", "Traceback", "WARNING"):
-        assert noise not in out, out[-3000:]
-    assert (run / "logs" / "flwr.log").is_file()   # Flower's own output went here instead
+# The largest int64 seed through a real `bpfree simulate`: tests/test_progress.py.
