@@ -30,11 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from bpfree_core.checkpoint import atomic_write_json
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.data import SPECS, Dataset, Split, load_dataset
+from bpfree_core.diagnostics import eval_with_units
 from bpfree_core.errors import ConfigError
 from bpfree_core.executor import Executor
 from bpfree_core.layers import GOODNESS, LOGITS, LocalLayer, Packet
@@ -408,16 +408,8 @@ def _activations(stage: Stage, objective: Objective, x: torch.Tensor) -> dict[st
     captured: dict[str, torch.Tensor] = {}
     packet = objective.encode_eval(x, False)
     for layer in stage.layers:
-        relus = [m for m in layer.modules() if isinstance(m, nn.ReLU)]
-        hooks = [r.register_forward_hook(
-            lambda _m, _i, o, k=f"{layer.index}.{j}": captured.__setitem__(k, o.flatten(1)))
-            for j, r in enumerate(relus)]
-        layer.eval()
-        packet = layer.eval_step(packet)
-        for h in hooks:
-            h.remove()
-        if not relus:
-            act = packet.get("neutral", packet.get("x"))
-            if act is not None:
-                captured[str(layer.index)] = act.flatten(1)
+        packet, relus, handed = eval_with_units(layer, packet)
+        captured.update({f"{layer.index}.{j}": r for j, r in enumerate(relus)})
+        if not relus and handed is not None:
+            captured[str(layer.index)] = handed
     return captured

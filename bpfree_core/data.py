@@ -238,21 +238,25 @@ def load_dataset(name: str, data_dir: str | Path | None = None) -> Dataset:
     """Load a dataset (memoised per process), images scaled to [0, 1] and flattened."""
     folder = dataset_dir(name, data_dir)
     key = (name, str(folder.resolve()))
-    if key not in _CACHE and SPECS[name].layout == "cifar":
-        _CACHE[key] = Dataset(SPECS[name], *_read_cifar(SPECS[name], folder))
     if key not in _CACHE:
         spec = SPECS[name]
-
-        def split(prefix: str) -> Split:
-            images = _read_idx(folder / f"{prefix}-images-idx3-ubyte.gz", 2051)
-            labels = _read_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", 2049)
-            if len(images) != len(labels):
-                raise DataError(f"{folder}: {prefix} has {len(images)} images, {len(labels)} labels")
-            x = torch.from_numpy(images.reshape(len(images), -1).astype(np.float32) / 255.0)
-            return Split(x, torch.from_numpy(labels.astype(np.int64)))
-
-        _CACHE[key] = Dataset(spec, split("train"), split("t10k"))
+        read = _read_cifar if spec.layout == "cifar" else _read_idx_splits
+        _CACHE[key] = Dataset(spec, *read(spec, folder))
     return _CACHE[key]
+
+
+def _read_idx_splits(spec: DatasetSpec, folder: Path) -> tuple[Split, Split]:
+    """(train, test) from the four IDX .gz files in `folder`."""
+
+    def split(prefix: str) -> Split:
+        images = _read_idx(folder / f"{prefix}-images-idx3-ubyte.gz", 2051)
+        labels = _read_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", 2049)
+        if len(images) != len(labels):
+            raise DataError(f"{folder}: {prefix} has {len(images)} images, {len(labels)} labels")
+        x = torch.from_numpy(images.reshape(len(images), -1).astype(np.float32) / 255.0)
+        return Split(x, torch.from_numpy(labels.astype(np.int64)))
+
+    return split("train"), split("t10k")
 
 
 class _ArrayUnpickler(pickle.Unpickler):

@@ -22,7 +22,7 @@ from torch import nn
 
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.data import Split
-from bpfree_core.layers import GOODNESS, LOGITS
+from bpfree_core.layers import GOODNESS, LOGITS, LocalLayer, Packet
 from bpfree_core.model import Stage, build_layers
 from bpfree_core.objectives import Objective
 
@@ -40,31 +40,44 @@ def layer_diagnostics(weights: dict[str, torch.Tensor], cfg: ExperimentConfig,
     packet = objective.encode_eval(x, objective.supports_goodness)
     table: dict[str, dict[str, float]] = {}
     for layer in stage.layers:
-        layer.eval()
         layer.always_vote = True
-        acts: list[torch.Tensor] = []
-        hooks = [m.register_forward_hook(lambda _m, _i, o, acts=acts: acts.append(o.flatten(1)))
-                 for m in layer.modules() if isinstance(m, nn.ReLU)]
         try:
-            out = layer.eval_step({k: v for k, v in packet.items() if k not in ACCUMULATORS})
+            out, relus, handed = eval_with_units(
+                layer, {k: v for k, v in packet.items() if k not in ACCUMULATORS})
         finally:
             layer.always_vote = False
-            for h in hooks:
-                h.remove()
         row: dict[str, float] = {}
         if LOGITS in out:
             row["softmax"] = _accuracy(out[LOGITS], y)
         if GOODNESS in out:
             row["goodness"] = _accuracy(out[GOODNESS], y)
             row["separation"] = separation(out[GOODNESS], y)
-        units = acts[-1] if acts else out.get("neutral", out.get("x"))
+        units = relus[-1] if relus else handed
         if units is not None and units.shape[0] == len(y):
-            units = units.flatten(1)
             row["dead_units"] = float((units <= 0).all(0).float().mean())
             row["sparsity"] = float((units <= 0).float().mean())
         table[str(layer.index)] = {k: round(v, 4) for k, v in row.items()}
         packet = {k: v for k, v in out.items() if k not in ACCUMULATORS}
     return table
+
+
+@torch.no_grad()
+def eval_with_units(layer: LocalLayer, packet: Packet
+                    ) -> tuple[Packet, list[torch.Tensor], torch.Tensor | None]:
+    """`layer.eval_step(packet)`, and what its units did: each ReLU module's output (B, D), in
+    order (bp, deeper), and the activations it hands on (B, D) (the neutral role's, for the FF
+    family; None if it hands on none)."""
+    relus: list[torch.Tensor] = []
+    hooks = [m.register_forward_hook(lambda _m, _i, o: relus.append(o.flatten(1)))
+             for m in layer.modules() if isinstance(m, nn.ReLU)]
+    layer.eval()
+    try:
+        out = layer.eval_step(packet)
+    finally:
+        for h in hooks:
+            h.remove()
+    handed = out.get("neutral", out.get("x"))
+    return out, relus, None if handed is None else handed.flatten(1)
 
 
 def separation(g: torch.Tensor, y: torch.Tensor) -> float:

@@ -11,6 +11,7 @@ from bpfree_core.data import SPECS
 from bpfree_core.errors import ConfigError
 from bpfree_core.layers import LocalLayer, Metrics, Packet, layer_seed, seeded
 from bpfree_core.objectives import Objective, get_objective
+from bpfree_core.objectives.base import numel
 
 OPTIMIZER = "optimizer."   # key prefix of optimiser-state tensors (Stage.optimizer_tensors)
 
@@ -45,20 +46,8 @@ def layer_flops(objective: Objective) -> list[float]:
     """Multiply-adds of each layer's forward pass per sample, from its shapes: a conv layer
     H_out * W_out * C_in * C_out * 9, a linear one D_in * D_out. What balances stages."""
     shapes = objective.layer_shapes()
-    out = []
-    for before, after in zip(shapes, shapes[1:], strict=False):
-        n_out = 1
-        for d in after:
-            n_out *= d
-        out.append(float(n_out * (before[0] * 9 if len(after) == 3 else _numel(before))))
-    return out
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+    return [float(numel(after) * (before[0] * 9 if len(after) == 3 else numel(before)))
+            for before, after in zip(shapes, shapes[1:], strict=False)]
 
 
 def stage_ranges(cfg: ExperimentConfig, stages: int, objective: Objective | None = None

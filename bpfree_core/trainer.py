@@ -196,6 +196,7 @@ def train_epochs(cfg: ExperimentConfig, executor: Executor, run_dir: Path | None
     ending exactly as an undisturbed epoch would.
     """
     train_split, val_split, test_split = run_splits(cfg)
+    held_out = val_split if len(val_split) else test_split   # what diagnostics score
     objective = build_objective(cfg)
     prediction_modes(objective, cfg)   # a bad train.predict fails before any training
     resumable = hasattr(executor, "snapshot")
@@ -213,6 +214,8 @@ def train_epochs(cfg: ExperimentConfig, executor: Executor, run_dir: Path | None
     writer = MetricsWriter(run_dir)
     start = time.perf_counter()
     acc: dict[str, float] = {}
+    val: dict[str, float] = {}
+    diagnostics: dict[str, dict[str, float]] = {}
     stuck_before: dict[str, str] = {}
     total = cfg.train.epochs
     for epoch in range(first_epoch, total):
@@ -222,7 +225,8 @@ def train_epochs(cfg: ExperimentConfig, executor: Executor, run_dir: Path | None
                                            train_split, cfg, epoch, total, progress)
         # cheap per-epoch scores on eval_limit images; the last epoch scores the whole test set
         part = cfg.train.eval_limit if epoch + 1 < total else 0
-        acc = evaluate(executor.eval_forward, objective, limited(test_split, part), cfg)
+        test_part = limited(test_split, part)
+        acc = evaluate(executor.eval_forward, objective, test_part, cfg)
         train_acc = evaluate(executor.eval_forward, objective,
                              limited(train_split, min(part or TRAIN_EVAL_SAMPLES, TRAIN_EVAL_SAMPLES)),
                              cfg)
@@ -232,7 +236,7 @@ def train_epochs(cfg: ExperimentConfig, executor: Executor, run_dir: Path | None
         for w in warnings:
             log.warning("%s", w)
         record = {"epoch": epoch + 1, "layers": stats["layers"], "test_accuracy": acc,
-                  "test_images": len(limited(test_split, part)),
+                  "test_images": len(test_part),
                   "warnings": warnings, "train_accuracy": train_acc, "reruns": reruns,
                   "epoch_seconds": stats["seconds"],
                   "elapsed_seconds": time.perf_counter() - start,   # since the loop began
@@ -241,11 +245,11 @@ def train_epochs(cfg: ExperimentConfig, executor: Executor, run_dir: Path | None
             record["stages"] = [{k: v for k, v in s.items() if k != "timeline"}
                                 for s in stats["stages"]]
         if len(val_split):
-            record["val_accuracy"] = evaluate(executor.eval_forward, objective, val_split, cfg)
+            val = record["val_accuracy"] = evaluate(executor.eval_forward, objective, val_split,
+                                                    cfg)
         # which layer learns what, on held-out images (validation if there is one)
-        record["layer_diagnostics"] = layer_diagnostics(
-            executor.get_weights(), cfg, objective, val_split if len(val_split) else test_split,
-            DIAGNOSTIC_SAMPLES)
+        diagnostics = record["layer_diagnostics"] = layer_diagnostics(
+            executor.get_weights(), cfg, objective, held_out, DIAGNOSTIC_SAMPLES)
         writer.write(record, step=epoch + 1)
         line = (f"epoch {epoch + 1}/{total}  test {_fmt(acc)}  train {_fmt(train_acc)}  "
                 + (f"val {_fmt(record['val_accuracy'])}  " if len(val_split) else "")
@@ -263,12 +267,12 @@ def train_epochs(cfg: ExperimentConfig, executor: Executor, run_dir: Path | None
             save_checkpoint(run_dir / "checkpoint.pt", {"epoch": epoch, "config": cfg.to_dict(),
                                                         **snapshot})
     writer.close()
+    weights = executor.get_weights()
     if not acc:  # resumed a finished run: evaluate what was loaded
         acc = evaluate(executor.eval_forward, objective, test_split, cfg)
-    val = evaluate(executor.eval_forward, objective, val_split, cfg) if len(val_split) else {}
-    weights = executor.get_weights()
-    diagnostics = layer_diagnostics(weights, cfg, objective,
-                                    val_split if len(val_split) else test_split)
+        if len(val_split):
+            val = evaluate(executor.eval_forward, objective, val_split, cfg)
+        diagnostics = layer_diagnostics(weights, cfg, objective, held_out, DIAGNOSTIC_SAMPLES)
     summary = {"algorithm": cfg.model.algorithm, "dataset": cfg.model.dataset,
                "test_accuracy": headline(acc, cfg), "test_accuracy_by_method": acc,
                **({"val_accuracy": headline(val, cfg), "val_accuracy_by_method": val} if val else {}),

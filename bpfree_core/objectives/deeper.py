@@ -31,7 +31,7 @@ from torch import nn
 
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.errors import ConfigError
-from bpfree_core.layers import GOODNESS, LABELS, LocalLayer, Metrics, Packet, rms_normalize
+from bpfree_core.layers import GOODNESS, LABELS, LOGITS, LocalLayer, Metrics, Packet, rms_normalize
 from bpfree_core.objectives import register
 from bpfree_core.objectives.base import Shape, ShapedObjective, numel
 
@@ -95,7 +95,7 @@ class DeeperLayer(LocalLayer):
     def eval_step(self, packet: Packet) -> Packet:
         h, a = self.activity(packet["x"])
         out = self.hand_on(h, a)
-        acc: Packet = {k: v for k, v in packet.items() if k in ("logits", GOODNESS)}
+        acc: Packet = {k: v for k, v in packet.items() if k in (LOGITS, GOODNESS)}
         self.add_logits(acc, rms_normalize(out.flatten(1)))
         if self.votes():
             g = self.goodness(a)

@@ -30,21 +30,21 @@ ROLES = ("pos", "neg", "neutral")
 LossOut = tuple[torch.Tensor, Metrics]  # (loss, metrics)
 
 
-def embed_label(x: torch.Tensor, y: torch.Tensor, num_classes: int, channels: int = 1,
-                value: float | None = None) -> torch.Tensor:
-    """Hinton's label embedding: the first C pixels become the one-hot of y (B, D) -> (B, D).
-
-    Colour images (`channels` > 1) carry it in the first C pixels of every colour plane, so no
-    channel's units see an input whose corner contradicts the others'. `value` fills the C
-    pixels instead of a one-hot (the neutral label: 1 / C).
-    """
+def label_planes(x: torch.Tensor, num_classes: int, channels: int = 1
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A copy of x (B, D) and a view of its label pixels (B, channels, C): the first C pixels of
+    every colour plane, so on colour images no channel's units see a corner that contradicts the
+    others' (MNIST: the first C pixels)."""
     out = x.clone()
-    planes = out.view(x.shape[0], channels, -1)                        # (B, channels, D / ch)
-    if value is not None:
-        planes[:, :, :num_classes] = value
-        return out
-    planes[:, :, :num_classes] = 0.0
-    planes[torch.arange(x.shape[0]), :, y] = 1.0
+    return out, out.view(x.shape[0], channels, -1)[:, :, :num_classes]
+
+
+def embed_label(x: torch.Tensor, y: torch.Tensor, num_classes: int, channels: int = 1
+                ) -> torch.Tensor:
+    """Hinton's label embedding: the label pixels become the one-hot of y. (B, D) -> (B, D)."""
+    out, pixels = label_planes(x, num_classes, channels)
+    pixels.zero_()
+    pixels[torch.arange(x.shape[0]), :, y] = 1.0
     return out
 
 
@@ -212,8 +212,9 @@ class GoodnessObjective(Objective):
         return embed_label(x, y, self.num_classes, self.spec.shape[0])
 
     def embed_neutral(self, x: torch.Tensor) -> torch.Tensor:
-        return embed_label(x, x.new_zeros(0), self.num_classes, self.spec.shape[0],
-                           value=1.0 / self.num_classes)
+        out, pixels = label_planes(x, self.num_classes, self.spec.shape[0])
+        pixels.fill_(1.0 / self.num_classes)
+        return out
 
     def encode_train(self, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> Packet:
         y_neg = self.wrong_labels(y, gen)
