@@ -153,6 +153,12 @@ RUNS = (
 )
 
 
+def machine_summary() -> str:
+    """Cores, CPU kind and torch version: the machine line of a results table."""
+    return (f"{os.cpu_count()} cores ({platform.processor() or platform.machine()}), "
+            f"torch {torch.__version__}")
+
+
 def machine(threads: int, device: str = "cpu") -> str:
     if device.startswith("cuda") and torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"

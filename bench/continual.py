@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -28,6 +27,7 @@ from typing import Any
 
 import torch
 
+from bench.accuracy import machine_summary
 from bpfree_core.checkpoint import atomic_write_json
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.continual import continual_config
@@ -174,8 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     path = args.out / "continual.json"
     res = json.loads(path.read_text()) if args.reuse and path.exists() else {"runs": []}
     command = "python -m bench.continual " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    res.update(machine=f"{os.cpu_count()} cores ({platform.processor() or platform.machine()}), "
-                       f"torch {torch.__version__}", protocol=list(PAPER))
+    res.update(machine=machine_summary(), protocol=list(PAPER))
     done = {(r["row"], r["seed"]) for r in res["runs"]}
     for row in rows:
         for seed in seeds:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shlex
 import sys
 import time
@@ -26,6 +25,7 @@ from typing import Any
 
 import torch
 
+from bench.accuracy import machine_summary
 from bpfree_core.checkpoint import atomic_write_json
 from bpfree_core.config import ExperimentConfig, load_config
 from bpfree_core.model import build_layers, build_objective, split_stages, stage_ranges
@@ -133,8 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         "net": [*NET, *args.set], "layer_costs": costs,
         "command": "python -m bench.deep_conv " + " ".join(
             shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
-        "machine": f"{os.cpu_count()} cores ({platform.processor() or platform.machine()}), "
-                   f"torch {torch.__version__}",
+        "machine": machine_summary(),
         "paper": [on_paper(cfg, costs, s) for s in stages], "measured": []}
     for s in stages:
         res["measured"].append(pipeline_row(cfg, s, args.images))

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -25,8 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from bench.accuracy import machine_summary
 from bpfree_core.checkpoint import atomic_write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -110,8 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     res: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
     res.update(command="python -m bench.defaults " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
-        machine=f"{os.cpu_count()} cores ({platform.processor() or platform.machine()}), "
-                f"torch {torch.__version__}")
+        machine=machine_summary())
     args.out.mkdir(parents=True, exist_ok=True)
     if args.only in (None, "choose"):
         res["choose"] = []

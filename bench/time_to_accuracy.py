@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import sys
 import time
@@ -31,8 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from bench.accuracy import machine_summary
 from bpfree_core.checkpoint import atomic_write_json
 from bpfree_core.config import load_config
 from bpfree_core.executor import InProcessExecutor
@@ -158,8 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     res: dict[str, Any] = {
         "target": args.target, "command": command, "rows": [],
-        "machine": f"{os.cpu_count()} cores ({platform.processor() or platform.machine()}), "
-                   f"torch {torch.__version__}"}
+        "machine": machine_summary()}
     for row in (r for r in ROWS if r.name in names):
         res["rows"].append(run_row(row, args.data_dir, args.target, args.set))
         last = res["rows"][-1]
