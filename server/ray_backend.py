@@ -268,13 +268,21 @@ class StageCluster:
                 self.names.append(name)
 
         calls = [a.start.remote() for a in self.actors]
+        wait_s = max(deadline - time.monotonic(), 0.0) + cfg.pipeline.connect_timeout
         try:
-            infos = ray.get(calls, timeout=max(deadline - time.monotonic(), 0.0)
-                            + cfg.pipeline.connect_timeout)
+            infos = ray.get(calls, timeout=wait_s)
         except ray.exceptions.GetTimeoutError:
+            ready, _ = ray.wait(calls, num_returns=len(calls), timeout=0)
+            started = {ref.hex() for ref in ready}
+            late = [name for name, call in zip(self.names, calls, strict=True)
+                    if call.hex() not in started]
+            # A cold node starts one Python process per actor (Ray + torch imports): on a busy
+            # machine that alone can take a minute.
             raise PeerUnavailableError(
-                f"the {len(calls)} stage actors were placed but did not all start serving within "
-                f"pipeline.connect_timeout; check the Ray worker logs on the nodes") from None
+                f"{len(late)} of the {len(calls)} stage actors were placed but did not start "
+                f"serving within {wait_s:.3g} s ({', '.join(late)}); raise "
+                "pipeline.connect_timeout if the nodes are busy, or check the Ray worker logs "
+                "on the nodes") from None
         except ray.exceptions.RayError as exc:
             raise PeerUnavailableError(f"a stage actor failed to start: {_root_cause(exc)}") from None
         for i, info in enumerate(infos):

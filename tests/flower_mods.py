@@ -29,10 +29,12 @@ def record_replies(msg, context, call_next):  # noqa: ANN001, ANN201 - a Flower 
 
 
 def sabotage(msg, context, call_next):  # noqa: ANN001, ANN201 - a Flower client mod
-    """Client 1 replies with a mis-shaped layer, client 2 crashes."""
+    """Client 1 replies with a mis-shaped layer and client 2 crashes, every round; from round 2
+    on, client 0 crashes too (so round 1 has one usable reply, round 2 none)."""
     pid = int(context.node_config["partition-id"])
-    if pid == 2:
-        raise RuntimeError("client 2 lost its disk")
+    rnd = int(msg.content.config_records["config"]["round"])
+    if pid == 2 or (pid == 0 and rnd >= 1):
+        raise RuntimeError(f"client {pid} lost its disk")
     reply = call_next(msg, context)
     if pid == 1:
         from flwr.app import Array

@@ -5,14 +5,18 @@
   exactly the weights of an undisturbed round; the reruns are bounded (pipeline.restarts);
 * a federated client (its Flower ClientApp actor) SIGKILLed mid-round: the round aggregates the
   others, counts the failure, and the client contributes again the next round;
-* the coordinator SIGKILLed mid-run with pipeline clients: its stage workers exit on their own,
-  and --resume ends with the uninterrupted run's weights, every round's metrics line once;
+* the coordinator SIGKILLed mid-run with pipeline clients on a Dirichlet partition: its stage
+  workers exit on their own, and --resume ends with the uninterrupted run's weights, every
+  round's metrics line once;
+* clients that crash or send a mis-shaped layer: left out and counted; a round with no usable
+  reply stops the run with one sentence, keeping the last checkpoint;
 * a checkpoint write killed part-way (by the kernel, at a fixed byte) or failing with ENOSPC
   leaves the previous checkpoint intact and loadable, and no temp file is taken for a checkpoint.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -259,11 +263,12 @@ def _children(pid: int) -> list[int]:
 
 
 def test_coordinator_killed_mid_run_workers_exit_and_resume_matches(data_dir: Path, tmp_path: Path) -> None:
+    """On a non-iid (Dirichlet) partition, so that resuming must rebuild the same client shards."""
     from server.reference import federated_reference
 
     run = tmp_path / "run"
-    flags = ["--data-dir", str(data_dir), *sum((["--set", s] for s in FED), []), "--rounds", "3",
-             "--executor", "pipeline", "--no-progress", "--no-plot"]
+    flags = ["--data-dir", str(data_dir), *sum((["--set", s] for s in FED), []), "--rounds", "2",
+             "--partition", "dirichlet:0.5", "--executor", "pipeline", "--no-progress"]
     token = {"BPFREE_TOKEN": "tok-7d1-never-on-disk"}   # the stage workers require it
     crashed = _bpfree("simulate", *flags, "--out", str(run), env=token)
     first = run / "checkpoints" / "round-0001.pt"
@@ -278,7 +283,7 @@ def test_coordinator_killed_mid_run_workers_exit_and_resume_matches(data_dir: Pa
         if crashed.poll() is None:
             os.killpg(crashed.pid, signal.SIGKILL)
     assert first.exists(), out[-3000:]
-    assert latest_checkpoint(run) != run / "checkpoints" / "round-0003.pt", "finished before the kill"
+    assert latest_checkpoint(run) != run / "checkpoints" / "round-0002.pt", "finished before the kill"
     # Its stage workers (own sessions, untouched by the kill) notice their launcher is gone.
     assert len(workers) == 4, workers
     _wait_until("the orphaned stage workers exiting", lambda: not any(map(_alive, workers)), 30)
@@ -291,16 +296,20 @@ def test_coordinator_killed_mid_run_workers_exit_and_resume_matches(data_dir: Pa
     _wait_until("the SuperLink and everything below it exiting",
                 lambda: not _with_marker(str(run / "logs" / "superlink.log")) and not home.exists(), 60)
 
-    resumed = _bpfree("simulate", "--resume", str(run), "--no-progress", "--no-plot", env=token)
+    resumed = _bpfree("simulate", "--resume", str(run), "--no-progress", env=token)
     out = resumed.communicate(timeout=400)[0]
     assert resumed.returncode == 0, out[-3000:]
     rounds = [json.loads(x)["round"] for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert rounds == [1, 2, 3]
+    assert rounds == [1, 2]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["rounds"] == 2 and summary["partition"] == "dirichlet:0.5"
+    assert (run / "accuracy.png").stat().st_size > 1000   # the plot covers both runs' rounds
     leaks = [str(p) for p in run.rglob("*") if p.is_file() and b"tok-7d1" in p.read_bytes()]
     assert not leaks and "tok-7d1" not in out, leaks   # the token came from $BPFREE_TOKEN only
-    cfg = load_config(None, [f"train.data_dir={data_dir}", *FED, "federation.rounds=3"])
+    cfg = load_config(None, [f"train.data_dir={data_dir}", *FED, "federation.rounds=2",
+                             "federation.partition=dirichlet:0.5"])
     reference = federated_reference(cfg)
-    final = load_checkpoint(run / "checkpoints" / "round-0003.pt")["weights"]
+    final = load_checkpoint(run / "checkpoints" / "round-0002.pt")["weights"]
     assert all(torch.equal(final[k], reference[k]) for k in reference)
 
 
@@ -370,20 +379,35 @@ def test_bad_simulate_input_fails_fast_with_one_clear_sentence(args, says, data_
         assert s in err, err
 
 
-def test_a_failed_federated_run_exits_non_zero_with_the_coordinators_reason(data_dir: Path,
-                                                                           tmp_path: Path) -> None:
-    # Client 1 sends a mis-shaped layer and client 2 crashes (tests/flower_mods.py), so round 1
-    # has one usable reply of the three it needs: the run must fail loudly, in one sentence.
-    run = tmp_path / "run"
-    flags = ["--data-dir", str(data_dir), *sum((["--set", s] for s in FED), []), "--rounds", "1",
-             "--clients", "3", "--executor", "inprocess", "--no-plot", "--out", str(run)]
-    failed = _bpfree("simulate", *flags, env={"BPFREE_CLIENT_MODS": "tests.flower_mods:sabotage"})
+def test_bad_replies_are_left_out_and_counted_and_a_round_without_any_fails_in_one_sentence(
+        data_dir: Path, tmp_path: Path) -> None:
+    # tests/flower_mods.py: client 1 sends a mis-shaped layer and client 2 crashes, every round;
+    # from round 2 on client 0 crashes too. With federation.min_clients = 1, round 1 aggregates
+    # client 0's reply alone and counts the other two; round 2 has no usable reply, so the run
+    # must fail loudly, in one sentence, keeping round 1's checkpoint.
+    run, replies = tmp_path / "run", tmp_path / "replies"
+    flags = ["--data-dir", str(data_dir), *sum((["--set", s] for s in FED), []), "--rounds", "2",
+             "--clients", "3", "--set", "federation.min_clients=1", "--executor", "inprocess",
+             "--no-plot", "--no-progress", "--out", str(run)]
+    mods = "tests.flower_mods:record_replies,tests.flower_mods:sabotage"
+    failed = _bpfree("simulate", *flags, env={"BPFREE_CLIENT_MODS": mods,
+                                              "BPFREE_TEST_REPLIES": str(replies)})
     out = failed.communicate(timeout=300)[0]
     assert failed.returncode == 2, out[-3000:]
     last = out.strip().splitlines()[-1]
     assert last.startswith("bpfree simulate: error: the federated run failed: AggregationError: "
-                           "round 1: only 1 usable replies of 3 sent"), out[-3000:]
+                           "round 2: only 0 usable replies of 3 sent (2 failed, 0 timed out, "
+                           "1 rejected)"), out[-3000:]
     assert "Traceback" not in out and (run / "logs" / "flwr.log").is_file()
+
+    (record,) = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert record["round"] == 1 and record["clients"] == {
+        "sent": 3, "accepted": 1, "failed": 1, "timed_out": 0, "rejected": 1}
+    # Only client 0's reply went into round 1's aggregate (the mean of one reply is that reply).
+    only = torch.load(replies / "round0-client0.pt")["weights"]
+    kept = load_checkpoint(run / "checkpoints" / "round-0001.pt")["weights"]
+    assert all(torch.equal(kept[k], only[k]) for k in kept if kept[k].is_floating_point())
+    assert not (run / "checkpoints" / "round-0002.pt").exists()
 
 
 # -- unreachable and malformed addresses, taken ports: named, quickly --------------------------------
@@ -431,11 +455,14 @@ def test_a_taken_port_is_named_and_grpc_core_stays_quiet():
 
 # -- bpfree pipeline: a dead stage is restarted and its epoch rerun; a dead driver resumes -------
 
-PIPE = ["train.train_limit=20000", "train.test_limit=500", "model.hidden=200,200",
+# 10000 images: an epoch long enough (~2 s) that a kill sent when epoch 1's checkpoint appears
+# lands in epoch 2.
+PIPE = ["train.train_limit=10000", "train.test_limit=500", "model.hidden=200,200",
         "model.algorithm=symba", "train.threads=1", "pipeline.stages=2", "train.epochs=3",
         "optim.lr=2e-3", "train.jitter=0", "objective.vote_first=false"]   # not the CLI's defaults
 
 
+@functools.cache   # two tests compare with it
 def _pipeline_reference(data_dir: Path) -> dict:
     from bpfree_core.trainer import train_reference
 

@@ -169,7 +169,8 @@ def test_ray_across_hosts_spreads_stages_and_equals_the_reference(data_dir: Path
     sets = [f"train.data_dir={data_dir}", "model.algorithm=symba", "model.hidden=[120,120]",
             "train.train_limit=2000", "train.test_limit=500", "train.threads=1",
             "pipeline.stage_num_cpus=0.5", "federation.local_epochs=1", "train.batch_size=100",
-            "train.jitter=0", "objective.vote_first=false"]   # not simulate's default recipe
+            "train.jitter=0", "objective.vote_first=false",   # not simulate's default recipe
+            "pipeline.connect_timeout=180"]   # cold nodes spawn a process per actor: slow on 2 cores
     # Short temp dirs: Ray's unix socket paths live under them.
     tmps = [Path(tempfile.mkdtemp(prefix="bprh-", dir="/tmp")), Path(tempfile.mkdtemp(prefix="bprn-",
                                                                                        dir="/tmp"))]

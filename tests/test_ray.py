@@ -122,7 +122,10 @@ class Cluster:
 
     def cfg(self, data_dir: Path, *overrides: str) -> ExperimentConfig:
         """A small run on this cluster: TLS to every stage, like a real deployment."""
-        return small_cfg(data_dir, f"pipeline.tls_ca={self.tls_ca}", *overrides)
+        # A generous start deadline: a cold node spawns one Python process per actor, which took
+        # over 60 s on a loaded 2-core CI box. Tests that want a short one override it.
+        return small_cfg(data_dir, f"pipeline.tls_ca={self.tls_ca}", "pipeline.connect_timeout=180",
+                         *overrides)
 
 
 @pytest.fixture(scope="module")
@@ -240,7 +243,7 @@ def test_gpu_stage_on_gpu_less_cluster_fails_at_placement(ray_cluster: Cluster, 
     t0 = time.monotonic()
     with pytest.raises(PlacementError, match=r"needs 4 GPU .* cluster has 0 GPU"):
         simulate_ray(cfg, tmp_path / "run")
-    assert time.monotonic() - t0 < cfg.pipeline.connect_timeout   # not a placement wait
+    assert time.monotonic() - t0 < 30   # refused up front, not after a placement wait
     assert _live_groups() == before and _our_actors() == []
 
 
@@ -258,6 +261,16 @@ def test_placement_that_does_not_fit_in_time_fails_and_cleans_up(ray_cluster: Cl
         assert _live_groups() == ["test-blocker"] and _our_actors() == []
     finally:
         remove_placement_group(blocker)
+
+
+def test_actors_that_start_too_slowly_are_named_and_cleaned_up(ray_cluster: Cluster, data_dir: Path,
+                                                               tmp_path: Path) -> None:
+    # Placing takes milliseconds; starting a Python process per actor takes seconds.
+    cfg = ray_cluster.cfg(data_dir, "pipeline.connect_timeout=0.01")
+    with pytest.raises(PeerUnavailableError, match=r"4 of the 4 stage actors .* did not start "
+                       r"serving within [\d.]+ s \(bpfree-\w+-c0-s0, .*raise pipeline.connect_timeout"):
+        simulate_ray(cfg, tmp_path / "run")
+    assert _live_groups() == [] and _our_actors() == []
 
 
 def test_actor_that_cannot_serve_fails_and_cleans_up(ray_cluster: Cluster, data_dir: Path,
@@ -282,7 +295,7 @@ def test_cli_simulate_joins_the_cluster(ray_cluster: Cluster, data_dir: Path, tm
          "--set", "train.jitter=0", "--set", "objective.vote_first=false",
          "--set", "train.test_limit=200", "--set", "pipeline.stage_num_cpus=0.5",
          "--set", "pipeline.bind_host=127.0.0.1", "--set", f"train.data_dir={data_dir}",
-         "--set", f"pipeline.tls_ca={ray_cluster.tls_ca}",
+         "--set", f"pipeline.tls_ca={ray_cluster.tls_ca}", "--set", "pipeline.connect_timeout=180",
          "--out", str(out), "--no-plot", "--no-progress"],
         capture_output=True, text=True, env=env, cwd=REPO, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -315,9 +328,10 @@ def test_a_dead_stage_fails_only_its_client(ray_cluster: Cluster, data_dir: Path
     from server.coordinator import Coordinator
     from server.ray_backend import RayTransport, StageCluster
 
-    cfg = ray_cluster.cfg(data_dir, "federation.min_clients=1", "pipeline.connect_timeout=5",
-                          "model.hidden=[60,60]", "train.train_limit=1000", "train.test_limit=200")
-    with StageCluster(cfg) as cluster:
+    small = ("federation.min_clients=1", "model.hidden=[60,60]", "train.train_limit=1000",
+             "train.test_limit=200")
+    cfg = ray_cluster.cfg(data_dir, *small, "pipeline.connect_timeout=5")  # the dead peer: fail fast
+    with StageCluster(ray_cluster.cfg(data_dir, *small)) as cluster:   # starting: the long deadline
         victim = ray.get_actor(cluster.infos[1][1]["name"], namespace=NAMESPACE)
         ray.kill(victim, no_restart=True)
         summary = Coordinator(cfg).run(RayTransport(cfg, cluster.addresses))
