@@ -3,9 +3,11 @@
     python -m bench.deep_conv --data-dir ../shared/datasets --out bench/results
 
 1. Each layer's cost, measured in this process on one thread: seconds per training batch
-   (forward, local loss, backward into its own weights, optimiser step), after a warm-up.
+   (forward, local loss, backward into its own weights, optimiser step), after a warm-up
+   (bpfree_core.balance.measure_layer_costs: what pipeline.balance = measured splits by).
 2. Real pipelines of S = 1, 2, 4 `bpfree worker` processes (1 thread each) on loopback: one
-   warm-up epoch, one measured epoch; samples/s and each stage's busy seconds.
+   warm-up epoch, one measured epoch; samples/s and each stage's busy seconds. For S > 1 a
+   second pipeline splits by the measured costs (pipeline.balance = measured).
 3. On paper, every stage on a core of its own and the link free: samples/s = batch / (the
    slowest stage's summed layer cost), and the balance = fastest / slowest stage. With fewer
    cores than stages (S = 4 on 2 cores here) the measured row is core-bound and the paper row
@@ -19,39 +21,21 @@ import argparse
 import os
 import shlex
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from bench.accuracy import machine_summary
+from bpfree_core.balance import measure_layer_costs, split_stages, stage_ranges
 from bpfree_core.checkpoint import atomic_write_json
 from bpfree_core.config import ExperimentConfig, load_config
-from bpfree_core.model import build_layers, build_objective, split_stages, stage_ranges
-from bpfree_core.trainer import limited, run_epoch, run_splits, train_packets
+from bpfree_core.model import build_objective
+from bpfree_core.trainer import limited, run_epoch, run_splits
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NET = ("model.algorithm=deeper", "model.conv=20,20,40,40,80,80,160,160", "model.hidden=[]",
        "optim.lr=1e-2", "train.batch_size=100", "train.threads=1")
-
-
-def layer_costs(cfg: ExperimentConfig, batches: int = 12, warmup: int = 3) -> list[float]:
-    """Seconds per training batch of every layer, in this process on one thread."""
-    torch.set_num_threads(1)
-    objective = build_objective(cfg)
-    layers = build_layers(cfg, objective=objective)
-    train, _, _ = run_splits(cfg)
-    packets = list(train_packets(objective, limited(train, (batches + warmup) *
-                                                    cfg.train.batch_size), cfg, 0))
-    spent = [0.0] * len(layers)
-    for b, packet in enumerate(packets):
-        for i, layer in enumerate(layers):
-            t0 = time.perf_counter()
-            packet, _ = layer.train_step(packet)
-            if b >= warmup:
-                spent[i] += time.perf_counter() - t0
-    return [s / batches for s in spent]
 
 
 def pipeline_row(cfg: ExperimentConfig, stages: int, images: int) -> dict[str, Any]:
@@ -97,8 +81,9 @@ def markdown(res: dict[str, Any]) -> str:
         "",
         "| S | layers per stage (equal counts) | measured samples/s | stage busy seconds "
         "(measured) | on paper samples/s (a core per stage) | stage balance on paper (fastest / "
-        "slowest) | speed-up on paper | split by multiply-adds | best split for these costs |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "slowest) | speed-up on paper | split by multiply-adds | best split for these costs | "
+        "pipeline.balance = measured: measured samples/s (busy seconds) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     base = res["paper"][0]["split"]["samples_per_second"]
     for meas, paper in zip(res["measured"], res["paper"], strict=True):
@@ -110,11 +95,21 @@ def markdown(res: dict[str, Any]) -> str:
                      f"{split['samples_per_second'] / base:.2f}x | "
                      f"{flops['samples_per_second'] / base:.2f}x (balance {flops['balance']:.2f}) | "
                      f"{best['samples_per_second'] / base:.2f}x (balance {best['balance']:.2f}: "
-                     f"{' / '.join(','.join(map(str, r)) for r in best['layers'])}) |")
+                     f"{' / '.join(','.join(map(str, r)) for r in best['layers'])}) | "
+                     f"{_balanced_cell(meas)} |")
     lines += ["", f"This machine has {os.cpu_count()} cores: rows with more stages than cores "
               "are core-bound when measured; the paper column is what a core (or GPU) per stage "
               "gives with a free link (bench/model.py's compute bound).", ""]
     return "\n".join(lines)
+
+
+def _balanced_cell(meas: dict[str, Any]) -> str:
+    if "balanced" not in meas:
+        return "-"
+    b = meas["balanced"]
+    busy = " / ".join(f"{x:.1f}" for x in b["busy_seconds"])
+    split = " / ".join(",".join(map(str, r)) for r in b["layers"])
+    return f"{b['samples_per_second']:.0f} ({busy}; {split})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,18 +123,23 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     cfg = load_config(None, [*NET, f"train.data_dir={args.data_dir}", *args.set])
     stages = [int(s) for s in args.stages.split(",")]
-    costs = layer_costs(cfg)
+    torch.set_num_threads(1)
+    costs = measure_layer_costs(cfg, batches=12, warmup=3)   # the pipelines below reuse these
     res: dict[str, Any] = {
         "net": [*NET, *args.set], "layer_costs": costs,
         "command": "python -m bench.deep_conv " + " ".join(
             shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
         "machine": machine_summary(),
         "paper": [on_paper(cfg, costs, s) for s in stages], "measured": []}
+    measured = cfg.with_overrides(["pipeline.balance=measured"])
     for s in stages:
-        res["measured"].append(pipeline_row(cfg, s, args.images))
-        print(f"S={s}: {res['measured'][-1]['samples_per_second']:.0f} samples/s measured, "
-              f"{res['paper'][len(res['measured']) - 1]['split']['samples_per_second']:.0f} on paper",
-              flush=True)
+        row = pipeline_row(cfg, s, args.images)
+        if s > 1:
+            row["balanced"] = pipeline_row(measured, s, args.images)
+        res["measured"].append(row)
+        print(f"S={s}: {row['samples_per_second']:.0f} samples/s measured"
+              + (f" ({row['balanced']['samples_per_second']:.0f} split by measured costs)"
+                 if s > 1 else ""), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out / "deep_conv.json", res)
     (args.out / "deep_conv.md").write_text(markdown(res))

@@ -163,8 +163,9 @@ def stage_flops(cfg: ExperimentConfig) -> list[float]:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    from bpfree_core.balance import stage_ranges
     from bpfree_core.data import load_dataset
-    from bpfree_core.model import Stage, build_layers, build_objective, stage_ranges
+    from bpfree_core.model import Stage, build_layers, build_objective
     from bpfree_core.trainer import limited, train_packets
 
     objective = build_objective(cfg)

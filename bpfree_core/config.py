@@ -197,7 +197,8 @@ class PipelineConfig:
     bind_host: str = runtime("")          # ray backend: host stage actors serve on ("" = the node's IP)
     restarts: int = runtime(2)            # reruns of a client's round after a stage failure (0 = none)
     balance: str = runtime("layers")      # how layers split into stages: layers (equal counts) |
-                                          # flops (the costliest stage's multiply-adds least)
+                                          # flops (by multiply-adds) | measured (by timed layer
+                                          # steps): bpfree_core/balance.py
 
     def __post_init__(self) -> None:
         _check_positive("pipeline", "stages", self.stages)
@@ -215,7 +216,7 @@ class PipelineConfig:
         _check_positive("pipeline", "rpc_timeout", self.rpc_timeout)
         _check_positive("pipeline", "connect_timeout", self.connect_timeout)
         _check_positive("pipeline", "restarts", self.restarts, allow_zero=True)
-        _check_choice("pipeline", "balance", self.balance, ("flops", "layers"))
+        _check_choice("pipeline", "balance", self.balance, ("flops", "layers", "measured"))
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Build a stack of local layers from a config, and split it into contiguous stages."""
+"""Build a stack of local layers from a config; a Stage is a contiguous run of them
+(bpfree_core.balance decides which)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ from bpfree_core.data import SPECS
 from bpfree_core.errors import ConfigError
 from bpfree_core.layers import LocalLayer, Metrics, Packet, layer_seed, seeded
 from bpfree_core.objectives import Objective, get_objective
-from bpfree_core.objectives.base import numel
 
 OPTIMIZER = "optimizer."   # key prefix of optimiser-state tensors (Stage.optimizer_tensors)
 
@@ -40,70 +40,6 @@ def build_layers(
         with seeded(layer_seed(cfg.train.seed, i)):
             layers.append(objective.build_layer(i, len(sizes), dims[i], dims[i + 1]))
     return layers
-
-
-def layer_flops(objective: Objective) -> list[float]:
-    """Multiply-adds of each layer's forward pass per sample, from its shapes: a conv layer
-    H_out * W_out * C_in * C_out * 9, a linear one D_in * D_out. What balances stages."""
-    shapes = objective.layer_shapes()
-    return [float(numel(after) * (before[0] * 9 if len(after) == 3 else numel(before)))
-            for before, after in zip(shapes, shapes[1:], strict=False)]
-
-
-def stage_ranges(cfg: ExperimentConfig, stages: int, objective: Objective | None = None
-                 ) -> list[range]:
-    """The layers each of `stages` stages owns: equal counts (pipeline.balance = layers) or
-    balanced multiply-adds (flops). Only where layers run changes, never what they compute.
-    Multiply-adds miss what small conv layers spend on memory (bench/results/deep_conv.md)."""
-    objective = objective or build_objective(cfg)
-    costs = layer_flops(objective) if cfg.pipeline.balance == "flops" else None
-    return split_stages(len(objective.layer_sizes()), stages, costs)
-
-
-def split_stages(num_layers: int, stages: int, costs: list[float] | None = None) -> list[range]:
-    """Contiguous split of `num_layers` layers into `stages` non-empty ranges: near-equal layer
-    counts, or, given each layer's cost, the split whose costliest stage is cheapest."""
-    if stages < 1:
-        raise ConfigError(f"pipeline.stages = {stages} must be >= 1")
-    if stages > num_layers:
-        raise ConfigError(
-            f"pipeline.stages = {stages} but the model has only {num_layers} layer(s); use at "
-            f"most {num_layers} stages or add layers to model.hidden"
-        )
-    if costs is not None:
-        return _balanced(costs, stages)
-    base, extra = divmod(num_layers, stages)
-    out, start = [], 0
-    for s in range(stages):
-        n = base + (1 if s < extra else 0)
-        out.append(range(start, start + n))
-        start += n
-    return out
-
-
-def _balanced(costs: list[float], stages: int) -> list[range]:
-    """Min-max contiguous partition (dynamic programming; ties go to the count split's side)."""
-    n = len(costs)
-    prefix = [0.0]
-    for c in costs:
-        prefix.append(prefix[-1] + c)
-    inf = float("inf")
-    # best[k][i]: the least max-stage cost of layers 0..i-1 in k stages; cut[k][i]: last start
-    best = [[inf] * (n + 1) for _ in range(stages + 1)]
-    cut = [[0] * (n + 1) for _ in range(stages + 1)]
-    best[0][0] = 0.0
-    for k in range(1, stages + 1):
-        for i in range(k, n - (stages - k) + 1):
-            for j in range(i - 1, k - 2, -1):   # later cuts first: ties keep the count split
-                cost = max(best[k - 1][j], prefix[i] - prefix[j])
-                if cost < best[k][i] - 1e-9 * max(1.0, cost):
-                    best[k][i], cut[k][i] = cost, j
-    out, i = [], n
-    for k in range(stages, 0, -1):
-        j = cut[k][i]
-        out.append(range(j, i))
-        i = j
-    return out[::-1]
 
 
 class Stage:

@@ -23,11 +23,12 @@ from typing import Any
 import grpc
 import torch
 
+from bpfree_core.balance import stage_ranges
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.errors import BpfreeError, ConfigError, PeerUnavailableError, StageTimeoutError
 from bpfree_core.executor import epoch_stats
 from bpfree_core.layers import LABELS, Packet
-from bpfree_core.model import OPTIMIZER, build_objective, stage_ranges
+from bpfree_core.model import OPTIMIZER, build_objective
 from client.link import Link, PullReader, rpc_exception
 from client.memory import tune_malloc
 from client.supervisor import LocalWorkers
@@ -80,7 +81,7 @@ class Pipeline:
                 raise ConfigError("a pipeline needs at least one stage worker address")
             for address in self.addresses:
                 split_address(address, "stage worker address")
-            self.ranges = stage_ranges(cfg, len(addresses))
+            self.ranges = stage_ranges(cfg, len(addresses), device=device or cfg.train.device)
             for address in self.addresses:
                 channel = security.channel(address)
                 self._channels.append(channel)

@@ -229,13 +229,15 @@ class RoundProgress:
 
 def preflight(cfg: ExperimentConfig) -> None:
     """Refuse in a second what would otherwise fail after Ray, Flower and the workers started."""
+    from bpfree_core.balance import split_stages
     from bpfree_core.data import dataset_dir
-    from bpfree_core.model import build_objective, stage_ranges
+    from bpfree_core.model import build_objective
 
     if cfg.train.data_dir or os.environ.get("BPFREE_DATA_DIR"):
         dataset_dir(cfg.model.dataset, cfg.train.data_dir or None)   # names the missing dir/file
-    if cfg.federation.executor == "pipeline" and build_objective(cfg).pipelinable:
-        stage_ranges(cfg, cfg.pipeline.stages)
+    objective = build_objective(cfg)
+    if cfg.federation.executor == "pipeline" and objective.pipelinable:   # enough layers?
+        split_stages(len(objective.layer_sizes()), cfg.pipeline.stages)
     if cfg.continual.federated:
         from bpfree_core.continual import check_federated
 

@@ -56,16 +56,16 @@ def test_accuracy_benchmark_writes_table_and_json(data_dir, tmp_path):
     out = tmp_path / "results"
     assert main(["--data-dir", str(data_dir), "--out", str(out), "--runs-dir", str(tmp_path / "runs"),
                  "--only", "bp,uff", "--epochs", "1", "--train-limit", "1000",
-                 "--set", "train.test_limit=500"]) == 0
+                 "--set", "train.test_limit=500", "--set", "model.hidden=[200,200]"]) == 0
     rows = json.loads((out / "accuracy.json").read_text())
     assert [r["name"] for r in rows] == ["uff", "bp"]            # table order, not finish order
-    assert all(r["softmax"] > 0.5 and r["epochs"] == 1 for r in rows)
+    assert all(r["softmax"] > 0.2 and r["epochs"] == 1 for r in rows)   # above chance: it trained
     table = (out / "accuracy.md").read_text()
-    assert "| Backprop baseline (same MLP) | 784-1000-1000 | 1 (1000 train imgs) |" in table
+    assert "| Backprop baseline (same MLP) | 784-200-200 | 1 (1000 train imgs) |" in table
     # a later `--only` run refreshes its rows and keeps the others
     assert main(["--data-dir", str(data_dir), "--out", str(out), "--runs-dir", str(tmp_path / "runs"),
                  "--only", "bp", "--epochs", "1", "--train-limit", "600",
-                 "--set", "train.test_limit=500"]) == 0
+                 "--set", "train.test_limit=500", "--set", "model.hidden=[200,200]"]) == 0
     rows = json.loads((out / "accuracy.json").read_text())
     assert [(r["name"], r["train_images"]) for r in rows] == [("uff", 1000), ("bp", 600)]
     # --reuse takes a finished run of the same config from its run directory, and only that
@@ -74,6 +74,6 @@ def test_accuracy_benchmark_writes_table_and_json(data_dir, tmp_path):
     for limit, reused in (("600", True), ("500", False)):
         assert main(["--data-dir", str(data_dir), "--out", str(out), "--runs-dir",
                      str(tmp_path / "runs"), "--only", "bp", "--epochs", "1", "--train-limit", limit,
-                     "--set", "train.test_limit=500", "--reuse"]) == 0
+                     "--set", "train.test_limit=500", "--set", "model.hidden=[200,200]", "--reuse"]) == 0
         assert (metrics.stat().st_mtime_ns == stamp) is reused
         assert json.loads((out / "accuracy.json").read_text())[1]["train_images"] == int(limit)

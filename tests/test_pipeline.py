@@ -258,7 +258,7 @@ def test_pipeline_cli_end_to_end(data_dir: Path, tmp_path: Path, capsys) -> None
 
 
 def test_stage_splits_are_contiguous_and_balance_what_they_are_asked_to():
-    from bpfree_core.model import layer_flops, split_stages, stage_ranges
+    from bpfree_core.balance import layer_flops, split_stages, stage_ranges
 
     assert split_stages(5, 3) == [range(0, 2), range(2, 4), range(4, 5)]          # equal counts
     assert split_stages(5, 3, [1.0] * 5) == split_stages(5, 3)                   # ties: the same
@@ -277,10 +277,19 @@ def test_stage_splits_are_contiguous_and_balance_what_they_are_asked_to():
     assert stage_ranges(mlp, 2) == [range(0, 1), range(1, 3)]                    # 784*8 | 64+64
 
 
-def test_a_flop_balanced_pipeline_still_matches_the_reference(data_dir: Path, tmp_path: Path) -> None:
-    # 784-400-60-60 over 2 stages by multiply-adds: layer 0 alone, then layers 1-2
-    cfg = _cfg(data_dir, "pipeline.stages=2", "pipeline.balance=flops", "train.epochs=1",
-               "model.hidden=400,60,60")
+def test_a_measured_balance_pipeline_still_matches_the_reference(data_dir: Path,
+                                                                 tmp_path: Path) -> None:
+    # 784-1000-40-40 over 2 stages by timed layer steps: layer 0 (the costliest) alone. The
+    # driver times the layers before it starts: that must leave torch's random state and thread
+    # count as they were, and the weights as the reference's.
+    from bpfree_core.balance import measure_layer_costs
+
+    cfg = _cfg(data_dir, "pipeline.stages=2", "pipeline.balance=measured", "train.epochs=1",
+               "model.hidden=1000,40,40")
+    state, threads = torch.random.get_rng_state(), torch.get_num_threads()
+    costs = measure_layer_costs(cfg)
+    assert costs[0] > 2 * max(costs[1:]), costs   # equal counts would split [0, 1] | [2]
+    assert torch.equal(torch.random.get_rng_state(), state) and torch.get_num_threads() == threads
     out = run_pipeline(cfg)
     assert [s["layers"] for s in out["epochs"][0]["stages"]] == [[0], [1, 2]]
     _assert_identical(out["weights"], reference(cfg.with_overrides(["pipeline.stages=1"]),
