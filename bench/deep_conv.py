@@ -89,13 +89,13 @@ def markdown(res: dict[str, Any]) -> str:
     for meas, paper in zip(res["measured"], res["paper"], strict=True):
         busy = " / ".join(f"{b:.1f}" for b in meas["busy_seconds"])
         split, flops, best = paper["split"], paper["flops_split"], paper["best_split"]
-        layers = " / ".join(",".join(map(str, r)) for r in split["layers"])
-        lines.append(f"| {meas['stages']} | {layers} | {meas['samples_per_second']:.0f} | {busy} | "
+        lines.append(f"| {meas['stages']} | {_split_text(split['layers'])} | "
+                     f"{meas['samples_per_second']:.0f} | {busy} | "
                      f"{split['samples_per_second']:.0f} | {split['balance']:.2f} | "
                      f"{split['samples_per_second'] / base:.2f}x | "
                      f"{flops['samples_per_second'] / base:.2f}x (balance {flops['balance']:.2f}) | "
                      f"{best['samples_per_second'] / base:.2f}x (balance {best['balance']:.2f}: "
-                     f"{' / '.join(','.join(map(str, r)) for r in best['layers'])}) | "
+                     f"{_split_text(best['layers'])}) | "
                      f"{_balanced_cell(meas)} |")
     lines += ["", f"This machine has {os.cpu_count()} cores: rows with more stages than cores "
               "are core-bound when measured; the paper column is what a core (or GPU) per stage "
@@ -108,8 +108,12 @@ def _balanced_cell(meas: dict[str, Any]) -> str:
         return "-"
     b = meas["balanced"]
     busy = " / ".join(f"{x:.1f}" for x in b["busy_seconds"])
-    split = " / ".join(",".join(map(str, r)) for r in b["layers"])
-    return f"{b['samples_per_second']:.0f} ({busy}; {split})"
+    return f"{b['samples_per_second']:.0f} ({busy}; {_split_text(b['layers'])})"
+
+
+def _split_text(ranges: list[list[int]]) -> str:
+    """[[0, 1], [2, 3]] -> "0,1 / 2,3"."""
+    return " / ".join(",".join(map(str, r)) for r in ranges)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,6 +29,7 @@ from bpfree_core.errors import BpfreeError, ConfigError, PeerUnavailableError, S
 from bpfree_core.executor import epoch_stats
 from bpfree_core.layers import LABELS, Packet
 from bpfree_core.model import OPTIMIZER, build_objective
+from bpfree_core.objectives import Objective
 from client.link import Link, PullReader, rpc_exception
 from client.memory import tune_malloc
 from client.supervisor import LocalWorkers
@@ -42,14 +43,15 @@ log = logging.getLogger(__name__)
 _STATUS_POLL = 1.0   # seconds between stage health checks while waiting for an epoch to drain
 
 
-def _check_pipelinable(cfg: ExperimentConfig) -> int:
+def _check_pipelinable(cfg: ExperimentConfig) -> Objective:
+    """The run's objective, once it is known to split into stages."""
     objective = build_objective(cfg)
     if not objective.pipelinable:
         raise ConfigError(f"model.algorithm = {cfg.model.algorithm!r} trains with gradients across "
                           "layers, so it cannot be split into pipeline stages; use `bpfree train` "
                           "or a backprop-free algorithm (ff, symba, sffa, ...)")
     check_chunk_bytes(cfg.pipeline.chunk_bytes)
-    return len(objective.layer_sizes())
+    return objective
 
 
 def _wire_config(cfg: ExperimentConfig) -> str:
@@ -76,12 +78,13 @@ class Pipeline:
         self._eval_seq = 0
         tune_malloc()   # frames and received tensors reuse heap pages instead of page-faulting
         try:
-            _check_pipelinable(cfg)
+            objective = _check_pipelinable(cfg)
             if not addresses:
                 raise ConfigError("a pipeline needs at least one stage worker address")
             for address in self.addresses:
                 split_address(address, "stage worker address")
-            self.ranges = stage_ranges(cfg, len(addresses), device=device or cfg.train.device)
+            self.ranges = stage_ranges(cfg, len(addresses), objective,
+                                       device=device or cfg.train.device)
             for address in self.addresses:
                 channel = security.channel(address)
                 self._channels.append(channel)
