@@ -10,6 +10,7 @@ import argparse
 import importlib
 import logging
 import os
+import signal
 import sys
 
 from bpfree_core.errors import BpfreeError
@@ -42,21 +43,42 @@ def _load(module: str):  # noqa: ANN202
     return importlib.import_module(module)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: every `finally` runs, so children are stopped and the run
+    directory is left resumable."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+    # gRPC core's own INFO lines (an idle connection closed, say) are not bpfree's to print
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(argv).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command != "worker":   # a worker has its own clean stop on SIGTERM
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return int(_load(args._module).run(args) or 0)
     except BpfreeError as exc:
         print(f"bpfree {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        return 130
+    except OSError as exc:   # a disk or path error no module turned into a sentence
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"bpfree {args.command}: error: {exc.strerror or exc}{where}; check the path and "
+              "the free space there", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as exc:
+        how = "SIGTERM" if isinstance(exc, Terminated) else "Ctrl-C"
+        print(f"bpfree {args.command}: stopped by {how}; everything it started is stopped "
+              "(a run with --out continues with --resume)", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
 
 
 if __name__ == "__main__":

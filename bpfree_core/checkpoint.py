@@ -1,9 +1,16 @@
-"""Atomic checkpoints: write a temp file, fsync it, rename it over the old one."""
+"""Atomic checkpoints (write a temp file, fsync it, rename it over the old one), loaded safely.
+
+A checkpoint holds only tensors and plain containers (dicts, lists, numbers, strings), and it is
+read with torch's weights-only unpickler, which builds nothing else: a run directory is shared
+between people and machines, and resuming one must never run code that was put in it.
+"""
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -38,17 +45,27 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    import io
-
     buf = io.BytesIO()
     torch.save(state, buf)
     atomic_write_bytes(path, buf.getvalue())
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
+    """The state in `path`; a DataError if it is missing, corrupt, or holds anything but tensors
+    and plain values (nothing in it is ever executed)."""
     if not path.is_file():
         raise DataError(f"checkpoint {path} does not exist; check the run directory")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise DataError(f"checkpoint {path} cannot be read ({exc}); it is corrupt") from exc
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "Weights only load failed" in str(exc):
+            raise DataError(
+                f"checkpoint {path} holds objects other than tensors and plain values, which bpfree "
+                "never writes: it was replaced or tampered with, so it was not loaded; restore it "
+                "from a copy you trust or start a new run") from None
+        raise DataError(f"checkpoint {path} cannot be read ({exc}); it is corrupt") from None
+    except Exception as exc:  # noqa: BLE001 - any other read failure means a bad file
+        raise DataError(f"checkpoint {path} cannot be read ({exc}); it is corrupt") from None
+    if not isinstance(state, dict):
+        raise DataError(f"checkpoint {path} holds a {type(state).__name__}, not a bpfree checkpoint")
+    return state

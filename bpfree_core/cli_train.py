@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 from bpfree_core.config import ALGORITHMS, DATASETS, load_config
+from bpfree_core.errors import ConfigError
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,6 +26,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", help="directory with the dataset's IDX .gz files")
     parser.add_argument("--device", help="cpu | cuda | cuda:N")
     parser.add_argument("--out", type=Path, help="run directory for metrics, checkpoint, summary")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the run already in --out (without it, that is refused)")
     parser.add_argument("--no-progress", action="store_true",
                         help="no live progress bar (epoch/round lines are still printed)")
     parser.add_argument("--quiet", action="store_true",
@@ -67,7 +70,10 @@ def run(args: argparse.Namespace) -> int:
     from bpfree_core.trainer import train_reference
 
     cfg = config_from_args(args, TRAIN_DEFAULTS)
-    summary = train_reference(cfg, args.out, resume=args.resume, progress=progress_from_args(args))
+    if args.resume and not args.out:
+        raise ConfigError("--resume continues a run directory: give it with --out RUN_DIR")
+    summary = train_reference(cfg, args.out, resume=args.resume, progress=progress_from_args(args),
+                              overwrite=args.overwrite)
     summary.pop("weights")
     print(json.dumps(summary, indent=2))
     return 0

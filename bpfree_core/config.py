@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 import tomllib
 import types
@@ -46,12 +47,17 @@ def secret(default: Any) -> Any:
     return field(default=default, metadata=SECRET, repr=False)
 
 
+MAX_LR = 10.0   # learning rates above this only diverge (1e30 trained to chance, silently)
+
+
 def _check_choice(section: str, name: str, value: Any, valid: tuple[str, ...]) -> None:
     if value not in valid:
         raise ConfigError(f"{section}.{name} = {value!r} is not valid; choose one of {', '.join(valid)}")
 
 
 def _check_positive(section: str, name: str, value: float, allow_zero: bool = False) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{section}.{name} = {value!r} is not a finite number; give a real value")
     if value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise ConfigError(f"{section}.{name} = {value!r} must be {bound}")
@@ -136,9 +142,15 @@ class OptimConfig:
     def __post_init__(self) -> None:
         _check_choice("optim", "optimizer", self.optimizer, ("adam", "sgd"))
         _check_choice("optim", "kernels", self.kernels, ("auto", "foreach", "fused", "single"))
-        _check_positive("optim", "lr", self.lr)
-        _check_positive("optim", "head_lr", self.head_lr)
+        for name in ("lr", "head_lr"):
+            _check_positive("optim", name, getattr(self, name))
+            if getattr(self, name) > MAX_LR:
+                raise ConfigError(f"optim.{name} = {getattr(self, name):g} is far above any learning "
+                                  f"rate that trains (> {MAX_LR:g}); typical values are 1e-4 .. 1e-1")
         _check_positive("optim", "weight_decay", self.weight_decay, allow_zero=True)
+        _check_positive("optim", "momentum", self.momentum, allow_zero=True)
+        if self.momentum >= 1:
+            raise ConfigError(f"optim.momentum = {self.momentum:g} must be below 1 (0.9 is usual)")
 
 
 @dataclass(frozen=True)
@@ -423,7 +435,10 @@ def _coerce(where: str, typ: Any, value: Any) -> Any:
         if typ is float:
             if isinstance(value, bool):
                 raise ValueError
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):
+                raise ValueError
+            return number
         if typ is str:
             return str(value)
         if origin is tuple:
@@ -449,6 +464,8 @@ def _coerce(where: str, typ: Any, value: Any) -> Any:
     else:
         return value
     name = getattr(typ, "__name__", str(typ))
+    if typ is float and str(value).strip().lower().lstrip("+-") in ("nan", "inf", "infinity"):
+        raise ConfigError(f"{where} = {value!r} is not a finite number; give a real value")
     if origin is tuple:
         raise ConfigError(f"{where} = {value!r} is not a valid list of whole numbers; give sizes "
                           "separated by commas, or NxSIZE for N equal ones, e.g. 500,500 or 3x1000")

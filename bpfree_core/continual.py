@@ -31,16 +31,15 @@ from typing import Any
 
 import torch
 
-from bpfree_core.checkpoint import atomic_write_json
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.data import SPECS, Dataset, Split, load_dataset
 from bpfree_core.diagnostics import eval_with_units
 from bpfree_core.errors import ConfigError
 from bpfree_core.executor import Executor
 from bpfree_core.layers import GOODNESS, LOGITS, LocalLayer, Packet
-from bpfree_core.metrics import MetricsWriter
 from bpfree_core.model import Stage, build_layers, build_objective
 from bpfree_core.objectives import Objective
+from bpfree_core.rundir import RunDir, open_run_dir
 from bpfree_core.runtime import progress_bar
 from bpfree_core.seeds import generator
 from bpfree_core.trainer import EVAL_BATCH, train_packets
@@ -226,9 +225,16 @@ def _consolidators(layers: list[LocalLayer]) -> list[Any]:
 # -- the run ------------------------------------------------------------------------------------
 
 def run_continual(cfg: ExperimentConfig, executor: Executor, run_dir: Path | None = None,
-                  progress: bool = True) -> dict[str, Any]:
-    """Train the task stream through `executor`; RUN_DIR gets config.json, metrics.jsonl (one
-    record per task) and summary.json (the accuracy matrix and every CL measure)."""
+                  progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
+    """Train the task stream through `executor`; RUN_DIR (bpfree_core.rundir: locked, an earlier
+    run refused unless `overwrite`) gets config.json, metrics.jsonl (one record per task) and
+    summary.json (the accuracy matrix and every CL measure)."""
+    with open_run_dir(run_dir, overwrite=overwrite) as rd:
+        return _stream(cfg, executor, rd, progress)
+
+
+def _stream(cfg: ExperimentConfig, executor: Executor, rd: RunDir | None,
+            progress: bool) -> dict[str, Any]:
     data = load_dataset(cfg.model.dataset, cfg.train.data_dir or None)
     _check_classes(cfg, data.spec.num_classes)
     tasks = split_tasks(data, cfg)
@@ -238,10 +244,8 @@ def run_continual(cfg: ExperimentConfig, executor: Executor, run_dir: Path | Non
     c = cfg.continual
     layers = consolidating_layers(executor, cfg)
     memory = ReplayMemory(c.memory, cfg.train.seed) if c.strategy == "replay" else None
-    if run_dir:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(run_dir / "config.json", cfg.to_dict())
-    writer = MetricsWriter(run_dir)
+    if rd is not None:
+        rd.write_config(cfg)
     start = time.perf_counter()
     before = [task_accuracy(executor.eval_forward, objective, task, cfg) for task in tasks]
     matrices: dict[str, list[list[float]]] = {m: [] for m in want}
@@ -273,15 +277,15 @@ def run_continual(cfg: ExperimentConfig, executor: Executor, run_dir: Path | Non
             bar.write(line)
         else:
             log.info("%s", line)
-        writer.write({"task": task.index + 1, "classes": list(task.classes),
-                      "accuracy": {m: matrices[m][-1] for m in want},
-                      "epochs": [{k: e[k] for k in ("layers", "seconds", "samples_per_second")}
-                                 for e in epochs],
-                      "memory": len(memory) if memory is not None else 0,
-                      "penalty": penalty},
-                     step=task.index + 1)
+        record = {"task": task.index + 1, "classes": list(task.classes),
+                  "accuracy": {m: matrices[m][-1] for m in want},
+                  "epochs": [{k: e[k] for k in ("layers", "seconds", "samples_per_second")}
+                             for e in epochs],
+                  "memory": len(memory) if memory is not None else 0,
+                  "penalty": penalty}
+        if rd is not None:
+            rd.log_metrics(record, step=task.index + 1)
     bar.close()
-    writer.close()
     weights = executor.get_weights()
     summary = {
         "algorithm": cfg.model.algorithm, "dataset": cfg.model.dataset,
@@ -291,8 +295,8 @@ def run_continual(cfg: ExperimentConfig, executor: Executor, run_dir: Path | Non
         "fingerprint": cfg.fingerprint(), **executor.describe(),
         "wall_seconds": time.perf_counter() - start,
     }
-    if run_dir:
-        atomic_write_json(run_dir / "summary.json", summary)
+    if rd is not None:
+        rd.write_json("summary.json", summary)
     summary["weights"] = weights
     return summary
 

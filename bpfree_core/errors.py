@@ -29,3 +29,7 @@ class StageTimeoutError(BpfreeError, TimeoutError):
 
 class AggregationError(BpfreeError):
     """A federated reply could not be aggregated."""
+
+
+class RunDirError(BpfreeError):
+    """A run directory cannot be used: a bad path, a full or read-only disk, in use, or a run."""

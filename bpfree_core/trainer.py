@@ -18,17 +18,16 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from bpfree_core.checkpoint import atomic_write_json, load_checkpoint, save_checkpoint
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.data import Split, epoch_batches, load_dataset
 from bpfree_core.diagnostics import format_table, layer_diagnostics
 from bpfree_core.errors import ConfigError
 from bpfree_core.executor import Executor, InProcessExecutor
 from bpfree_core.layers import Packet
-from bpfree_core.metrics import MetricsWriter
 from bpfree_core.model import Stage, build_layers, build_objective
 from bpfree_core.objectives import Objective
 from bpfree_core.restarts import with_restarts
+from bpfree_core.rundir import RunDir, open_run_dir
 from bpfree_core.runtime import progress_bar, resolve_device
 from bpfree_core.seeds import generator
 
@@ -153,6 +152,9 @@ def run_splits(cfg: ExperimentConfig) -> tuple[Split, Split, Split]:
     train.validation images of that are held out (never trained on); train.test_limit on test."""
     data = load_dataset(cfg.model.dataset, cfg.train.data_dir or None)
     train = limited(data.train, cfg.train.train_limit)
+    if cfg.train.batch_size > len(train):
+        raise ConfigError(f"train.batch_size = {cfg.train.batch_size} is larger than the "
+                          f"{len(train)} training images; give a batch size of at most {len(train)}")
     n = len(train) - cfg.train.validation
     if n < cfg.train.batch_size:
         raise ConfigError(f"train.validation = {cfg.train.validation} leaves {max(n, 0)} of "
@@ -185,33 +187,51 @@ def run_epoch(executor: Executor, objective: Objective, split: Split, cfg: Exper
 
 
 def train_epochs(cfg: ExperimentConfig, executor: Executor, run_dir: Path | None = None,
-                 resume: bool = False, progress: bool = True) -> dict[str, Any]:
+                 resume: bool = False, progress: bool = True,
+                 overwrite: bool = False) -> dict[str, Any]:
     """Train cfg.train.epochs epochs through `executor`, evaluating after each: `bpfree train`
     (in process) and `bpfree pipeline` (stage workers) both run this loop.
 
-    RUN_DIR gets config.json, metrics.jsonl (one record per epoch), summary.json and, when the
-    executor can `snapshot()` its state, checkpoint.pt after every epoch (`resume`). An executor
-    that can `recover()` (a pipeline) survives a stage failure: the stages are recovered, the
-    epoch's starting snapshot restored and the epoch rerun (at most pipeline.restarts times),
-    ending exactly as an undisturbed epoch would.
+    RUN_DIR (bpfree_core.rundir: locked while this runs; a finished run in it is refused unless
+    `overwrite`) gets config.json, and per epoch checkpoint.pt (when the executor can `snapshot()`
+    its state) then a metrics.jsonl line, and summary.json at the end; `resume` continues from
+    the checkpoint. An executor that can `recover()` (a pipeline) survives a stage failure: the
+    stages are recovered, the epoch's starting snapshot restored and the epoch rerun (at most
+    pipeline.restarts times), ending exactly as an undisturbed epoch would.
     """
     train_split, val_split, test_split = run_splits(cfg)
-    held_out = val_split if len(val_split) else test_split   # what diagnostics score
     objective = build_objective(cfg)
     prediction_modes(objective, cfg)   # a bad train.predict fails before any training
+    with open_run_dir(run_dir, resume=resume, overwrite=overwrite) as rd:
+        return _train_loop(cfg, executor, objective, (train_split, val_split, test_split), rd,
+                           progress)
+
+
+def _resume_state(rd: RunDir, cfg: ExperimentConfig, executor: Executor) -> tuple[int, Any]:
+    """(first epoch, its starting snapshot) of a resumed run; metrics cut back to the checkpoint."""
+    if not (rd.path / "checkpoint.pt").exists():
+        rd.rewind_metrics("epoch", 0, None)
+        return 0, None
+    state = rd.load("checkpoint.pt")
+    check_resumable(ExperimentConfig.from_dict(state["config"]), cfg, rd.path)
+    snapshot = {"weights": state["weights"], "optimizer": state["optimizer"]}
+    executor.restore(snapshot)  # type: ignore[attr-defined]
+    rd.rewind_metrics("epoch", state["epoch"] + 1, state.get("record"))
+    return state["epoch"] + 1, snapshot
+
+
+def _train_loop(cfg: ExperimentConfig, executor: Executor, objective: Objective,
+                splits: tuple[Split, Split, Split], rd: RunDir | None,
+                progress: bool) -> dict[str, Any]:
+    train_split, val_split, test_split = splits
+    held_out = val_split if len(val_split) else test_split   # what diagnostics score
     resumable = hasattr(executor, "snapshot")
     rerun = resumable and hasattr(executor, "recover")
     first_epoch, snapshot = 0, None
-    if run_dir:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(run_dir / "config.json", cfg.to_dict())   # no token on disk
-        if resume and resumable and (run_dir / "checkpoint.pt").exists():
-            state = load_checkpoint(run_dir / "checkpoint.pt")
-            check_resumable(ExperimentConfig.from_dict(state["config"]), cfg, run_dir)
-            snapshot = {"weights": state["weights"], "optimizer": state["optimizer"]}
-            executor.restore(snapshot)  # type: ignore[attr-defined]
-            first_epoch = state["epoch"] + 1
-    writer = MetricsWriter(run_dir)
+    if rd is not None:
+        if rd.resume and resumable:
+            first_epoch, snapshot = _resume_state(rd, cfg, executor)
+        rd.write_config(cfg)   # no token on disk
     start = time.perf_counter()
     acc: dict[str, float] = {}
     val: dict[str, float] = {}
@@ -250,23 +270,15 @@ def train_epochs(cfg: ExperimentConfig, executor: Executor, run_dir: Path | None
         # which layer learns what, on held-out images (validation if there is one)
         diagnostics = record["layer_diagnostics"] = layer_diagnostics(
             executor.get_weights(), cfg, objective, held_out, DIAGNOSTIC_SAMPLES)
-        writer.write(record, step=epoch + 1)
-        line = (f"epoch {epoch + 1}/{total}  test {_fmt(acc)}  train {_fmt(train_acc)}  "
-                + (f"val {_fmt(record['val_accuracy'])}  " if len(val_split) else "")
-                + f"{stats['seconds']:.1f}s  {stats['samples_per_second']:.0f} samples/s")
-        if "stages" in stats:
-            line += "  busy " + " ".join(f"{s['busy_seconds']:.1f}s" for s in stats["stages"])
-        if progress:
-            tqdm.write(line)
-        else:
-            log.info("%s", line)
+        _say(_epoch_line(record, stats, total, bool(len(val_split))), progress)
         # The state after this epoch: the checkpoint, and the next epoch's starting point.
-        keep = resumable and (run_dir is not None or rerun)
+        keep = resumable and (rd is not None or rerun)
         snapshot = executor.snapshot() if keep else None  # type: ignore[attr-defined]
-        if run_dir and snapshot is not None:
-            save_checkpoint(run_dir / "checkpoint.pt", {"epoch": epoch, "config": cfg.to_dict(),
-                                                        **snapshot})
-    writer.close()
+        if rd is not None and snapshot is not None:   # one commit: checkpoint, then metrics
+            rd.commit("checkpoint.pt", {"epoch": epoch, "config": cfg.to_dict(), **snapshot},
+                      record, step=epoch + 1)
+        elif rd is not None:
+            rd.log_metrics(record, step=epoch + 1)
     weights = executor.get_weights()
     if not acc:  # resumed a finished run: evaluate what was loaded
         acc = evaluate(executor.eval_forward, objective, test_split, cfg)
@@ -281,10 +293,27 @@ def train_epochs(cfg: ExperimentConfig, executor: Executor, run_dir: Path | None
     if progress:
         tqdm.write("per layer, on " + ("validation" if len(val_split) else "test")
                    + " images:\n" + format_table(diagnostics))
-    if run_dir:
-        atomic_write_json(run_dir / "summary.json", summary)
+    if rd is not None:
+        rd.write_json("summary.json", summary)
     summary["weights"] = weights
     return summary
+
+
+def _epoch_line(record: dict[str, Any], stats: dict[str, Any], total: int, has_val: bool) -> str:
+    line = (f"epoch {record['epoch']}/{total}  test {_fmt(record['test_accuracy'])}  "
+            f"train {_fmt(record['train_accuracy'])}  "
+            + (f"val {_fmt(record['val_accuracy'])}  " if has_val else "")
+            + f"{stats['seconds']:.1f}s  {stats['samples_per_second']:.0f} samples/s")
+    if "stages" in stats:
+        line += "  busy " + " ".join(f"{s['busy_seconds']:.1f}s" for s in stats["stages"])
+    return line
+
+
+def _say(line: str, progress: bool) -> None:
+    if progress:
+        tqdm.write(line)
+    else:
+        log.info("%s", line)
 
 
 def _epoch_with_reruns(executor: Executor, start: dict[str, Any] | None, objective: Objective,
@@ -310,10 +339,11 @@ def train_reference(
     run_dir: Path | None = None,
     resume: bool = False,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Train the whole stack in this process; write metrics, checkpoint and summary to run_dir."""
     with InProcessExecutor(cfg, resolve_device(cfg.train.device)) as executor:
-        return train_epochs(cfg, executor, run_dir, resume, progress)
+        return train_epochs(cfg, executor, run_dir, resume, progress, overwrite)
 
 
 def _fmt(acc: dict[str, float]) -> str:

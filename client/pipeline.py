@@ -318,8 +318,9 @@ class Pipeline:
             self._channels[s].close()
             self._channels[s] = self.security.channel(address)
             self._stubs[s] = pb_grpc.StageControlStub(self._channels[s])
-            wait_for_peer(address, self.security, self.cfg.pipeline.connect_timeout,
-                          self._channels[s])
+            # a stage restarted elsewhere refuses connections until it serves: wait it out
+            timeout = self.cfg.pipeline.connect_timeout
+            wait_for_peer(address, self.security, timeout, self._channels[s], refused_for=timeout)
         self.run_id = uuid.uuid4().hex
         self._eval_seq = 0
         self._configure(self.device)

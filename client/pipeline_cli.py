@@ -23,7 +23,8 @@ from bpfree_core.cli_train import (
     progress_from_args,
 )
 from bpfree_core.config import ExperimentConfig
-from bpfree_core.errors import ConfigError
+from bpfree_core.errors import ConfigError, RunDirError
+from bpfree_core.rundir import RunDir, os_error_sentence
 from bpfree_core.runtime import set_threads
 from bpfree_core.trainer import train_epochs
 from client.executor import PipelineExecutor
@@ -52,15 +53,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def train_pipeline(cfg: ExperimentConfig, pipe: Pipeline, run_dir: Path | None = None,
-                   progress: bool = True, resume: bool = False) -> dict[str, Any]:
+                   progress: bool = True, resume: bool = False,
+                   overwrite: bool = False) -> dict[str, Any]:
     """Train cfg.train.epochs epochs through `pipe`: the same epoch loop as `bpfree train`,
     with a checkpoint (weights + optimiser state of every stage) after each epoch, and a dead
     stage restarted (launched workers) and its epoch rerun, up to pipeline.restarts times."""
     summary = train_epochs(cfg, PipelineExecutor.from_pipeline(pipe), run_dir, resume=resume,
-                           progress=progress)
+                           progress=progress, overwrite=overwrite)
     if run_dir:
-        save_checkpoint(run_dir / "weights.pt", {"config": cfg.to_dict(),
-                                                 "weights": summary["weights"]})
+        try:
+            save_checkpoint(run_dir / "weights.pt", {"config": cfg.to_dict(),
+                                                     "weights": summary["weights"]})
+        except OSError as exc:
+            raise RunDirError(os_error_sentence(exc, run_dir / "weights.pt", "writing")) from None
     return summary
 
 
@@ -72,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = cfg.with_overrides(extra)
     if args.resume and not args.out:
         raise ConfigError("--resume continues a run directory: give it with --out RUN_DIR")
+    if args.out:   # a bad, busy or taken --out is refused before any worker starts
+        RunDir(args.out, resume=args.resume or args.overwrite).close()
     set_threads(cfg.train.threads)
     if args.workers:
         addresses = [a.strip() for a in args.workers.split(",") if a.strip()]
@@ -81,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
                                      log_dir=args.log_dir)
     with pipe:
         summary = train_pipeline(cfg, pipe, args.out, progress=progress_from_args(args),
-                                 resume=args.resume)
+                                 resume=args.resume, overwrite=args.overwrite)
     summary.pop("weights")
     print(json.dumps(summary, indent=2))
     return 0

@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -43,8 +44,10 @@ class LocalWorkers:
     def alive(self, s: int) -> bool:
         return self.processes[s].poll() is None
 
-    def respawn(self, s: int) -> str:
-        """Kill stage `s`'s process (if it still runs), start a new one; return its address."""
+    def respawn(self, s: int, same_port: bool = False) -> str:
+        """Kill stage `s`'s process (if it still runs), start a new one; return its address.
+        `same_port`: the new one listens where the old one did (for drivers that know only the
+        address, e.g. bpfree simulate's ClientApps)."""
         old = self.processes[s]
         if old.poll() is None:
             old.kill()
@@ -52,8 +55,9 @@ class LocalWorkers:
         port_file = Path(self._tmp.name) / f"stage{s}.port"
         port_file.unlink(missing_ok=True)   # the dead worker's port is no signal
         log_file = self.log_dir / f"stage{s}.log"
+        listen = self.addresses[s] if same_port else "127.0.0.1:0"
         proc = _spawn_worker(self.device, self.threads, port_file, log_file, self.token,
-                             scratch=True)
+                             scratch=True, listen=listen)
         self.processes[s] = proc
         try:
             port = wait_port(proc, port_file, log_file, self.timeout)
@@ -117,9 +121,9 @@ def launch_workers(n: int, tmp_dir: Path, *, device: str = "cpu", threads: int =
 
 
 def _spawn_worker(device: str, threads: int, port_file: Path, log_file: Path,
-                  token: str, scratch: bool = False) -> subprocess.Popen:
+                  token: str, scratch: bool = False, listen: str = "127.0.0.1:0") -> subprocess.Popen:
     """`scratch`: the port file's directory is ours alone; an orphaned worker removes it."""
-    cmd = worker_command("127.0.0.1:0", port_file, device=device, threads=threads,
+    cmd = worker_command(listen, port_file, device=device, threads=threads,
                          scratch_dir=port_file.parent if scratch else None)
     env = worker_env(threads)
     if token:
@@ -157,3 +161,42 @@ def stop_processes(procs: list[subprocess.Popen], grace: float = 5.0) -> None:
             log.warning("stage worker pid %d ignored SIGTERM for %.0f s; killing it", p.pid, grace)
             p.kill()
             p.wait(timeout=grace)
+
+
+class Watchdog:
+    """Respawns, on the same port, every watched stage worker whose process died (at most
+    `budget` respawns in all): drivers that only know the addresses (bpfree simulate's
+    ClientApps) find the stage there again, reconfigure it and rerun their round."""
+
+    def __init__(self, groups: list[LocalWorkers], budget: int, every: float = 0.25):
+        self.groups, self.budget, self.every = groups, budget, every
+        self.respawned: list[tuple[int, int]] = []   # (group, stage) per respawn
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="watchdog", daemon=True)
+
+    def start(self) -> Watchdog:
+        self._thread.start()
+        return self
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.every):   # polling process state, not synchronising
+            for g, group in enumerate(self.groups):
+                for s in range(len(group.processes)):
+                    if group.alive(s) or self._stop.is_set():
+                        continue
+                    if len(self.respawned) >= self.budget:
+                        log.error("stage %d of client %d died, and the %d respawns allowed "
+                                  "(pipeline.restarts per round) are used up", s, g, self.budget)
+                        return
+                    try:
+                        group.respawn(s, same_port=True)
+                    except PeerUnavailableError as exc:
+                        log.error("stage %d of client %d died and could not be respawned: %s",
+                                  s, g, exc)
+                        return
+                    self.respawned.append((g, s))
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)

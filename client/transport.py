@@ -31,6 +31,7 @@ MAX_CHUNK_BYTES = 32 << 20       # pipeline.chunk_bytes must leave room for the 
 KEEPALIVE_MS = 30_000            # ping an idle connection every 30 s ...
 KEEPALIVE_TIMEOUT_MS = 10_000    # ... and drop it if the ping is not answered within 10 s
 TOKEN_HEADER = "x-bpfree-token"
+IDLE_TIMEOUT = 60.0              # seconds a worker keeps a connection that carries no RPC
 REFUSED_FOR = 10.0               # seconds of "connection refused" before a peer is declared absent
 
 # Data-plane methods: raw bytes in and out (no protobuf (de)serialisation), see protos/stage.proto.
@@ -49,11 +50,17 @@ def _common_options() -> list[tuple[str, Any]]:
     ]
 
 
-def server_options() -> list[tuple[str, Any]]:
+def server_options(idle_timeout: float = IDLE_TIMEOUT) -> list[tuple[str, Any]]:
     # The server accepts pings as often as the client sends them (same constant), never faster.
+    # A connection that completes no handshake, or carries no RPC, for `idle_timeout` seconds is
+    # closed (idle strangers cost memory: 200 of them once held 127 MB); a real peer reconnects
+    # by itself on its next RPC.
+    idle_ms = int(idle_timeout * 1000)
     return [*_common_options(),
             ("grpc.http2.min_recv_ping_interval_without_data_ms", KEEPALIVE_MS),
             ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_MS),
+            ("grpc.server_handshake_timeout_ms", idle_ms),
+            ("grpc.max_connection_idle_ms", idle_ms),
             ("grpc.so_reuseport", 0)]
 
 
@@ -209,7 +216,8 @@ def describe(exc: grpc.RpcError) -> str:
 
 
 def wait_for_peer(
-    address: str, security: Security, timeout: float, channel: grpc.Channel | None = None
+    address: str, security: Security, timeout: float, channel: grpc.Channel | None = None,
+    refused_for: float = REFUSED_FOR,
 ) -> pb.HealthReply:
     """Health-check `address` with capped exponential backoff until it answers or `timeout` ends.
 
@@ -241,7 +249,7 @@ def wait_for_peer(
                 refused_since = (refused_since or time.monotonic()) if refused else None
             left = deadline - time.monotonic()
             if refused_since is not None and (left <= 0 or time.monotonic() - refused_since
-                                              >= REFUSED_FOR):
+                                              >= refused_for):
                 raise PeerUnavailableError(
                     f"nothing listens at {address}: the connection was refused for "
                     f"{time.monotonic() - refused_since:.0f} s ({attempt} attempts); start "

@@ -28,6 +28,7 @@ from bpfree_core.errors import BpfreeError, ConfigError, PeerUnavailableError, P
 from client.admission import Admission, StateError
 from client.compute import StageRun, rss_mb
 from client.transport import (
+    IDLE_TIMEOUT,
     RateLimitedLog,
     Security,
     TokenInterceptor,
@@ -246,12 +247,13 @@ class StageWorker(pb_grpc.StageControlServicer):
 
 
 def build_server(worker: StageWorker, listen: str, security: Security,
-                 max_workers: int = 16) -> tuple[grpc.Server, int]:
-    """A gRPC server serving `worker`'s control and data planes; returns it and its bound port."""
+                 max_workers: int = 16, idle_timeout: float = IDLE_TIMEOUT) -> tuple[grpc.Server, int]:
+    """A gRPC server serving `worker`'s control and data planes; returns it and its bound port.
+    Connections idle for `idle_timeout` seconds (no handshake, no RPC) are closed."""
     check_port_free(listen)   # names a taken port before gRPC core logs its own error line
     interceptors = [TokenInterceptor(security.token)] if security.token else []
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
-                         options=server_options(), interceptors=interceptors)
+                         options=server_options(idle_timeout), interceptors=interceptors)
     pb_grpc.add_StageControlServicer_to_server(worker, server)
     data = grpc.method_handlers_generic_handler("bpfree.v1.StageData", {
         "Push": grpc.stream_stream_rpc_method_handler(worker.push),

@@ -30,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--parent-pid", type=int, default=0,
                         help="stop when this process (the launcher) is gone, e.g. killed with "
                              "SIGKILL: a launched worker never outlives its driver")
+    parser.add_argument("--idle-timeout", type=float, default=60.0,
+                        help="close a connection that completes no handshake or carries no RPC "
+                             "for this many seconds (default 60)")
     parser.add_argument("--scratch-dir", type=Path,
                         help="the launcher's scratch directory: removed by the worker that finds "
                              "the launcher gone (it can no longer clean up after itself)")
@@ -52,7 +55,11 @@ def run(args: argparse.Namespace) -> int:
     security = Security(token=args.token, tls_cert=args.tls_cert, tls_key=args.tls_key,
                         tls_ca=args.tls_ca)
     worker = StageWorker(device, security, threads=max(args.threads, 0))
-    server, port = build_server(worker, args.listen, security)
+    if not 0 < args.idle_timeout < float("inf"):
+        from bpfree_core.errors import ConfigError
+
+        raise ConfigError(f"--idle-timeout {args.idle_timeout:g} must be a positive number of seconds")
+    server, port = build_server(worker, args.listen, security, idle_timeout=args.idle_timeout)
     host = args.listen.rsplit(":", 1)[0]
     worker.address = f"{host}:{port}"
     server.start()

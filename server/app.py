@@ -92,12 +92,13 @@ class ServerSettings:
     run_dir: Path | None
     resume: bool = False
     progress: bool = False
+    lock: bool = True   # False: the launcher (bpfree simulate) holds the run directory's lock
 
 
 def run_server(grid: Grid, settings: ServerSettings) -> dict[str, Any]:
     """The coordinator's whole run; returns the summary (with final "weights")."""
     coordinator = Coordinator(settings.cfg, settings.run_dir, resume=settings.resume,
-                              progress=settings.progress)
+                              progress=settings.progress, lock=settings.lock)
     return coordinator.run(FlowerTransport(grid, settings.cfg))
 
 
@@ -149,7 +150,8 @@ def main(grid: Grid, context: Context) -> None:
     run_dir = run_dir_from_context(context)
     log.info("bpfree coordinator: %d clients x %d stages, %d rounds, run dir %s",
              cfg.federation.clients, cfg.pipeline.stages, cfg.federation.rounds, run_dir.resolve())
-    summary = run_server(grid, ServerSettings(cfg, run_dir, resume=bool(
-        context.run_config.get("resume", False))))
+    summary = run_server(grid, ServerSettings(
+        cfg, run_dir, resume=bool(context.run_config.get("resume", False)),
+        lock=not bool(context.run_config.get("run-dir-locked", False))))
     log.info("bpfree coordinator done: test accuracy %.4f after %d rounds (%.1fs)",
              summary["test_accuracy"], summary["rounds"], summary["wall_seconds"])

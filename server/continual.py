@@ -75,7 +75,7 @@ def resolve(args: argparse.Namespace) -> ExperimentConfig:
 
 
 def continual(cfg: ExperimentConfig, executor: str = "inprocess", run_dir: Path | None = None,
-              progress: bool = True) -> dict[str, Any]:
+              progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
     """Run the task stream through one process or a local pipeline of stage workers."""
     set_threads(cfg.train.threads)
     if cfg.continual.federated:
@@ -83,15 +83,16 @@ def continual(cfg: ExperimentConfig, executor: str = "inprocess", run_dir: Path 
 
         if run_dir is None:
             raise ConfigError("a federated continual run needs a run directory")
-        return simulate(cfg, run_dir, progress=progress)
+        return simulate(cfg, run_dir, progress=progress, overwrite=overwrite)
     if executor == "pipeline":
         from client.executor import PipelineExecutor
         from client.pipeline import Pipeline
 
         with Pipeline.launch_local(cfg, threads=max(cfg.train.threads, 1)) as pipe:
-            return run_continual(cfg, PipelineExecutor.from_pipeline(pipe), run_dir, progress)
+            return run_continual(cfg, PipelineExecutor.from_pipeline(pipe), run_dir, progress,
+                                 overwrite)
     with InProcessExecutor(cfg, resolve_device(cfg.train.device)) as ex:
-        return run_continual(cfg, ex, run_dir, progress)
+        return run_continual(cfg, ex, run_dir, progress, overwrite)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -101,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"continual.strategy = {cfg.continual.strategy!r} runs in one process "
                           "for now (its penalties live inside the layers); use --executor "
                           "inprocess, or replay / naive on a pipeline")
-    summary = continual(cfg, args.executor, run_dir, progress_from_args(args))
+    summary = continual(cfg, args.executor, run_dir, progress_from_args(args), args.overwrite)
     summary.pop("weights")
     if not args.no_plot:
         from server.plot import plot_continual

@@ -15,7 +15,6 @@ the whole state and a killed-and-resumed run ends with the same weights as an un
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -24,15 +23,15 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from bpfree_core.aggregate import ClientUpdate, Weights, fedavg, layer_stats, validate_update
-from bpfree_core.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint, save_checkpoint
+from bpfree_core.checkpoint import load_checkpoint
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.continual import TaskEvaluator, rounds_per_task
 from bpfree_core.data import Split
 from bpfree_core.diagnostics import layer_diagnostics
-from bpfree_core.errors import AggregationError, ProtocolError
+from bpfree_core.errors import AggregationError, DataError, ProtocolError
 from bpfree_core.federated import stack_template
-from bpfree_core.metrics import MetricsWriter
 from bpfree_core.model import build_objective
+from bpfree_core.rundir import RunDir
 from bpfree_core.runtime import progress_bar, set_threads
 from bpfree_core.trainer import check_resumable, evaluate_weights, headline, limited, run_splits
 
@@ -68,10 +67,12 @@ class Coordinator:
 
     def __init__(self, cfg: ExperimentConfig, run_dir: Path | None = None, resume: bool = False,
                  progress: bool = False, evaluate: bool = True,
-                 on_round: Callable[[int, Weights, list[ClientUpdate]], None] | None = None):
+                 on_round: Callable[[int, Weights, list[ClientUpdate]], None] | None = None,
+                 overwrite: bool = False, lock: bool = True):
         """`evaluate = False` skips the per-round test evaluation (the in-process reference's
         callers only want weights); `on_round(round, new weights, accepted updates)` runs after
-        each round's aggregation."""
+        each round's aggregation. RUN_DIR is a bpfree_core.rundir.RunDir (`overwrite`, `lock`:
+        see there), held until `run` ends."""
         self.cfg = cfg
         self.run_dir = run_dir
         self.progress = progress
@@ -82,11 +83,15 @@ class Coordinator:
         self.first_round = 0
         self.history: list[dict[str, Any]] = []
         self.totals = {"accepted": 0, "failed": 0, "timed_out": 0, "rejected": 0}
-        if run_dir is not None:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            if resume:
-                self._resume(run_dir)
-            atomic_write_json(run_dir / "config.json", cfg.to_dict())  # no token on disk
+        self.rd = RunDir(run_dir, resume=resume, overwrite=overwrite, lock=lock) if run_dir else None
+        if self.rd is not None:
+            try:
+                if resume:
+                    self._resume(self.rd)
+                self.rd.write_config(cfg)  # no token on disk
+            except BaseException:
+                self.rd.close()
+                raise
         objective = build_objective(cfg)
         self.objective = objective
         _, self.val, self.test = run_splits(cfg)
@@ -95,25 +100,20 @@ class Coordinator:
         self.before_tasks = self.tasks.row(self.template) if self.tasks else {}
 
     # -- resume -----------------------------------------------------------------------------------
-    def _resume(self, run_dir: Path) -> None:
-        latest = latest_checkpoint(run_dir)
+    def _resume(self, rd: RunDir) -> None:
+        latest = latest_checkpoint(rd.path)
         if latest is None:
-            log.info("no checkpoint in %s: starting from round 1", run_dir)
+            log.info("no checkpoint in %s: starting from round 1", rd.path)
+            self.history = rd.rewind_metrics("round", 0, None)
             return
-        state = load_checkpoint(latest)
-        check_resumable(ExperimentConfig.from_dict(state["config"]), self.cfg, run_dir)
+        state = load_round_checkpoint(latest)
+        check_resumable(ExperimentConfig.from_dict(state["config"]), self.cfg, rd.path)
         self.weights = state["weights"]
         self.first_round = int(state["round"])
         self.totals = dict(state.get("totals", self.totals))
         # Metric lines of rounds after the checkpoint belong to work that was lost: drop them.
-        metrics = run_dir / "metrics.jsonl"
-        kept = [r for r in _read_records(metrics) if r.get("round", 0) <= self.first_round]
-        if state.get("record") and all(r.get("round") != self.first_round for r in kept):
-            kept.append(state["record"])  # killed between the checkpoint and its metrics line
-        atomic_write_bytes(metrics, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept)
-                           .encode())
-        self.history = kept
-        log.info("resuming %s after round %d", run_dir, self.first_round)
+        self.history = rd.rewind_metrics("round", self.first_round, state.get("record"))
+        log.info("resuming %s after round %d", rd.path, self.first_round)
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self, transport: RoundTransport, rounds: int | None = None) -> dict[str, Any]:
@@ -122,25 +122,26 @@ class Coordinator:
         cfg = self.cfg
         set_threads(cfg.train.threads)
         start = time.perf_counter()
-        writer = MetricsWriter(self.run_dir)  # JSONL always, TensorBoard when installed
         rounds = cfg.federation.rounds if rounds is None else rounds
         bar = progress_bar(total=rounds, initial=self.first_round, desc="rounds", unit="round",
                            enabled=self.progress, leave=True)
         try:
             for rnd in range(self.first_round, rounds):
                 record = self._round(transport, rnd)
-                # Checkpoint first (it carries this round's record), then the metrics line: a
-                # crash in between leaves a line that resume restores from the checkpoint.
-                self._checkpoint(rnd, record)
-                writer.write(record, step=rnd + 1)
+                self._commit(rnd, record)
                 self.history.append(record)
                 bar.update(1)
                 bar.set_postfix(acc=f"{record['test_accuracy_headline']:.4f}",
                                 clients=f"{record['clients']['accepted']}/{record['clients']['sent']}")
+            return self._summary(time.perf_counter() - start)
         finally:
             bar.close()
-            writer.close()
-        return self._summary(time.perf_counter() - start)
+            self.close()
+
+    def close(self) -> None:
+        """Release the run directory (its lock); `run` does this when it ends."""
+        if self.rd is not None:
+            self.rd.close()
 
     def _round(self, transport: RoundTransport, rnd: int) -> dict[str, Any]:
         cfg = self.cfg
@@ -221,14 +222,17 @@ class Coordinator:
         return evaluate_weights(weights, self.objective, self.test if split is None else split,
                                 self.cfg)
 
-    def _checkpoint(self, rnd: int, record: dict[str, Any]) -> None:
-        if self.run_dir is None:
+    def _commit(self, rnd: int, record: dict[str, Any]) -> None:
+        """Checkpoint first (it carries this round's record), then the metrics line: a crash in
+        between leaves a line that resume restores from the checkpoint."""
+        if self.rd is None:
             return
         t0 = time.perf_counter()
-        save_checkpoint(checkpoint_path(self.run_dir, rnd + 1), {
-            "round": rnd + 1, "config": self.cfg.to_dict(), "weights": self.weights,
-            "totals": self.totals, "record": record})
+        name = checkpoint_path(self.rd.path, rnd + 1).relative_to(self.rd.path)
+        self.rd.save(str(name), {"round": rnd + 1, "config": self.cfg.to_dict(),
+                                 "weights": self.weights, "totals": self.totals, "record": record})
         record["seconds"]["checkpoint"] = time.perf_counter() - t0
+        self.rd.log_metrics(record, step=rnd + 1)
 
     def _summary(self, wall: float) -> dict[str, Any]:
         cfg = self.cfg
@@ -253,20 +257,9 @@ class Coordinator:
         rows = [r["continual"]["accuracy"] for r in self.history if "continual" in r]
         if self.tasks is not None and rows:
             summary["continual"] = self.tasks.summary(rows, self.before_tasks, self.weights)
-        if self.run_dir is not None:
-            atomic_write_json(self.run_dir / "summary.json", summary)
+        if self.rd is not None:
+            self.rd.write_json("summary.json", summary)
         return {**summary, "weights": self.weights}
-
-
-def _read_records(path: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl records; a line cut short by a crash is skipped."""
-    records = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            log.warning("skipping a truncated line in %s", path)
-    return records
 
 
 def checkpoint_path(run_dir: Path, rnd: int) -> Path:
@@ -276,3 +269,21 @@ def checkpoint_path(run_dir: Path, rnd: int) -> Path:
 def latest_checkpoint(run_dir: Path) -> Path | None:
     found = sorted((run_dir / CHECKPOINTS).glob("round-*.pt"))
     return found[-1] if found else None
+
+
+def load_round_checkpoint(path: Path) -> dict[str, Any]:
+    """A round checkpoint; if it cannot be read, the error says which earlier round is intact
+    and how to resume from it (nothing is skipped silently)."""
+    try:
+        return load_checkpoint(path)
+    except DataError as exc:
+        earlier = sorted(path.parent.glob("round-*.pt"))
+        for older in reversed([p for p in earlier if p.name < path.name]):
+            try:
+                state = load_checkpoint(older)
+            except DataError:
+                continue
+            raise DataError(f"{exc}. The checkpoint of round {state['round']} ({older.name}) is "
+                            f"intact: move {path} out of {path.parent} and --resume again to "
+                            f"continue after round {state['round']}") from None
+        raise DataError(f"{exc}. No earlier round checkpoint is intact: start a new run") from None

@@ -110,9 +110,13 @@ class FlowerRun:
     def __init__(self, log_dir: Path, env: dict[str, str] | None = None):
         self.log_dir = log_dir
         log_dir.mkdir(parents=True, exist_ok=True)
-        self.home = Path(tempfile.mkdtemp(prefix="bpfree-flwr-"))   # FLWR_HOME: ours alone
+        self.home = Path(tempfile.mkdtemp(prefix="bpfree-flwr-", dir="/tmp"))   # FLWR_HOME: ours alone
         self.port = free_port()
+        # Ray's session dirs go under FLWR_HOME (removed with it), not /tmp/ray; the path stays
+        # short for Ray's unix sockets (<= 107 bytes).
+        (self.home / "ray").mkdir()
         self.env = {**os.environ, **(env or {}), **FLOWER_ENV, "FLWR_HOME": str(self.home),
+                    "RAY_TMPDIR": str(self.home / "ray"),
                     "PYTHONPATH": os.pathsep.join(filter(None, [str(APP_DIR),
                                                                 os.environ.get("PYTHONPATH")]))}
         (self.home / "config.toml").write_text(

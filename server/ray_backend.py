@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 from bpfree_core.aggregate import Weights
-from bpfree_core.checkpoint import atomic_write_json
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.errors import BpfreeError, ConfigError, PeerUnavailableError
 from bpfree_core.federated import client_split, local_round, train_split
@@ -406,7 +405,7 @@ def check_ray_config(cfg: ExperimentConfig) -> None:
 
 
 def simulate_ray(cfg: ExperimentConfig, run_dir: Path, resume: bool = False,
-                 progress: bool = False) -> dict[str, Any]:
+                 progress: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """The federation with stage actors on Ray; returns the summary with "weights"."""
     check_ray_config(cfg)
     log.info("ray backend: %d client(s) x %d stage(s), {%s} per stage, placement %s; stages use "
@@ -414,12 +413,17 @@ def simulate_ray(cfg: ExperimentConfig, run_dir: Path, resume: bool = False,
              cfg.federation.clients, cfg.pipeline.stages, _fmt(stage_bundle(cfg)),
              cfg.federation.placement, cfg.train.device)
     with ray_session(cfg):
-        coordinator = Coordinator(cfg, run_dir, resume=resume, progress=progress)
-        cluster = StageCluster(cfg)
-        with cluster:
-            atomic_write_json(run_dir / "ray_stages.json",
-                              {str(k): v for k, v in sorted(cluster.infos.items())})
-            summary = coordinator.run(RayTransport(cfg, cluster.addresses))
+        coordinator = Coordinator(cfg, run_dir, resume=resume, progress=progress,
+                                  overwrite=overwrite)
+        try:
+            cluster = StageCluster(cfg)
+            with cluster:
+                if coordinator.rd is not None:
+                    coordinator.rd.write_json("ray_stages.json",
+                                              {str(k): v for k, v in sorted(cluster.infos.items())})
+                summary = coordinator.run(RayTransport(cfg, cluster.addresses))
+        finally:
+            coordinator.close()
     summary["backend"] = "ray"
     summary["stage_actors"] = json.loads(json.dumps(cluster.infos))
     return summary

@@ -104,7 +104,8 @@ def env_token(cfg: ExperimentConfig) -> ExperimentConfig:
 
 def run(args: argparse.Namespace) -> int:
     cfg, run_dir, resume = resolve(args)
-    summary = simulate(cfg, run_dir, resume=resume, progress=progress_from_args(args))
+    summary = simulate(cfg, run_dir, resume=resume, progress=progress_from_args(args),
+                       overwrite=args.overwrite)
     summary.pop("weights", None)
     if not args.no_plot:
         from server.plot import plot_accuracy
@@ -115,11 +116,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def simulate(cfg: ExperimentConfig, run_dir: Path, resume: bool = False, progress: bool = False,
-             client_mods: Sequence[str] = ()) -> dict[str, Any]:
+             client_mods: Sequence[str] = (), overwrite: bool = False) -> dict[str, Any]:
     """Run the federation on Flower's simulation runtime; return the summary with "weights".
 
     Flower's supported path (server.flower_run): a SuperLink of our own and `flwr run` of this
-    app; the coordinator writes RUN_DIR, which this process follows for progress and reads back.
+    app; the coordinator writes RUN_DIR, which this process locks (bpfree_core.rundir; a run
+    already in it is refused unless `resume` or `overwrite`), follows for progress and reads back.
     `client_mods` ("module:function") are Flower client mods every ClientApp wraps itself in
     (tests use them to corrupt or kill a client on the way).
     """
@@ -129,10 +131,19 @@ def simulate(cfg: ExperimentConfig, run_dir: Path, resume: bool = False, progres
     if cfg.federation.backend == "ray":   # stage actors on a Ray cluster: server/ray_backend.py
         from server.ray_backend import simulate_ray
 
-        return simulate_ray(cfg, run_dir, resume=resume, progress=progress)
+        return simulate_ray(cfg, run_dir, resume=resume, progress=progress, overwrite=overwrite)
+    from bpfree_core.rundir import RunDir
+
+    with RunDir(run_dir, resume=resume, overwrite=overwrite):
+        _simulate_flower(cfg, run_dir, resume, progress, client_mods)
+    return finished_run(run_dir)
+
+
+def _simulate_flower(cfg: ExperimentConfig, run_dir: Path, resume: bool, progress: bool,
+                     client_mods: Sequence[str]) -> None:
+    from client.supervisor import Watchdog
     from server.flower_run import FlowerRun
 
-    run_dir.mkdir(parents=True, exist_ok=True)
     log_dir = (run_dir / "logs").resolve()
     log.info("simulating %d clients x %d stages (%s), %d rounds of %d local epoch(s), %s partition; "
              "run dir %s", cfg.federation.clients, cfg.pipeline.stages, cfg.federation.executor,
@@ -143,27 +154,31 @@ def simulate(cfg: ExperimentConfig, run_dir: Path, resume: bool = False, progres
         env["BPFREE_TOKEN"] = cfg.pipeline.token   # ClientApps read it; it is never serialised
     engine = FlowerRun(log_dir, env)
     workers: list[Any] = []
+    watchdog: Watchdog | None = None
     bar = RoundProgress(run_dir, cfg, resume, progress)
     try:
         engine.start()
         log.info("Flower SuperLink (simulation runtime) on 127.0.0.1:%d; Flower's and Ray's logs go "
                  "to %s", engine.port, log_dir)
         addresses = launch_stage_workers(cfg, log_dir, workers)
+        # A stage that dies is respawned on its port; its ClientApp reruns the round there.
+        watchdog = Watchdog(workers, cfg.pipeline.restarts * cfg.federation.rounds).start()
         experiment = engine.home / "experiment.json"
         experiment.write_text(json.dumps(cfg.to_dict()))
         run_config = toml_table({
             "config-json": str(experiment), "out-dir": str(run_dir.resolve()), "resume": resume,
-            "log-dir": str(log_dir),
+            "log-dir": str(log_dir), "run-dir-locked": True,
             "stage-addresses": ";".join(f"{k}={','.join(a)}" for k, a in addresses.items())})
         engine.run(run_config, f"num-supernodes={cfg.federation.clients} "
                    f"client-resources-num-cpus=1 init-args-num-cpus={client_actors(cfg)}",
                    on_poll=bar.poll)
     finally:
         bar.close()
+        if watchdog is not None:
+            watchdog.stop()
         for local in workers:
             local.close()  # stops its worker processes by PID
         engine.close()     # the SuperLink and everything below it, by PID
-    return finished_run(run_dir)
 
 
 def toml_table(values: dict[str, str | bool]) -> str:
