@@ -207,12 +207,8 @@ def run_one(run: Run, args: argparse.Namespace) -> dict[str, Any]:
         if args.reuse:
             print(f"[bench.accuracy] {run.name}: no finished run of this config in {run_dir}; "
                   "training", flush=True)
-        if run_dir.exists():  # a fresh run: stale metrics would be appended to otherwise
-            for f in run_dir.glob("*"):
-                if f.is_file():
-                    f.unlink()
-        t0 = time.perf_counter()
-        summary = train_reference(cfg, run_dir, progress=False)
+        t0 = time.perf_counter()   # a fresh run replaces whatever ran there before
+        summary = train_reference(cfg, run_dir, progress=False, overwrite=True)
         wall = time.perf_counter() - t0
     curve = [json.loads(line)["test_accuracy"] for line in (run_dir / "metrics.jsonl").open()]
     by_method = summary["test_accuracy_by_method"]

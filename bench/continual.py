@@ -88,10 +88,10 @@ def run_row(row: Row, seed: int, data_dir: str, sets: list[str], run_root: Path)
         from server.reference import InProcessTransport
 
         t0 = time.time()
-        fed = Coordinator(cfg, run_dir, evaluate=False).run(InProcessTransport(cfg))
+        fed = Coordinator(cfg, run_dir, evaluate=False, overwrite=True).run(InProcessTransport(cfg))
         s = {**fed["continual"], "wall_seconds": time.time() - t0}
     else:
-        s = continual(cfg, run_dir=run_dir, progress=False)
+        s = continual(cfg, run_dir=run_dir, progress=False, overwrite=True)
     keep = ("method", "average_accuracy", "forgetting", "backward_transfer", "forward_transfer",
             "accuracy_matrix", "activity", "wall_seconds")
     return {"row": row.name, "seed": seed, **{k: s[k] for k in keep},

@@ -79,7 +79,7 @@ def run_row(row: Row, data_dir: str, target: float, extra: list[str]) -> dict[st
         executor = InProcessExecutor(cfg)
     with executor:
         setup = time.perf_counter() - t0
-        summary = train_epochs(cfg, executor, run_dir, progress=sys.stderr.isatty())
+        summary = train_epochs(cfg, executor, run_dir, progress=sys.stderr.isatty(), overwrite=True)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     curve = [max(r["test_accuracy"].values()) for r in records]
     seconds = [r["epoch_seconds"] for r in records]

@@ -534,3 +534,82 @@ def test_a_killed_pipeline_driver_resumes_to_the_same_weights(data_dir: Path, tm
     assert all(torch.equal(final[k], reference[k]) for k in reference)
 
 
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+def _ray_sessions() -> set[Path]:
+    return set(Path("/tmp/ray").glob("session_*")) if Path("/tmp/ray").is_dir() else set()
+
+
+def test_simulate_restarts_a_killed_stage_worker_and_the_round_ends_exactly(data_dir: Path,
+                                                                           tmp_path: Path) -> None:
+    """bpfree simulate launched its clients' stage workers, so it respawns one that dies, on its
+    port; the ClientApp reconnects and reruns the round, and the run ends with the reference's
+    weights. No Ray session directory is left in /tmp/ray."""
+    import threading
+
+    from server.reference import federated_reference
+    from server.simulate import simulate
+
+    cfg = load_config(None, [f"train.data_dir={data_dir}", *FED, "federation.rounds=2",
+                             "federation.local_epochs=3", "federation.executor=pipeline"])
+    run, sessions = tmp_path / "run", _ray_sessions()
+    stage_log = run / "logs" / "client0" / "stage1.log"
+    killed: list[int] = []
+
+    def kill_client0_stage1() -> None:
+        _wait_until("client 0's stage 1 being configured", lambda: "configured run" in _read(stage_log),
+                    240)
+        for pid in _children(os.getpid()):   # the worker whose output goes to that log
+            with __import__("contextlib").suppress(OSError):
+                if os.readlink(f"/proc/{pid}/fd/1") == str(stage_log.resolve()):
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+
+    killer = threading.Thread(target=kill_client0_stage1, daemon=True)
+    killer.start()
+    summary = simulate(cfg, run)
+    killer.join(timeout=5)
+    assert len(killed) == 1, killed
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["clients"]["accepted"] for r in records] == [2, 2]
+    assert records[0]["client_metrics"]["0"]["restarts"] == 1.0
+    assert "restarted as pid" not in _read(stage_log)   # respawned by simulate, on the same port
+    final = summary["weights"]
+    reference = federated_reference(cfg)
+    assert all(torch.equal(final[k], reference[k]) for k in reference)
+    assert _ray_sessions() <= sessions, _ray_sessions() - sessions
+
+
+def test_sigterm_stops_simulate_cleanly_in_one_line_and_the_run_resumes(data_dir: Path,
+                                                                       tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    flags = ["--data-dir", str(data_dir), *sum((["--set", s] for s in FED), []), "--rounds", "3",
+             "--executor", "inprocess", "--no-progress", "--no-plot"]
+    proc = _bpfree("simulate", *flags, "--out", str(run))
+    try:
+        _wait_until("round 1's checkpoint", lambda: (run / "checkpoints" / "round-0001.pt").exists()
+                    or proc.poll() is not None, 300)
+        below = _with_marker(str(run / "logs" / "superlink.log"))
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143, out[-3000:]
+    bpfree_lines = [x for x in out.splitlines() if x.startswith("bpfree simulate:")]
+    assert bpfree_lines == ["bpfree simulate: stopped by SIGTERM; everything it started is stopped "
+                            "(a run with --out continues with --resume)"], out[-3000:]
+    assert "Traceback" not in out
+    assert below and not _with_marker(str(run / "logs" / "superlink.log"))   # all stopped by PID
+    resumed = _bpfree("simulate", "--resume", str(run), "--no-progress", "--no-plot")
+    out = resumed.communicate(timeout=400)[0]
+    assert resumed.returncode == 0, out[-3000:]
+    rounds = [json.loads(x)["round"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rounds == [1, 2, 3], rounds

@@ -6,7 +6,8 @@
   client trusting another CA get no connection at all; the right CA and token train;
 * oversized messages and batches are refused with RESOURCE_EXHAUSTED;
 * the token given to `bpfree pipeline` / `bpfree simulate` appears nowhere in the run directory
-  (config.json, checkpoints, metrics, summaries, worker logs) nor in the Flower train message.
+  (config.json, checkpoints, metrics, summaries, worker logs) nor in the Flower train message;
+* connections that send nothing (raw TCP, HTTP/2 without an RPC) are closed after a deadline.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from client.transport import PULL_METHOD, PUSH_METHOD, TOKEN_HEADER, Security
 from client.wire import MAX_BATCH_BYTES, MAX_META_BYTES, MAX_TENSORS, pack_frame
 from client.worker import StageWorker, build_server
 from protos import stage_pb2 as pb
+from protos import stage_pb2_grpc as pb_grpc
 
 TOKEN = "tok-3f9c1e-do-not-leak"
 
@@ -265,3 +267,46 @@ def test_rate_limited_log_says_how_many_it_held_back(caplog) -> None:
     lines = [r.getMessage() for r in caplog.records if r.name == "test.ratelimit"]
     assert lines[:2] == ["bad thing", "bad thing"] and len(lines) == 3
     assert "8 more like it" in lines[2]
+
+
+def test_idle_connections_are_closed_and_the_worker_keeps_serving(tmp_path: Path) -> None:
+    """Strangers that connect and send nothing (raw TCP, or HTTP/2 without an RPC) are closed
+    after --idle-timeout; the worker then answers a real peer as before."""
+    import socket
+    import time
+
+    port_file, log = tmp_path / "port", tmp_path / "worker.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "bpfree_cli", "worker", "--listen",
+                                 "127.0.0.1:0", "--port-file", str(port_file), "--idle-timeout", "2"],
+                                env={**worker_env(1), "BPFREE_TOKEN": TOKEN}, cwd=REPO_ROOT,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        address = f"127.0.0.1:{wait_port(proc, port_file, log, 60)}"
+        strangers = [socket.create_connection(("127.0.0.1", int(address.rsplit(":", 1)[1])))
+                     for _ in range(50)]
+        quiet = grpc.insecure_channel(address)   # HTTP/2 up, no RPC ever
+        grpc.channel_ready_future(quiet).result(timeout=10)
+        states: list[grpc.ChannelConnectivity] = []
+        quiet.subscribe(states.append)
+        t0 = time.monotonic()
+        for s in strangers:
+            s.settimeout(20)
+            while s.recv(4096):   # the server's HTTP/2 settings, then its close (b"")
+                pass
+            s.close()
+        assert time.monotonic() - t0 < 15
+        deadline = time.monotonic() + 15
+        while grpc.ChannelConnectivity.IDLE not in states:   # the server sent GOAWAY: idle
+            assert time.monotonic() < deadline, states
+            time.sleep(0.05)   # polling a real condition with a deadline
+        quiet.close()
+        with grpc.insecure_channel(address) as peer:   # still serving, token still required
+            stub = pb_grpc.StageControlStub(peer)
+            assert stub.Health(pb.HealthRequest(), timeout=10,
+                               metadata=((TOKEN_HEADER, TOKEN),)).status == "SERVING"
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Health(pb.HealthRequest(), timeout=10)
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        stop_processes([proc])
