@@ -22,7 +22,7 @@ from bpfree_core.errors import ConfigError
 from bpfree_core.seeds import SEED_SPACE
 
 ALGORITHMS = ("ff", "symba", "sffa", "ffcl", "uff", "bp", "cwc", "mono", "deeper")
-DATASETS = ("mnist", "fashion-mnist", "cifar10", "cifar100")
+DATASETS = ("mnist", "fashion-mnist", "cifar10", "cifar100")   # built in; or npz: csv: folder:
 WIRE_DTYPES = ("float32", "bfloat16", "float16", "int8")
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")   # Ray placement-group strategies
 # Every field is one of three kinds, declared where it is defined:
@@ -72,12 +72,25 @@ class ModelConfig:
                                                    # deeper)
     num_classes: int = 0                           # labels the model tells apart (0 = the dataset's;
                                                    # domain-incremental continual learning sets 2)
+    # your own data (model.dataset = npz:PATH | csv:DIR | folder:PATH): filled in when the run
+    # starts (bpfree_core.data.bind_data), so every process agrees without reading the files
+    input_shape: tuple[int, ...] = ()              # per-sample (C, H, W); (1, 1, D) for features
+    data_classes: int = 0                          # classes in the data
+    data_fingerprint: str = ""                     # content hash: a resumed run refuses new data
 
     def __post_init__(self) -> None:
         _check_choice("model", "algorithm", self.algorithm, ALGORITHMS)
         if self.num_classes == 1 or self.num_classes < 0:
             raise ConfigError(f"model.num_classes = {self.num_classes}: give 0 (the dataset's) or >= 2")
-        _check_choice("model", "dataset", self.dataset, DATASETS)
+        if ":" in self.dataset:   # your own data: bpfree_core.readers names the sources
+            from bpfree_core.readers import MODULES
+
+            scheme, _, path = self.dataset.partition(":")
+            if scheme not in MODULES or not path:
+                raise ConfigError(f"model.dataset = {self.dataset!r}: give a built-in dataset "
+                                  f"({', '.join(DATASETS)}) or npz:PATH, csv:DIR, folder:PATH")
+        else:
+            _check_choice("model", "dataset", self.dataset, DATASETS)
         if not self.hidden and not self.conv:
             raise ConfigError("model.hidden is empty: give at least one layer size, e.g. [500, 500]")
         for i, n in enumerate(self.hidden):

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from bpfree_core.config import ExperimentConfig
-from bpfree_core.data import SPECS, Dataset, Split, load_dataset
+from bpfree_core.data import Dataset, Split, bind_data, load_dataset, run_spec
 from bpfree_core.diagnostics import eval_with_units
 from bpfree_core.errors import ConfigError
 from bpfree_core.executor import Executor
@@ -229,13 +229,14 @@ def run_continual(cfg: ExperimentConfig, executor: Executor, run_dir: Path | Non
     """Train the task stream through `executor`; RUN_DIR (bpfree_core.rundir: locked, an earlier
     run refused unless `overwrite`) gets config.json, metrics.jsonl (one record per task) and
     summary.json (the accuracy matrix and every CL measure)."""
+    cfg = bind_data(cfg)
     with open_run_dir(run_dir, overwrite=overwrite) as rd:
         return _stream(cfg, executor, rd, progress)
 
 
 def _stream(cfg: ExperimentConfig, executor: Executor, rd: RunDir | None,
             progress: bool) -> dict[str, Any]:
-    data = load_dataset(cfg.model.dataset, cfg.train.data_dir or None)
+    data = load_dataset(cfg.model.dataset, cfg.train.data_dir or None, cfg.model.data_fingerprint)
     _check_classes(cfg, data.spec.num_classes)
     tasks = split_tasks(data, cfg)
     objective = build_objective(cfg)
@@ -310,7 +311,7 @@ def check_federated(cfg: ExperimentConfig) -> None:
                           "the layers across rounds, which federated clients do not; use replay or "
                           "naive in a federation")
     rounds_per_task(cfg)
-    _check_classes(cfg, SPECS[cfg.model.dataset].num_classes)
+    _check_classes(cfg, run_spec(cfg).num_classes)
 
 
 def rounds_per_task(cfg: ExperimentConfig) -> int:
@@ -337,7 +338,7 @@ def client_round_data(cfg: ExperimentConfig, data: Split, client: int, rnd: int,
     share of the current task, and (replay) a memory of its own earlier tasks, rebuilt from its
     data with its own seed every round: it never leaves the client."""
     check_federated(cfg)
-    tasks = client_tasks(cfg, client, SPECS[cfg.model.dataset].num_classes)
+    tasks = client_tasks(cfg, client, run_spec(cfg).num_classes)
     current = rnd // rounds_per_task(cfg)
     split = _task_split(data, tasks[current], 0, cfg)
     memory = None
@@ -353,7 +354,7 @@ class TaskEvaluator:
     of global weights (the rows of the accuracy matrix)."""
 
     def __init__(self, cfg: ExperimentConfig):
-        data = load_dataset(cfg.model.dataset, cfg.train.data_dir or None)
+        data = load_dataset(cfg.model.dataset, cfg.train.data_dir or None, cfg.model.data_fingerprint)
         check_federated(cfg)
         self.cfg, self.tasks = cfg, split_tasks(data, cfg)
         self.objective = build_objective(cfg)
@@ -373,7 +374,7 @@ class TaskEvaluator:
 
 def continual_config(cfg: ExperimentConfig) -> ExperimentConfig:
     """cfg with what the scenario implies: domain-incremental tells 2 labels apart."""
-    n = model_classes(cfg, SPECS[cfg.model.dataset].num_classes)
+    n = model_classes(cfg, run_spec(cfg).num_classes)
     return cfg if n == cfg.model.num_classes else cfg.with_overrides([f"model.num_classes={n}"])
 
 

@@ -1,5 +1,8 @@
 """MNIST and Fashion-MNIST (original IDX .gz files), CIFAR-10 and CIFAR-100 (the official
-python-pickle archives): from a local dir, or downloaded to a cache.
+python-pickle archives): from a local dir, or downloaded to a cache. Your own data
+(`model.dataset = npz:PATH | csv:DIR | folder:PATH`) comes through bpfree_core.readers; a run
+carries its per-sample shape, classes and a content fingerprint in the config (`bind_data`), so
+stage workers never need the files and every process that reads them checks they are the same.
 
 Every file is MD5-checked before use. Where the files come from, in order:
 1. `data_dir` (the `--data-dir` flag or `train.data_dir`), else `$BPFREE_DATA_DIR`;
@@ -14,6 +17,7 @@ and numpy arrays, so a tampered file cannot run code.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import io
@@ -28,11 +32,13 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from bpfree_core.errors import ConfigError, DataError
+from bpfree_core.readers import check, fingerprint, is_user_dataset, reader, sample_shape
 from bpfree_core.seeds import generator
 
 log = logging.getLogger(__name__)
@@ -50,6 +56,7 @@ class DatasetSpec:
     num_classes: int = 10
     shape: tuple[int, int, int] = (1, 28, 28)
     layout: str = "idx"            # idx: MNIST-style .gz files | cifar: the python-pickle archive
+                                   # | user: bpfree_core.readers
 
 
 SPECS = {
@@ -111,6 +118,8 @@ class Dataset:
     spec: DatasetSpec
     train: Split
     test: Split
+    val: Split | None = None        # a validation split of the source's own (user data only)
+    fingerprint: str = ""           # content fingerprint (user data only)
 
 
 def md5sum(path: Path) -> str:
@@ -217,7 +226,8 @@ def _read_idx(path: Path, magic: int) -> np.ndarray:
 def dataset_dir(name: str, data_dir: str | Path | None = None, download_ok: bool = True) -> Path:
     """Return a directory holding the verified .gz files of dataset `name`."""
     if name not in SPECS:
-        raise ConfigError(f"unknown dataset {name!r}; choose one of {', '.join(SPECS)}")
+        raise ConfigError(f"unknown dataset {name!r}; choose one of {', '.join(SPECS)}, or your "
+                          "own: npz:PATH, csv:DIR, folder:PATH")
     spec = SPECS[name]
     local = data_dir or os.environ.get(DATA_DIR_ENV)
     if local:
@@ -234,8 +244,11 @@ def dataset_dir(name: str, data_dir: str | Path | None = None, download_ok: bool
 _CACHE: dict[tuple[str, str], Dataset] = {}
 
 
-def load_dataset(name: str, data_dir: str | Path | None = None) -> Dataset:
-    """Load a dataset (memoised per process), images scaled to [0, 1] and flattened."""
+def load_dataset(name: str, data_dir: str | Path | None = None, fingerprint: str = "") -> Dataset:
+    """Load a dataset (memoised per process), images scaled to [0, 1] and flattened. For your
+    own data, `fingerprint` (from the run's config) must match the files' content."""
+    if is_user_dataset(name):
+        return _load_user(name, fingerprint)
     folder = dataset_dir(name, data_dir)
     key = (name, str(folder.resolve()))
     if key not in _CACHE:
@@ -243,6 +256,72 @@ def load_dataset(name: str, data_dir: str | Path | None = None) -> Dataset:
         read = _read_cifar if spec.layout == "cifar" else _read_idx_splits
         _CACHE[key] = Dataset(spec, *read(spec, folder))
     return _CACHE[key]
+
+
+def _load_user(name: str, expected: str) -> Dataset:
+    read, path = reader(name)
+    found = fingerprint(source_files(name))
+    if expected and found != expected:
+        raise DataError(f"the data of model.dataset = {name!r} changed since this run was set up "
+                        f"(fingerprint {found}, the run's is {expected}); restore the original "
+                        "files or start a new run")
+    key = (name, found)
+    if key not in _CACHE:
+        data = check(read(path), name)
+        shape = sample_shape(data.x_train.shape[1:])
+
+        def split(x: np.ndarray, y: np.ndarray) -> Split:
+            return Split(torch.from_numpy(x.reshape(len(x), -1)), torch.from_numpy(y))
+
+        spec = DatasetSpec(name, (), {}, data.classes, shape, "user")
+        val = split(data.x_val, data.y_val) if data.x_val is not None else None
+        _CACHE[key] = Dataset(spec, split(data.x_train, data.y_train),
+                              split(data.x_test, data.y_test), val, found)
+    return _CACHE[key]
+
+
+def source_files(name: str) -> list[Path]:
+    """The files a user dataset is read from (what its fingerprint covers)."""
+    scheme, _, path = name.partition(":")
+    if scheme == "folder":
+        from bpfree_core.readers.image_folder import files
+
+        return files(path)
+    if scheme == "csv":
+        return [p for p in (Path(path) / f for f in ("train.csv", "test.csv", "val.csv"))
+                if p.is_file()]
+    return [Path(path)] if Path(path).is_file() else []
+
+
+def bind_data(cfg: Any) -> Any:
+    """`cfg` (an ExperimentConfig) with its user data's shape, classes and fingerprint filled in
+    (read once, here); built-in datasets and already bound configs come back unchanged."""
+    m = cfg.model
+    if not is_user_dataset(m.dataset):
+        return cfg
+    scheme, _, path = m.dataset.partition(":")
+    name = f"{scheme}:{Path(path).expanduser().resolve()}"   # other processes run elsewhere
+    data = load_dataset(name, None, m.data_fingerprint)
+    if name == m.dataset and m.data_fingerprint == data.fingerprint and m.input_shape:
+        return cfg
+    model = dataclasses.replace(m, dataset=name, input_shape=tuple(data.spec.shape),
+                                data_classes=data.spec.num_classes,
+                                data_fingerprint=data.fingerprint)
+    return dataclasses.replace(cfg, model=model)
+
+
+def run_spec(cfg: Any) -> DatasetSpec:
+    """The dataset spec of a run, from its config alone where it can (stage workers have no
+    files): built-in specs by name; bound user data from its shape and classes."""
+    m = cfg.model
+    if not is_user_dataset(m.dataset):
+        if m.dataset not in SPECS:
+            raise ConfigError(f"unknown dataset {m.dataset!r}; choose one of {', '.join(SPECS)}, "
+                              "or your own: npz:PATH, csv:DIR, folder:PATH")
+        return SPECS[m.dataset]
+    if m.input_shape:
+        return DatasetSpec(m.dataset, (), {}, m.data_classes, tuple(m.input_shape), "user")
+    return load_dataset(m.dataset).spec
 
 
 def _read_idx_splits(spec: DatasetSpec, folder: Path) -> tuple[Split, Split]:

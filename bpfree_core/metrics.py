@@ -1,14 +1,19 @@
-"""Run metrics: JSONL always, TensorBoard when it is installed."""
+"""Run metrics: JSONL always, TensorBoard when it is installed (`pip install tensorboard`; said
+once per process when it is not)."""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
+_SAID: list[bool] = []   # the missing-TensorBoard line, once per process
 
 
 class MetricsWriter:
@@ -22,8 +27,12 @@ class MetricsWriter:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.tb = SummaryWriter(str(run_dir / "tb"))
-            except Exception:  # noqa: BLE001 - tensorboard is optional
+            except Exception as exc:  # noqa: BLE001 - tensorboard is optional
                 self.tb = None
+                if not _SAID:
+                    _SAID.append(True)
+                    log.info("TensorBoard logs are off (%s); metrics go to metrics.jsonl. "
+                             "pip install tensorboard to get RUN_DIR/tb", str(exc).split("\n")[0])
 
     def write(self, record: dict[str, Any], step: int | None = None) -> None:
         if self.path:

@@ -8,7 +8,7 @@ import dataclasses
 import torch
 
 from bpfree_core.config import ExperimentConfig
-from bpfree_core.data import SPECS
+from bpfree_core.data import run_spec
 from bpfree_core.errors import ConfigError
 from bpfree_core.layers import LocalLayer, Metrics, Packet, layer_seed, seeded
 from bpfree_core.objectives import Objective, get_objective
@@ -17,7 +17,7 @@ OPTIMIZER = "optimizer."   # key prefix of optimiser-state tensors (Stage.optimi
 
 
 def build_objective(cfg: ExperimentConfig) -> Objective:
-    spec = SPECS[cfg.model.dataset]
+    spec = run_spec(cfg)
     if cfg.model.num_classes:
         spec = dataclasses.replace(spec, num_classes=cfg.model.num_classes)
     return get_objective(cfg, spec)

@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from bpfree_core.config import ExperimentConfig
-from bpfree_core.data import Split, epoch_batches, load_dataset
+from bpfree_core.data import Split, bind_data, epoch_batches, load_dataset
 from bpfree_core.diagnostics import format_table, layer_diagnostics
 from bpfree_core.errors import ConfigError
 from bpfree_core.executor import Executor, InProcessExecutor
@@ -150,7 +150,7 @@ def limited(split: Split, limit: int) -> Split:
 def run_splits(cfg: ExperimentConfig) -> tuple[Split, Split, Split]:
     """(train, validation, test) of a run: train.train_limit first, then the last
     train.validation images of that are held out (never trained on); train.test_limit on test."""
-    data = load_dataset(cfg.model.dataset, cfg.train.data_dir or None)
+    data = load_dataset(cfg.model.dataset, cfg.train.data_dir or None, cfg.model.data_fingerprint)
     train = limited(data.train, cfg.train.train_limit)
     if cfg.train.batch_size > len(train):
         raise ConfigError(f"train.batch_size = {cfg.train.batch_size} is larger than the "
@@ -159,14 +159,21 @@ def run_splits(cfg: ExperimentConfig) -> tuple[Split, Split, Split]:
     if n < cfg.train.batch_size:
         raise ConfigError(f"train.validation = {cfg.train.validation} leaves {max(n, 0)} of "
                           f"{len(train)} training images, fewer than one batch; hold out fewer")
-    return (train.subset(slice(0, n)), train.subset(slice(n, len(train))),
-            limited(data.test, cfg.train.test_limit))
+    val = train.subset(slice(n, len(train)))
+    if not cfg.train.validation and data.val is not None:   # the source's own validation split
+        val = data.val
+    return train.subset(slice(0, n)), val, limited(data.test, cfg.train.test_limit)
 
 
 def check_resumable(saved: ExperimentConfig, cfg: ExperimentConfig, run_dir: Path) -> None:
     """Refuse to resume a run whose computed config changed (runtime fields may change)."""
     old, new = saved.computed_dict(), cfg.computed_dict()
     diff = [f"{s}.{k}" for s in old for k in old[s] if old[s][k] != new[s][k]]
+    if "model.data_fingerprint" in diff:
+        raise ConfigError(
+            f"cannot resume {run_dir}: the data of model.dataset = {cfg.model.dataset!r} changed "
+            f"since the run started (fingerprint {new['model']['data_fingerprint']}, the run's is "
+            f"{old['model']['data_fingerprint']}); restore the original files or start a new --out")
     if diff:
         raise ConfigError(
             f"cannot resume {run_dir}: the config differs from the checkpoint's in "
@@ -199,6 +206,7 @@ def train_epochs(cfg: ExperimentConfig, executor: Executor, run_dir: Path | None
     stages are recovered, the epoch's starting snapshot restored and the epoch rerun (at most
     pipeline.restarts times), ending exactly as an undisturbed epoch would.
     """
+    cfg = bind_data(cfg)   # your own data: its shape, classes and fingerprint in the config
     train_split, val_split, test_split = run_splits(cfg)
     objective = build_objective(cfg)
     prediction_modes(objective, cfg)   # a bad train.predict fails before any training

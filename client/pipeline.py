@@ -25,6 +25,7 @@ import torch
 
 from bpfree_core.balance import stage_ranges
 from bpfree_core.config import ExperimentConfig
+from bpfree_core.data import bind_data
 from bpfree_core.errors import BpfreeError, ConfigError, PeerUnavailableError, StageTimeoutError
 from bpfree_core.executor import epoch_stats
 from bpfree_core.layers import LABELS, Packet
@@ -64,6 +65,7 @@ class Pipeline:
 
     def __init__(self, cfg: ExperimentConfig, addresses: list[str], security: Security,
                  workers: LocalWorkers | None = None, device: str = ""):
+        cfg = bind_data(cfg)   # workers learn the data's shape from the config, not the files
         self.cfg = cfg
         self.addresses = list(addresses)
         self.security = security

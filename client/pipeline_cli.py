@@ -9,7 +9,6 @@ pipeline stats), weights.pt and summary.json.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 from pathlib import Path
@@ -21,6 +20,7 @@ from bpfree_core.cli_train import (
     add_config_arguments,
     config_from_args,
     progress_from_args,
+    report,
 )
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.errors import ConfigError, RunDirError
@@ -90,5 +90,5 @@ def run(args: argparse.Namespace) -> int:
         summary = train_pipeline(cfg, pipe, args.out, progress=progress_from_args(args),
                                  resume=args.resume, overwrite=args.overwrite)
     summary.pop("weights")
-    print(json.dumps(summary, indent=2))
+    report(args, summary, args.out)
     return 0

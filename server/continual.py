@@ -19,12 +19,11 @@ each task's last round; the Flower simulation runs it (summary.json's "continual
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
 
-from bpfree_core.cli_train import SHORTCUTS, add_config_arguments, progress_from_args
+from bpfree_core.cli_train import SHORTCUTS, add_config_arguments, progress_from_args, report
 from bpfree_core.config import SCENARIOS, STRATEGIES, ExperimentConfig, load_config
 from bpfree_core.continual import continual_config, run_continual
 from bpfree_core.errors import ConfigError
@@ -104,10 +103,11 @@ def run(args: argparse.Namespace) -> int:
                           "inprocess, or replay / naive on a pipeline")
     summary = continual(cfg, args.executor, run_dir, progress_from_args(args), args.overwrite)
     summary.pop("weights")
+    plots = []
     if not args.no_plot:
         from server.plot import plot_continual
 
-        summary["plots"] = [str(p) for p in plot_continual(run_dir)]
+        plots = [str(p) for p in plot_continual(run_dir)]
     shown = {**summary, **summary.pop("continual", {})}
-    print(json.dumps({k: v for k, v in shown.items() if k != "by_method"}, indent=2))
+    report(args, {k: v for k, v in shown.items() if k != "by_method"}, run_dir, plots)
     return 0

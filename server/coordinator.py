@@ -26,7 +26,7 @@ from bpfree_core.aggregate import ClientUpdate, Weights, fedavg, layer_stats, va
 from bpfree_core.checkpoint import load_checkpoint
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.continual import TaskEvaluator, rounds_per_task
-from bpfree_core.data import Split
+from bpfree_core.data import Split, bind_data
 from bpfree_core.diagnostics import layer_diagnostics
 from bpfree_core.errors import AggregationError, DataError, ProtocolError
 from bpfree_core.federated import stack_template
@@ -73,6 +73,7 @@ class Coordinator:
         callers only want weights); `on_round(round, new weights, accepted updates)` runs after
         each round's aggregation. RUN_DIR is a bpfree_core.rundir.RunDir (`overwrite`, `lock`:
         see there), held until `run` ends."""
+        cfg = bind_data(cfg)
         self.cfg = cfg
         self.run_dir = run_dir
         self.progress = progress

@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from bpfree_core.cli_train import add_config_arguments, config_from_args, progress_from_args
+from bpfree_core.cli_train import add_config_arguments, config_from_args, progress_from_args, report
 from bpfree_core.config import PLACEMENTS, ExperimentConfig
 from bpfree_core.errors import BpfreeError, ConfigError
 
@@ -107,11 +107,12 @@ def run(args: argparse.Namespace) -> int:
     summary = simulate(cfg, run_dir, resume=resume, progress=progress_from_args(args),
                        overwrite=args.overwrite)
     summary.pop("weights", None)
+    plots = []
     if not args.no_plot:
         from server.plot import plot_accuracy
 
-        summary["plot"] = str(plot_accuracy(run_dir))
-    print(json.dumps(summary, indent=2))
+        plots.append(str(plot_accuracy(run_dir)))
+    report(args, summary, run_dir, plots)
     return 0
 
 
@@ -127,6 +128,9 @@ def simulate(cfg: ExperimentConfig, run_dir: Path, resume: bool = False, progres
     """
     if cfg.train.data_dir:   # the ServerApp and ClientApps run elsewhere: never a relative path
         cfg = cfg.with_overrides([f"train.data_dir={Path(cfg.train.data_dir).resolve()}"])
+    from bpfree_core.data import bind_data
+
+    cfg = bind_data(cfg)   # your own data: an absolute path, its shape, classes and fingerprint
     preflight(cfg)
     if cfg.federation.backend == "ray":   # stage actors on a Ray cluster: server/ray_backend.py
         from server.ray_backend import simulate_ray
@@ -248,7 +252,7 @@ def preflight(cfg: ExperimentConfig) -> None:
     from bpfree_core.data import dataset_dir
     from bpfree_core.model import build_objective
 
-    if cfg.train.data_dir or os.environ.get("BPFREE_DATA_DIR"):
+    if ":" not in cfg.model.dataset and (cfg.train.data_dir or os.environ.get("BPFREE_DATA_DIR")):
         dataset_dir(cfg.model.dataset, cfg.train.data_dir or None)   # names the missing dir/file
     objective = build_objective(cfg)
     if cfg.federation.executor == "pipeline" and objective.pipelinable:   # enough layers?

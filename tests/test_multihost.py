@@ -187,7 +187,7 @@ def test_ray_across_hosts_spreads_stages_and_equals_the_reference(data_dir: Path
             out = tmp_path / "run"
             done = _bpfree(tb, "head", [
                 "simulate", "--backend", "ray", "--address", head, "--placement", "STRICT_SPREAD",
-                "--clients", "2", "--stages", "2", "--rounds", "1", "--out", str(out), "--no-plot",
+                "--clients", "2", "--stages", "2", "--rounds", "1", "--out", str(out), "--no-plot", "--json",
                 "--no-progress", "--set", f"pipeline.tls_ca={certs / 'ca' / 'ca.crt'}",
                 *sum((["--set", s] for s in sets), [])], 420, BPFREE_TOKEN=TOKEN)
             into_node = qdisc_bytes(tb.switch, f"p{tb.hosts.index('node')}")

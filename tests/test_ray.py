@@ -296,7 +296,7 @@ def test_cli_simulate_joins_the_cluster(ray_cluster: Cluster, data_dir: Path, tm
          "--set", "train.test_limit=200", "--set", "pipeline.stage_num_cpus=0.5",
          "--set", "pipeline.bind_host=127.0.0.1", "--set", f"train.data_dir={data_dir}",
          "--set", f"pipeline.tls_ca={ray_cluster.tls_ca}", "--set", "pipeline.connect_timeout=180",
-         "--out", str(out), "--no-plot", "--no-progress"],
+         "--out", str(out), "--no-plot", "--no-progress", "--json"],
         capture_output=True, text=True, env=env, cwd=REPO, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout[proc.stdout.index("{"):])

@@ -30,6 +30,12 @@ class Objective:
         self.cfg = cfg
         self.spec = spec
         self.num_classes = spec.num_classes
+        if spec.shape[1] == 1:   # flat features (your own tabular data), not an image
+            what = ("train.jitter shifts images" if cfg.train.jitter else
+                    "model.conv convolves images" if cfg.model.conv else "")
+            if what:
+                raise ConfigError(f"{what}, but {spec.name} holds flat features ({spec.shape[2]} "
+                                  "per sample); turn it off")
 
     @property
     def input_dim(self) -> int:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from bpfree_core.config import ExperimentConfig
-from bpfree_core.data import SPECS, DatasetSpec
+from bpfree_core.data import DatasetSpec, run_spec
 from bpfree_core.errors import ConfigError
 from bpfree_core.layers import GOODNESS, LABELS, LocalLayer, Metrics, Packet, relu, rms_normalize
 from bpfree_core.objectives.base import Objective
@@ -131,7 +131,7 @@ class GoodnessLayer(LocalLayer):
         packet["y_neg"] = y_neg
         if self.patterns is None:  # the label lives in the first pixels of the input
             packet["neg"] = embed_label(packet["pos"], y_neg, self.num_classes,
-                                        SPECS[self.cfg.model.dataset].shape[0])
+                                        run_spec(self.cfg).shape[0])
         return packet
 
     def train_step(self, packet: Packet) -> tuple[Packet, Metrics]:
@@ -189,6 +189,10 @@ class GoodnessObjective(Objective):
 
     def __init__(self, cfg: ExperimentConfig, spec: DatasetSpec):
         super().__init__(cfg, spec)
+        if spec.shape[1] == 1 and not self.uses_patterns:
+            raise ConfigError(f"{self.name} writes the label into the first {self.num_classes} "
+                              f"pixels of an image, but {spec.name} holds flat features, which it "
+                              "would overwrite; use symba, sffa or mono (they append the label)")
         if cfg.objective.negatives == "hard" and not cfg.objective.head:
             raise ConfigError("objective.negatives = 'hard' draws negatives from the first "
                               "layer's readout head, but objective.head = false; turn the head on")

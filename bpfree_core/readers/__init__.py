@@ -1,0 +1,146 @@
+"""Your own data: one reader module per source, behind `model.dataset = SCHEME:PATH`.
+
+    npz:PATH      arrays x_train, y_train, x_test, y_test (+ optional x_val, y_val)   (npz.py)
+    csv:DIR       DIR/train.csv and DIR/test.csv: a header, numeric columns, `label`   (csv_table.py)
+    folder:PATH   PATH/train/<class>/*.png|jpg and PATH/test/<class>/*; @HxW resizes   (image_folder.py)
+
+A reader returns a `UserData`; `check` refuses, in one sentence naming the file and the fix, what
+cannot be trained on (mismatched lengths, labels that are not integers in 0..C-1, NaN or infinite
+features, shapes that differ between train and test, an empty split). Adding a source is one
+module with `read(path: str) -> UserData` plus `@register("scheme")`, and its test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bpfree_core.errors import ConfigError, DataError
+
+READERS: dict[str, Callable[[str], UserData]] = {}
+MODULES = {"npz": "npz", "csv": "csv_table", "folder": "image_folder"}
+
+
+@dataclass(frozen=True)
+class UserData:
+    """Arrays of one user dataset: features float32 (N, *shape), labels int64 (N,)."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    x_val: np.ndarray | None = None
+    y_val: np.ndarray | None = None
+    classes: int = 0                       # 0: max label + 1
+    class_names: tuple[str, ...] = ()
+
+
+def register(scheme: str) -> Callable[[Callable[[str], UserData]], Callable[[str], UserData]]:
+    def wrap(read: Callable[[str], UserData]) -> Callable[[str], UserData]:
+        READERS[scheme] = read
+        return read
+    return wrap
+
+
+def is_user_dataset(name: str) -> bool:
+    return ":" in name
+
+
+def reader(name: str) -> tuple[Callable[[str], UserData], str]:
+    """(read, path) for `model.dataset = SCHEME:PATH`."""
+    scheme, _, path = name.partition(":")
+    if scheme not in MODULES:
+        raise ConfigError(f"model.dataset = {name!r}: unknown source {scheme!r}; use "
+                          f"{', '.join(f'{s}:PATH' for s in MODULES)} or a built-in dataset")
+    if not path:
+        raise ConfigError(f"model.dataset = {name!r} names no path; give {scheme}:PATH")
+    importlib.import_module(f"bpfree_core.readers.{MODULES[scheme]}")
+    return READERS[scheme], path
+
+
+def fingerprint(paths: list[Path]) -> str:
+    """SHA-256 (first 16 hex digits) of the files' names and bytes, in the order given."""
+    digest = hashlib.sha256()
+    for p in paths:
+        digest.update(p.name.encode() + b"\0")
+        with open(p, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def check(data: UserData, source: str) -> UserData:
+    """`data` with labels as int64 and features as float32, or a DataError naming `source`."""
+    splits = [("train", data.x_train, data.y_train), ("test", data.x_test, data.y_test)]
+    if data.x_val is not None or data.y_val is not None:
+        if data.x_val is None or data.y_val is None:
+            raise DataError(f"{source}: give both x_val and y_val, or neither")
+        splits.append(("val", data.x_val, data.y_val))
+    out = {}
+    for part, x, y in splits:
+        x, y = np.asarray(x), np.asarray(y)
+        if len(x) == 0:
+            raise DataError(f"{source}: the {part} split is empty; give it at least one sample")
+        if len(x) != len(y):
+            raise DataError(f"{source}: {part} has {len(x)} samples but {len(y)} labels; give "
+                            "one label per sample")
+        if y.ndim != 1:
+            raise DataError(f"{source}: {part} labels have shape {y.shape}; give one integer "
+                            "label per sample, shape (N,)")
+        if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
+            raise DataError(f"{source}: {part} features are {x.dtype}, not real numbers")
+        out[part] = (x, _integer_labels(y, source, part))
+        if not np.isfinite(out[part][0]).all():
+            bad = int((~np.isfinite(out[part][0].astype(np.float64))).reshape(len(x), -1)
+                      .any(1).argmax())
+            raise DataError(f"{source}: {part} sample {bad} has NaN or infinite features; clean "
+                            "or drop it")
+    shape = out["train"][0].shape[1:]
+    for part, (x, _) in out.items():
+        if x.shape[1:] != shape:
+            raise DataError(f"{source}: {part} samples have shape {x.shape[1:]} but train "
+                            f"samples {shape}; every split needs the same per-sample shape")
+    classes = data.classes or int(out["train"][1].max()) + 1
+    if classes < 2:
+        raise DataError(f"{source}: the training labels hold one class only; give at least two")
+    for part, (_, y) in out.items():
+        if y.min() < 0 or y.max() >= classes:
+            raise DataError(f"{source}: {part} labels span {int(y.min())}..{int(y.max())}, outside "
+                            f"0..{classes - 1} (the classes of the training labels)")
+    x = {p: _float32(v) for p, (v, _) in out.items()}
+    y = {p: labels for p, (_, labels) in out.items()}
+    return UserData(x["train"], y["train"], x["test"], y["test"], x.get("val"), y.get("val"),
+                    classes, data.class_names)
+
+
+def _integer_labels(y: np.ndarray, source: str, part: str) -> np.ndarray:
+    if np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.bool_):
+        return y.astype(np.int64)
+    if np.issubdtype(y.dtype, np.floating) and np.isfinite(y).all() and (y == np.round(y)).all():
+        return y.astype(np.int64)
+    example = next((v for v in y.tolist() if not isinstance(v, int)
+                    and not (isinstance(v, float) and v.is_integer())), y.flat[0])
+    raise DataError(f"{source}: {part} labels must be whole numbers 0..C-1, found {example!r}; "
+                    "map your classes to integers first")
+
+
+def _float32(x: np.ndarray) -> np.ndarray:
+    """uint8 images scaled to [0, 1] (like the built-in datasets); other numbers as given."""
+    return (x.astype(np.float32) / 255.0) if x.dtype == np.uint8 else x.astype(np.float32)
+
+
+def sample_shape(shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """A per-sample shape as (C, H, W): (D,) features -> (1, 1, D); (H, W) -> (1, H, W)."""
+    if len(shape) == 1:
+        return (1, 1, shape[0])
+    if len(shape) == 2:
+        return (1, *shape)
+    if len(shape) == 3:
+        return tuple(shape)   # type: ignore[return-value]
+    raise DataError(f"samples of shape {shape}: give flat features (D,), images (H, W) or "
+                    "(C, H, W)")

@@ -1,0 +1,74 @@
+"""`csv:DIR`: DIR/train.csv and DIR/test.csv (and optional DIR/val.csv), each with a header row,
+numeric feature columns and an integer `label` column. Features are standardised with the
+training split's mean and standard deviation (a constant column stays 0)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+
+from bpfree_core.errors import DataError
+from bpfree_core.readers import UserData, register
+
+LABEL = "label"
+
+
+def _table(path: Path, header: list[str] | None) -> tuple[list[str], np.ndarray, np.ndarray]:
+    if not path.is_file():
+        raise DataError(f"{path} does not exist; csv:DIR needs DIR/train.csv and DIR/test.csv")
+    with open(path, newline="") as fh:
+        rows = list(csv.reader(fh))
+    if not rows or LABEL not in [c.strip() for c in rows[0]]:
+        raise DataError(f"{path}: the first row must be a header with a {LABEL!r} column "
+                        f"(it is {rows[0][:6] if rows else 'empty'})")
+    names = [c.strip() for c in rows[0]]
+    if header is not None and names != header:
+        raise DataError(f"{path}: its columns {names} differ from train.csv's {header}; give "
+                        "every file the same header")
+    col = names.index(LABEL)
+    feats, labels = [], []
+    for line, row in enumerate(rows[1:], start=2):
+        if not any(cell.strip() for cell in row):
+            continue
+        if len(row) != len(names):
+            raise DataError(f"{path} line {line}: {len(row)} values, the header has {len(names)}")
+        try:
+            values = [float(cell) for cell in row]
+        except ValueError:
+            bad = next(c for c in row if not _is_number(c))
+            raise DataError(f"{path} line {line}: {bad!r} is not a number; every column must "
+                            "be numeric (encode categories as numbers first)") from None
+        labels.append(values.pop(col))
+        feats.append(values)
+    return names, np.asarray(feats, dtype=np.float64).reshape(len(feats), len(names) - 1), \
+        np.asarray(labels, dtype=np.float64)
+
+
+def _is_number(cell: str) -> bool:
+    try:
+        float(cell)
+        return True
+    except ValueError:
+        return False
+
+
+@register("csv")
+def read(path: str) -> UserData:
+    folder = Path(path)
+    if not folder.is_dir():
+        raise DataError(f"csv folder {folder} does not exist; give --dataset csv:DIR with "
+                        "DIR/train.csv and DIR/test.csv")
+    header, x_train, y_train = _table(folder / "train.csv", None)
+    _, x_test, y_test = _table(folder / "test.csv", header)
+    val = _table(folder / "val.csv", header)[1:] if (folder / "val.csv").is_file() else (None, None)
+    if not np.isfinite(x_train).all():
+        raise DataError(f"{folder / 'train.csv'} has NaN or infinite values; clean or drop them")
+    mean, std = x_train.mean(0), x_train.std(0)
+    std[std == 0] = 1.0   # a constant column carries nothing: it stays 0
+
+    def scale(x: np.ndarray | None) -> np.ndarray | None:
+        return None if x is None else ((x - mean) / std).astype(np.float32)
+
+    return UserData(scale(x_train), y_train, scale(x_test), y_test, scale(val[0]), val[1])

@@ -1,0 +1,95 @@
+"""`folder:PATH[@HxW]`: images in PATH/train/<class>/ and PATH/test/<class>/ (PNG, JPEG, BMP,
+GIF), one folder per class, class ids in sorted folder-name order. Every image must have the
+same size unless the name ends in @HxW (e.g. folder:pets@32x32), which resizes each to H x W;
+greyscale stays 1 channel, anything else becomes RGB."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+from bpfree_core.errors import DataError
+from bpfree_core.readers import UserData, register
+
+SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif"}
+
+
+def parse(path: str) -> tuple[Path, tuple[int, int] | None]:
+    m = re.fullmatch(r"(.*)@(\d+)x(\d+)", path)
+    return (Path(m.group(1)), (int(m.group(2)), int(m.group(3)))) if m else (Path(path), None)
+
+
+def _images(split: Path, classes: list[str]) -> list[tuple[Path, int]]:
+    out = []
+    for k, name in enumerate(classes):
+        folder = split / name
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in SUFFIXES) \
+            if folder.is_dir() else []
+        if not files:
+            raise DataError(f"class folder {folder} has no images ({', '.join(sorted(SUFFIXES))}); "
+                            "add some or remove the folder")
+        out += [(p, k) for p in files]
+    return out
+
+
+def _load(path: Path, size: tuple[int, int] | None, mode: str) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert(mode)
+            if size is not None:
+                im = im.resize((size[1], size[0]))
+            a = np.asarray(im, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise DataError(f"image {path} cannot be read ({exc}); replace or remove it") from None
+    return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)   # (C, H, W)
+
+
+def _mode(first: Path) -> str:
+    from PIL import Image
+
+    try:
+        with Image.open(first) as im:
+            return "L" if im.mode in ("L", "1", "I;16", "I") else "RGB"
+    except OSError as exc:
+        raise DataError(f"image {first} cannot be read ({exc}); replace or remove it") from None
+
+
+@register("folder")
+def read(path: str) -> UserData:
+    root, size = parse(path)
+    train_dir, test_dir = root / "train", root / "test"
+    for d in (train_dir, test_dir):
+        if not d.is_dir():
+            raise DataError(f"{d} does not exist; folder:PATH needs PATH/train/<class>/ and "
+                            "PATH/test/<class>/ image folders")
+    classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+    if len(classes) < 2:
+        raise DataError(f"{train_dir} has {len(classes)} class folder(s); give at least two")
+    extra = sorted({p.name for p in test_dir.iterdir() if p.is_dir()} - set(classes))
+    if extra:
+        raise DataError(f"{test_dir} has class folders {extra} that {train_dir} lacks")
+    train = _images(train_dir, classes)
+    test = _images(test_dir, [c for c in classes if (test_dir / c).is_dir()])
+    test = [(p, classes.index(p.parent.name)) for p, _ in test]
+    mode = _mode(train[0][0])
+    arrays = {}
+    for part, items in (("train", train), ("test", test)):
+        xs = [_load(p, size, mode) for p, _ in items]
+        for (p, _), x in zip(items, xs, strict=True):
+            if x.shape != xs[0].shape:
+                raise DataError(f"image {p} is {x.shape[1]}x{x.shape[2]} but {items[0][0]} is "
+                                f"{xs[0].shape[1]}x{xs[0].shape[2]}; make them one size or ask for "
+                                f"a resize: --dataset folder:{root}@HxW")
+        arrays[part] = (np.stack(xs), np.asarray([k for _, k in items], dtype=np.int64))
+    return UserData(*arrays["train"], *arrays["test"], classes=len(classes),
+                    class_names=tuple(classes))
+
+
+def files(path: str) -> list[Path]:
+    """Every image file of the dataset, in a fixed order (what the fingerprint covers)."""
+    root, _ = parse(path)
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
