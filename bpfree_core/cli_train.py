@@ -8,9 +8,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from bpfree_core.config import ALGORITHMS, DATASETS, ExperimentConfig, load_config
+from bpfree_core.config import DATASETS, ExperimentConfig, load_config
 from bpfree_core.data import bind_data, run_spec
 from bpfree_core.errors import ConfigError
+from bpfree_core.objectives import BUILTIN
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,7 +19,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="TOML config file (sections as in deploy/*.toml)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value, e.g. --set train.epochs=5 (repeatable)")
-    parser.add_argument("--algorithm", help=" | ".join(ALGORITHMS))
+    parser.add_argument("--algorithm", help=" | ".join(BUILTIN) + " | an installed plug-in | your "
+                        "own: pkg.module:Class or path/to/rule.py:Class")
     parser.add_argument("--dataset", help=" | ".join(DATASETS) + " | your own: npz:PATH | "
                         "csv:DIR | folder:PATH[@HxW] (README: Your own data)")
     parser.add_argument("--layers", help="hidden layer sizes, e.g. 500,500 or 3x1000")

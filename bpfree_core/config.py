@@ -21,7 +21,6 @@ from typing import Any
 from bpfree_core.errors import ConfigError
 from bpfree_core.seeds import SEED_SPACE
 
-ALGORITHMS = ("ff", "symba", "sffa", "ffcl", "uff", "bp", "cwc", "mono", "deeper")
 DATASETS = ("mnist", "fashion-mnist", "cifar10", "cifar100")   # built in; or npz: csv: folder:
 WIRE_DTYPES = ("float32", "bfloat16", "float16", "int8")
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")   # Ray placement-group strategies
@@ -65,7 +64,8 @@ def _check_positive(section: str, name: str, value: float, allow_zero: bool = Fa
 
 @dataclass(frozen=True)
 class ModelConfig:
-    algorithm: str = "ff"                          # one of ALGORITHMS
+    algorithm: str = "ff"                          # a rule of bpfree_core.objectives' registry,
+                                                   # or your own: pkg.module:Class | file.py:Class
     dataset: str = "mnist"                         # one of DATASETS
     hidden: tuple[int, ...] = (500, 500)           # units per hidden layer, in order
     conv: tuple[int, ...] = ()                     # conv channels before `hidden` (uff, bp, cwc,
@@ -79,7 +79,12 @@ class ModelConfig:
     data_fingerprint: str = ""                     # content hash: a resumed run refuses new data
 
     def __post_init__(self) -> None:
-        _check_choice("model", "algorithm", self.algorithm, ALGORITHMS)
+        where, sep, cls = self.algorithm.rpartition(":")
+        if sep and where.endswith(".py") and not Path(where).is_absolute():   # every process
+            object.__setattr__(self, "algorithm", f"{Path(where).resolve()}:{cls}")
+        from bpfree_core.objectives import resolve  # the registry (it imports this module)
+
+        resolve(self.algorithm)   # an unknown or unloadable rule is one sentence, here
         if self.num_classes == 1 or self.num_classes < 0:
             raise ConfigError(f"model.num_classes = {self.num_classes}: give 0 (the dataset's) or >= 2")
         if ":" in self.dataset:   # your own data: bpfree_core.readers names the sources
@@ -96,19 +101,9 @@ class ModelConfig:
         for i, n in enumerate(self.hidden):
             if not isinstance(n, int) or n < 2:
                 raise ConfigError(f"model.hidden[{i}] = {n!r}: every layer needs an integer >= 2 units")
-            if self.algorithm == "sffa" and n % 2:
-                raise ConfigError(
-                    f"model.hidden[{i}] = {n}: sffa splits each layer into positive and negative "
-                    "halves, so every size must be even"
-                )
         for i, c in enumerate(self.conv):
             if not isinstance(c, int) or c < 1:
                 raise ConfigError(f"model.conv[{i}] = {c!r}: every conv layer needs >= 1 channel")
-        if self.conv and self.algorithm not in ("uff", "bp", "cwc", "deeper"):
-            raise ConfigError(
-                f"model.conv is set but model.algorithm = {self.algorithm!r}: conv layers are "
-                "supported for uff, bp, cwc and deeper; use model.hidden for the others"
-            )
 
 
 @dataclass(frozen=True)

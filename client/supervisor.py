@@ -76,7 +76,9 @@ class LocalWorkers:
 
 def worker_env(threads: int) -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    # the launcher's working directory too: a rule named pkg.module:Class imports as it does here
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), os.getcwd(),
+                                         *filter(None, [env.get("PYTHONPATH")])])
     if threads > 0:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     for key in ("FLWR_TELEMETRY_ENABLED", "FLWR_DISABLE_UPDATE_CHECK"):

@@ -117,7 +117,8 @@ class FlowerRun:
         (self.home / "ray").mkdir()
         self.env = {**os.environ, **(env or {}), **FLOWER_ENV, "FLWR_HOME": str(self.home),
                     "RAY_TMPDIR": str(self.home / "ray"),
-                    "PYTHONPATH": os.pathsep.join(filter(None, [str(APP_DIR),
+                    # the caller's working directory too: a rule named pkg.module:Class
+                    "PYTHONPATH": os.pathsep.join(filter(None, [str(APP_DIR), os.getcwd(),
                                                                 os.environ.get("PYTHONPATH")]))}
         (self.home / "config.toml").write_text(
             '[superlink]\ndefault = "bpfree"\n\n'

@@ -29,7 +29,8 @@ def test_toml_round_trip(tmp_path):
 @pytest.mark.parametrize(
     ("override", "words"),
     [
-        ("model.algorithm=nope", ["model.algorithm", "ff, symba, sffa, ffcl, uff, bp"]),
+        ("model.algorithm=nope", ["model.algorithm = 'nope'", "bp, cwc, deeper, ff, ffcl, mono",
+                                  "pkg.module:Class"]),
         ("train.epochs=two", ["train.epochs", "int"]),
         ("train.epochs=0", ["train.epochs", "> 0"]),
         ("model.hidden=100,1", ["model.hidden[1]", ">= 2"]),
@@ -54,8 +55,10 @@ def test_a_validation_split_must_leave_images_to_train_on():
     with pytest.raises(ConfigError, match="train.validation = 1000 leaves nothing of "
                                           "train.train_limit = 1000"):
         ExperimentConfig().with_overrides(["train.train_limit=1000", "train.validation=1000"])
-    with pytest.raises(ConfigError, match="supported for uff, bp, cwc and deeper"):
-        ExperimentConfig().with_overrides(["model.algorithm=mono", "model.conv=8"])
+    from bpfree_core.model import build_objective  # the objective's own check
+
+    with pytest.raises(ConfigError, match=r"builds no conv layers \(uff, bp, cwc and deeper do\)"):
+        build_objective(ExperimentConfig().with_overrides(["model.algorithm=mono", "model.conv=8"]))
 
 
 def test_missing_and_malformed_config_files(tmp_path):

@@ -9,9 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bpfree_core.config import ALGORITHMS, load_config
+from bpfree_core.config import load_config
 from bpfree_core.layers import LocalLayer, Packet
 from bpfree_core.model import Stage, build_layers, build_objective
+from bpfree_core.objectives import BUILTIN as ALGORITHMS
 
 LOCAL = [a for a in ALGORITHMS if a not in ("bp", "cwc", "deeper")]
 CASES = [(a, ()) for a in LOCAL] + [("symba", ("objective.icp=false",)),

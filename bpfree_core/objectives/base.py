@@ -21,12 +21,16 @@ class Objective:
     supports_goodness: ClassVar[bool] = False   # can predict by goodness over candidate labels
     pipelinable: ClassVar[bool] = True          # False for bp: it needs gradients across layers
     uses_negatives: ClassVar[bool] = False      # trains on negative (wrong-label) data
+    supports_conv: ClassVar[bool] = False       # builds conv layers from model.conv
 
     def __init__(self, cfg: ExperimentConfig, spec: DatasetSpec):
         if cfg.objective.negatives != "uniform" and not self.uses_negatives:
             raise ConfigError(
                 f"objective.negatives = {cfg.objective.negatives!r} but {self.name} uses no "
                 f"negative data; leave it at 'uniform' (it applies to ff, symba and sffa)")
+        if cfg.model.conv and not self.supports_conv:
+            raise ConfigError(f"model.conv is set but model.algorithm = {self.name!r} builds no "
+                              "conv layers (uff, bp, cwc and deeper do); use model.hidden")
         self.cfg = cfg
         self.spec = spec
         self.num_classes = spec.num_classes

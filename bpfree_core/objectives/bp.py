@@ -71,6 +71,7 @@ class BPNetwork(LocalLayer):
 
 @register("bp")
 class Backprop(Objective):
+    supports_conv = True
     pipelinable = False
 
     def layer_sizes(self) -> list[int]:

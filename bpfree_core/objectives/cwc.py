@@ -116,6 +116,7 @@ class CwCLayer(LocalLayer):
 
 @register("cwc")
 class ChannelWiseCompetitive(ShapedObjective):
+    supports_conv = True
     layer_cls = CwCLayer
 
     supports_goodness = True

@@ -106,6 +106,7 @@ class DeeperLayer(LocalLayer):
 
 @register("deeper")
 class DeeperForward(ShapedObjective):
+    supports_conv = True
     layer_cls = DeeperLayer
 
     supports_goodness = True

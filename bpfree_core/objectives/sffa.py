@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import torch
 
+from bpfree_core.config import ExperimentConfig
+from bpfree_core.data import DatasetSpec
+from bpfree_core.errors import ConfigError
 from bpfree_core.objectives import register
 from bpfree_core.objectives.goodness import GoodnessLayer, GoodnessObjective, LossOut
 
@@ -34,3 +37,10 @@ class SFFALayer(GoodnessLayer):
 class SFFA(GoodnessObjective):
     layer_cls = SFFALayer
     uses_patterns = True
+
+    def __init__(self, cfg: ExperimentConfig, spec: DatasetSpec):
+        for i, n in enumerate(cfg.model.hidden):
+            if n % 2:
+                raise ConfigError(f"model.hidden[{i}] = {n}: sffa splits each layer into positive "
+                                  "and negative halves, so every size must be even")
+        super().__init__(cfg, spec)

@@ -103,6 +103,7 @@ class UFFCell(LocalLayer):
 
 @register("uff")
 class UnsupervisedFF(ShapedObjective):
+    supports_conv = True
     layer_cls = UFFCell
 
     def shapes(self) -> list[Shape]:
