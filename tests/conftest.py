@@ -17,14 +17,36 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 REPO = Path(__file__).resolve().parents[1]
 
 
-def shared_data_dir() -> Path:
-    env = os.environ.get("BPFREE_TEST_DATA_DIR")
-    return Path(env) if env else REPO.parent / "shared" / "datasets"
-
-
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    path = shared_data_dir()
-    if not (path / "mnist" / "train-images-idx3-ubyte.gz").is_file():
-        pytest.fail(f"real MNIST not found under {path}; set BPFREE_TEST_DATA_DIR")
-    return path
+    """Real MNIST: a local copy if there is one, else downloaded as users get it (support.py)."""
+    from tests.support import mnist_dir
+
+    return mnist_dir()
+
+
+# -- the tiers: `pytest -m "not e2e"` is the unit tier (minutes); plain `pytest` runs everything --
+# Whole modules that start processes, Flower, Ray or namespace hosts in every test, and single
+# tests of mixed modules that do (by name prefix).
+E2E_MODULES = {"test_faults", "test_federation_flwr", "test_ray", "test_multihost", "test_deploy",
+               "test_testbed", "test_bench_links", "test_bench_sweep", "test_progress",
+               "test_pipeline", "test_security", "test_continual", "test_federation", "test_plugins"}
+E2E_TESTS = {
+    "test_rundir": ("test_a_full_disk", "test_a_second_run", "test_runs_killed", "test_a_bad_out"),
+    "test_userdata": ("test_a_pipeline_and_a_flower",),
+    "test_trainer": ("test_killed_run_resumes",),
+    "test_worker": ("test_worker_cli", "test_tls_with_token"),
+    "test_learning": ("test_objective_learns_real_mnist", "test_accuracy_benchmark"),
+    "test_fuzz": ("test_the_fuzzed_worker",),
+}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "e2e: real processes, Flower, Ray or hosts (the full tier)")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.path.stem
+        if module in E2E_MODULES or item.name.startswith(E2E_TESTS.get(module, ("\0",))):
+            item.add_marker(pytest.mark.e2e)

@@ -207,3 +207,19 @@ def test_colour_images_train_every_family(extra, tmp_path, monkeypatch):
     summary = train_reference(cfg, None, progress=False)
     assert all(0 <= v <= 1 for v in summary["test_accuracy_by_method"].values())
     assert summary["weights"]
+
+
+def test_without_a_local_copy_the_tests_get_mnist_the_way_users_do(data_dir, tmp_path, monkeypatch):
+    """No $BPFREE_TEST_DATA_DIR copy and no ../shared: the fixture downloads (here from a
+    loopback mirror) into the project's cache, MD5-checked, and the data loads from there."""
+    from tests.support import mnist_dir
+
+    with serve(data_dir / "mnist") as url:
+        monkeypatch.setenv("BPFREE_TEST_DATA_DIR", str(tmp_path / "nothing-here"))
+        monkeypatch.setenv(data.MIRROR_ENV, url)
+        monkeypatch.setenv(data.CACHE_DIR_ENV, str(tmp_path / "cache"))
+        got = mnist_dir(shared=tmp_path / "no-shared")
+    assert got == tmp_path / "cache"
+    for name, md5 in data.SPECS["mnist"].md5.items():
+        assert data.md5sum(got / "mnist" / name) == md5
+    assert len(data.load_dataset("mnist", got).train) == 60_000

@@ -1,0 +1,81 @@
+"""What many tests share: where real MNIST comes from, a loopback HTTP mirror, waiting on a real
+condition with a deadline, and process helpers (every process started is stopped by PID)."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MNIST_MARKER = Path("mnist") / "train-images-idx3-ubyte.gz"
+
+
+def mnist_dir(shared: Path | None = None) -> Path:
+    """A directory holding real, MD5-checked MNIST: $BPFREE_TEST_DATA_DIR, else
+    ../shared/datasets beside the checkout, else the project's own download into its cache
+    ($BPFREE_CACHE_DIR, default ~/.cache/bpfree; $BPFREE_MIRROR replaces the mirrors), the way
+    a user gets it on a connected machine."""
+    from bpfree_core.data import SPECS, default_cache_dir, download
+
+    env = os.environ.get("BPFREE_TEST_DATA_DIR")
+    for candidate in filter(None, [Path(env) if env else None,
+                                   shared if shared is not None else REPO.parent / "shared" / "datasets"]):
+        if (candidate / MNIST_MARKER).is_file():
+            return candidate
+    cache = default_cache_dir()
+    download(SPECS["mnist"], cache)   # verified, and only what is missing
+    return cache
+
+
+@contextmanager
+def serve(directory: Path) -> Iterator[str]:
+    """A real HTTP server on 127.0.0.1 (ephemeral port) serving `directory`."""
+    handler = functools.partial(_QuietHandler, directory=str(directory))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def wait_until(what: str, check: Callable[[], object], timeout: float) -> None:
+    """Poll a real condition with a deadline (never a sleep as synchronisation)."""
+    deadline, delay = time.monotonic() + timeout, 0.02
+    while not check():
+        assert time.monotonic() < deadline, f"{what} did not happen within {timeout:g} s"
+        time.sleep(delay)
+        delay = min(delay * 1.5, 0.25)
+
+
+def read(path: Path) -> str:
+    """A file's text, or "" while it does not exist (yet)."""
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+def bpfree(*args: str, merge: bool = False, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """`python -m bpfree_cli ARGS` in its own session (stop it with os.killpg)."""
+    return subprocess.Popen([sys.executable, "-m", "bpfree_cli", *args], cwd=REPO,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                            stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT if merge else subprocess.PIPE, text=True,
+                            start_new_session=True)
