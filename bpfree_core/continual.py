@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -225,17 +225,19 @@ def _consolidators(layers: list[LocalLayer]) -> list[Any]:
 # -- the run ------------------------------------------------------------------------------------
 
 def run_continual(cfg: ExperimentConfig, executor: Executor, run_dir: Path | None = None,
-                  progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
+                  progress: bool = True, overwrite: bool = False,
+                  callbacks: Sequence[Callable[[dict[str, Any]], object]] = ()) -> dict[str, Any]:
     """Train the task stream through `executor`; RUN_DIR (bpfree_core.rundir: locked, an earlier
     run refused unless `overwrite`) gets config.json, metrics.jsonl (one record per task) and
-    summary.json (the accuracy matrix and every CL measure)."""
+    summary.json (the accuracy matrix and every CL measure). Callbacks see each task's record
+    (they observe: the accuracy matrix needs every task, so a stream is not stopped early)."""
     cfg = bind_data(cfg)
     with open_run_dir(run_dir, overwrite=overwrite) as rd:
-        return _stream(cfg, executor, rd, progress)
+        return _stream(cfg, executor, rd, progress, callbacks)
 
 
-def _stream(cfg: ExperimentConfig, executor: Executor, rd: RunDir | None,
-            progress: bool) -> dict[str, Any]:
+def _stream(cfg: ExperimentConfig, executor: Executor, rd: RunDir | None, progress: bool,
+            callbacks: Sequence[Callable[[dict[str, Any]], object]] = ()) -> dict[str, Any]:
     data = load_dataset(cfg.model.dataset, cfg.train.data_dir or None, cfg.model.data_fingerprint)
     _check_classes(cfg, data.spec.num_classes)
     tasks = split_tasks(data, cfg)
@@ -286,6 +288,8 @@ def _stream(cfg: ExperimentConfig, executor: Executor, rd: RunDir | None,
                   "penalty": penalty}
         if rd is not None:
             rd.log_metrics(record, step=task.index + 1)
+        for cb in callbacks:
+            cb(record)
     bar.close()
     weights = executor.get_weights()
     summary = {

@@ -32,7 +32,8 @@ METRICS = "metrics.jsonl"
 # What a run leaves behind; any of these means the directory holds a run.
 RUN_FILES = ("config.json", METRICS, "summary.json", "checkpoint.pt", "checkpoints", "weights.pt")
 # Also removed by `overwrite` (outputs of the run that are not a sign of one by themselves).
-OUTPUTS = ("tb", "logs", "accuracy.png", "accuracy_matrix.png", "task_accuracy.png", "ray_stages.json")
+OUTPUTS = ("tb", "logs", "accuracy.png", "accuracy_matrix.png", "task_accuracy.png", "ray_stages.json",
+           "STOP")
 
 
 def os_error_sentence(exc: OSError, path: Path | str, doing: str) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -193,9 +193,12 @@ def run_epoch(executor: Executor, objective: Objective, split: Split, cfg: Exper
     return executor.train_epoch(packets, epoch, total_epochs)
 
 
+Callback = Callable[[dict[str, Any]], object]   # called with each epoch's record; truthy: stop
+
+
 def train_epochs(cfg: ExperimentConfig, executor: Executor, run_dir: Path | None = None,
                  resume: bool = False, progress: bool = True,
-                 overwrite: bool = False) -> dict[str, Any]:
+                 overwrite: bool = False, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     """Train cfg.train.epochs epochs through `executor`, evaluating after each: `bpfree train`
     (in process) and `bpfree pipeline` (stage workers) both run this loop.
 
@@ -204,7 +207,9 @@ def train_epochs(cfg: ExperimentConfig, executor: Executor, run_dir: Path | None
     its state) then a metrics.jsonl line, and summary.json at the end; `resume` continues from
     the checkpoint. An executor that can `recover()` (a pipeline) survives a stage failure: the
     stages are recovered, the epoch's starting snapshot restored and the epoch rerun (at most
-    pipeline.restarts times), ending exactly as an undisturbed epoch would.
+    pipeline.restarts times), ending exactly as an undisturbed epoch would. Each callback gets
+    every epoch's metrics record once it is committed; one that returns something truthy stops
+    the run after that epoch (bpfree.EarlyStopping).
     """
     cfg = bind_data(cfg)   # your own data: its shape, classes and fingerprint in the config
     train_split, val_split, test_split = run_splits(cfg)
@@ -212,7 +217,7 @@ def train_epochs(cfg: ExperimentConfig, executor: Executor, run_dir: Path | None
     prediction_modes(objective, cfg)   # a bad train.predict fails before any training
     with open_run_dir(run_dir, resume=resume, overwrite=overwrite) as rd:
         return _train_loop(cfg, executor, objective, (train_split, val_split, test_split), rd,
-                           progress)
+                           progress, callbacks)
 
 
 def _resume_state(rd: RunDir, cfg: ExperimentConfig, executor: Executor) -> tuple[int, Any]:
@@ -230,7 +235,7 @@ def _resume_state(rd: RunDir, cfg: ExperimentConfig, executor: Executor) -> tupl
 
 def _train_loop(cfg: ExperimentConfig, executor: Executor, objective: Objective,
                 splits: tuple[Split, Split, Split], rd: RunDir | None,
-                progress: bool) -> dict[str, Any]:
+                progress: bool, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     train_split, val_split, test_split = splits
     held_out = val_split if len(val_split) else test_split   # what diagnostics score
     resumable = hasattr(executor, "snapshot")
@@ -246,6 +251,7 @@ def _train_loop(cfg: ExperimentConfig, executor: Executor, objective: Objective,
     diagnostics: dict[str, dict[str, float]] = {}
     stuck_before: dict[str, str] = {}
     total = cfg.train.epochs
+    trained, stopped = first_epoch, False
     for epoch in range(first_epoch, total):
         if rerun and snapshot is None:
             snapshot = executor.snapshot()  # type: ignore[attr-defined]   # the epoch's start
@@ -287,7 +293,15 @@ def _train_loop(cfg: ExperimentConfig, executor: Executor, objective: Objective,
                       record, step=epoch + 1)
         elif rd is not None:
             rd.log_metrics(record, step=epoch + 1)
+        trained = epoch + 1
+        if any([bool(cb(record)) for cb in callbacks]):   # every callback sees every record
+            stopped = epoch + 1 < total
+            if stopped:
+                _say(f"stopped by a callback after epoch {epoch + 1}/{total}", progress)
+            break
     weights = executor.get_weights()
+    if stopped and cfg.train.eval_limit:   # the last epoch scored a subset: score the whole set
+        acc = evaluate(executor.eval_forward, objective, test_split, cfg)
     if not acc:  # resumed a finished run: evaluate what was loaded
         acc = evaluate(executor.eval_forward, objective, test_split, cfg)
         if len(val_split):
@@ -296,7 +310,8 @@ def _train_loop(cfg: ExperimentConfig, executor: Executor, objective: Objective,
     summary = {"algorithm": cfg.model.algorithm, "dataset": cfg.model.dataset,
                "test_accuracy": headline(acc, cfg), "test_accuracy_by_method": acc,
                **({"val_accuracy": headline(val, cfg), "val_accuracy_by_method": val} if val else {}),
-               "epochs": cfg.train.epochs, "fingerprint": cfg.fingerprint(), **executor.describe(),
+               "epochs": cfg.train.epochs, "epochs_trained": trained, "stopped_early": stopped,
+               "fingerprint": cfg.fingerprint(), **executor.describe(),
                "layer_diagnostics": diagnostics, "wall_seconds": time.perf_counter() - start}
     if progress:
         tqdm.write("per layer, on " + ("validation" if len(val_split) else "test")
@@ -348,10 +363,11 @@ def train_reference(
     resume: bool = False,
     progress: bool = True,
     overwrite: bool = False,
+    callbacks: Sequence[Callback] = (),
 ) -> dict[str, Any]:
     """Train the whole stack in this process; write metrics, checkpoint and summary to run_dir."""
     with InProcessExecutor(cfg, resolve_device(cfg.train.device)) as executor:
-        return train_epochs(cfg, executor, run_dir, resume, progress, overwrite)
+        return train_epochs(cfg, executor, run_dir, resume, progress, overwrite, callbacks)
 
 
 def _fmt(acc: dict[str, float]) -> str:

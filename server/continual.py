@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +75,8 @@ def resolve(args: argparse.Namespace) -> ExperimentConfig:
 
 
 def continual(cfg: ExperimentConfig, executor: str = "inprocess", run_dir: Path | None = None,
-              progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
+              progress: bool = True, overwrite: bool = False,
+              callbacks: Sequence[Callable[[dict[str, Any]], object]] = ()) -> dict[str, Any]:
     """Run the task stream through one process or a local pipeline of stage workers."""
     set_threads(cfg.train.threads)
     if cfg.continual.federated:
@@ -82,16 +84,16 @@ def continual(cfg: ExperimentConfig, executor: str = "inprocess", run_dir: Path 
 
         if run_dir is None:
             raise ConfigError("a federated continual run needs a run directory")
-        return simulate(cfg, run_dir, progress=progress, overwrite=overwrite)
+        return simulate(cfg, run_dir, progress=progress, overwrite=overwrite, callbacks=callbacks)
     if executor == "pipeline":
         from client.executor import PipelineExecutor
         from client.pipeline import Pipeline
 
         with Pipeline.launch_local(cfg, threads=max(cfg.train.threads, 1)) as pipe:
             return run_continual(cfg, PipelineExecutor.from_pipeline(pipe), run_dir, progress,
-                                 overwrite)
+                                 overwrite, callbacks)
     with InProcessExecutor(cfg, resolve_device(cfg.train.device)) as ex:
-        return run_continual(cfg, ex, run_dir, progress, overwrite)
+        return run_continual(cfg, ex, run_dir, progress, overwrite, callbacks)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -38,6 +38,7 @@ from bpfree_core.trainer import check_resumable, evaluate_weights, headline, lim
 log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
+STOP = "STOP"   # a file a launcher leaves in RUN_DIR to end the run after the current round
 
 
 @dataclass
@@ -68,13 +69,18 @@ class Coordinator:
     def __init__(self, cfg: ExperimentConfig, run_dir: Path | None = None, resume: bool = False,
                  progress: bool = False, evaluate: bool = True,
                  on_round: Callable[[int, Weights, list[ClientUpdate]], None] | None = None,
-                 overwrite: bool = False, lock: bool = True):
+                 overwrite: bool = False, lock: bool = True,
+                 callbacks: Sequence[Callable[[dict[str, Any]], object]] = ()):
         """`evaluate = False` skips the per-round test evaluation (the in-process reference's
         callers only want weights); `on_round(round, new weights, accepted updates)` runs after
         each round's aggregation. RUN_DIR is a bpfree_core.rundir.RunDir (`overwrite`, `lock`:
-        see there), held until `run` ends."""
+        see there), held until `run` ends. Each callback gets every round's record once it is
+        committed; a truthy answer, or a file RUN_DIR/STOP (what `bpfree simulate`'s callbacks
+        leave: they run in the launcher), ends the run after that round."""
         cfg = bind_data(cfg)
         self.cfg = cfg
+        self.callbacks = list(callbacks)
+        self.stopped = False
         self.run_dir = run_dir
         self.progress = progress
         self.evaluate_rounds = evaluate
@@ -87,6 +93,7 @@ class Coordinator:
         self.rd = RunDir(run_dir, resume=resume, overwrite=overwrite, lock=lock) if run_dir else None
         if self.rd is not None:
             try:
+                (self.rd.path / STOP).unlink(missing_ok=True)   # a stop asked of an earlier run
                 if resume:
                     self._resume(self.rd)
                 self.rd.write_config(cfg)  # no token on disk
@@ -134,10 +141,21 @@ class Coordinator:
                 bar.update(1)
                 bar.set_postfix(acc=f"{record['test_accuracy_headline']:.4f}",
                                 clients=f"{record['clients']['accepted']}/{record['clients']['sent']}")
+                if self._stop_asked(record) and rnd + 1 < rounds:
+                    log.info("stopped by a callback after round %d/%d", rnd + 1, rounds)
+                    self.stopped = True
+                    break
             return self._summary(time.perf_counter() - start)
         finally:
             bar.close()
             self.close()
+
+    def _stop_asked(self, record: dict[str, Any]) -> bool:
+        asked = any([bool(cb(record)) for cb in self.callbacks])   # every callback sees it
+        if self.rd is not None and (self.rd.path / STOP).exists():
+            (self.rd.path / STOP).unlink(missing_ok=True)
+            asked = True
+        return asked
 
     def close(self) -> None:
         """Release the run directory (its lock); `run` does this when it ends."""
@@ -238,6 +256,8 @@ class Coordinator:
     def _summary(self, wall: float) -> dict[str, Any]:
         cfg = self.cfg
         acc = self.history[-1]["test_accuracy"] if self.history else {}
+        if self.stopped and cfg.train.eval_limit and self.evaluate_rounds:   # scored a subset
+            acc = self.evaluate(self.weights)
         acc = acc or (self.evaluate(self.weights) if self.evaluate_rounds else {})
         summary = {
             "algorithm": cfg.model.algorithm, "dataset": cfg.model.dataset,
@@ -246,7 +266,8 @@ class Coordinator:
             **({"val_accuracy_by_method": self.history[-1]["val_accuracy"]}
                if self.history and "val_accuracy" in self.history[-1] else {}),
             "accuracy_per_round": [r["test_accuracy_headline"] for r in self.history],
-            "rounds": len(self.history), "clients": cfg.federation.clients,
+            "rounds": len(self.history), "stopped_early": self.stopped,
+            "clients": cfg.federation.clients,
             "stages": cfg.pipeline.stages, "executor": cfg.federation.executor,
             "partition": cfg.federation.partition, "replies": self.totals,
             "fingerprint": cfg.fingerprint(),

@@ -29,7 +29,7 @@ import socket
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from contextlib import contextmanager
 from pathlib import Path
@@ -405,7 +405,8 @@ def check_ray_config(cfg: ExperimentConfig) -> None:
 
 
 def simulate_ray(cfg: ExperimentConfig, run_dir: Path, resume: bool = False,
-                 progress: bool = False, overwrite: bool = False) -> dict[str, Any]:
+                 progress: bool = False, overwrite: bool = False,
+                 callbacks: Sequence[Callable[[dict[str, Any]], object]] = ()) -> dict[str, Any]:
     """The federation with stage actors on Ray; returns the summary with "weights"."""
     check_ray_config(cfg)
     log.info("ray backend: %d client(s) x %d stage(s), {%s} per stage, placement %s; stages use "
@@ -414,7 +415,7 @@ def simulate_ray(cfg: ExperimentConfig, run_dir: Path, resume: bool = False,
              cfg.federation.placement, cfg.train.device)
     with ray_session(cfg):
         coordinator = Coordinator(cfg, run_dir, resume=resume, progress=progress,
-                                  overwrite=overwrite)
+                                  overwrite=overwrite, callbacks=callbacks)
         try:
             cluster = StageCluster(cfg)
             with cluster:

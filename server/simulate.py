@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -117,14 +117,17 @@ def run(args: argparse.Namespace) -> int:
 
 
 def simulate(cfg: ExperimentConfig, run_dir: Path, resume: bool = False, progress: bool = False,
-             client_mods: Sequence[str] = (), overwrite: bool = False) -> dict[str, Any]:
+             client_mods: Sequence[str] = (), overwrite: bool = False,
+             callbacks: Sequence[Callable[[dict[str, Any]], object]] = ()) -> dict[str, Any]:
     """Run the federation on Flower's simulation runtime; return the summary with "weights".
 
     Flower's supported path (server.flower_run): a SuperLink of our own and `flwr run` of this
     app; the coordinator writes RUN_DIR, which this process locks (bpfree_core.rundir; a run
     already in it is refused unless `resume` or `overwrite`), follows for progress and reads back.
     `client_mods` ("module:function") are Flower client mods every ClientApp wraps itself in
-    (tests use them to corrupt or kill a client on the way).
+    (tests use them to corrupt or kill a client on the way). `callbacks` get each round's record
+    here, as this process reads it; a truthy answer asks the coordinator to stop after the round
+    it is in (RUN_DIR/STOP).
     """
     if cfg.train.data_dir:   # the ServerApp and ClientApps run elsewhere: never a relative path
         cfg = cfg.with_overrides([f"train.data_dir={Path(cfg.train.data_dir).resolve()}"])
@@ -135,16 +138,18 @@ def simulate(cfg: ExperimentConfig, run_dir: Path, resume: bool = False, progres
     if cfg.federation.backend == "ray":   # stage actors on a Ray cluster: server/ray_backend.py
         from server.ray_backend import simulate_ray
 
-        return simulate_ray(cfg, run_dir, resume=resume, progress=progress, overwrite=overwrite)
+        return simulate_ray(cfg, run_dir, resume=resume, progress=progress, overwrite=overwrite,
+                            callbacks=callbacks)
     from bpfree_core.rundir import RunDir
 
     with RunDir(run_dir, resume=resume, overwrite=overwrite):
-        _simulate_flower(cfg, run_dir, resume, progress, client_mods)
+        _simulate_flower(cfg, run_dir, resume, progress, client_mods, callbacks)
     return finished_run(run_dir)
 
 
 def _simulate_flower(cfg: ExperimentConfig, run_dir: Path, resume: bool, progress: bool,
-                     client_mods: Sequence[str]) -> None:
+                     client_mods: Sequence[str],
+                     callbacks: Sequence[Callable[[dict[str, Any]], object]] = ()) -> None:
     from client.supervisor import Watchdog
     from server.flower_run import FlowerRun
 
@@ -159,7 +164,7 @@ def _simulate_flower(cfg: ExperimentConfig, run_dir: Path, resume: bool, progres
     engine = FlowerRun(log_dir, env)
     workers: list[Any] = []
     watchdog: Watchdog | None = None
-    bar = RoundProgress(run_dir, cfg, resume, progress)
+    bar = RoundProgress(run_dir, cfg, resume, progress, callbacks)
     try:
         engine.start()
         log.info("Flower SuperLink (simulation runtime) on 127.0.0.1:%d; Flower's and Ray's logs go "
@@ -207,10 +212,11 @@ def finished_run(run_dir: Path) -> dict[str, Any]:
 class RoundProgress:
     """Follows RUN_DIR/metrics.jsonl: a live bar on a terminal, one line per round."""
 
-    def __init__(self, run_dir: Path, cfg: ExperimentConfig, resume: bool, enabled: bool):
+    def __init__(self, run_dir: Path, cfg: ExperimentConfig, resume: bool, enabled: bool,
+                 callbacks: Sequence[Callable[[dict[str, Any]], object]] = ()):
         from bpfree_core.runtime import progress_bar
 
-        self.path, self.enabled = run_dir / "metrics.jsonl", enabled
+        self.path, self.enabled, self.callbacks = run_dir / "metrics.jsonl", enabled, callbacks
         self.rounds = cfg.federation.rounds
         self.seen = len(self._lines()) if resume else 0
         self.start = time.perf_counter()
@@ -241,6 +247,8 @@ class RoundProgress:
                 self.bar.write(text)
             else:
                 log.info("%s", text)
+            if any([bool(cb(record)) for cb in self.callbacks]):   # the coordinator stops after
+                (self.path.parent / "STOP").touch()             # the round it is in
 
     def close(self) -> None:
         self.bar.close()
