@@ -22,6 +22,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pipeline": ("client.pipeline_cli", "train one client's pipeline of stage workers"),
     "simulate": ("server.simulate", "federated run: K clients x S stages on this machine"),
     "continual": ("server.continual", "continual learning: tasks that arrive one after another"),
+    "predict": ("bpfree_core.cli_predict", "class and scores of a trained run for new inputs"),
+    "evaluate": ("bpfree_core.cli_evaluate", "a trained run's accuracy on any dataset"),
+    "export": ("bpfree_core.cli_export", "a trained run as a self-contained TorchScript module"),
     "bench": ("bench.cli", "benchmarks: accuracy, pipeline, throughput sweeps"),
 }
 

@@ -35,19 +35,22 @@ class Run:
 
     def predict(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
         """Class ids for samples shaped like the training data (scaled the same way: uint8
-        images to [0, 1]; CSV features must be standardised as csv: does)."""
-        from bpfree_core.model import Stage, build_layers, build_objective
-        from bpfree_core.trainer import prediction_modes
+        images to [0, 1]; CSV features standardised as csv: does)."""
+        return self.scores(x).argmax(1).numpy()
+
+    def scores(self, x: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Class scores (N, C): what bpfree predicts by (bpfree_core.predict.ScoreModel)."""
+        from bpfree_core.predict import ScoreModel, scores
 
         x = torch.as_tensor(np.asarray(x))
         x = (x.float() / 255.0 if x.dtype == torch.uint8 else x.float()).reshape(len(x), -1)
-        objective = build_objective(self.config)
-        stage = Stage(build_layers(self.config, objective=objective))
-        stage.load_state_dict(self.weights)
-        softmax, goodness = prediction_modes(objective, self.config)
-        preds = objective.predict(stage.eval_step(objective.encode_eval(x, goodness)))
-        method = self.config.train.predict if self.config.train.predict in preds else next(iter(preds))
-        return preds[method].cpu().numpy()
+        return scores(ScoreModel(self.config, self.weights), x)
+
+    def export(self, path: str | Path) -> Path:
+        """A TorchScript file: torch.jit.load(path)(x) -> class scores, without bpfree."""
+        from bpfree_core.predict import export
+
+        return export(self.config, self.weights, Path(path))
 
 
 class EarlyStopping:

@@ -52,8 +52,11 @@ class _StraightThroughReLU(torch.autograd.Function):
 
 
 def relu(x: torch.Tensor, straight_through: bool) -> torch.Tensor:
-    """ReLU; with `straight_through` the full gradient passes even where the unit is 0."""
-    return _StraightThroughReLU.apply(x) if straight_through else F.relu(x)
+    """ReLU; with `straight_through` the full gradient passes even where the unit is 0. Without
+    a gradient the same values come from a plain op (TorchScript cannot hold a Python Function)."""
+    if not straight_through:
+        return F.relu(x)
+    return _StraightThroughReLU.apply(x) if torch.is_grad_enabled() else x.clamp(min=0)
 
 
 @contextlib.contextmanager

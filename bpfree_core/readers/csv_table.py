@@ -72,3 +72,25 @@ def read(path: str) -> UserData:
         return None if x is None else ((x - mean) / std).astype(np.float32)
 
     return UserData(scale(x_train), y_train, scale(x_test), y_test, scale(val[0]), val[1])
+
+
+def table_for_prediction(path: Path, dataset: str) -> np.ndarray:
+    """Features of `path` (its `label` column dropped, if any), standardised with the training
+    statistics of `dataset` when that is csv:DIR, else as given."""
+    with open(path, newline="") as fh:
+        rows = [r for r in csv.reader(fh) if any(c.strip() for c in r)]
+    if not rows:
+        raise DataError(f"{path} is empty")
+    names = [c.strip() for c in rows[0]]
+    keep = [i for i, n in enumerate(names) if n != LABEL]
+    try:
+        x = np.asarray([[float(r[i]) for i in keep] for r in rows[1:]], dtype=np.float64)
+    except (ValueError, IndexError):
+        raise DataError(f"{path}: every row must hold a number in every column") from None
+    scheme, _, folder = dataset.partition(":")
+    if scheme == "csv":
+        _, train, _ = _table(Path(folder) / "train.csv", None)
+        mean, std = train.mean(0), train.std(0)
+        std[std == 0] = 1.0
+        x = (x - mean) / std
+    return x.astype(np.float32)

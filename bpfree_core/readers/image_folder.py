@@ -93,3 +93,12 @@ def files(path: str) -> list[Path]:
     """Every image file of the dataset, in a fixed order (what the fingerprint covers)."""
     root, _ = parse(path)
     return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
+
+
+def images_for_prediction(folder: Path, shape: tuple[int, int, int]) -> np.ndarray:
+    """Every image under `folder`, sorted by path, as (N, C, H, W) in [0, 1] at the run's size."""
+    paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
+    if not paths:
+        raise DataError(f"{folder} has no images ({', '.join(sorted(SUFFIXES))})")
+    mode = "L" if shape[0] == 1 else "RGB"
+    return np.stack([_load(p, shape[1:], mode) for p in paths]).astype(np.float32) / 255.0
