@@ -31,7 +31,8 @@ from bpfree_core.balance import measure_layer_costs, split_stages, stage_ranges
 from bpfree_core.checkpoint import atomic_write_json
 from bpfree_core.config import ExperimentConfig, load_config
 from bpfree_core.model import build_objective
-from bpfree_core.trainer import limited, run_epoch, run_splits
+from bpfree_core.splits import limited, run_splits
+from bpfree_core.trainer import run_epoch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NET = ("model.algorithm=deeper", "model.conv=20,20,40,40,80,80,160,160", "model.hidden=[]",

@@ -30,8 +30,9 @@ import torch
 from bpfree_core.config import ExperimentConfig, load_config
 from bpfree_core.data import load_dataset
 from bpfree_core.errors import BpfreeError
+from bpfree_core.evaluation import evaluate, headline
 from bpfree_core.model import Stage, build_layers, build_objective
-from bpfree_core.trainer import evaluate, headline, limited
+from bpfree_core.splits import limited
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"

@@ -36,8 +36,10 @@ import torch
 
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.data import load_dataset
+from bpfree_core.evaluation import evaluate_weights, headline
 from bpfree_core.model import build_objective
-from bpfree_core.trainer import evaluate_weights, headline, limited, train_reference
+from bpfree_core.splits import limited
+from bpfree_core.trainer import train_reference
 from server.simulate import client_actors
 
 RESULTS = Path(__file__).resolve().parent / "results"

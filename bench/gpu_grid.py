@@ -172,8 +172,8 @@ def federated(run: GridRun, rounds: int, data_dir: str, runs_dir: str,
     from bench.accuracy import machine, net_of
     from bpfree_core.config import load_config
     from bpfree_core.data import load_dataset
+    from bpfree_core.evaluation import evaluate_weights
     from bpfree_core.model import build_objective
-    from bpfree_core.trainer import evaluate_weights
     from server.reference import federated_reference
 
     cfg = load_config(None, list(run.overrides) + [

@@ -126,11 +126,12 @@ def qdisc_bytes(ns: str, dev: str) -> int:
 def drive(spec: dict[str, Any], rows_path: Path) -> None:
     """Measure every point of `spec`; append one JSON row per point to `rows_path`."""
     from bench.sweep import cpu_seconds
+    from bpfree_core.batches import train_packets
     from bpfree_core.config import ExperimentConfig
     from bpfree_core.data import load_dataset
     from bpfree_core.model import build_objective
     from bpfree_core.runtime import set_threads
-    from bpfree_core.trainer import limited, train_packets
+    from bpfree_core.splits import limited
     from client.pipeline import Pipeline
 
     set_threads(1)

@@ -24,10 +24,11 @@ import grpc
 import torch
 
 from bench.ceilings import grpc_raw_throughput, matmul_flops, tcp_throughput
+from bpfree_core.batches import train_packets
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.data import load_dataset
 from bpfree_core.model import Stage, build_layers, build_objective
-from bpfree_core.trainer import limited, train_packets
+from bpfree_core.splits import limited
 from client.link import Link
 from client.memory import tune_malloc
 from client.pipeline import Pipeline

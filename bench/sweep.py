@@ -164,9 +164,10 @@ def stage_flops(cfg: ExperimentConfig) -> list[float]:
     from torch.utils.flop_counter import FlopCounterMode
 
     from bpfree_core.balance import stage_ranges
+    from bpfree_core.batches import train_packets
     from bpfree_core.data import load_dataset
     from bpfree_core.model import Stage, build_layers, build_objective
-    from bpfree_core.trainer import limited, train_packets
+    from bpfree_core.splits import limited
 
     objective = build_objective(cfg)
     split = limited(load_dataset(cfg.model.dataset, cfg.train.data_dir or None).train,
@@ -197,9 +198,10 @@ class WorkerPool:
 
 def run_pipeline_point(cfg: ExperimentConfig, pool: WorkerPool, epochs: int) -> dict[str, Any]:
     """One warm-up epoch, then `epochs` measured ones; the fastest is kept (least disturbed)."""
+    from bpfree_core.batches import train_packets
     from bpfree_core.data import load_dataset
     from bpfree_core.model import build_objective
-    from bpfree_core.trainer import limited, train_packets
+    from bpfree_core.splits import limited
     from client.pipeline import Pipeline
 
     objective = build_objective(cfg)

@@ -31,10 +31,12 @@ from typing import Any
 
 import torch
 
+from bpfree_core.batches import train_packets
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.data import Dataset, Split, bind_data, load_dataset, run_spec
 from bpfree_core.diagnostics import eval_with_units
 from bpfree_core.errors import ConfigError
+from bpfree_core.evaluation import EVAL_BATCH
 from bpfree_core.executor import Executor
 from bpfree_core.layers import GOODNESS, LOGITS, LocalLayer, Packet
 from bpfree_core.model import Stage, build_layers, build_objective
@@ -42,7 +44,6 @@ from bpfree_core.objectives import Objective
 from bpfree_core.rundir import RunDir, open_run_dir
 from bpfree_core.runtime import progress_bar
 from bpfree_core.seeds import generator
-from bpfree_core.trainer import EVAL_BATCH, train_packets
 
 log = logging.getLogger(__name__)
 

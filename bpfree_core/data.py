@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from bpfree_core.errors import ConfigError, DataError
-from bpfree_core.readers import check, fingerprint, is_user_dataset, reader, sample_shape
+from bpfree_core.readers import check, fingerprint, is_user_dataset, reader, sample_shape, source_files
 from bpfree_core.seeds import generator
 
 log = logging.getLogger(__name__)
@@ -278,19 +278,6 @@ def _load_user(name: str, expected: str) -> Dataset:
         _CACHE[key] = Dataset(spec, split(data.x_train, data.y_train),
                               split(data.x_test, data.y_test), val, found)
     return _CACHE[key]
-
-
-def source_files(name: str) -> list[Path]:
-    """The files a user dataset is read from (what its fingerprint covers)."""
-    scheme, _, path = name.partition(":")
-    if scheme == "folder":
-        from bpfree_core.readers.image_folder import files
-
-        return files(path)
-    if scheme == "csv":
-        return [p for p in (Path(path) / f for f in ("train.csv", "test.csv", "val.csv"))
-                if p.is_file()]
-    return [Path(path)] if Path(path).is_file() else []
 
 
 def bind_data(cfg: Any) -> Any:

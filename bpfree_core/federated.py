@@ -32,7 +32,8 @@ from bpfree_core.model import Stage, build_layers, build_objective
 from bpfree_core.partition import partition_indices
 from bpfree_core.restarts import with_restarts
 from bpfree_core.seeds import derive
-from bpfree_core.trainer import run_epoch, run_splits
+from bpfree_core.splits import run_splits
+from bpfree_core.trainer import run_epoch
 
 
 # -- the plan -------------------------------------------------------------------------------------

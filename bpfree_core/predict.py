@@ -18,10 +18,9 @@ import torch
 from bpfree_core.checkpoint import load_checkpoint
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.errors import DataError
+from bpfree_core.evaluation import EVAL_BATCH  # batch-statistics layers (cwc) see what evaluate saw
 from bpfree_core.layers import GOODNESS, LOGITS
 from bpfree_core.model import build_layers, build_objective
-
-EVAL_BATCH = 1000   # as bpfree_core.trainer.evaluate: batch-statistics layers (cwc) see the same
 
 
 def load_run(run_dir: Path) -> tuple[ExperimentConfig, dict[str, torch.Tensor]]:

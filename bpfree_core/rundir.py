@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bpfree_core.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint, save_checkpoint
-from bpfree_core.errors import BpfreeError, RunDirError
+from bpfree_core.errors import BpfreeError, ConfigError, RunDirError
 from bpfree_core.metrics import MetricsWriter
 
 log = logging.getLogger(__name__)
@@ -208,6 +208,22 @@ class RunDir:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def check_resumable(saved: Any, cfg: Any, run_dir: Path) -> None:
+    """Refuse to resume a run whose computed config changed (runtime fields may change)."""
+    old, new = saved.computed_dict(), cfg.computed_dict()
+    diff = [f"{s}.{k}" for s in old for k in old[s] if old[s][k] != new[s][k]]
+    if "model.data_fingerprint" in diff:
+        raise ConfigError(
+            f"cannot resume {run_dir}: the data of model.dataset = {cfg.model.dataset!r} changed "
+            f"since the run started (fingerprint {new['model']['data_fingerprint']}, the run's is "
+            f"{old['model']['data_fingerprint']}); restore the original files or start a new --out")
+    if diff:
+        raise ConfigError(
+            f"cannot resume {run_dir}: the config differs from the checkpoint's in "
+            f"{', '.join(diff)}; resume with the same config (or start a new --out)")
+
 
 
 def open_run_dir(path: Path | str | None, **kwargs: Any) -> AbstractContextManager[RunDir | None]:

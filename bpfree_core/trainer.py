@@ -1,7 +1,8 @@
 """The epoch loop every job runs, and the single-process reference trainer built on it.
 
-`train_packets` yields an epoch's first-layer packets; `run_epoch` feeds them through any
-Executor (bpfree_core.executor); `train_epochs` adds evaluation, metrics and checkpoints around it
+`train_packets` (bpfree_core.batches) yields an epoch's first-layer packets; `run_epoch` feeds them
+through any Executor (bpfree_core.executor); `train_epochs` adds evaluation
+(bpfree_core.evaluation), the run directory (bpfree_core.rundir) and reruns around it
 for `bpfree train` (in process: `train_reference`, the golden reference) and `bpfree pipeline`
 (stage workers). Every random draw is a pure function of (seed, epoch, batch index), and layer i is
 initialised from its own seed, so a pipeline fed the same packets reproduces the reference exactly.
@@ -18,101 +19,24 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from bpfree_core.batches import num_train_batches, train_packets
 from bpfree_core.config import ExperimentConfig
-from bpfree_core.data import Split, bind_data, epoch_batches, load_dataset
+from bpfree_core.data import Split, bind_data
 from bpfree_core.diagnostics import format_table, layer_diagnostics
-from bpfree_core.errors import ConfigError
+from bpfree_core.evaluation import evaluate, headline, prediction_modes
 from bpfree_core.executor import Executor, InProcessExecutor
 from bpfree_core.layers import Packet
-from bpfree_core.model import Stage, build_layers, build_objective
+from bpfree_core.model import build_objective
 from bpfree_core.objectives import Objective
 from bpfree_core.restarts import with_restarts
-from bpfree_core.rundir import RunDir, open_run_dir
+from bpfree_core.rundir import RunDir, check_resumable, open_run_dir
 from bpfree_core.runtime import progress_bar, resolve_device
-from bpfree_core.seeds import generator
+from bpfree_core.splits import limited, run_splits
 
 log = logging.getLogger(__name__)
 
-EVAL_BATCH = 1000
 TRAIN_EVAL_SAMPLES = 10_000   # train accuracy is measured on this many training images
 DIAGNOSTIC_SAMPLES = 1000     # held-out images each epoch's per-layer diagnostics score
-
-
-def batch_generator(seed: int, epoch: int, batch: int) -> torch.Generator:
-    """The generator for every random draw of one batch (negatives, noise)."""
-    return generator(seed, "batch", epoch, batch)
-
-
-def train_packets(
-    objective: Objective, split: Split, cfg: ExperimentConfig, epoch: int,
-    replay: Callable[[int, torch.Generator], Split] | None = None,
-) -> Iterator[Packet]:
-    """The first-layer packets of one training epoch, in order. `replay(n, gen)` (continual
-    learning's memory) appends n old samples to each batch of n, drawn from the batch's generator."""
-    for b, idx in enumerate(epoch_batches(len(split), cfg.train.batch_size, cfg.train.seed, epoch)):
-        gen = batch_generator(cfg.train.seed, epoch, b)
-        x, y = split.images[idx], split.labels[idx]
-        if replay is not None:
-            old = replay(len(idx), gen)
-            x, y = torch.cat([x, old.images]), torch.cat([y, old.labels])
-        if cfg.train.jitter:
-            x = jitter(x, objective.spec.shape, cfg.train.jitter, gen)
-        yield objective.encode_train(x, y, gen)
-
-
-def jitter(x: torch.Tensor, shape: tuple[int, int, int], pixels: int,
-           gen: torch.Generator) -> torch.Tensor:
-    """Shift every image by its own random (dy, dx) in [-pixels, pixels], zero fill.
-
-    x (B, C*H*W) -> (B, C*H*W). Drawn from the batch's generator, so every process agrees.
-    """
-    c, h, w = shape
-    b = x.shape[0]
-    padded = torch.nn.functional.pad(x.view(b, c, h, w), (pixels,) * 4)  # (B, C, H+2p, W+2p)
-    dy, dx = torch.randint(0, 2 * pixels + 1, (2, b), generator=gen)
-    rows = (dy[:, None] + torch.arange(h))[:, None, :, None]              # (B, 1, H, 1)
-    cols = (dx[:, None] + torch.arange(w))[:, None, None, :]              # (B, 1, 1, W)
-    out = padded[torch.arange(b)[:, None, None, None], torch.arange(c)[None, :, None, None],
-                 rows, cols]                                               # (B, C, H, W)
-    return out.reshape(b, c * h * w)
-
-
-def num_train_batches(split: Split, cfg: ExperimentConfig) -> int:
-    return len(split) // cfg.train.batch_size
-
-
-def prediction_modes(objective: Objective, cfg: ExperimentConfig) -> tuple[bool, bool]:
-    """(softmax, goodness) prediction switches for this objective and config."""
-    mode = cfg.train.predict
-    if mode in ("goodness", "both") and not objective.supports_goodness:
-        raise ConfigError(
-            f"train.predict = {mode!r} but {objective.name} has no goodness; use softmax"
-        )
-    return mode in ("softmax", "both"), mode in ("goodness", "both")
-
-
-def evaluate(
-    forward: Callable[[Packet], Packet], objective: Objective, split: Split, cfg: ExperimentConfig
-) -> dict[str, float]:
-    """Accuracy of every prediction method on `split`, running packets through `forward`."""
-    _, goodness = prediction_modes(objective, cfg)
-    correct: dict[str, int] = {}
-    for start in range(0, len(split), EVAL_BATCH):
-        x = split.images[start:start + EVAL_BATCH]
-        y = split.labels[start:start + EVAL_BATCH]
-        out = forward(objective.encode_eval(x, goodness))
-        for method, pred in objective.predict(out).items():
-            correct[method] = correct.get(method, 0) + int((pred.cpu() == y).sum())
-    return {m: c / len(split) for m, c in correct.items()}
-
-
-def evaluate_weights(
-    weights: dict[str, torch.Tensor], objective: Objective, split: Split, cfg: ExperimentConfig
-) -> dict[str, float]:
-    """Accuracy of a whole stack's weights (say, a federated global model) on `split`."""
-    stage = Stage(build_layers(cfg, objective=objective), cfg.train.device)
-    stage.load_state_dict(weights)
-    return evaluate(stage.eval_step, objective, split, cfg)
 
 
 def stuck_layers(layer_means: dict[str, dict[str, float]], lr: float) -> dict[str, str]:
@@ -134,50 +58,6 @@ def stuck_layers(layer_means: dict[str, dict[str, float]], lr: float) -> dict[st
                          f"{m['ff_acc']:.0%}): {state}; restart with a lower optim.lr (now "
                          f"{lr:g}; 2000-wide FF layers need <= 5e-4)")
     return out
-
-
-def headline(acc: dict[str, float], cfg: ExperimentConfig) -> float:
-    """The accuracy a run reports: the configured method, the better of both with `both`."""
-    if cfg.train.predict == "both":
-        return max(acc.values())
-    return acc.get(cfg.train.predict, max(acc.values(), default=0.0))
-
-
-def limited(split: Split, limit: int) -> Split:
-    return split.subset(slice(0, limit)) if limit else split
-
-
-def run_splits(cfg: ExperimentConfig) -> tuple[Split, Split, Split]:
-    """(train, validation, test) of a run: train.train_limit first, then the last
-    train.validation images of that are held out (never trained on); train.test_limit on test."""
-    data = load_dataset(cfg.model.dataset, cfg.train.data_dir or None, cfg.model.data_fingerprint)
-    train = limited(data.train, cfg.train.train_limit)
-    if cfg.train.batch_size > len(train):
-        raise ConfigError(f"train.batch_size = {cfg.train.batch_size} is larger than the "
-                          f"{len(train)} training images; give a batch size of at most {len(train)}")
-    n = len(train) - cfg.train.validation
-    if n < cfg.train.batch_size:
-        raise ConfigError(f"train.validation = {cfg.train.validation} leaves {max(n, 0)} of "
-                          f"{len(train)} training images, fewer than one batch; hold out fewer")
-    val = train.subset(slice(n, len(train)))
-    if not cfg.train.validation and data.val is not None:   # the source's own validation split
-        val = data.val
-    return train.subset(slice(0, n)), val, limited(data.test, cfg.train.test_limit)
-
-
-def check_resumable(saved: ExperimentConfig, cfg: ExperimentConfig, run_dir: Path) -> None:
-    """Refuse to resume a run whose computed config changed (runtime fields may change)."""
-    old, new = saved.computed_dict(), cfg.computed_dict()
-    diff = [f"{s}.{k}" for s in old for k in old[s] if old[s][k] != new[s][k]]
-    if "model.data_fingerprint" in diff:
-        raise ConfigError(
-            f"cannot resume {run_dir}: the data of model.dataset = {cfg.model.dataset!r} changed "
-            f"since the run started (fingerprint {new['model']['data_fingerprint']}, the run's is "
-            f"{old['model']['data_fingerprint']}); restore the original files or start a new --out")
-    if diff:
-        raise ConfigError(
-            f"cannot resume {run_dir}: the config differs from the checkpoint's in "
-            f"{', '.join(diff)}; resume with the same config (or start a new --out)")
 
 
 # -- the epoch loop --------------------------------------------------------------------------------

@@ -22,12 +22,12 @@ import torch
 
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.errors import BpfreeError, ConfigError
+from bpfree_core.evaluation import prediction_modes
 from bpfree_core.layers import add_proximal_term
 from bpfree_core.metrics import RunningMeans
 from bpfree_core.model import OPTIMIZER, Stage, build_layers, build_objective
 from bpfree_core.objectives import Objective
 from bpfree_core.runtime import resolve_device
-from bpfree_core.trainer import prediction_modes
 from client.admission import Admission, EndMarker, StateError
 from client.link import Link
 from client.transport import Security, check_chunk_bytes, wait_for_peer

@@ -29,11 +29,12 @@ from bpfree_core.continual import TaskEvaluator, rounds_per_task
 from bpfree_core.data import Split, bind_data
 from bpfree_core.diagnostics import layer_diagnostics
 from bpfree_core.errors import AggregationError, DataError, ProtocolError
+from bpfree_core.evaluation import evaluate_weights, headline
 from bpfree_core.federated import stack_template
 from bpfree_core.model import build_objective
-from bpfree_core.rundir import RunDir
+from bpfree_core.rundir import RunDir, check_resumable
 from bpfree_core.runtime import progress_bar, set_threads
-from bpfree_core.trainer import check_resumable, evaluate_weights, headline, limited, run_splits
+from bpfree_core.splits import limited, run_splits
 
 log = logging.getLogger(__name__)
 

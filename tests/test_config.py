@@ -96,7 +96,7 @@ def test_the_fingerprint_follows_what_is_computed_only():
 
 
 def test_resume_refuses_a_changed_computation_and_accepts_a_moved_run(tmp_path):
-    from bpfree_core.trainer import check_resumable
+    from bpfree_core.rundir import check_resumable
 
     saved = ExperimentConfig()
     check_resumable(saved, saved.with_overrides(["train.threads=3", "train.device=cpu"]), tmp_path)

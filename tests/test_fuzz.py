@@ -24,10 +24,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bpfree_core.batches import train_packets
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.data import load_dataset
 from bpfree_core.model import Stage, build_layers, build_objective
-from bpfree_core.trainer import train_packets
 from client.link import PullReader
 from client.transport import PULL_METHOD, PUSH_METHOD, Security
 from client.wire import WireBatch, decode_state, encode_batch, end_frame, pack_frame, unpack_frame

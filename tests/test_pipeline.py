@@ -15,11 +15,14 @@ from typing import Any
 import pytest
 import torch
 
+from bpfree_core.batches import train_packets
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.data import load_dataset
 from bpfree_core.errors import BpfreeError, ConfigError
+from bpfree_core.evaluation import evaluate
 from bpfree_core.model import build_layers, build_objective
-from bpfree_core.trainer import evaluate, limited, train_packets, train_reference
+from bpfree_core.splits import limited
+from bpfree_core.trainer import train_reference
 from client.pipeline import Pipeline
 from client.supervisor import launch_workers, stop_processes
 

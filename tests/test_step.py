@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bpfree_core.batches import train_packets
 from bpfree_core.config import load_config
 from bpfree_core.metrics import RunningMeans
 from bpfree_core.model import Stage, build_layers, build_objective
-from bpfree_core.trainer import train_packets
 
 ALGORITHMS = [("ff", []), ("symba", ["objective.negatives=hard"]), ("sffa", []), ("ffcl", []),
               ("uff", []), ("cwc", ["model.hidden=60,30"]), ("bp", []), ("ff", ["optim.optimizer=sgd"])]

@@ -17,11 +17,11 @@ import grpc
 import pytest
 import torch
 
+from bpfree_core.batches import train_packets
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.data import load_dataset
 from bpfree_core.errors import PeerUnavailableError, ProtocolError
 from bpfree_core.model import Stage, build_layers, build_objective
-from bpfree_core.trainer import train_packets
 from client.link import Link
 from client.pipeline import Pipeline
 from client.transport import PUSH_METHOD, Security

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import pkgutil
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -23,7 +24,7 @@ from bpfree_core.data import DatasetSpec
 from bpfree_core.errors import ConfigError
 from bpfree_core.objectives.base import Objective
 
-BUILTIN = ("ff", "symba", "sffa", "ffcl", "uff", "bp", "cwc", "mono", "deeper")   # their modules
+BUILTIN = ("ff", "symba", "sffa", "ffcl", "uff", "bp", "cwc", "mono", "deeper")   # the paper set
 ENTRY_POINTS = "bpfree.objectives"
 _REGISTRY: dict[str, type[Objective]] = {}
 
@@ -42,8 +43,8 @@ def register(name: str):  # noqa: ANN201 - decorator
 
 
 def _load_all() -> None:
-    for name in BUILTIN:
-        importlib.import_module(f"bpfree_core.objectives.{name}")
+    for module in pkgutil.iter_modules(__path__):   # every module here may register rules
+        importlib.import_module(f"{__name__}.{module.name}")
     for ep in entry_points(group=ENTRY_POINTS):
         if ep.name not in _REGISTRY:
             _REGISTRY[ep.name] = _checked(ep.load(), f"entry point {ep.name} = {ep.value}")
@@ -61,7 +62,7 @@ def resolve(name: str) -> type[Objective]:
     this process cannot load it."""
     if ":" in name:
         return _outside(name)
-    if name in BUILTIN:
+    if name in BUILTIN:   # fast path: only the rule's own module
         importlib.import_module(f"bpfree_core.objectives.{name}")
         return _REGISTRY[name]
     known = registered()

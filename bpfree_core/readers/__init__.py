@@ -7,13 +7,15 @@
 A reader returns a `UserData`; `check` refuses, in one sentence naming the file and the fix, what
 cannot be trained on (mismatched lengths, labels that are not integers in 0..C-1, NaN or infinite
 features, shapes that differ between train and test, an empty split). Adding a source is one
-module with `read(path: str) -> UserData` plus `@register("scheme")`, and its test.
+module in this package with `@register("scheme", files=...)` on its `read(path) -> UserData`
+(`files(path)` lists what the content fingerprint covers), and its test: modules are found here.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib
+import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +25,7 @@ import numpy as np
 from bpfree_core.errors import ConfigError, DataError
 
 READERS: dict[str, Callable[[str], UserData]] = {}
-MODULES = {"npz": "npz", "csv": "csv_table", "folder": "image_folder"}
+FILES: dict[str, Callable[[str], list[Path]]] = {}   # scheme -> the files a source is read from
 
 
 @dataclass(frozen=True)
@@ -40,11 +42,23 @@ class UserData:
     class_names: tuple[str, ...] = ()
 
 
-def register(scheme: str) -> Callable[[Callable[[str], UserData]], Callable[[str], UserData]]:
+def register(scheme: str, files: Callable[[str], list[Path]] | None = None
+             ) -> Callable[[Callable[[str], UserData]], Callable[[str], UserData]]:
+    """Register `read` for `model.dataset = scheme:PATH`; `files(PATH)` (default: the one file
+    PATH) lists what the content fingerprint covers."""
     def wrap(read: Callable[[str], UserData]) -> Callable[[str], UserData]:
         READERS[scheme] = read
+        FILES[scheme] = files or (lambda path: [Path(path)] if Path(path).is_file() else [])
         return read
     return wrap
+
+
+def schemes() -> list[str]:
+    """Every source this package's modules register (imported on first use)."""
+    if not READERS:
+        for module in pkgutil.iter_modules(__path__):
+            importlib.import_module(f"{__name__}.{module.name}")
+    return sorted(READERS)
 
 
 def is_user_dataset(name: str) -> bool:
@@ -54,13 +68,18 @@ def is_user_dataset(name: str) -> bool:
 def reader(name: str) -> tuple[Callable[[str], UserData], str]:
     """(read, path) for `model.dataset = SCHEME:PATH`."""
     scheme, _, path = name.partition(":")
-    if scheme not in MODULES:
+    if scheme not in schemes():
         raise ConfigError(f"model.dataset = {name!r}: unknown source {scheme!r}; use "
-                          f"{', '.join(f'{s}:PATH' for s in MODULES)} or a built-in dataset")
+                          f"{', '.join(f'{s}:PATH' for s in schemes())} or a built-in dataset")
     if not path:
         raise ConfigError(f"model.dataset = {name!r} names no path; give {scheme}:PATH")
-    importlib.import_module(f"bpfree_core.readers.{MODULES[scheme]}")
     return READERS[scheme], path
+
+
+def source_files(name: str) -> list[Path]:
+    """The files a user dataset is read from (what its fingerprint covers)."""
+    _, path = reader(name)
+    return FILES[name.partition(":")[0]](path)
 
 
 def fingerprint(paths: list[Path]) -> str:

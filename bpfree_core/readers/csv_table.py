@@ -54,7 +54,11 @@ def _is_number(cell: str) -> bool:
         return False
 
 
-@register("csv")
+def files(path: str) -> list[Path]:
+    return [p for p in (Path(path) / f for f in ("train.csv", "test.csv", "val.csv")) if p.is_file()]
+
+
+@register("csv", files=files)
 def read(path: str) -> UserData:
     folder = Path(path)
     if not folder.is_dir():

@@ -58,7 +58,14 @@ def _mode(first: Path) -> str:
         raise DataError(f"image {first} cannot be read ({exc}); replace or remove it") from None
 
 
-@register("folder")
+
+def files(path: str) -> list[Path]:
+    """Every image file of the dataset, in a fixed order (what the fingerprint covers)."""
+    root, _ = parse(path)
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
+
+
+@register("folder", files=files)
 def read(path: str) -> UserData:
     root, size = parse(path)
     train_dir, test_dir = root / "train", root / "test"
@@ -89,10 +96,6 @@ def read(path: str) -> UserData:
                     class_names=tuple(classes))
 
 
-def files(path: str) -> list[Path]:
-    """Every image file of the dataset, in a fixed order (what the fingerprint covers)."""
-    root, _ = parse(path)
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
 
 
 def images_for_prediction(folder: Path, shape: tuple[int, int, int]) -> np.ndarray:
