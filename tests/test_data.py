@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
-import http.server
 import os
 import pickle
 import shutil
 import tarfile
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -20,28 +15,9 @@ import torch
 
 from bpfree_core import data
 from bpfree_core.errors import DataError
+from tests.support import serve
 
 MNIST_FILES = list(data.SPECS["mnist"].md5)
-
-
-@contextmanager
-def serve(directory: Path) -> Iterator[str]:
-    """A real HTTP server on 127.0.0.1 (ephemeral port) serving `directory`."""
-    handler = functools.partial(_QuietHandler, directory=str(directory))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
-
-
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args: object) -> None:
-        pass
 
 
 def test_real_mnist_loads_with_expected_shapes(data_dir):
