@@ -25,6 +25,19 @@ import torch
 
 from bench.accuracy import machine_summary
 
+NOTES = """
+What it says (validation scores only choose; the test column is scored once, for the defaults):
+- The MNIST recipe's 4 epochs are a few dozen steps on small data: 77% on 8x8 digits. At least
+  1000 optimiser steps (84 epochs here) reach 88.7%; 250 epochs gave 89.7% in a separate run, at 3x
+  the time. The defaults stretch the epochs the user did not set to >= 1000 steps, capped at 100
+  epochs (`bpfree_core/cli_train.py: MIN_STEPS, MAX_EPOCHS`).
+- Jitter 1 on 8x8 images costs 3 points on validation (85.7% vs 88.7%), so the default jitter
+  applies only to images at least 16 pixels tall; flat features are never shifted (refused).
+- The tabular blobs are easy for every schedule (97.7%).
+- Wall seconds were measured while a full test suite ran on the same 2 cores: compare within a row
+  group only.
+"""
+
 CANDIDATES = [("4 epochs (the MNIST recipe as is), no jitter", ["--epochs", "4", "--set", "train.jitter=0"]),
               ("25 epochs (>= 300 steps), no jitter", ["--epochs", "25", "--set", "train.jitter=0"]),
               ("84 epochs (>= 1000 steps), no jitter", ["--epochs", "84", "--set", "train.jitter=0"]),
@@ -71,6 +84,8 @@ def main() -> int:
         sets = write_sets(args.data_dir, Path(tmp))
         for name, path in sets.items():
             for label, flags in CANDIDATES:
+                if name == "blobs" and "train.jitter=1" in flags:
+                    continue   # flat features: jitter is refused (it shifts images)
                 s = train(path, [*flags, "--set", "train.validation=300"])
                 rows.append((name, label, f"{s['val_accuracy']:.4f}", "", f"{s['wall_seconds']:.0f}"))
                 print(rows[-1], flush=True)
@@ -83,6 +98,7 @@ def main() -> int:
              + machine_summary(), "",
              "| data | candidate | validation accuracy | test accuracy | wall s |", "|---|---|---|---|---|"]
     lines += [f"| {' | '.join(r)} |" for r in rows]
+    lines += NOTES.splitlines()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "small_data.md").write_text("\n".join(lines) + "\n")
     return 0

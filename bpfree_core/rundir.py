@@ -36,25 +36,25 @@ OUTPUTS = ("tb", "logs", "accuracy.png", "accuracy_matrix.png", "task_accuracy.p
            "STOP")
 
 
+# errno -> what went wrong and the fix; {path}, {doing} and {fix} are filled in
+_OS_ERRORS = {
+    errno.ENOSPC: "no space left on the device while {doing} {path}; free some space there or {fix}",
+    errno.EDQUOT: "the disk quota is exhausted while {doing} {path}; free some space or {fix}",
+    errno.EROFS: "{path} is on a read-only filesystem, so {doing} it failed; {fix} on a writable disk",
+    errno.EACCES: "permission denied {doing} {path}; {fix} in a directory you can write",
+    errno.EPERM: "permission denied {doing} {path}; {fix} in a directory you can write",
+    errno.ENOTDIR: "{path} cannot be a directory: a part of it is a file, not a folder; {fix}",
+    errno.EEXIST: "{path} exists and is not a directory; {fix}",
+    errno.ENAMETOOLONG: "the path {path} is too long; {fix} with a shorter path",
+}
+
+
 def os_error_sentence(exc: OSError, path: Path | str, doing: str) -> str:
     """One sentence for a filesystem error while `doing` (a verb phrase) `path`: what, and the fix."""
-    fix = "choose another --out"
-    code = exc.errno
-    if code == errno.ENOSPC:
-        return f"no space left on the device while {doing} {path}; free some space there or {fix}"
-    if code == errno.EDQUOT:
-        return f"the disk quota is exhausted while {doing} {path}; free some space or {fix}"
-    if code == errno.EROFS:
-        return f"{path} is on a read-only filesystem, so {doing} it failed; {fix} on a writable disk"
-    if code in (errno.EACCES, errno.EPERM):
-        return f"permission denied {doing} {path}; {fix} in a directory you can write"
-    if code == errno.ENOTDIR:
-        return f"{path} cannot be a directory: a part of it is a file, not a folder; {fix}"
-    if code == errno.EEXIST:
-        return f"{path} exists and is not a directory; {fix}"
-    if code == errno.ENAMETOOLONG:
-        return f"the path {path} is too long; {fix} with a shorter path"
-    return f"{doing} {path} failed ({exc.strerror or exc}); check the path or {fix}"
+    template = _OS_ERRORS.get(exc.errno or 0,
+                              "{doing} {path} failed ({why}); check the path or {fix}")
+    return template.format(doing=doing, path=path, fix="choose another --out",
+                           why=exc.strerror or exc)
 
 
 class RunDir:

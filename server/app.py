@@ -93,12 +93,14 @@ class ServerSettings:
     resume: bool = False
     progress: bool = False
     lock: bool = True   # False: the launcher (bpfree simulate) holds the run directory's lock
+    overwrite: bool = False   # replace a run already in the run directory
 
 
 def run_server(grid: Grid, settings: ServerSettings) -> dict[str, Any]:
     """The coordinator's whole run; returns the summary (with final "weights")."""
     coordinator = Coordinator(settings.cfg, settings.run_dir, resume=settings.resume,
-                              progress=settings.progress, lock=settings.lock)
+                              progress=settings.progress, lock=settings.lock,
+                              overwrite=settings.overwrite)
     return coordinator.run(FlowerTransport(grid, settings.cfg))
 
 
@@ -152,6 +154,7 @@ def main(grid: Grid, context: Context) -> None:
              cfg.federation.clients, cfg.pipeline.stages, cfg.federation.rounds, run_dir.resolve())
     summary = run_server(grid, ServerSettings(
         cfg, run_dir, resume=bool(context.run_config.get("resume", False)),
-        lock=not bool(context.run_config.get("run-dir-locked", False))))
+        lock=not bool(context.run_config.get("run-dir-locked", False)),
+        overwrite=bool(context.run_config.get("overwrite", False))))
     log.info("bpfree coordinator done: test accuracy %.4f after %d rounds (%.1fs)",
              summary["test_accuracy"], summary["rounds"], summary["wall_seconds"])

@@ -558,7 +558,7 @@ def test_simulate_restarts_a_killed_stage_worker_and_the_round_ends_exactly(data
     from server.simulate import simulate
 
     cfg = load_config(None, [f"train.data_dir={data_dir}", *FED, "federation.rounds=2",
-                             "federation.local_epochs=3", "federation.executor=pipeline"])
+                             "federation.local_epochs=6", "federation.executor=pipeline"])
     run, sessions = tmp_path / "run", _ray_sessions()
     stage_log = run / "logs" / "client0" / "stage1.log"
     killed: list[int] = []
