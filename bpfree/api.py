@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,12 +14,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from bpfree_core.callbacks import Callback
 from bpfree_core.cli_train import SHORTCUTS
 from bpfree_core.config import ExperimentConfig, load_config
 from bpfree_core.data import bind_data, default_cache_dir
 from bpfree_core.errors import ConfigError
-
-Callback = Callable[[dict[str, Any]], object]
+from bpfree_core.rundir import read_records
 
 
 @dataclass
@@ -41,9 +40,9 @@ class Run:
     def scores(self, x: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Class scores (N, C): what bpfree predicts by (bpfree_core.predict.ScoreModel)."""
         from bpfree_core.predict import ScoreModel, scores
+        from bpfree_core.readers import as_features
 
-        x = torch.as_tensor(np.asarray(x))
-        x = (x.float() / 255.0 if x.dtype == torch.uint8 else x.float()).reshape(len(x), -1)
+        x = torch.from_numpy(as_features(np.asarray(x)).reshape(len(x), -1))
         return scores(ScoreModel(self.config, self.weights), x)
 
     def export(self, path: str | Path) -> Path:
@@ -129,20 +128,13 @@ def dataset_reference(data: Any) -> str:
     return f"npz:{path}"
 
 
-def _records(run_dir: Path | None, seen: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl" if run_dir else None
-    if path is not None and path.is_file():
-        return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-    return seen
-
-
 def _run(cfg: ExperimentConfig, out: str | Path | None, go: Callable[..., dict[str, Any]],
          callbacks: Sequence[Callback]) -> Run:
     seen: list[dict[str, Any]] = []
     run_dir = Path(out) if out is not None else None
     summary = go(run_dir, [seen.append, *callbacks])
     weights = summary.pop("weights")
-    return Run(cfg, summary, weights, _records(run_dir, seen), run_dir)
+    return Run(cfg, summary, weights, read_records(run_dir) if run_dir else seen, run_dir)
 
 
 def train(config: Any = None, *, data: Any = None, out: str | Path | None = None,

@@ -4,7 +4,6 @@ split (default: the run's own), by prediction method."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 from pathlib import Path
@@ -19,17 +18,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bpfree_core.data import bind_data, load_dataset
+    from bpfree_core.data import load_dataset
     from bpfree_core.errors import DataError
     from bpfree_core.predict import ScoreModel, load_run, scores
 
     cfg, weights = load_run(args.run_dir)
     model = ScoreModel(cfg, weights)
     name = args.dataset or cfg.model.dataset
-    probe = bind_data(dataclasses.replace(cfg, model=dataclasses.replace(
-        cfg.model, dataset=name, data_fingerprint="", input_shape=())))
-    data = load_dataset(probe.model.dataset, args.data_dir or cfg.train.data_dir or None,
-                        probe.model.data_fingerprint)
+    own = cfg.model.data_fingerprint if name == cfg.model.dataset else ""   # the run's data: same?
+    data = load_dataset(name, args.data_dir or cfg.train.data_dir or None, own)
     if math.prod(data.spec.shape) != math.prod(model.objective.spec.shape):
         raise DataError(f"{name} has samples of shape {data.spec.shape}; the run was trained on "
                         f"{model.objective.spec.shape}")

@@ -12,6 +12,7 @@ from bpfree_core.config import DATASETS, ExperimentConfig, load_config
 from bpfree_core.data import bind_data, run_spec
 from bpfree_core.errors import ConfigError
 from bpfree_core.objectives import BUILTIN
+from bpfree_core.readers import is_user_dataset
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -69,7 +70,7 @@ def config_from_args(args: argparse.Namespace, defaults: tuple[str, ...] = ()): 
     asked = {o.split("=", 1)[0] for o in overrides + list(args.set)}
     if cfg.train.jitter and "train.jitter" not in asked and run_spec(cfg).shape[1] < JITTER_MIN:
         cfg = cfg.with_overrides(["train.jitter=0"])   # a default jitter: large images only
-    if base and ":" in cfg.model.dataset:   # a recipe's defaults on your own (maybe small) data
+    if base and is_user_dataset(cfg.model.dataset):   # a recipe's defaults on your (small) data
         federated = any(d.startswith("federation.") for d in base)
         cfg = small_data_schedule(cfg, asked, federated)
     return cfg

@@ -88,12 +88,9 @@ class ModelConfig:
         if self.num_classes == 1 or self.num_classes < 0:
             raise ConfigError(f"model.num_classes = {self.num_classes}: give 0 (the dataset's) or >= 2")
         if ":" in self.dataset:   # your own data: bpfree_core.readers names the sources
-            from bpfree_core.readers import schemes
+            from bpfree_core.readers import reader
 
-            scheme, _, path = self.dataset.partition(":")
-            if scheme not in schemes() or not path:
-                raise ConfigError(f"model.dataset = {self.dataset!r}: give a built-in dataset "
-                                  f"({', '.join(DATASETS)}) or npz:PATH, csv:DIR, folder:PATH")
+            reader(self.dataset)   # a known source and a path, or one sentence
         else:
             _check_choice("model", "dataset", self.dataset, DATASETS)
         if not self.hidden and not self.conv:

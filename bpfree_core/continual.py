@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from bpfree_core.batches import train_packets
+from bpfree_core.callbacks import Callback
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.data import Dataset, Split, bind_data, load_dataset, run_spec
 from bpfree_core.diagnostics import eval_with_units
@@ -227,7 +228,7 @@ def _consolidators(layers: list[LocalLayer]) -> list[Any]:
 
 def run_continual(cfg: ExperimentConfig, executor: Executor, run_dir: Path | None = None,
                   progress: bool = True, overwrite: bool = False,
-                  callbacks: Sequence[Callable[[dict[str, Any]], object]] = ()) -> dict[str, Any]:
+                  callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     """Train the task stream through `executor`; RUN_DIR (bpfree_core.rundir: locked, an earlier
     run refused unless `overwrite`) gets config.json, metrics.jsonl (one record per task) and
     summary.json (the accuracy matrix and every CL measure). Callbacks see each task's record
@@ -238,7 +239,7 @@ def run_continual(cfg: ExperimentConfig, executor: Executor, run_dir: Path | Non
 
 
 def _stream(cfg: ExperimentConfig, executor: Executor, rd: RunDir | None, progress: bool,
-            callbacks: Sequence[Callable[[dict[str, Any]], object]] = ()) -> dict[str, Any]:
+            callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     data = load_dataset(cfg.model.dataset, cfg.train.data_dir or None, cfg.model.data_fingerprint)
     _check_classes(cfg, data.spec.num_classes)
     tasks = split_tasks(data, cfg)

@@ -225,10 +225,7 @@ def _read_idx(path: Path, magic: int) -> np.ndarray:
 
 def dataset_dir(name: str, data_dir: str | Path | None = None, download_ok: bool = True) -> Path:
     """Return a directory holding the verified .gz files of dataset `name`."""
-    if name not in SPECS:
-        raise ConfigError(f"unknown dataset {name!r}; choose one of {', '.join(SPECS)}, or your "
-                          "own: npz:PATH, csv:DIR, folder:PATH")
-    spec = SPECS[name]
+    spec = builtin_spec(name)
     local = data_dir or os.environ.get(DATA_DIR_ENV)
     if local:
         folder = _find_local(spec, Path(local))
@@ -239,6 +236,13 @@ def dataset_dir(name: str, data_dir: str | Path | None = None, download_ok: bool
     if not download_ok:
         raise DataError(f"no data dir given for {name} and downloads are off; pass --data-dir")
     return download(spec, default_cache_dir())
+
+
+def builtin_spec(name: str) -> DatasetSpec:
+    if name not in SPECS:
+        raise ConfigError(f"unknown dataset {name!r}; choose one of {', '.join(SPECS)}, or your "
+                          "own: npz:PATH, csv:DIR, folder:PATH")
+    return SPECS[name]
 
 
 _CACHE: dict[tuple[str, str], Dataset] = {}
@@ -302,10 +306,7 @@ def run_spec(cfg: Any) -> DatasetSpec:
     files): built-in specs by name; bound user data from its shape and classes."""
     m = cfg.model
     if not is_user_dataset(m.dataset):
-        if m.dataset not in SPECS:
-            raise ConfigError(f"unknown dataset {m.dataset!r}; choose one of {', '.join(SPECS)}, "
-                              "or your own: npz:PATH, csv:DIR, folder:PATH")
-        return SPECS[m.dataset]
+        return builtin_spec(m.dataset)
     if m.input_shape:
         return DatasetSpec(m.dataset, (), {}, m.data_classes, tuple(m.input_shape), "user")
     return load_dataset(m.dataset).spec

@@ -17,10 +17,12 @@ import torch
 
 from bpfree_core.checkpoint import load_checkpoint
 from bpfree_core.config import ExperimentConfig
+from bpfree_core.data import run_spec
 from bpfree_core.errors import DataError
 from bpfree_core.evaluation import EVAL_BATCH  # batch-statistics layers (cwc) see what evaluate saw
 from bpfree_core.layers import GOODNESS, LOGITS
 from bpfree_core.model import build_layers, build_objective
+from bpfree_core.readers import as_features
 
 
 def load_run(run_dir: Path) -> tuple[ExperimentConfig, dict[str, torch.Tensor]]:
@@ -96,13 +98,13 @@ def read_inputs(source: str, cfg: ExperimentConfig) -> torch.Tensor:
     `label` column is dropped; standardised with the run's training statistics when it trained
     on csv:DIR) or a folder of images (resized to the run's image size), sorted by file name."""
     p = Path(source)
+    shape = run_spec(cfg).shape
     if p.suffix == ".npz":
         with np.load(p, allow_pickle=False) as z:
             key = "x" if "x" in z.files else "x_test" if "x_test" in z.files else None
             if key is None:
                 raise DataError(f"{p} has neither an array x nor x_test to predict")
-            x = z[key]
-        x = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
+            x = as_features(z[key])
     elif p.suffix == ".csv":
         from bpfree_core.readers.csv_table import table_for_prediction
 
@@ -110,12 +112,12 @@ def read_inputs(source: str, cfg: ExperimentConfig) -> torch.Tensor:
     elif p.is_dir():
         from bpfree_core.readers.image_folder import images_for_prediction
 
-        x = images_for_prediction(p, build_objective(cfg).spec.shape)
+        x = images_for_prediction(p, shape)
     else:
         raise DataError(f"--input {p}: give an .npz, a .csv or a folder of images")
-    want = int(np.prod(build_objective(cfg).spec.shape))
+    want = int(np.prod(shape))
     x = x.reshape(len(x), -1)
     if x.shape[1] != want:
         raise DataError(f"--input {p} has {x.shape[1]} values per sample; the run was trained on "
-                        f"{want} ({'x'.join(map(str, build_objective(cfg).spec.shape))})")
+                        f"{want} ({'x'.join(map(str, shape))})")
     return torch.from_numpy(np.ascontiguousarray(x))

@@ -32,8 +32,9 @@ METRICS = "metrics.jsonl"
 # What a run leaves behind; any of these means the directory holds a run.
 RUN_FILES = ("config.json", METRICS, "summary.json", "checkpoint.pt", "checkpoints", "weights.pt")
 # Also removed by `overwrite` (outputs of the run that are not a sign of one by themselves).
+STOP = "STOP"   # a file a launcher leaves to end a federated run after the round in flight
 OUTPUTS = ("tb", "logs", "accuracy.png", "accuracy_matrix.png", "task_accuracy.png", "ray_stages.json",
-           "STOP")
+           STOP)
 
 
 # errno -> what went wrong and the fix; {path}, {doing} and {fix} are filled in
@@ -164,15 +165,7 @@ class RunDir:
         self.log_metrics(record, step)
 
     def records(self) -> list[dict[str, Any]]:
-        """metrics.jsonl records; a line cut short by a crash is skipped."""
-        path = self.path / METRICS
-        out = []
-        for line in path.read_text().splitlines() if path.exists() else []:
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                log.warning("skipping a truncated line in %s", path)
-        return out
+        return read_records(self.path)
 
     def rewind_metrics(self, key: str, last: int, record: dict[str, Any] | None) -> list[dict[str, Any]]:
         """On resume: keep the lines with `key` <= `last` (what the checkpoint holds), restore the
@@ -210,6 +203,18 @@ class RunDir:
         self.close()
 
 
+def read_records(run_dir: Path) -> list[dict[str, Any]]:
+    """RUN_DIR/metrics.jsonl's records; a line cut short by a crash is skipped."""
+    path = run_dir / METRICS
+    out = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            log.warning("skipping a truncated line in %s", path)
+    return out
+
+
 def check_resumable(saved: Any, cfg: Any, run_dir: Path) -> None:
     """Refuse to resume a run whose computed config changed (runtime fields may change)."""
     old, new = saved.computed_dict(), cfg.computed_dict()
@@ -223,7 +228,6 @@ def check_resumable(saved: Any, cfg: Any, run_dir: Path) -> None:
         raise ConfigError(
             f"cannot resume {run_dir}: the config differs from the checkpoint's in "
             f"{', '.join(diff)}; resume with the same config (or start a new --out)")
-
 
 
 def open_run_dir(path: Path | str | None, **kwargs: Any) -> AbstractContextManager[RunDir | None]:

@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from bpfree_core.batches import num_train_batches, train_packets
+from bpfree_core.callbacks import Callback, stop_asked
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.data import Split, bind_data
 from bpfree_core.diagnostics import format_table, layer_diagnostics
@@ -71,9 +72,6 @@ def run_epoch(executor: Executor, objective: Objective, split: Split, cfg: Exper
         packets = iter(progress_bar(packets, total=num_train_batches(split, cfg), leave=False,
                                     unit="batch", desc=f"epoch {epoch + 1}/{total_epochs}"))
     return executor.train_epoch(packets, epoch, total_epochs)
-
-
-Callback = Callable[[dict[str, Any]], object]   # called with each epoch's record; truthy: stop
 
 
 def train_epochs(cfg: ExperimentConfig, executor: Executor, run_dir: Path | None = None,
@@ -174,7 +172,7 @@ def _train_loop(cfg: ExperimentConfig, executor: Executor, objective: Objective,
         elif rd is not None:
             rd.log_metrics(record, step=epoch + 1)
         trained = epoch + 1
-        if any([bool(cb(record)) for cb in callbacks]):   # every callback sees every record
+        if stop_asked(callbacks, record):
             stopped = epoch + 1 < total
             if stopped:
                 _say(f"stopped by a callback after epoch {epoch + 1}/{total}", progress)

@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bpfree_core.callbacks import Callback
 from bpfree_core.cli_train import SHORTCUTS, add_config_arguments, progress_from_args, report
 from bpfree_core.config import SCENARIOS, STRATEGIES, ExperimentConfig, load_config
 from bpfree_core.continual import continual_config, run_continual
@@ -76,7 +77,7 @@ def resolve(args: argparse.Namespace) -> ExperimentConfig:
 
 def continual(cfg: ExperimentConfig, executor: str = "inprocess", run_dir: Path | None = None,
               progress: bool = True, overwrite: bool = False,
-              callbacks: Sequence[Callable[[dict[str, Any]], object]] = ()) -> dict[str, Any]:
+              callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     """Run the task stream through one process or a local pipeline of stage workers."""
     set_threads(cfg.train.threads)
     if cfg.continual.federated:

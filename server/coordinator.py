@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from bpfree_core.aggregate import ClientUpdate, Weights, fedavg, layer_stats, validate_update
+from bpfree_core.callbacks import Callback, stop_asked
 from bpfree_core.checkpoint import load_checkpoint
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.continual import TaskEvaluator, rounds_per_task
@@ -32,14 +33,13 @@ from bpfree_core.errors import AggregationError, DataError, ProtocolError
 from bpfree_core.evaluation import evaluate_weights, headline
 from bpfree_core.federated import stack_template
 from bpfree_core.model import build_objective
-from bpfree_core.rundir import RunDir, check_resumable
+from bpfree_core.rundir import STOP, RunDir, check_resumable
 from bpfree_core.runtime import progress_bar, set_threads
 from bpfree_core.splits import limited, run_splits
 
 log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
-STOP = "STOP"   # a file a launcher leaves in RUN_DIR to end the run after the current round
 
 
 @dataclass
@@ -71,7 +71,7 @@ class Coordinator:
                  progress: bool = False, evaluate: bool = True,
                  on_round: Callable[[int, Weights, list[ClientUpdate]], None] | None = None,
                  overwrite: bool = False, lock: bool = True,
-                 callbacks: Sequence[Callable[[dict[str, Any]], object]] = ()):
+                 callbacks: Sequence[Callback] = ()):
         """`evaluate = False` skips the per-round test evaluation (the in-process reference's
         callers only want weights); `on_round(round, new weights, accepted updates)` runs after
         each round's aggregation. RUN_DIR is a bpfree_core.rundir.RunDir (`overwrite`, `lock`:
@@ -152,7 +152,7 @@ class Coordinator:
             self.close()
 
     def _stop_asked(self, record: dict[str, Any]) -> bool:
-        asked = any([bool(cb(record)) for cb in self.callbacks])   # every callback sees it
+        asked = stop_asked(self.callbacks, record)
         if self.rd is not None and (self.rd.path / STOP).exists():
             (self.rd.path / STOP).unlink(missing_ok=True)
             asked = True
@@ -248,8 +248,7 @@ class Coordinator:
         if self.rd is None:
             return
         t0 = time.perf_counter()
-        name = checkpoint_path(self.rd.path, rnd + 1).relative_to(self.rd.path)
-        self.rd.save(str(name), {"round": rnd + 1, "config": self.cfg.to_dict(),
+        self.rd.save(checkpoint_name(rnd + 1), {"round": rnd + 1, "config": self.cfg.to_dict(),
                                  "weights": self.weights, "totals": self.totals, "record": record})
         record["seconds"]["checkpoint"] = time.perf_counter() - t0
         self.rd.log_metrics(record, step=rnd + 1)
@@ -285,8 +284,13 @@ class Coordinator:
         return {**summary, "weights": self.weights}
 
 
+def checkpoint_name(rnd: int) -> str:
+    """Round `rnd`'s checkpoint, relative to the run directory."""
+    return f"{CHECKPOINTS}/round-{rnd:04d}.pt"
+
+
 def checkpoint_path(run_dir: Path, rnd: int) -> Path:
-    return run_dir / CHECKPOINTS / f"round-{rnd:04d}.pt"
+    return run_dir / checkpoint_name(rnd)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

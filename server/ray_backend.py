@@ -29,13 +29,14 @@ import socket
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent import futures
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from bpfree_core.aggregate import Weights
+from bpfree_core.callbacks import Callback
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.errors import BpfreeError, ConfigError, PeerUnavailableError
 from bpfree_core.federated import client_split, local_round, train_split
@@ -406,7 +407,7 @@ def check_ray_config(cfg: ExperimentConfig) -> None:
 
 def simulate_ray(cfg: ExperimentConfig, run_dir: Path, resume: bool = False,
                  progress: bool = False, overwrite: bool = False,
-                 callbacks: Sequence[Callable[[dict[str, Any]], object]] = ()) -> dict[str, Any]:
+                 callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     """The federation with stage actors on Ray; returns the summary with "weights"."""
     check_ray_config(cfg)
     log.info("ray backend: %d client(s) x %d stage(s), {%s} per stage, placement %s; stages use "

@@ -19,14 +19,17 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from bpfree_core.callbacks import Callback, stop_asked
 from bpfree_core.cli_train import add_config_arguments, config_from_args, progress_from_args, report
 from bpfree_core.config import PLACEMENTS, ExperimentConfig
 from bpfree_core.errors import BpfreeError, ConfigError
+from bpfree_core.readers import is_user_dataset
+from bpfree_core.rundir import STOP
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
 
 def simulate(cfg: ExperimentConfig, run_dir: Path, resume: bool = False, progress: bool = False,
              client_mods: Sequence[str] = (), overwrite: bool = False,
-             callbacks: Sequence[Callable[[dict[str, Any]], object]] = ()) -> dict[str, Any]:
+             callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     """Run the federation on Flower's simulation runtime; return the summary with "weights".
 
     Flower's supported path (server.flower_run): a SuperLink of our own and `flwr run` of this
@@ -149,7 +152,7 @@ def simulate(cfg: ExperimentConfig, run_dir: Path, resume: bool = False, progres
 
 def _simulate_flower(cfg: ExperimentConfig, run_dir: Path, resume: bool, progress: bool,
                      client_mods: Sequence[str],
-                     callbacks: Sequence[Callable[[dict[str, Any]], object]] = ()) -> None:
+                     callbacks: Sequence[Callback] = ()) -> None:
     from client.supervisor import Watchdog
     from server.flower_run import FlowerRun
 
@@ -213,7 +216,7 @@ class RoundProgress:
     """Follows RUN_DIR/metrics.jsonl: a live bar on a terminal, one line per round."""
 
     def __init__(self, run_dir: Path, cfg: ExperimentConfig, resume: bool, enabled: bool,
-                 callbacks: Sequence[Callable[[dict[str, Any]], object]] = ()):
+                 callbacks: Sequence[Callback] = ()):
         from bpfree_core.runtime import progress_bar
 
         self.path, self.enabled, self.callbacks = run_dir / "metrics.jsonl", enabled, callbacks
@@ -247,8 +250,8 @@ class RoundProgress:
                 self.bar.write(text)
             else:
                 log.info("%s", text)
-            if any([bool(cb(record)) for cb in self.callbacks]):   # the coordinator stops after
-                (self.path.parent / "STOP").touch()             # the round it is in
+            if stop_asked(self.callbacks, record):   # the coordinator stops after the round
+                (self.path.parent / STOP).touch()     # it is in
 
     def close(self) -> None:
         self.bar.close()
@@ -260,7 +263,8 @@ def preflight(cfg: ExperimentConfig) -> None:
     from bpfree_core.data import dataset_dir
     from bpfree_core.model import build_objective
 
-    if ":" not in cfg.model.dataset and (cfg.train.data_dir or os.environ.get("BPFREE_DATA_DIR")):
+    if not is_user_dataset(cfg.model.dataset) and (cfg.train.data_dir
+                                                   or os.environ.get("BPFREE_DATA_DIR")):
         dataset_dir(cfg.model.dataset, cfg.train.data_dir or None)   # names the missing dir/file
     objective = build_objective(cfg)
     if cfg.federation.executor == "pipeline" and objective.pipelinable:   # enough layers?

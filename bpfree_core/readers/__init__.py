@@ -82,8 +82,20 @@ def source_files(name: str) -> list[Path]:
     return FILES[name.partition(":")[0]](path)
 
 
+_FINGERPRINTS: dict[tuple[tuple[str, int, int], ...], str] = {}
+
+
 def fingerprint(paths: list[Path]) -> str:
-    """SHA-256 (first 16 hex digits) of the files' names and bytes, in the order given."""
+    """SHA-256 (first 16 hex digits) of the files' names and bytes, in the order given; hashed
+    once per process while no file's size or modification time changes (every entry point
+    checks the run's data, and an image folder can be large)."""
+    key = tuple((str(p), (st := p.stat()).st_size, st.st_mtime_ns) for p in paths)
+    if key not in _FINGERPRINTS:
+        _FINGERPRINTS[key] = _hash(paths)
+    return _FINGERPRINTS[key]
+
+
+def _hash(paths: list[Path]) -> str:
     digest = hashlib.sha256()
     for p in paths:
         digest.update(p.name.encode() + b"\0")
@@ -131,7 +143,7 @@ def check(data: UserData, source: str) -> UserData:
         if y.min() < 0 or y.max() >= classes:
             raise DataError(f"{source}: {part} labels span {int(y.min())}..{int(y.max())}, outside "
                             f"0..{classes - 1} (the classes of the training labels)")
-    x = {p: _float32(v) for p, (v, _) in out.items()}
+    x = {p: as_features(v) for p, (v, _) in out.items()}
     y = {p: labels for p, (_, labels) in out.items()}
     return UserData(x["train"], y["train"], x["test"], y["test"], x.get("val"), y.get("val"),
                     classes, data.class_names)
@@ -148,7 +160,7 @@ def _integer_labels(y: np.ndarray, source: str, part: str) -> np.ndarray:
                     "map your classes to integers first")
 
 
-def _float32(x: np.ndarray) -> np.ndarray:
+def as_features(x: np.ndarray) -> np.ndarray:
     """uint8 images scaled to [0, 1] (like the built-in datasets); other numbers as given."""
     return (x.astype(np.float32) / 255.0) if x.dtype == np.uint8 else x.astype(np.float32)
 

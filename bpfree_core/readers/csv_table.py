@@ -69,13 +69,16 @@ def read(path: str) -> UserData:
     val = _table(folder / "val.csv", header)[1:] if (folder / "val.csv").is_file() else (None, None)
     if not np.isfinite(x_train).all():
         raise DataError(f"{folder / 'train.csv'} has NaN or infinite values; clean or drop them")
+    scale = standardiser(x_train)
+    return UserData(scale(x_train), y_train, scale(x_test), y_test,
+                    None if val[0] is None else scale(val[0]), val[1])
+
+
+def standardiser(x_train: np.ndarray):  # noqa: ANN201 - x -> float32 (x - mean) / std
+    """Standardisation with the training split's statistics (a constant column stays 0)."""
     mean, std = x_train.mean(0), x_train.std(0)
-    std[std == 0] = 1.0   # a constant column carries nothing: it stays 0
-
-    def scale(x: np.ndarray | None) -> np.ndarray | None:
-        return None if x is None else ((x - mean) / std).astype(np.float32)
-
-    return UserData(scale(x_train), y_train, scale(x_test), y_test, scale(val[0]), val[1])
+    std[std == 0] = 1.0
+    return lambda x: ((x - mean) / std).astype(np.float32)
 
 
 def table_for_prediction(path: Path, dataset: str) -> np.ndarray:
@@ -93,8 +96,5 @@ def table_for_prediction(path: Path, dataset: str) -> np.ndarray:
         raise DataError(f"{path}: every row must hold a number in every column") from None
     scheme, _, folder = dataset.partition(":")
     if scheme == "csv":
-        _, train, _ = _table(Path(folder) / "train.csv", None)
-        mean, std = train.mean(0), train.std(0)
-        std[std == 0] = 1.0
-        x = (x - mean) / std
+        return standardiser(_table(Path(folder) / "train.csv", None)[1])(x)
     return x.astype(np.float32)

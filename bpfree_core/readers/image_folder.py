@@ -59,10 +59,14 @@ def _mode(first: Path) -> str:
 
 
 
+def image_files(root: Path) -> list[Path]:
+    """Every image file below `root`, sorted by path."""
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
+
+
 def files(path: str) -> list[Path]:
     """Every image file of the dataset, in a fixed order (what the fingerprint covers)."""
-    root, _ = parse(path)
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
+    return image_files(parse(path)[0])
 
 
 @register("folder", files=files)
@@ -100,7 +104,7 @@ def read(path: str) -> UserData:
 
 def images_for_prediction(folder: Path, shape: tuple[int, int, int]) -> np.ndarray:
     """Every image under `folder`, sorted by path, as (N, C, H, W) in [0, 1] at the run's size."""
-    paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
+    paths = image_files(folder)
     if not paths:
         raise DataError(f"{folder} has no images ({', '.join(sorted(SUFFIXES))})")
     mode = "L" if shape[0] == 1 else "RGB"
