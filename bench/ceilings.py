@@ -1,7 +1,7 @@
 """Physical ceilings on this machine, measured between two processes: raw TCP, raw-bytes gRPC, matmul.
 
 Importable (a sweep tool reuses these); each function spawns its own receiver process (spawn,
-never fork) and returns bytes/s or FLOP/s. Run alone: `python -m bench.ceilings`.
+never fork) and returns bytes/s or FLOP/s. Run alone: `python -m bpfree.bench.ceilings`.
 """
 
 from __future__ import annotations
@@ -74,8 +74,8 @@ def _grpc_receiver(port_q: Any, stop_ev: Any, extra_options: list) -> None:
 
     import grpc
 
-    from client.memory import tune_malloc
-    from client.transport import server_options
+    from bpfree.client.memory import tune_malloc
+    from bpfree.client.transport import server_options
 
     tune_malloc()   # the same allocator settings as a stage worker: a fair ceiling
 
@@ -104,8 +104,8 @@ def grpc_raw_throughput(msg_bytes: int, total_bytes: int = 256 << 20, chunk_byte
     """
     import grpc
 
-    from client.memory import tune_malloc
-    from client.transport import channel_options
+    from bpfree.client.memory import tune_malloc
+    from bpfree.client.transport import channel_options
 
     tune_malloc()
     chunk = min(chunk_bytes, msg_bytes)

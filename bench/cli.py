@@ -2,12 +2,12 @@
 
     bpfree bench sweep --preset readme --data-dir ../shared/datasets --out bench/results
     bpfree bench sweep --stages 1,2 --batch-size 50,100 --wire float32,bfloat16 --grid
-    bpfree bench pipeline --data-dir ../shared/datasets      # = python -m bench.pipeline ...
-    bpfree bench federated --data-dir ../shared/datasets     # = python -m bench.federated ...
-    bpfree bench accuracy --data-dir ../shared/datasets      # = python -m bench.accuracy ...
-    bpfree bench gpu-grid --data-dir DIR --budget 500        # = python -m bench.gpu_grid ...
-    bpfree bench step --data-dir ../shared/datasets          # = python -m bench.step ...
-    bpfree bench links --quick --data-dir ../shared/datasets # = python -m bench.links ...
+    bpfree bench pipeline --data-dir ../shared/datasets      # = python -m bpfree.bench.pipeline ...
+    bpfree bench federated --data-dir ../shared/datasets     # = python -m bpfree.bench.federated ...
+    bpfree bench accuracy --data-dir ../shared/datasets      # = python -m bpfree.bench.accuracy ...
+    bpfree bench gpu-grid --data-dir DIR --budget 500        # = python -m bpfree.bench.gpu_grid ...
+    bpfree bench step --data-dir ../shared/datasets          # = python -m bpfree.bench.step ...
+    bpfree bench links --quick --data-dir ../shared/datasets # = python -m bpfree.bench.links ...
 
 `sweep` (bench/sweep.py) measures throughput, per-stage timelines and the machine's ceilings and
 prints the model's prediction beside every measurement; the other subcommands run the existing
@@ -29,12 +29,12 @@ from bpfree_core.errors import ConfigError
 
 # subcommand -> (module with main(argv), help)
 FORWARDED = {
-    "accuracy": ("bench.accuracy", "test accuracy of every algorithm (table + json)"),
-    "pipeline": ("bench.pipeline", "S stage processes vs the reference; stream vs raw transports"),
-    "federated": ("bench.federated", "K pipelined Flower clients vs the in-process references"),
-    "gpu-grid": ("bench.gpu_grid", "many accuracy runs at once on one GPU, sized to a time budget"),
-    "step": ("bench.step", "training-step throughput: optimiser kernels, host syncs (CPU)"),
-    "links": ("bench.links", "a pipeline across separate hosts (namespaces) on shaped links"),
+    "accuracy": ("bpfree.bench.accuracy", "test accuracy of every algorithm (table + json)"),
+    "pipeline": ("bpfree.bench.pipeline", "S stage processes vs the reference; stream vs raw transports"),
+    "federated": ("bpfree.bench.federated", "K pipelined Flower clients vs the in-process references"),
+    "gpu-grid": ("bpfree.bench.gpu_grid", "many accuracy runs at once on one GPU, sized to a time budget"),
+    "step": ("bpfree.bench.step", "training-step throughput: optimiser kernels, host syncs (CPU)"),
+    "links": ("bpfree.bench.links", "a pipeline across separate hosts (namespaces) on shaped links"),
 }
 
 
@@ -89,7 +89,7 @@ _FIELDS = {"stages": int, "clients": int, "batch_size": int, "width": int, "wire
 
 
 def plan_from_args(args: argparse.Namespace):  # noqa: ANN201 - bench.sweep.Plan
-    from bench.sweep import PRESETS
+    from bpfree.bench.sweep import PRESETS
 
     if args.preset not in PRESETS:
         raise ConfigError(f"--preset {args.preset!r} is unknown; choose one of {', '.join(PRESETS)}")
@@ -120,12 +120,12 @@ def plan_from_args(args: argparse.Namespace):  # noqa: ANN201 - bench.sweep.Plan
 
 
 def run_sweep_cli(args: argparse.Namespace) -> int:
-    from bench.sweep import run_sweep
-    from bench.sweep_report import summary_rows, text_table
+    from bpfree.bench.sweep import run_sweep
+    from bpfree.bench.sweep_report import summary_rows, text_table
     from bpfree_core.config import load_config
 
     if args.render_only:
-        from bench.sweep import rerender
+        from bpfree.bench.sweep import rerender
 
         res = rerender(args.out)
         print(text_table(*summary_rows(res)))

@@ -1,7 +1,7 @@
 """Continual-learning benchmark: the SFFA paper's SplitMNIST protocol for every objective and BP.
 
-    python -m bench.continual --data-dir ../shared/datasets --out bench/results
-    python -m bench.continual --only sffa-replay,bp-replay --seeds 0,1,2 ...
+    python -m bpfree.bench.continual --data-dir ../shared/datasets --out bench/results
+    python -m bpfree.bench.continual --only sffa-replay,bp-replay --seeds 0,1,2 ...
 
 writes bench/results/continual.md (the table, with the command of every row) and continual.json
 after every finished run, so a stopped benchmark keeps what it finished (`--reuse` skips rows
@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from bench.accuracy import machine_summary
+from bpfree.bench.accuracy import machine_summary
 from bpfree_core.checkpoint import atomic_write_json
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.continual import continual_config
@@ -75,7 +75,7 @@ ROWS = ([Row(a, "class", "replay") for a in ALGOS] + [Row("sffa", "class", "repl
 
 
 def run_row(row: Row, seed: int, data_dir: str, sets: list[str], run_root: Path) -> dict[str, Any]:
-    from server.continual import continual
+    from bpfree.server.continual import continual
 
     cfg = continual_config(ExperimentConfig().with_overrides(
         [*row.overrides(seed), f"train.data_dir={data_dir}", *sets]))
@@ -84,8 +84,8 @@ def run_row(row: Row, seed: int, data_dir: str, sets: list[str], run_root: Path)
     if row.clients:
         # The in-process federated reference: by the golden rule (tests/test_continual.py) it ends
         # with the weights of the same federation on Flower with pipelined clients.
-        from server.coordinator import Coordinator
-        from server.reference import InProcessTransport
+        from bpfree.server.coordinator import Coordinator
+        from bpfree.server.reference import InProcessTransport
 
         t0 = time.time()
         fed = Coordinator(cfg, run_dir, evaluate=False, overwrite=True).run(InProcessTransport(cfg))
@@ -126,7 +126,7 @@ def markdown(res: dict[str, Any]) -> str:
         "client replaying its own 500-sample memory; numbers from the in-process federated "
         "reference, which the tests show equal to Flower with pipelined clients.",
         "",
-        "One row again: `python -m bench.continual --only ROW --seeds 0,1,2 --data-dir DIR` (its "
+        "One row again: `python -m bpfree.bench.continual --only ROW --seeds 0,1,2 --data-dir DIR` (its "
         "overrides are in continual.json).",
         "",
         "| row | algorithm | scenario | strategy | seeds | accuracy | softmax | forgetting | BWT | "
@@ -160,7 +160,7 @@ def markdown(res: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.continual", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m bpfree.bench.continual", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=os.environ.get("BPFREE_DATA_DIR", ""))
     p.add_argument("--out", type=Path, default=RESULTS)
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     path = args.out / "continual.json"
     res = json.loads(path.read_text()) if args.reuse and path.exists() else {"runs": []}
-    command = "python -m bench.continual " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    command = "python -m bpfree.bench.continual " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     res.update(machine=machine_summary(), protocol=list(PAPER))
     done = {(r["row"], r["seed"]) for r in res["runs"]}
     for row in rows:

@@ -1,6 +1,6 @@
 """A deep DeeperForward conv net over S = 1, 2, 4 stage workers: throughput and stage balance.
 
-    python -m bench.deep_conv --data-dir ../shared/datasets --out bench/results
+    python -m bpfree.bench.deep_conv --data-dir ../shared/datasets --out bench/results
 
 1. Each layer's cost, measured in this process on one thread: seconds per training batch
    (forward, local loss, backward into its own weights, optimiser step), after a warm-up
@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from bench.accuracy import machine_summary
+from bpfree.bench.accuracy import machine_summary
 from bpfree_core.balance import measure_layer_costs, split_stages, stage_ranges
 from bpfree_core.checkpoint import atomic_write_json
 from bpfree_core.config import ExperimentConfig, load_config
@@ -40,7 +40,7 @@ NET = ("model.algorithm=deeper", "model.conv=20,20,40,40,80,80,160,160", "model.
 
 
 def pipeline_row(cfg: ExperimentConfig, stages: int, images: int) -> dict[str, Any]:
-    from client.executor import PipelineExecutor  # gRPC only here
+    from bpfree.client.executor import PipelineExecutor  # gRPC only here
 
     cfg = cfg.with_overrides([f"pipeline.stages={stages}"])
     objective = build_objective(cfg)
@@ -118,7 +118,7 @@ def _split_text(ranges: list[list[int]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.deep_conv", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m bpfree.bench.deep_conv", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=os.environ.get("BPFREE_DATA_DIR", ""))
     p.add_argument("--out", type=Path, default=RESULTS)
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     costs = measure_layer_costs(cfg, batches=12, warmup=3)   # the pipelines below reuse these
     res: dict[str, Any] = {
         "net": [*NET, *args.set], "layer_costs": costs,
-        "command": "python -m bench.deep_conv " + " ".join(
+        "command": "python -m bpfree.bench.deep_conv " + " ".join(
             shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
         "machine": machine_summary(),
         "paper": [on_paper(cfg, costs, s) for s in stages], "measured": []}

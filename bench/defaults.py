@@ -1,6 +1,6 @@
 """How the defaults of `bpfree simulate` and `bpfree train` were chosen, and what they give.
 
-    python -m bench.defaults --data-dir ../shared/datasets --out bench/results
+    python -m bpfree.bench.defaults --data-dir ../shared/datasets --out bench/results
 
 1. Candidates, each run exactly as a user would (`bpfree simulate ...` / `bpfree train ...`, a
    fresh process, wall time from launch to exit) with `train.validation=10000`: the last 10,000
@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.accuracy import machine_summary
+from bpfree.bench.accuracy import machine_summary
 from bpfree_core.checkpoint import atomic_write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -58,7 +58,7 @@ def run_job(job: str, flags: tuple[str, ...], data_dir: str, validation: bool) -
         if flags == ("OLD",):
             (Path(tmp) / "old.toml").write_text(OLD[job])
             flags = ("--config", str(Path(tmp) / "old.toml"))
-        argv = [sys.executable, "-m", "bpfree_cli", job, *flags, "--data-dir", data_dir,
+        argv = [sys.executable, "-m", "bpfree", job, *flags, "--data-dir", data_dir,
                 "--out", str(out), "--quiet"]
         if job == "simulate":
             argv.append("--no-plot")
@@ -98,7 +98,7 @@ def markdown(res: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.defaults", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m bpfree.bench.defaults", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=os.environ.get("BPFREE_DATA_DIR", ""))
     p.add_argument("--out", type=Path, default=RESULTS)
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     path = args.out / "defaults.json"
     res: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
-    res.update(command="python -m bench.defaults " + " ".join(
+    res.update(command="python -m bpfree.bench.defaults " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
         machine=machine_summary())
     args.out.mkdir(parents=True, exist_ok=True)

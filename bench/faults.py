@@ -1,7 +1,7 @@
 """Fault, bad-input and security report: what was done to a real run, and what happened.
 
-    python -m bench.faults                      # -> bench/results/faults.md (+ faults.json)
-    python -m bench.faults --fuzz-scale 2       # twice the fuzz cases
+    python -m bpfree.bench.faults                      # -> bench/results/faults.md (+ faults.json)
+    python -m bpfree.bench.faults --fuzz-scale 2       # twice the fuzz cases
 
 Stage faults run here, for real: a client's round on 2 `bpfree worker` processes whose stage is
 SIGKILLed (or SIGSTOPped: hung) while the epoch streams; the round is recovered and compared with
@@ -104,6 +104,7 @@ def _accuracy(cfg: ExperimentConfig, weights: dict[str, torch.Tensor]) -> float:
 
 
 def stage_faults(data_dir: Path) -> list[dict[str, Any]]:
+    from bpfree.client.executor import PipelineExecutor
     from bpfree_core.federated import (
         InProcessExecutor,
         client_split,
@@ -112,7 +113,6 @@ def stage_faults(data_dir: Path) -> list[dict[str, Any]]:
         train_split,
     )
     from bpfree_core.restarts import RoundFailedError
-    from client.executor import PipelineExecutor
 
     torch.set_num_threads(1)   # the reference runs on one thread, as each stage does
     cfg = load_config(None, [f"train.data_dir={data_dir}", *CASES])
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="multiplies the fuzz tests' case counts (1 = the test suite's)")
     parser.add_argument("--skip-tests", action="store_true", help="stage faults only")
     args = parser.parse_args(argv)
-    command = "python -m bench.faults " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m bpfree.bench.faults " + " ".join(argv if argv is not None else sys.argv[1:])
     stage_rows = stage_faults(args.data_dir)
     test_rows, fuzz = ([], {}) if args.skip_tests else run_tests(args.fuzz_scale)
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """Federated benchmark: K pipelined clients in Flower simulation vs the single-process references.
 
-    nice python -m bench.federated --data-dir ../shared/datasets    # -> bench/results/federated.{md,json}
+    nice python -m bpfree.bench.federated --data-dir ../shared/datasets   # -> bench/results/federated.*
 
 Four runs of the same model, data and epoch budget (rounds x local epochs):
 1. federated, pipelined: `bpfree simulate` (Flower simulation engine, K clients x S `bpfree worker`
@@ -34,13 +34,13 @@ from typing import Any
 
 import torch
 
+from bpfree.server.simulate import client_actors
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.data import load_dataset
 from bpfree_core.evaluation import evaluate_weights, headline
 from bpfree_core.model import build_objective
 from bpfree_core.splits import limited
 from bpfree_core.trainer import train_reference
-from server.simulate import client_actors
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -55,7 +55,7 @@ def bench_config(args: argparse.Namespace) -> ExperimentConfig:
 
 
 def run_federated_pipelined(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
-    from server.simulate import simulate
+    from bpfree.server.simulate import simulate
 
     t0 = time.perf_counter()
     summary = simulate(cfg, run_dir)
@@ -64,7 +64,7 @@ def run_federated_pipelined(cfg: ExperimentConfig, run_dir: Path) -> dict[str, A
 
 
 def run_federated_reference(cfg: ExperimentConfig) -> dict[str, Any]:
-    from server.reference import federated_reference
+    from bpfree.server.reference import federated_reference
 
     t0 = time.perf_counter()
     weights = federated_reference(cfg)
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     load_before = _uptime()
     shown = sys.argv[1:] if argv is None else argv
-    res: dict[str, Any] = {"command": "nice python -m bench.federated " + " ".join(shown),
+    res: dict[str, Any] = {"command": "nice python -m bpfree.bench.federated " + " ".join(shown),
                            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
                                       f"torch {torch.__version__}",
                            "load_before": load_before,

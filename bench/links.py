@@ -32,9 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.model import PipelineModel
-from bench.sweep_analysis import driver_seconds, predict
-from bench.testbed import Testbed, payload_fraction, shape_device, unavailable
+from bpfree.bench.model import PipelineModel
+from bpfree.bench.sweep_analysis import driver_seconds, predict
+from bpfree.bench.testbed import Testbed, payload_fraction, shape_device, unavailable
 from bpfree_core.errors import BpfreeError, ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,7 +88,7 @@ def start_workers(tb: Testbed, hosts: list[str], work: Path, *, certs: Path | No
                   timeout: float = 60.0) -> tuple[list[subprocess.Popen], list[str]]:
     """One `bpfree worker` per host, listening on the host's address; returns the processes and
     their addresses in host order. They stop with the testbed (or by PID)."""
-    from client.supervisor import stop_processes, wait_port, worker_command, worker_env
+    from bpfree.client.supervisor import stop_processes, wait_port, worker_command, worker_env
 
     env = worker_env(threads)
     if token:
@@ -125,14 +125,14 @@ def qdisc_bytes(ns: str, dev: str) -> int:
 
 def drive(spec: dict[str, Any], rows_path: Path) -> None:
     """Measure every point of `spec`; append one JSON row per point to `rows_path`."""
-    from bench.sweep import cpu_seconds
+    from bpfree.bench.sweep import cpu_seconds
+    from bpfree.client.pipeline import Pipeline
     from bpfree_core.batches import train_packets
     from bpfree_core.config import ExperimentConfig
     from bpfree_core.data import load_dataset
     from bpfree_core.model import build_objective
     from bpfree_core.runtime import set_threads
     from bpfree_core.splits import limited
-    from client.pipeline import Pipeline
 
     set_threads(1)
     plan = LinkPlan(**{**spec["plan"], "rates": tuple(spec["plan"]["rates"]),
@@ -230,7 +230,7 @@ def steady_rate(timeline: list[list[float]], bytes_per_batch: float) -> float | 
 
 def run_links(plan: LinkPlan, data_dir: str, out: Path, *, sets: list[str], progress: bool = True,
               command: str = "") -> dict[str, Any]:
-    from bench.links_report import write_outputs
+    from bpfree.bench.links_report import write_outputs
     from bpfree_core.data import load_dataset
     from bpfree_core.runtime import progress_bar
 
@@ -252,10 +252,10 @@ def run_links(plan: LinkPlan, data_dir: str, out: Path, *, sets: list[str], prog
         (work / "spec.json").write_text(json.dumps(spec))
         rows_path = work / "rows.jsonl"
         rows_path.touch()
-        from client.supervisor import worker_env
+        from bpfree.client.supervisor import worker_env
 
         with open(work / "driver.log", "wb") as log:
-            driver = tb.popen("driver", [sys.executable, "-m", "bench.links", "--drive",
+            driver = tb.popen("driver", [sys.executable, "-m", "bpfree.bench.links", "--drive",
                                          str(work / "spec.json"), "--rows", str(rows_path)],
                               stdout=log, stderr=subprocess.STDOUT, env=worker_env(1), cwd=REPO)
         bar = progress_bar(total=total, enabled=progress, desc="links", unit="point")
@@ -293,11 +293,11 @@ def wire_accuracy(data_dir: str, wires: list[str], epochs: int, seeds: list[int]
                   sets: list[str], progress: bool = True, command: str = "") -> dict[str, Any]:
     """Test accuracy of the bench net trained through a 2-stage pipeline with each wire dtype,
     on all of MNIST, same seeds and epochs."""
-    from bench.links_report import write_accuracy
+    from bpfree.bench.links_report import write_accuracy
+    from bpfree.client.executor import PipelineExecutor
+    from bpfree.client.pipeline import Pipeline
     from bpfree_core.config import ExperimentConfig
     from bpfree_core.trainer import train_epochs
-    from client.executor import PipelineExecutor
-    from client.pipeline import Pipeline
 
     rows = []
     for seed in seeds:
@@ -368,7 +368,7 @@ def run(args: argparse.Namespace) -> int:
         ("batches", batches), ("stages", args.stages)) if v})
     res = run_links(plan, args.data_dir, args.out, sets=args.set, progress=not args.no_progress,
                     command=command)
-    from bench.links_report import text_table
+    from bpfree.bench.links_report import text_table
 
     print(text_table(res))
     print(f"wrote {', '.join(Path(f).name for f in res['files'])} to {args.out}")
@@ -376,7 +376,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.links", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m bpfree.bench.links", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--drive", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--rows", type=Path, help=argparse.SUPPRESS)

@@ -1,7 +1,7 @@
 """Pipeline benchmark: samples/s of S stage processes against the sequential reference, per-stage
 busy/idle time, and the activation stream's bytes/s next to raw TCP and raw-bytes gRPC.
 
-    python -m bench.pipeline --data-dir ../shared/datasets   # -> bench/results/pipeline.{md,json}
+    python -m bpfree.bench.pipeline --data-dir ../shared/datasets   # -> bench/results/pipeline.{md,json}
 
 Every measurement is an importable function (a sweep tool reuses them):
 `reference_throughput`, `pipeline_throughput`, `stream_throughput`, plus bench/ceilings.py.
@@ -23,20 +23,20 @@ from typing import Any
 import grpc
 import torch
 
-from bench.ceilings import grpc_raw_throughput, matmul_flops, tcp_throughput
+from bpfree.bench.ceilings import grpc_raw_throughput, matmul_flops, tcp_throughput
+from bpfree.client.link import Link
+from bpfree.client.memory import tune_malloc
+from bpfree.client.pipeline import Pipeline
+from bpfree.client.supervisor import launch_workers, stop_processes
+from bpfree.client.transport import Security, wait_for_peer
+from bpfree.client.wire import WireBatch
+from bpfree.protos import stage_pb2 as pb
+from bpfree.protos import stage_pb2_grpc as pb_grpc
 from bpfree_core.batches import train_packets
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.data import load_dataset
 from bpfree_core.model import Stage, build_layers, build_objective
 from bpfree_core.splits import limited
-from client.link import Link
-from client.memory import tune_malloc
-from client.pipeline import Pipeline
-from client.supervisor import launch_workers, stop_processes
-from client.transport import Security, wait_for_peer
-from client.wire import WireBatch
-from protos import stage_pb2 as pb
-from protos import stage_pb2_grpc as pb_grpc
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -223,7 +223,7 @@ def write_report(res: dict[str, Any], path: Path) -> None:
     m = res["machine"]
     lines = [
         "# Pipeline benchmark", "",
-        f"`python -m bench.pipeline` on {m['cpus']} CPU cores ({m['platform']}), torch {m['torch']}, "
+        f"`python -m bpfree.bench.pipeline` on {m['cpus']} CPU cores ({m['platform']}), torch {m['torch']}, "
         f"grpcio {m['grpc']}; load average before {m['load_before']}, after {m['load_after']} "
         "(other work shared these cores). One float32 matmul thread: "
         f"{res['matmul_gflops_1thread']:.0f} GFLOP/s.", "",
@@ -282,7 +282,7 @@ def _f32_rate(row: dict[str, Any]) -> float:
 
 def _verdict_and_projection(res: dict[str, Any]) -> list[str]:
     """Targets met or not, and what the measured numbers imply for 4-8 stages and for GPUs."""
-    from bench.model import PipelineModel
+    from bpfree.bench.model import PipelineModel
 
     s2 = next(r for r in res["pipeline"] if r["S"] == 2 and r["wire_dtype"] == "float32")
     ratios = [r["stream_float32"]["float32_bytes_per_second"] / r["tcp"] for r in res["transport"]]

@@ -15,7 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - after choosing the backend
 
-from bench.timeline import BLOCKED, BUSY, SEND, segments, span  # noqa: E402
+from bpfree.bench.timeline import BLOCKED, BUSY, SEND, segments, span  # noqa: E402
 
 MIB = 2**20
 _COLORS = {BUSY: "tab:blue", BLOCKED: "tab:orange", SEND: "tab:green"}

@@ -1,6 +1,6 @@
 """How `bpfree train`'s defaults behave on small data of your own, and how their stretch was chosen.
 
-    python -m bench.small_data --data-dir ../shared/datasets --out bench/results
+    python -m bpfree.bench.small_data --data-dir ../shared/datasets --out bench/results
 
 Two small sets, written as npz files the way a user would bring them:
 - digits8: the first 1500 MNIST training images (test: 500 test images) average-pooled to 8x8
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.accuracy import machine_summary
+from bpfree.bench.accuracy import machine_summary
 
 NOTES = """
 What it says (validation scores only choose; the test column is scored once, for the defaults):
@@ -68,7 +68,7 @@ def write_sets(data_dir: str, folder: Path) -> dict[str, Path]:
 
 
 def train(dataset: Path, flags: list[str]) -> dict:
-    done = subprocess.run([sys.executable, "-m", "bpfree_cli", "train", "--dataset", f"npz:{dataset}",
+    done = subprocess.run([sys.executable, "-m", "bpfree", "train", "--dataset", f"npz:{dataset}",
                            "--quiet", "--no-progress", "--json", *flags],
                           capture_output=True, text=True, check=True)
     return json.loads(done.stdout)
@@ -94,7 +94,7 @@ def main() -> int:
                          f"{s['wall_seconds']:.0f}"))
             print(rows[-1], flush=True)
     lines = ["# Small data: the defaults of `bpfree train` on your own npz files", "",
-             "`python -m bench.small_data --data-dir ../shared/datasets --out bench/results`; "
+             "`python -m bpfree.bench.small_data --data-dir ../shared/datasets --out bench/results`; "
              + machine_summary(), "",
              "| data | candidate | validation accuracy | test accuracy | wall s |", "|---|---|---|---|---|"]
     lines += [f"| {' | '.join(r)} |" for r in rows]

@@ -3,7 +3,7 @@
 One process, one net, real MNIST batches; the variants take turns (ABCABC...) so machine noise
 hits all of them alike, and the table reports each one's samples/s and its ratio to "before".
 
-    python -m bench.step --data-dir ../shared/datasets --out bench/results
+    python -m bpfree.bench.step --data-dir ../shared/datasets --out bench/results
 
 Variants (same maths, same batches):
 - before:  Adam's per-tensor loop, and every step's statistics read back as Python floats (what
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args.data_dir, args.algorithm, args.hidden, args.batches, args.repeats)
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out / "step.json", result)
-    command = (f"python -m bench.step --data-dir DIR --algorithm {args.algorithm} --hidden "
+    command = (f"python -m bpfree.bench.step --data-dir DIR --algorithm {args.algorithm} --hidden "
                f"{args.hidden} --batches {args.batches} --repeats {args.repeats}")
     (args.out / "step.md").write_text(render(result, command))
     print(render(result, command))

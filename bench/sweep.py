@@ -37,14 +37,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.sweep_analysis import (
+from bpfree.bench.sweep_analysis import (
     analyse_federated,
     analyse_pipeline,
     extrapolate,
     load_average,
     replay_columns,
 )
-from bench.sweep_report import MIB, write_outputs
+from bpfree.bench.sweep_report import MIB, write_outputs
 from bpfree_core.config import WIRE_DTYPES, ExperimentConfig
 from bpfree_core.errors import ConfigError
 
@@ -118,8 +118,8 @@ def measure_ceilings(total_mib: int) -> dict[str, float]:
     """This machine's ceilings now: matmul per core (and per GPU), raw TCP, raw gRPC, our stream."""
     import torch
 
-    from bench.ceilings import grpc_raw_throughput, matmul_flops, tcp_throughput
-    from bench.pipeline import stream_throughput
+    from bpfree.bench.ceilings import grpc_raw_throughput, matmul_flops, tcp_throughput
+    from bpfree.bench.pipeline import stream_throughput
 
     total = total_mib * MIB
     # best of three short runs: the least disturbed one is closest to what a free core does
@@ -186,23 +186,23 @@ class WorkerPool:
     """Stage workers launched once and re-configured for every K = 1 point (no start-up per point)."""
 
     def __init__(self, n: int, tmp: Path):
-        from client.supervisor import launch_workers
+        from bpfree.client.supervisor import launch_workers
 
         self.procs, self.addresses = launch_workers(n, tmp, threads=1) if n else ([], [])
 
     def close(self) -> None:
-        from client.supervisor import stop_processes
+        from bpfree.client.supervisor import stop_processes
 
         stop_processes(self.procs)
 
 
 def run_pipeline_point(cfg: ExperimentConfig, pool: WorkerPool, epochs: int) -> dict[str, Any]:
     """One warm-up epoch, then `epochs` measured ones; the fastest is kept (least disturbed)."""
+    from bpfree.client.pipeline import Pipeline
     from bpfree_core.batches import train_packets
     from bpfree_core.data import load_dataset
     from bpfree_core.model import build_objective
     from bpfree_core.splits import limited
-    from client.pipeline import Pipeline
 
     objective = build_objective(cfg)
     split = limited(load_dataset(cfg.model.dataset, cfg.train.data_dir or None).train,
@@ -234,8 +234,8 @@ def cpu_seconds(pid: int) -> float:
 
 def run_federated_point(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
     """A real `bpfree simulate` run (Flower simulation, K clients x S stage workers)."""
-    from bench.federated import overhead_rows
-    from server.simulate import simulate
+    from bpfree.bench.federated import overhead_rows
+    from bpfree.server.simulate import simulate
 
     summary = simulate(cfg, run_dir)
     parallel = min(cfg.federation.clients, os.cpu_count() or 2)
@@ -285,7 +285,7 @@ def run_sweep(plan: Plan, base: ExperimentConfig, out: Path, run_dir: Path | Non
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
     writer = MetricsWriter(run_dir)
-    logging.getLogger("client.pipeline").setLevel(logging.WARNING)   # one line per point is enough
+    logging.getLogger("bpfree.client.pipeline").setLevel(logging.WARNING)   # one line per point is enough
     timelines: dict[str, Any] = {}
     k1 = [p for p in points if p.clients == 1]
     pool_size = max((p.stages for p in k1), default=0)

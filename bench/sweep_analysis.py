@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from bpfree_core.config import ExperimentConfig
 
 if TYPE_CHECKING:
-    from bench.sweep import Point
+    from bpfree.bench.sweep import Point
 
 
 def predict(model: Any, batches: int, batch_size: int, cpu_per_batch: list[float],
@@ -39,8 +39,8 @@ def driver_seconds(epoch: dict[str, Any]) -> float:
 
 def analyse_pipeline(p: Point, cfg: ExperimentConfig, epoch: dict[str, Any], flops: list[float],
                      ceilings: dict[str, float]) -> dict[str, Any]:
-    from bench.model import PipelineModel
-    from bench.timeline import bubble_fraction, segments
+    from bpfree.bench.model import PipelineModel
+    from bpfree.bench.timeline import bubble_fraction, segments
 
     st = epoch["stages"]
     n, wall = epoch["batches"], epoch["seconds"]
@@ -88,7 +88,7 @@ def analyse_pipeline(p: Point, cfg: ExperimentConfig, epoch: dict[str, Any], flo
 def replay_columns(epoch: dict[str, Any], transfer: list[float], window: int, samples: int,
                    measured: float) -> dict[str, float]:
     """The trace-driven prediction (bench/timeline.replay: per-batch step times, same rules)."""
-    from bench.timeline import replay
+    from bpfree.bench.timeline import replay
 
     seconds = replay(epoch, transfer, window)
     rate = samples / seconds if seconds > 0 else float("nan")
@@ -146,7 +146,7 @@ def extrapolate(base: dict[str, Any], ceilings: dict[str, float]) -> list[dict[s
     that rate scaled to an H100 by the same fraction of peak matmul as measured here (GPU); bytes
     per batch as measured on the baseline's first stage-to-stage link (halved for 16-bit wires).
     """
-    from bench.model import PipelineModel
+    from bpfree.bench.model import PipelineModel
 
     layers = base["layers"]
     per_layer_flops = base["flops_per_batch"] / layers

@@ -32,7 +32,7 @@ def _cell(v: Any) -> str:
 
 
 def write_outputs(res: dict[str, Any], out: Path) -> list[Path]:
-    from bench.plots import plot_all
+    from bpfree.bench.plots import plot_all
 
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "throughput.csv", "w", newline="") as fh:

@@ -2,7 +2,7 @@
 
     with Testbed(["driver", "s0", "s1"], rate_mbit=100) as tb:
         tb.address("s0")                               # '10.213.0.2'
-        worker = tb.popen("s0", [sys.executable, "-m", "bpfree_cli", "worker", ...])
+        worker = tb.popen("s0", [sys.executable, "-m", "bpfree", "worker", ...])
         tb.shape("s0", rate_mbit=20)                   # change a link while traffic flows
         tb.run("driver", [sys.executable, ...])        # a command inside a host, to completion
 

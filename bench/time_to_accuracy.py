@@ -1,6 +1,6 @@
 """Time to a target MNIST test accuracy: local objectives vs backprop, same net, one run.
 
-    python -m bench.time_to_accuracy --data-dir ../shared/datasets --out bench/results
+    python -m bpfree.bench.time_to_accuracy --data-dir ../shared/datasets --out bench/results
 
 Rows run one after another in this process (never side by side, so they do not share cores):
   bp        backprop, in process, 1 thread
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.accuracy import machine_summary
+from bpfree.bench.accuracy import machine_summary
 from bpfree_core.checkpoint import atomic_write_json
 from bpfree_core.config import load_config
 from bpfree_core.executor import InProcessExecutor
@@ -72,7 +72,7 @@ def run_row(row: Row, data_dir: str, target: float, extra: list[str]) -> dict[st
     run_dir = Path("runs/bench-time-to-accuracy") / row.name
     t0 = time.perf_counter()
     if row.stages:
-        from client.executor import PipelineExecutor  # gRPC only when a pipeline runs
+        from bpfree.client.executor import PipelineExecutor  # gRPC only when a pipeline runs
 
         executor: Any = PipelineExecutor(cfg.with_overrides([f"pipeline.stages={row.stages}"]))
     else:
@@ -140,7 +140,7 @@ def markdown(res: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.time_to_accuracy", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m bpfree.bench.time_to_accuracy", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=os.environ.get("BPFREE_DATA_DIR", ""))
     p.add_argument("--out", type=Path, default=RESULTS)
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(names) - {r.name for r in ROWS}
     if unknown:
         p.error(f"unknown row(s) {sorted(unknown)}; valid: {', '.join(r.name for r in ROWS)}")
-    command = "python -m bench.time_to_accuracy " + " ".join(
+    command = "python -m bpfree.bench.time_to_accuracy " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     res: dict[str, Any] = {
         "target": args.target, "command": command, "rows": [],

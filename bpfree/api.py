@@ -154,9 +154,9 @@ def pipeline(config: Any = None, *, data: Any = None, out: str | Path | None = N
              progress: bool = False, set: Sequence[str] = (), **shortcuts: Any) -> Run:  # noqa: A002
     """One client's stack on stage worker processes (`bpfree pipeline`): launched on loopback,
     or at `workers` (HOST:PORT in stage order)."""
+    from bpfree.client.executor import PipelineExecutor
+    from bpfree.client.pipeline import Pipeline
     from bpfree_core.trainer import train_epochs
-    from client.executor import PipelineExecutor
-    from client.pipeline import Pipeline
 
     extra = [f"pipeline.stages={stages}"] if stages else []
     cfg = resolve_config(config, data, [*extra, *set], **shortcuts)
@@ -176,7 +176,7 @@ def simulate(config: Any = None, *, data: Any = None, out: str | Path = "runs/si
              progress: bool = False, set: Sequence[str] = (), **shortcuts: Any) -> Run:  # noqa: A002
     """A federation on Flower's simulation runtime (`bpfree simulate`); callbacks see each round
     as it is committed, and a truthy answer ends the run after the round in flight."""
-    from server.simulate import simulate as run_simulation
+    from bpfree.server.simulate import simulate as run_simulation
 
     cfg = resolve_config(config, data, set, **shortcuts)
     return _run(cfg, out, lambda rd, cbs: run_simulation(cfg, rd, resume, progress,
@@ -189,8 +189,8 @@ def continual(config: Any = None, *, data: Any = None, out: str | Path | None = 
               overwrite: bool = False, progress: bool = False, set: Sequence[str] = (),  # noqa: A002
               **shortcuts: Any) -> Run:
     """A task stream (`bpfree continual`); callbacks see each task's record."""
+    from bpfree.server.continual import continual as run_stream
     from bpfree_core.continual import continual_config
-    from server.continual import continual as run_stream
 
     cfg = continual_config(resolve_config(config, data, set, **shortcuts))
     return _run(cfg, out, lambda rd, cbs: run_stream(cfg, executor, rd, progress, overwrite, cbs),

@@ -14,8 +14,8 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from bpfree.protos import stage_pb2 as pb
 from bpfree_core.errors import ProtocolError
-from protos import stage_pb2 as pb
 
 log = logging.getLogger(__name__)
 

@@ -33,12 +33,12 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
+from bpfree.client.executor import make_executor
+from bpfree.client.messages import read_train_content, reply_content
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.errors import ConfigError
 from bpfree_core.federated import client_split, local_round, train_split
 from bpfree_core.runtime import set_threads
-from client.executor import make_executor
-from client.messages import read_train_content, reply_content
 
 log = logging.getLogger(__name__)
 

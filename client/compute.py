@@ -20,6 +20,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from bpfree.client.admission import Admission, EndMarker, StateError
+from bpfree.client.link import Link
+from bpfree.client.transport import Security, check_chunk_bytes, wait_for_peer
+from bpfree.client.wire import Schema, WireBatch, encode_batch, end_frame, schema_of
+from bpfree.protos import stage_pb2 as pb
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.errors import BpfreeError, ConfigError
 from bpfree_core.evaluation import prediction_modes
@@ -28,11 +33,6 @@ from bpfree_core.metrics import RunningMeans
 from bpfree_core.model import OPTIMIZER, Stage, build_layers, build_objective
 from bpfree_core.objectives import Objective
 from bpfree_core.runtime import resolve_device
-from client.admission import Admission, EndMarker, StateError
-from client.link import Link
-from client.transport import Security, check_chunk_bytes, wait_for_peer
-from client.wire import Schema, WireBatch, encode_batch, end_frame, schema_of
-from protos import stage_pb2 as pb
 
 POLL = 0.1                    # seconds between checks while waiting on a queue
 _TIMELINE_MAX = 3 * 10_000    # per-batch timing kept per epoch: 3 doubles a batch, 240 KB at most

@@ -18,7 +18,7 @@ from bpfree_core.layers import Packet
 from bpfree_core.model import OPTIMIZER
 
 if TYPE_CHECKING:
-    from client.pipeline import Pipeline
+    from bpfree.client.pipeline import Pipeline
 
 
 class PipelineExecutor:
@@ -26,7 +26,7 @@ class PipelineExecutor:
 
     def __init__(self, cfg: ExperimentConfig, addresses: list[str] | None = None,
                  device: str = "cpu", threads: int = 1, log_dir: str | None = None):
-        from client.pipeline import Pipeline  # gRPC is imported only when a pipeline runs
+        from bpfree.client.pipeline import Pipeline  # gRPC is imported only when a pipeline runs
 
         if addresses:
             if len(addresses) != cfg.pipeline.stages:

@@ -16,10 +16,10 @@ from collections.abc import Callable
 
 import grpc
 
+from bpfree.client.transport import PULL_METHOD, PUSH_METHOD, Security, describe
+from bpfree.client.wire import WireBatch, decode_frames, encode_batch, end_frame, parse_meta, unpack_frame
+from bpfree.protos import stage_pb2 as pb
 from bpfree_core.errors import BpfreeError, PeerUnavailableError, ProtocolError, StageTimeoutError
-from client.transport import PULL_METHOD, PUSH_METHOD, Security, describe
-from client.wire import WireBatch, decode_frames, encode_batch, end_frame, parse_meta, unpack_frame
-from protos import stage_pb2 as pb
 
 log = logging.getLogger(__name__)
 

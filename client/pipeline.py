@@ -23,6 +23,13 @@ from typing import Any
 import grpc
 import torch
 
+from bpfree.client.link import Link, PullReader, rpc_exception
+from bpfree.client.memory import tune_malloc
+from bpfree.client.supervisor import LocalWorkers
+from bpfree.client.transport import Security, check_chunk_bytes, split_address, wait_for_peer
+from bpfree.client.wire import WireBatch, decode_state, encode_state
+from bpfree.protos import stage_pb2 as pb
+from bpfree.protos import stage_pb2_grpc as pb_grpc
 from bpfree_core.balance import stage_ranges
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.data import bind_data
@@ -31,13 +38,6 @@ from bpfree_core.executor import epoch_stats
 from bpfree_core.layers import LABELS, Packet
 from bpfree_core.model import OPTIMIZER, build_objective
 from bpfree_core.objectives import Objective
-from client.link import Link, PullReader, rpc_exception
-from client.memory import tune_malloc
-from client.supervisor import LocalWorkers
-from client.transport import Security, check_chunk_bytes, split_address, wait_for_peer
-from client.wire import WireBatch, decode_state, encode_state
-from protos import stage_pb2 as pb
-from protos import stage_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 

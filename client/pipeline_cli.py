@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from bpfree.client.executor import PipelineExecutor
+from bpfree.client.pipeline import Pipeline
 from bpfree_core.checkpoint import save_checkpoint
 from bpfree_core.cli_train import (
     TRAIN_DEFAULTS,
@@ -27,8 +29,6 @@ from bpfree_core.errors import ConfigError, RunDirError
 from bpfree_core.rundir import RunDir, os_error_sentence
 from bpfree_core.runtime import set_threads
 from bpfree_core.trainer import train_epochs
-from client.executor import PipelineExecutor
-from client.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 

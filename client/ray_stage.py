@@ -65,8 +65,8 @@ class StageActor:
         import ray
         import torch
 
-        from client.transport import Security
-        from client.worker import StageWorker, build_server
+        from bpfree.client.transport import Security
+        from bpfree.client.worker import StageWorker, build_server
 
         gpu_ids = list(ray.get_gpu_ids())
         device = stage_device(gpu_ids, torch.cuda.is_available())

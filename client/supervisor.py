@@ -2,7 +2,7 @@
 
 Process supervision only: the driver (client.pipeline.Pipeline) talks to workers by address and
 asks `LocalWorkers` to replace a stage whose process died or hung. `bpfree simulate` starts its
-clients' workers here directly. Every process is a fresh `python -m bpfree_cli worker` (never a
+clients' workers here directly. Every process is a fresh `python -m bpfree worker` (never a
 fork: gRPC may already run threads in this process), in its own session, reporting its port
 through a file; a worker also stops by itself when this process goes away (--parent-pid).
 """
@@ -92,7 +92,7 @@ def worker_command(listen: str, port_file: Path, *, device: str = "cpu", threads
                    scratch_dir: Path | None = None) -> list[str]:
     """`bpfree worker` on `listen`, reporting its port in `port_file`, stopping when this process
     goes away; a fresh interpreter (never fork: gRPC may already run threads in this process)."""
-    cmd = [sys.executable, "-m", "bpfree_cli", "worker", "--listen", listen, "--device", device,
+    cmd = [sys.executable, "-m", "bpfree", "worker", "--listen", listen, "--device", device,
            "--threads", str(threads), "--port-file", str(port_file), "--parent-pid", str(os.getpid())]
     return cmd + (["--scratch-dir", str(scratch_dir)] if scratch_dir is not None else [])
 

@@ -20,9 +20,9 @@ from typing import Any
 
 import grpc
 
+from bpfree.protos import stage_pb2 as pb
+from bpfree.protos import stage_pb2_grpc as pb_grpc
 from bpfree_core.errors import ConfigError, PeerUnavailableError
-from protos import stage_pb2 as pb
-from protos import stage_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from bpfree.protos import stage_pb2 as pb
 from bpfree_core.errors import ConfigError, ProtocolError
 from bpfree_core.layers import Packet
-from protos import stage_pb2 as pb
 
 PROTOCOL_VERSION = 1
 MAGIC = b"BF"

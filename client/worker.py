@@ -24,10 +24,9 @@ from concurrent import futures
 import grpc
 import torch
 
-from bpfree_core.errors import BpfreeError, ConfigError, PeerUnavailableError, ProtocolError
-from client.admission import Admission, StateError
-from client.compute import StageRun, rss_mb
-from client.transport import (
+from bpfree.client.admission import Admission, StateError
+from bpfree.client.compute import StageRun, rss_mb
+from bpfree.client.transport import (
     IDLE_TIMEOUT,
     RateLimitedLog,
     Security,
@@ -35,7 +34,7 @@ from client.transport import (
     check_port_free,
     server_options,
 )
-from client.wire import (
+from bpfree.client.wire import (
     PROTOCOL_VERSION,
     LimitError,
     WireBatch,
@@ -46,8 +45,9 @@ from client.wire import (
     encode_state,
     parse_meta,
 )
-from protos import stage_pb2 as pb
-from protos import stage_pb2_grpc as pb_grpc
+from bpfree.protos import stage_pb2 as pb
+from bpfree.protos import stage_pb2_grpc as pb_grpc
+from bpfree_core.errors import BpfreeError, ConfigError, PeerUnavailableError, ProtocolError
 
 log = logging.getLogger(__name__)
 

@@ -42,14 +42,14 @@ def run(args: argparse.Namespace) -> int:
     # Threads first: before torch runs anything (and before gRPC creates its threads).
     import torch
 
-    from client.memory import tune_malloc
+    from bpfree.client.memory import tune_malloc
 
     tune_malloc()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    from bpfree.client.transport import Security
+    from bpfree.client.worker import StageWorker, build_server
     from bpfree_core.runtime import resolve_device
-    from client.transport import Security
-    from client.worker import StageWorker, build_server
 
     device = str(resolve_device(args.device))   # fail now, clearly, if the GPU is missing
     security = Security(token=args.token, tls_cert=args.tls_cert, tls_key=args.tls_key,

@@ -57,7 +57,7 @@ fi
 # 1. Stage workers: S per client, each on a free loopback port it reports in a port file.
 for ((k = 0; k < K; k++)); do
   for ((s = 0; s < S; s++)); do
-    "$PYTHON" -m bpfree_cli worker --listen 127.0.0.1:0 --port-file "$work/ports/c$k-s$s.port" \
+    "$PYTHON" -m bpfree worker --listen 127.0.0.1:0 --port-file "$work/ports/c$k-s$s.port" \
       ${worker_tls[@]+"${worker_tls[@]}"} > "$work/logs/worker-c$k-s$s.log" 2>&1 &
     pids+=($!)
   done
@@ -103,7 +103,7 @@ flwr run "$REPO_DIR" deploy --stream --run-config "config-toml='$config' overrid
   > "$work/logs/flwr.log" 2>&1 || status=$?
 run_dir=$(ls -d "$BPFREE_RUNS_DIR"/flwr-* 2>/dev/null | tail -1)
 if [ "$status" -ne 0 ] || [ -z "$run_dir" ] || [ ! -f "$run_dir/summary.json" ]; then
-  reason=$("$PYTHON" -c 'import sys; from pathlib import Path; from server.flower_run import last_error; print(last_error(Path(sys.argv[1])))' "$work/logs/flwr.log" 2>/dev/null || echo "see the log")
+  reason=$("$PYTHON" -c 'import sys; from pathlib import Path; from bpfree.server.flower_run import last_error; print(last_error(Path(sys.argv[1])))' "$work/logs/flwr.log" 2>/dev/null || echo "see the log")
   die "the federated run failed: $reason (full log: $work/logs/flwr.log)"
 fi
 "$PYTHON" -c 'import json, sys; s = json.load(open(sys.argv[1])); print("test accuracy %.4f after %d round(s)" % (s["test_accuracy"], s["rounds"]))' "$run_dir/summary.json"

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos import stage_pb2 as protos_dot_stage__pb2
+from bpfree.protos import stage_pb2 as bpfree_dot_protos_dot_stage__pb2
 
 GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/stage_pb2_grpc.py depends on'
+        + ' but the generated code in bpfree/protos/stage_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,43 +36,43 @@ class StageControlStub:
         """
         self.Configure = channel.unary_unary(
                 '/bpfree.v1.StageControl/Configure',
-                request_serializer=protos_dot_stage__pb2.ConfigureRequest.SerializeToString,
-                response_deserializer=protos_dot_stage__pb2.ConfigureReply.FromString,
+                request_serializer=bpfree_dot_protos_dot_stage__pb2.ConfigureRequest.SerializeToString,
+                response_deserializer=bpfree_dot_protos_dot_stage__pb2.ConfigureReply.FromString,
                 _registered_method=True)
         self.LoadWeights = channel.stream_unary(
                 '/bpfree.v1.StageControl/LoadWeights',
-                request_serializer=protos_dot_stage__pb2.TensorChunk.SerializeToString,
-                response_deserializer=protos_dot_stage__pb2.WeightsReply.FromString,
+                request_serializer=bpfree_dot_protos_dot_stage__pb2.TensorChunk.SerializeToString,
+                response_deserializer=bpfree_dot_protos_dot_stage__pb2.WeightsReply.FromString,
                 _registered_method=True)
         self.GetWeights = channel.unary_stream(
                 '/bpfree.v1.StageControl/GetWeights',
-                request_serializer=protos_dot_stage__pb2.GetWeightsRequest.SerializeToString,
-                response_deserializer=protos_dot_stage__pb2.TensorChunk.FromString,
+                request_serializer=bpfree_dot_protos_dot_stage__pb2.GetWeightsRequest.SerializeToString,
+                response_deserializer=bpfree_dot_protos_dot_stage__pb2.TensorChunk.FromString,
                 _registered_method=True)
         self.SetProximal = channel.unary_unary(
                 '/bpfree.v1.StageControl/SetProximal',
-                request_serializer=protos_dot_stage__pb2.ProximalRequest.SerializeToString,
-                response_deserializer=protos_dot_stage__pb2.WeightsReply.FromString,
+                request_serializer=bpfree_dot_protos_dot_stage__pb2.ProximalRequest.SerializeToString,
+                response_deserializer=bpfree_dot_protos_dot_stage__pb2.WeightsReply.FromString,
                 _registered_method=True)
         self.StartEpoch = channel.unary_unary(
                 '/bpfree.v1.StageControl/StartEpoch',
-                request_serializer=protos_dot_stage__pb2.EpochRequest.SerializeToString,
-                response_deserializer=protos_dot_stage__pb2.EpochReply.FromString,
+                request_serializer=bpfree_dot_protos_dot_stage__pb2.EpochRequest.SerializeToString,
+                response_deserializer=bpfree_dot_protos_dot_stage__pb2.EpochReply.FromString,
                 _registered_method=True)
         self.FinishEpoch = channel.unary_unary(
                 '/bpfree.v1.StageControl/FinishEpoch',
-                request_serializer=protos_dot_stage__pb2.EpochRequest.SerializeToString,
-                response_deserializer=protos_dot_stage__pb2.StageStats.FromString,
+                request_serializer=bpfree_dot_protos_dot_stage__pb2.EpochRequest.SerializeToString,
+                response_deserializer=bpfree_dot_protos_dot_stage__pb2.StageStats.FromString,
                 _registered_method=True)
         self.Stats = channel.unary_unary(
                 '/bpfree.v1.StageControl/Stats',
-                request_serializer=protos_dot_stage__pb2.StatsRequest.SerializeToString,
-                response_deserializer=protos_dot_stage__pb2.StageStats.FromString,
+                request_serializer=bpfree_dot_protos_dot_stage__pb2.StatsRequest.SerializeToString,
+                response_deserializer=bpfree_dot_protos_dot_stage__pb2.StageStats.FromString,
                 _registered_method=True)
         self.Health = channel.unary_unary(
                 '/bpfree.v1.StageControl/Health',
-                request_serializer=protos_dot_stage__pb2.HealthRequest.SerializeToString,
-                response_deserializer=protos_dot_stage__pb2.HealthReply.FromString,
+                request_serializer=bpfree_dot_protos_dot_stage__pb2.HealthRequest.SerializeToString,
+                response_deserializer=bpfree_dot_protos_dot_stage__pb2.HealthReply.FromString,
                 _registered_method=True)
 
 
@@ -135,43 +135,43 @@ def add_StageControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Configure': grpc.unary_unary_rpc_method_handler(
                     servicer.Configure,
-                    request_deserializer=protos_dot_stage__pb2.ConfigureRequest.FromString,
-                    response_serializer=protos_dot_stage__pb2.ConfigureReply.SerializeToString,
+                    request_deserializer=bpfree_dot_protos_dot_stage__pb2.ConfigureRequest.FromString,
+                    response_serializer=bpfree_dot_protos_dot_stage__pb2.ConfigureReply.SerializeToString,
             ),
             'LoadWeights': grpc.stream_unary_rpc_method_handler(
                     servicer.LoadWeights,
-                    request_deserializer=protos_dot_stage__pb2.TensorChunk.FromString,
-                    response_serializer=protos_dot_stage__pb2.WeightsReply.SerializeToString,
+                    request_deserializer=bpfree_dot_protos_dot_stage__pb2.TensorChunk.FromString,
+                    response_serializer=bpfree_dot_protos_dot_stage__pb2.WeightsReply.SerializeToString,
             ),
             'GetWeights': grpc.unary_stream_rpc_method_handler(
                     servicer.GetWeights,
-                    request_deserializer=protos_dot_stage__pb2.GetWeightsRequest.FromString,
-                    response_serializer=protos_dot_stage__pb2.TensorChunk.SerializeToString,
+                    request_deserializer=bpfree_dot_protos_dot_stage__pb2.GetWeightsRequest.FromString,
+                    response_serializer=bpfree_dot_protos_dot_stage__pb2.TensorChunk.SerializeToString,
             ),
             'SetProximal': grpc.unary_unary_rpc_method_handler(
                     servicer.SetProximal,
-                    request_deserializer=protos_dot_stage__pb2.ProximalRequest.FromString,
-                    response_serializer=protos_dot_stage__pb2.WeightsReply.SerializeToString,
+                    request_deserializer=bpfree_dot_protos_dot_stage__pb2.ProximalRequest.FromString,
+                    response_serializer=bpfree_dot_protos_dot_stage__pb2.WeightsReply.SerializeToString,
             ),
             'StartEpoch': grpc.unary_unary_rpc_method_handler(
                     servicer.StartEpoch,
-                    request_deserializer=protos_dot_stage__pb2.EpochRequest.FromString,
-                    response_serializer=protos_dot_stage__pb2.EpochReply.SerializeToString,
+                    request_deserializer=bpfree_dot_protos_dot_stage__pb2.EpochRequest.FromString,
+                    response_serializer=bpfree_dot_protos_dot_stage__pb2.EpochReply.SerializeToString,
             ),
             'FinishEpoch': grpc.unary_unary_rpc_method_handler(
                     servicer.FinishEpoch,
-                    request_deserializer=protos_dot_stage__pb2.EpochRequest.FromString,
-                    response_serializer=protos_dot_stage__pb2.StageStats.SerializeToString,
+                    request_deserializer=bpfree_dot_protos_dot_stage__pb2.EpochRequest.FromString,
+                    response_serializer=bpfree_dot_protos_dot_stage__pb2.StageStats.SerializeToString,
             ),
             'Stats': grpc.unary_unary_rpc_method_handler(
                     servicer.Stats,
-                    request_deserializer=protos_dot_stage__pb2.StatsRequest.FromString,
-                    response_serializer=protos_dot_stage__pb2.StageStats.SerializeToString,
+                    request_deserializer=bpfree_dot_protos_dot_stage__pb2.StatsRequest.FromString,
+                    response_serializer=bpfree_dot_protos_dot_stage__pb2.StageStats.SerializeToString,
             ),
             'Health': grpc.unary_unary_rpc_method_handler(
                     servicer.Health,
-                    request_deserializer=protos_dot_stage__pb2.HealthRequest.FromString,
-                    response_serializer=protos_dot_stage__pb2.HealthReply.SerializeToString,
+                    request_deserializer=bpfree_dot_protos_dot_stage__pb2.HealthRequest.FromString,
+                    response_serializer=bpfree_dot_protos_dot_stage__pb2.HealthReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -199,8 +199,8 @@ class StageControl:
             request,
             target,
             '/bpfree.v1.StageControl/Configure',
-            protos_dot_stage__pb2.ConfigureRequest.SerializeToString,
-            protos_dot_stage__pb2.ConfigureReply.FromString,
+            bpfree_dot_protos_dot_stage__pb2.ConfigureRequest.SerializeToString,
+            bpfree_dot_protos_dot_stage__pb2.ConfigureReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -226,8 +226,8 @@ class StageControl:
             request_iterator,
             target,
             '/bpfree.v1.StageControl/LoadWeights',
-            protos_dot_stage__pb2.TensorChunk.SerializeToString,
-            protos_dot_stage__pb2.WeightsReply.FromString,
+            bpfree_dot_protos_dot_stage__pb2.TensorChunk.SerializeToString,
+            bpfree_dot_protos_dot_stage__pb2.WeightsReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -253,8 +253,8 @@ class StageControl:
             request,
             target,
             '/bpfree.v1.StageControl/GetWeights',
-            protos_dot_stage__pb2.GetWeightsRequest.SerializeToString,
-            protos_dot_stage__pb2.TensorChunk.FromString,
+            bpfree_dot_protos_dot_stage__pb2.GetWeightsRequest.SerializeToString,
+            bpfree_dot_protos_dot_stage__pb2.TensorChunk.FromString,
             options,
             channel_credentials,
             insecure,
@@ -280,8 +280,8 @@ class StageControl:
             request,
             target,
             '/bpfree.v1.StageControl/SetProximal',
-            protos_dot_stage__pb2.ProximalRequest.SerializeToString,
-            protos_dot_stage__pb2.WeightsReply.FromString,
+            bpfree_dot_protos_dot_stage__pb2.ProximalRequest.SerializeToString,
+            bpfree_dot_protos_dot_stage__pb2.WeightsReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -307,8 +307,8 @@ class StageControl:
             request,
             target,
             '/bpfree.v1.StageControl/StartEpoch',
-            protos_dot_stage__pb2.EpochRequest.SerializeToString,
-            protos_dot_stage__pb2.EpochReply.FromString,
+            bpfree_dot_protos_dot_stage__pb2.EpochRequest.SerializeToString,
+            bpfree_dot_protos_dot_stage__pb2.EpochReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -334,8 +334,8 @@ class StageControl:
             request,
             target,
             '/bpfree.v1.StageControl/FinishEpoch',
-            protos_dot_stage__pb2.EpochRequest.SerializeToString,
-            protos_dot_stage__pb2.StageStats.FromString,
+            bpfree_dot_protos_dot_stage__pb2.EpochRequest.SerializeToString,
+            bpfree_dot_protos_dot_stage__pb2.StageStats.FromString,
             options,
             channel_credentials,
             insecure,
@@ -361,8 +361,8 @@ class StageControl:
             request,
             target,
             '/bpfree.v1.StageControl/Stats',
-            protos_dot_stage__pb2.StatsRequest.SerializeToString,
-            protos_dot_stage__pb2.StageStats.FromString,
+            bpfree_dot_protos_dot_stage__pb2.StatsRequest.SerializeToString,
+            bpfree_dot_protos_dot_stage__pb2.StageStats.FromString,
             options,
             channel_credentials,
             insecure,
@@ -388,8 +388,8 @@ class StageControl:
             request,
             target,
             '/bpfree.v1.StageControl/Health',
-            protos_dot_stage__pb2.HealthRequest.SerializeToString,
-            protos_dot_stage__pb2.HealthReply.FromString,
+            bpfree_dot_protos_dot_stage__pb2.HealthRequest.SerializeToString,
+            bpfree_dot_protos_dot_stage__pb2.HealthReply.FromString,
             options,
             channel_credentials,
             insecure,

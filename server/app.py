@@ -25,11 +25,11 @@ from typing import Any
 from flwr.app import Context, Message, MessageType
 from flwr.serverapp import Grid, ServerApp
 
+from bpfree.client.messages import read_reply, train_content
+from bpfree.server.coordinator import Coordinator, RoundReplies, required_replies
 from bpfree_core.aggregate import Weights
 from bpfree_core.config import ExperimentConfig, load_config
 from bpfree_core.errors import AggregationError, ConfigError, ProtocolError
-from client.messages import read_reply, train_content
-from server.coordinator import Coordinator, RoundReplies, required_replies
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ app = ServerApp()
 def _log_through_flower() -> None:
     """Under `flwr run` only Flower's logger reaches `--stream`: route ours through its handlers."""
     handlers = logging.getLogger("flwr").handlers
-    for name in ("server", "client", "bpfree_core"):
+    for name in ("bpfree", "bpfree_core"):
         logger = logging.getLogger(name)
         logger.setLevel(logging.INFO)
         for handler in handlers:

@@ -81,14 +81,14 @@ def continual(cfg: ExperimentConfig, executor: str = "inprocess", run_dir: Path 
     """Run the task stream through one process or a local pipeline of stage workers."""
     set_threads(cfg.train.threads)
     if cfg.continual.federated:
-        from server.simulate import simulate
+        from bpfree.server.simulate import simulate
 
         if run_dir is None:
             raise ConfigError("a federated continual run needs a run directory")
         return simulate(cfg, run_dir, progress=progress, overwrite=overwrite, callbacks=callbacks)
     if executor == "pipeline":
-        from client.executor import PipelineExecutor
-        from client.pipeline import Pipeline
+        from bpfree.client.executor import PipelineExecutor
+        from bpfree.client.pipeline import Pipeline
 
         with Pipeline.launch_local(cfg, threads=max(cfg.train.threads, 1)) as pipe:
             return run_continual(cfg, PipelineExecutor.from_pipeline(pipe), run_dir, progress,
@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     summary.pop("weights")
     plots = []
     if not args.no_plot:
-        from server.plot import plot_continual
+        from bpfree.server.plot import plot_continual
 
         plots = [str(p) for p in plot_continual(run_dir)]
     shown = {**summary, **summary.pop("continual", {})}

@@ -128,7 +128,7 @@ class FlowerRun:
     def start(self) -> None:
         # Under a guard (this module's main): whatever stops it - our close(), our death, a signal -
         # it stops the SuperLink and every process below it (SuperExec, flwr-simulation, Ray).
-        cmd = [sys.executable, "-m", "server.flower_run", "--remove", str(self.home), "--",
+        cmd = [sys.executable, "-m", "bpfree.server.flower_run", "--remove", str(self.home), "--",
                "flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
                "--host", "127.0.0.1", "--port", str(self.port),
                "--disable-runtime-dependency-installation",
@@ -243,7 +243,7 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _EXCEPTION = re.compile(r"^([\w.]*(?:Error|Exception)): (.+)$")
 
 
-if __name__ == "__main__":   # python -m server.flower_run [--remove DIR] -- CMD...: CMD under a guard
+if __name__ == "__main__":   # python -m bpfree.server.flower_run [--remove DIR] -- CMD...: CMD under a guard
     args = sys.argv[1:sys.argv.index("--")]
     sys.exit(guard(sys.argv[sys.argv.index("--") + 1:],
                    Path(args[1]) if args[:1] == ["--remove"] else None))

@@ -35,15 +35,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from bpfree.client.executor import PipelineExecutor
+from bpfree.client.ray_stage import RAY_ENV, StageActor
+from bpfree.server.coordinator import Coordinator, RoundReplies
 from bpfree_core.aggregate import Weights
 from bpfree_core.callbacks import Callback
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.errors import BpfreeError, ConfigError, PeerUnavailableError
 from bpfree_core.federated import client_split, local_round, train_split
 from bpfree_core.model import build_objective
-from client.executor import PipelineExecutor
-from client.ray_stage import RAY_ENV, StageActor
-from server.coordinator import Coordinator, RoundReplies
 
 log = logging.getLogger(__name__)
 

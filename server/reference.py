@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from bpfree.server.coordinator import Coordinator, RoundReplies
 from bpfree_core.aggregate import ClientUpdate, Weights
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.federated import InProcessExecutor, client_split, local_round, train_split
-from server.coordinator import Coordinator, RoundReplies
 
 
 class InProcessTransport:

@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     summary.pop("weights", None)
     plots = []
     if not args.no_plot:
-        from server.plot import plot_accuracy
+        from bpfree.server.plot import plot_accuracy
 
         plots.append(str(plot_accuracy(run_dir)))
     report(args, summary, run_dir, plots)
@@ -139,7 +139,7 @@ def simulate(cfg: ExperimentConfig, run_dir: Path, resume: bool = False, progres
     cfg = bind_data(cfg)   # your own data: an absolute path, its shape, classes and fingerprint
     preflight(cfg)
     if cfg.federation.backend == "ray":   # stage actors on a Ray cluster: server/ray_backend.py
-        from server.ray_backend import simulate_ray
+        from bpfree.server.ray_backend import simulate_ray
 
         return simulate_ray(cfg, run_dir, resume=resume, progress=progress, overwrite=overwrite,
                             callbacks=callbacks)
@@ -153,8 +153,8 @@ def simulate(cfg: ExperimentConfig, run_dir: Path, resume: bool = False, progres
 def _simulate_flower(cfg: ExperimentConfig, run_dir: Path, resume: bool, progress: bool,
                      client_mods: Sequence[str],
                      callbacks: Sequence[Callback] = ()) -> None:
-    from client.supervisor import Watchdog
-    from server.flower_run import FlowerRun
+    from bpfree.client.supervisor import Watchdog
+    from bpfree.server.flower_run import FlowerRun
 
     log_dir = (run_dir / "logs").resolve()
     log.info("simulating %d clients x %d stages (%s), %d rounds of %d local epoch(s), %s partition; "
@@ -200,9 +200,9 @@ def toml_table(values: dict[str, str | bool]) -> str:
 
 def finished_run(run_dir: Path) -> dict[str, Any]:
     """The summary a finished run left in RUN_DIR, with its final weights."""
+    from bpfree.server.coordinator import latest_checkpoint
+    from bpfree.server.flower_run import last_error
     from bpfree_core.checkpoint import load_checkpoint
-    from server.coordinator import latest_checkpoint
-    from server.flower_run import last_error
 
     summary_file, latest = run_dir / "summary.json", latest_checkpoint(run_dir)
     if not summary_file.is_file() or latest is None:
@@ -283,7 +283,7 @@ def launch_stage_workers(cfg: ExperimentConfig, log_dir: Path,
     (client.supervisor.LocalWorkers, appended to `launched` so the caller stops them)."""
     if cfg.federation.executor != "pipeline":
         return {}
-    from client.supervisor import LocalWorkers
+    from bpfree.client.supervisor import LocalWorkers
 
     def launch(k: int) -> Any:
         return LocalWorkers(cfg.pipeline.stages, device=cfg.train.device,

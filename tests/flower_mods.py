@@ -16,7 +16,7 @@ import torch
 
 def record_replies(msg, context, call_next):  # noqa: ANN001, ANN201 - a Flower client mod
     """Save every reply's weights and example count to $BPFREE_TEST_REPLIES."""
-    from client.messages import read_reply
+    from bpfree.client.messages import read_reply
 
     reply = call_next(msg, context)
     update = read_reply(reply)

@@ -73,8 +73,8 @@ def read(path: Path) -> str:
 
 
 def bpfree(*args: str, merge: bool = False, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """`python -m bpfree_cli ARGS` in its own session (stop it with os.killpg)."""
-    return subprocess.Popen([sys.executable, "-m", "bpfree_cli", *args], cwd=REPO,
+    """`python -m bpfree ARGS` in its own session (stop it with os.killpg)."""
+    return subprocess.Popen([sys.executable, "-m", "bpfree", *args], cwd=REPO,
                             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
                             stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT if merge else subprocess.PIPE, text=True,

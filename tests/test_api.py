@@ -14,7 +14,7 @@ import torch
 
 import bpfree
 from bpfree.api import dataset_reference
-from client.supervisor import REPO_ROOT
+from bpfree.client.supervisor import REPO_ROOT
 
 
 def _readme_example() -> str:
@@ -72,7 +72,7 @@ def test_arrays_and_torch_datasets_become_the_same_cached_file(tmp_path: Path, m
 
 
 def test_a_python_run_equals_the_command_line_run(data_dir: Path, tmp_path: Path) -> None:
-    from bpfree_cli import main
+    from bpfree.cli import main
     from bpfree_core.checkpoint import load_checkpoint
 
     flags = ["model.algorithm=mono", "model.hidden=60", "train.train_limit=1000",

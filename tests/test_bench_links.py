@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.testbed import PREFIX, namespaces, unavailable
+from bpfree.bench.testbed import PREFIX, namespaces, unavailable
 
 REPO = Path(__file__).resolve().parents[1]
 REASON = unavailable()
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(REASON is not None, reason=f"no multi-host testb
 
 
 def _links(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "bpfree_cli", "bench", "links", *args],
+    return subprocess.run([sys.executable, "-m", "bpfree", "bench", "links", *args],
                           capture_output=True, text=True, cwd=REPO, timeout=300)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-import bpfree_cli
+from bpfree import cli as bpfree_cli
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -82,8 +82,8 @@ def test_other_benchmarks_are_reached_through_bench(capsys: pytest.CaptureFixtur
 
 
 def test_gpu_grid_sizes_runs_to_the_budget_and_renders_a_table(data_dir: Path, tmp_path: Path) -> None:
-    """bench.gpu_grid on the CPU: every run (centralised and federated) finishes, table written."""
-    from bench.gpu_grid import main
+    """bpfree.bench.gpu_grid on the CPU: every run (centralised and federated) finishes, table written."""
+    from bpfree.bench.gpu_grid import main
 
     runs = tmp_path / "runs"
     assert main(["--grid", "smoke", "--device", "cpu", "--budget", "120", "--data-dir",

@@ -120,8 +120,8 @@ def test_small_input_errors_say_the_format():
 def test_cli_defaults_apply_without_a_config_and_flags_win_over_them(tmp_path):
     import argparse
 
+    from bpfree.server import simulate
     from bpfree_core.cli_train import TRAIN_DEFAULTS, add_config_arguments, config_from_args
-    from server import simulate
 
     def parse(add, *argv: str) -> argparse.Namespace:
         parser = argparse.ArgumentParser()

@@ -13,12 +13,12 @@ import pytest
 import torch
 from torch import nn
 
+from bpfree.server.continual import QUICK, continual
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.consolidation import Consolidator
 from bpfree_core.continual import ReplayMemory, cl_metrics, continual_config, split_tasks
 from bpfree_core.data import Split, load_dataset
 from bpfree_core.errors import ConfigError
-from server.continual import QUICK, continual
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -197,7 +197,7 @@ def test_pipeline_replay_equals_the_single_process(data_dir: Path, runs: dict[st
 
 def test_cli_quick_writes_everything_and_refuses_ewc_on_a_pipeline(data_dir: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    done = subprocess.run([sys.executable, "-m", "bpfree_cli", "continual", "--quick", "--tasks", "2",
+    done = subprocess.run([sys.executable, "-m", "bpfree", "continual", "--quick", "--tasks", "2",
                            "--strategy", "replay", "--data-dir", str(data_dir), "--out", str(run),
                            "--no-progress"], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -206,7 +206,7 @@ def test_cli_quick_writes_everything_and_refuses_ewc_on_a_pipeline(data_dir: Pat
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
     assert (run / "accuracy_matrix.png").stat().st_size > 0 and (run / "task_accuracy.png").stat().st_size > 0
     assert json.loads((run / "config.json").read_text())["continual"]["strategy"] == "replay"
-    bad = subprocess.run([sys.executable, "-m", "bpfree_cli", "continual", "--quick", "--strategy", "ewc",
+    bad = subprocess.run([sys.executable, "-m", "bpfree", "continual", "--quick", "--strategy", "ewc",
                           "--executor", "pipeline", "--data-dir", str(data_dir), "--out",
                           str(tmp_path / "bad")], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert bad.returncode != 0 and bad.stderr.strip().count("\n") == 0
@@ -237,12 +237,12 @@ def test_federated_continual_on_flower_pipelines_equals_the_reference(data_dir: 
     simulation, two pipelined clients with their own replay memories (the second task replays the
     first); the global weights equal the in-process federated reference, and the summary carries
     the accuracy matrix."""
+    from bpfree.server.reference import federated_reference
     from bpfree_core.checkpoint import load_checkpoint
-    from server.reference import federated_reference
 
     run = tmp_path / "fed"
     done = subprocess.run(
-        [sys.executable, "-m", "bpfree_cli", "continual", "--quick", "--clients", "2", "--stages", "2",
+        [sys.executable, "-m", "bpfree", "continual", "--quick", "--clients", "2", "--stages", "2",
          "--executor", "pipeline", "--strategy", "replay", "--epochs-per-task", "1", "--tasks", "2",
          "--set", "train.train_limit=3000", "--set", "train.threads=1", "--data-dir", str(data_dir),
          "--out", str(run),

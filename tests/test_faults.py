@@ -29,6 +29,9 @@ from typing import Any
 import pytest
 import torch
 
+from bpfree.client.executor import PipelineExecutor
+from bpfree.client.supervisor import REPO_ROOT, worker_env
+from bpfree.server.coordinator import latest_checkpoint
 from bpfree_core.checkpoint import load_checkpoint, save_checkpoint
 from bpfree_core.config import ExperimentConfig, load_config
 from bpfree_core.errors import BpfreeError
@@ -40,9 +43,6 @@ from bpfree_core.federated import (
     train_split,
 )
 from bpfree_core.restarts import RoundFailedError
-from client.executor import PipelineExecutor
-from client.supervisor import REPO_ROOT, worker_env
-from server.coordinator import latest_checkpoint
 
 ROUND = ["model.hidden=100,100", "train.batch_size=100", "train.train_limit=1000",
          "train.test_limit=500", "train.threads=1", "train.seed=5", "federation.clients=1",
@@ -222,7 +222,7 @@ FED = ["train.train_limit=2000", "train.test_limit=500", "model.hidden=100,100",
 
 
 def _bpfree(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "bpfree_cli", *args],
+    return subprocess.Popen([sys.executable, "-m", "bpfree", *args],
                             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, cwd=REPO_ROOT)
@@ -257,14 +257,14 @@ def _children(pid: int) -> list[int]:
                 cmd = (entry / "cmdline").read_bytes()
             except OSError:
                 continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"bpfree_cli\x00worker" in cmd:
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"-m\x00bpfree\x00worker" in cmd:
                 found.append(int(entry.name))
     return found
 
 
 def test_coordinator_killed_mid_run_workers_exit_and_resume_matches(data_dir: Path, tmp_path: Path) -> None:
     """On a non-iid (Dirichlet) partition, so that resuming must rebuild the same client shards."""
-    from server.reference import federated_reference
+    from bpfree.server.reference import federated_reference
 
     run = tmp_path / "run"
     flags = ["--data-dir", str(data_dir), *sum((["--set", s] for s in FED), []), "--rounds", "2",
@@ -317,7 +317,7 @@ def test_a_killed_client_app_is_left_out_and_the_run_goes_on(data_dir: Path, tmp
                                                              monkeypatch) -> None:
     import threading
 
-    from server.simulate import simulate
+    from bpfree.server.simulate import simulate
 
     # Two clients on two ClientApp actors (2 cores): killing client 1's actor fails its message.
     # Flower's simulation runtime does not restart a dead actor (its node fails from then on),
@@ -366,7 +366,7 @@ def test_a_killed_client_app_is_left_out_and_the_run_goes_on(data_dir: Path, tmp
 ])
 def test_bad_simulate_input_fails_fast_with_one_clear_sentence(args, says, data_dir, tmp_path,  # noqa: ANN001
                                                                 capsys) -> None:  # noqa: ANN001
-    from bpfree_cli import main
+    from bpfree.cli import main
 
     args = [a.replace("{empty}", str(tmp_path)) for a in args]
     base = [] if "--data-dir" in args or "--resume" in args else ["--data-dir", str(data_dir)]
@@ -483,7 +483,7 @@ def test_a_stalled_stage_is_reported_then_killed_restarted_and_the_run_ends_exac
     run, log_file = tmp_path / "run", tmp_path / "pipeline.log"
     with open(log_file, "w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "bpfree_cli", "pipeline", "--data-dir", str(data_dir), "--out",
+            [sys.executable, "-m", "bpfree", "pipeline", "--data-dir", str(data_dir), "--out",
              str(run), "--no-progress", *sum((["--set", s] for s in PIPE), [])],
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO_ROOT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -554,8 +554,8 @@ def test_simulate_restarts_a_killed_stage_worker_and_the_round_ends_exactly(data
     weights. No Ray session directory is left in /tmp/ray."""
     import threading
 
-    from server.reference import federated_reference
-    from server.simulate import simulate
+    from bpfree.server.reference import federated_reference
+    from bpfree.server.simulate import simulate
 
     cfg = load_config(None, [f"train.data_dir={data_dir}", *FED, "federation.rounds=2",
                              "federation.local_epochs=6", "federation.executor=pipeline"])

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from bpfree.server.coordinator import Coordinator, RoundReplies
+from bpfree.server.reference import federated_reference
+from bpfree.server.simulate import simulate
 from bpfree_core.aggregate import ClientUpdate
 from bpfree_core.checkpoint import load_checkpoint
 from bpfree_core.config import load_config
 from bpfree_core.errors import AggregationError, ProtocolError
-from server.coordinator import Coordinator, RoundReplies
-from server.reference import federated_reference
-from server.simulate import simulate
 
 RECORD = "tests.flower_mods:record_replies"   # client mods run in the simulation's processes
 SMALL = ["train.train_limit=3000", "train.test_limit=1000", "model.hidden=200,200",
@@ -115,6 +115,8 @@ class _InProcess:
 def test_fedprox_pulls_toward_the_global_weights_and_pipelines_match_the_reference(data_dir):
     import grpc
 
+    from bpfree.client.executor import PipelineExecutor
+    from bpfree.protos import stage_pb2 as pb
     from bpfree_core.federated import (
         InProcessExecutor,
         client_split,
@@ -122,8 +124,6 @@ def test_fedprox_pulls_toward_the_global_weights_and_pipelines_match_the_referen
         stack_template,
         train_split,
     )
-    from client.executor import PipelineExecutor
-    from protos import stage_pb2 as pb
 
     def rounds(executor, cfg, n: int) -> tuple[dict, dict]:  # noqa: ANN001
         start = weights = stack_template(cfg)
@@ -161,7 +161,7 @@ def test_fedprox_pulls_toward_the_global_weights_and_pipelines_match_the_referen
 
 
 def test_simulate_cli_names_the_bad_field(data_dir, capsys):
-    from bpfree_cli import main
+    from bpfree.cli import main
 
     code = main(["simulate", "--data-dir", str(data_dir), "--partition", "dirichlet:-1"])
     assert code == 2

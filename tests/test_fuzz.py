@@ -24,16 +24,16 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bpfree.client.link import PullReader
+from bpfree.client.transport import PULL_METHOD, PUSH_METHOD, Security
+from bpfree.client.wire import WireBatch, decode_state, encode_batch, end_frame, pack_frame, unpack_frame
+from bpfree.client.worker import StageWorker, build_server
+from bpfree.protos import stage_pb2 as pb
+from bpfree.protos import stage_pb2_grpc as pb_grpc
 from bpfree_core.batches import train_packets
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.data import load_dataset
 from bpfree_core.model import Stage, build_layers, build_objective
-from client.link import PullReader
-from client.transport import PULL_METHOD, PUSH_METHOD, Security
-from client.wire import WireBatch, decode_state, encode_batch, end_frame, pack_frame, unpack_frame
-from client.worker import StageWorker, build_server
-from protos import stage_pb2 as pb
-from protos import stage_pb2_grpc as pb_grpc
 
 RUN = "fuzz-run"
 SCALE = float(os.environ.get("BPFREE_FUZZ_EXAMPLES", "1"))

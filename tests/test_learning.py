@@ -51,7 +51,7 @@ def test_objective_learns_real_mnist(data_dir, extra: tuple[str, ...], minimum: 
 
 
 def test_accuracy_benchmark_writes_table_and_json(data_dir, tmp_path):
-    from bench.accuracy import main
+    from bpfree.bench.accuracy import main
 
     out = tmp_path / "results"
     assert main(["--data-dir", str(data_dir), "--out", str(out), "--runs-dir", str(tmp_path / "runs"),

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from bpfree_cli import main
+from bpfree.cli import main
 from bpfree_core.config import load_config
 from bpfree_core.data import load_dataset
 from bpfree_core.evaluation import EVAL_BATCH, prediction_modes

@@ -22,12 +22,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.links import host_certs, qdisc_bytes, start_workers
-from bench.testbed import Testbed, namespaces, unavailable
+from bpfree.bench.links import host_certs, qdisc_bytes, start_workers
+from bpfree.bench.testbed import Testbed, namespaces, unavailable
+from bpfree.client.supervisor import worker_env
 from bpfree_core.checkpoint import load_checkpoint
 from bpfree_core.config import load_config
 from bpfree_core.trainer import train_reference
-from client.supervisor import worker_env
 
 REPO = Path(__file__).resolve().parents[1]
 REASON = unavailable()
@@ -43,7 +43,7 @@ def _env(**extra: str) -> dict[str, str]:
 
 def _bpfree(tb: Testbed, host: str, args: list[str], timeout: float,
             **env: str) -> subprocess.CompletedProcess:
-    done = tb.run(host, [sys.executable, "-m", "bpfree_cli", *args], timeout=timeout,
+    done = tb.run(host, [sys.executable, "-m", "bpfree", *args], timeout=timeout,
                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(**env), cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
@@ -98,7 +98,7 @@ def _daemon(tb: Testbed, host: str, argv: list[str], log: Path, **env: str) -> s
 
 def test_federation_across_hosts_with_tls_equals_the_reference(data_dir: Path, tmp_path: Path) -> None:
     """SuperLink on `link`; SuperNode k on `ck`; client k's two stage workers on `cks0`, `cks1`."""
-    from server.reference import federated_reference
+    from bpfree.server.reference import federated_reference
 
     sets = [f"train.data_dir={data_dir}", "train.train_limit=2000", "train.test_limit=1000",
             "model.hidden=200,200", "model.algorithm=symba", "train.threads=1",
@@ -164,7 +164,7 @@ def test_ray_across_hosts_spreads_stages_and_equals_the_reference(data_dir: Path
     client's two stages on the two hosts, so every activation crosses the shaped link."""
     import tempfile
 
-    from server.reference import federated_reference
+    from bpfree.server.reference import federated_reference
 
     sets = [f"train.data_dir={data_dir}", "model.algorithm=symba", "model.hidden=[120,120]",
             "train.train_limit=2000", "train.test_limit=500", "train.threads=1",

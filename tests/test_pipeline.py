@@ -15,6 +15,8 @@ from typing import Any
 import pytest
 import torch
 
+from bpfree.client.pipeline import Pipeline
+from bpfree.client.supervisor import launch_workers, stop_processes
 from bpfree_core.batches import train_packets
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.data import load_dataset
@@ -23,8 +25,6 @@ from bpfree_core.evaluation import evaluate
 from bpfree_core.model import build_layers, build_objective
 from bpfree_core.splits import limited
 from bpfree_core.trainer import train_reference
-from client.pipeline import Pipeline
-from client.supervisor import launch_workers, stop_processes
 
 # 3 layers so that S = 1, 2, 3 all split it; 1000 real MNIST images, 2 epochs (lr cool-down on).
 BASE = ["model.hidden=3x120", "train.batch_size=100", "train.train_limit=1000",
@@ -241,7 +241,7 @@ def test_bp_cannot_be_pipelined(data_dir: Path) -> None:
 
 
 def test_pipeline_cli_end_to_end(data_dir: Path, tmp_path: Path, capsys) -> None:  # noqa: ANN001
-    from bpfree_cli import main
+    from bpfree.cli import main
 
     args = ["--layers", "2x60", "--epochs", "1", "--data-dir", str(data_dir), "--set",
             "train.train_limit=500", "--set", "train.test_limit=300", "--set", "train.threads=1",

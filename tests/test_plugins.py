@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from bpfree_cli import main
+from bpfree.cli import main
+from bpfree.client.supervisor import REPO_ROOT
 from bpfree_core.config import load_config
 from bpfree_core.errors import BpfreeError, ConfigError
 from bpfree_core.objectives import registered
 from bpfree_core.trainer import train_reference
-from client.supervisor import REPO_ROOT
 
 EXAMPLE = REPO_ROOT / "examples" / "fixed_random_classifier.py"
 RULE = f"{EXAMPLE}:FixedRandomClassifier"
@@ -55,10 +55,10 @@ def test_the_example_is_short_and_learns(data_dir: Path) -> None:
 
 def test_the_example_on_a_pipeline_and_in_a_flower_simulation_equals_the_reference(
         data_dir: Path, tmp_path: Path) -> None:
-    from client.pipeline import Pipeline
-    from client.pipeline_cli import train_pipeline
-    from server.reference import federated_reference
-    from server.simulate import simulate
+    from bpfree.client.pipeline import Pipeline
+    from bpfree.client.pipeline_cli import train_pipeline
+    from bpfree.server.reference import federated_reference
+    from bpfree.server.simulate import simulate
 
     cfg = _cfg(data_dir, RULE)
     reference = train_reference(cfg, None, progress=False)["weights"]
@@ -109,7 +109,7 @@ def test_a_rule_that_cannot_be_loaded_is_one_sentence_here_and_on_a_worker(
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and says in err, err
     # the driver loads the rule; a stage worker that cannot (the file is gone there) says so
-    from client.pipeline import Pipeline
+    from bpfree.client.pipeline import Pipeline
 
     rule = tmp_path / "rule.py"
     rule.write_text(EXAMPLE.read_text())

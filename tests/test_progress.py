@@ -20,7 +20,7 @@ SMALL = ["--set", "train.train_limit=3000", "--set", "train.test_limit=500", "--
 def _on_a_terminal(args: list[str], timeout: float = 240) -> str:
     """Run `bpfree ARGS` with a pty as its terminal; return everything it wrote there."""
     master, slave = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "bpfree_cli", *args], stdin=slave, stdout=slave,
+    proc = subprocess.Popen([sys.executable, "-m", "bpfree", *args], stdin=slave, stdout=slave,
                             stderr=slave, start_new_session=True,
                             env={**os.environ, "COLUMNS": "120", "TERM": "xterm"})
     os.close(slave)

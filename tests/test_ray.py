@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from bpfree.client.ray_stage import stage_device
+from bpfree.server.ray_backend import NAMESPACE, PlacementError, check_capacity, simulate_ray
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.errors import ConfigError, PeerUnavailableError
-from client.ray_stage import stage_device
-from server.ray_backend import NAMESPACE, PlacementError, check_capacity, simulate_ray
 
 REPO = Path(__file__).resolve().parents[1]
 START_DEADLINE = 90.0   # seconds for `ray start --head` to come up on a busy 2-core box
@@ -227,7 +227,7 @@ def test_nothing_is_left_behind(ray_run: dict) -> None:
 
 
 def test_ray_backend_equals_in_process_reference(ray_run: dict) -> None:
-    from server.reference import federated_reference
+    from bpfree.server.reference import federated_reference
 
     reference = federated_reference(ray_run["cfg"])
     weights = ray_run["summary"]["weights"]
@@ -287,7 +287,7 @@ def test_cli_simulate_joins_the_cluster(ray_cluster: Cluster, data_dir: Path, tm
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
-        [sys.executable, "-m", "bpfree_cli", "simulate", "--backend", "ray", "--address",
+        [sys.executable, "-m", "bpfree", "simulate", "--backend", "ray", "--address",
          ray_cluster.address,
          "--placement", "STRICT_PACK", "--clients", "2", "--stages", "2", "--rounds", "1",
          "--set", "model.hidden=[60,60]", "--set", "train.train_limit=1000",
@@ -325,8 +325,8 @@ def test_a_dead_stage_fails_only_its_client(ray_cluster: Cluster, data_dir: Path
     aggregated (federation.min_clients = 1), and the run still removes everything."""
     import ray
 
-    from server.coordinator import Coordinator
-    from server.ray_backend import RayTransport, StageCluster
+    from bpfree.server.coordinator import Coordinator
+    from bpfree.server.ray_backend import RayTransport, StageCluster
 
     small = ("federation.min_clients=1", "model.hidden=[60,60]", "train.train_limit=1000",
              "train.test_limit=200")

@@ -29,12 +29,12 @@ import pytest
 import torch
 
 import bpfree_core.rundir as rundir
-from bpfree_cli import main
+from bpfree.cli import main
+from bpfree.client.supervisor import REPO_ROOT
 from bpfree_core.checkpoint import load_checkpoint
 from bpfree_core.config import load_config
 from bpfree_core.errors import DataError, RunDirError
 from bpfree_core.trainer import train_reference
-from client.supervisor import REPO_ROOT
 
 TINY = ["model.algorithm=ff", "model.hidden=40,40", "train.train_limit=600", "train.test_limit=200",
         "train.batch_size=100", "train.threads=1", "train.jitter=0", "objective.vote_first=false",
@@ -58,7 +58,7 @@ def _cli(capsys, *argv: str) -> tuple[int, str]:  # noqa: ANN001
 
 
 def _bpfree(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "bpfree_cli", *args], cwd=REPO_ROOT,
+    return subprocess.Popen([sys.executable, "-m", "bpfree", *args], cwd=REPO_ROOT,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 
@@ -94,7 +94,7 @@ class _Payload:
 
 
 def test_a_checkpoint_that_would_run_code_is_refused_and_runs_nothing(data_dir, tmp_path, capsys):  # noqa: ANN001
-    from server.coordinator import Coordinator
+    from bpfree.server.coordinator import Coordinator
 
     run, marker = tmp_path / "run", tmp_path / "pwned"
     assert _cli(capsys, "train", *_flags(data_dir, "train.epochs=1"), "--out", str(run))[0] == 0
@@ -287,8 +287,8 @@ def test_non_finite_and_absurd_numbers_are_refused_by_field(command, flags, says
 # -- 6. a corrupt latest round checkpoint -----------------------------------------------------------
 
 def test_a_corrupt_latest_round_names_the_intact_one_and_how_to_resume(data_dir, tmp_path) -> None:  # noqa: ANN001
-    from server.coordinator import Coordinator
-    from server.reference import InProcessTransport
+    from bpfree.server.coordinator import Coordinator
+    from bpfree.server.reference import InProcessTransport
 
     cfg = _cfg(data_dir, "federation.clients=2", "federation.rounds=2")
     run = tmp_path / "run"

@@ -22,14 +22,14 @@ import grpc
 import pytest
 import torch
 
+from bpfree.client.supervisor import REPO_ROOT, stop_processes, wait_port, worker_env
+from bpfree.client.transport import PULL_METHOD, PUSH_METHOD, TOKEN_HEADER, Security
+from bpfree.client.wire import MAX_BATCH_BYTES, MAX_META_BYTES, MAX_TENSORS, pack_frame
+from bpfree.client.worker import StageWorker, build_server
+from bpfree.protos import stage_pb2 as pb
+from bpfree.protos import stage_pb2_grpc as pb_grpc
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.errors import PeerUnavailableError
-from client.supervisor import REPO_ROOT, stop_processes, wait_port, worker_env
-from client.transport import PULL_METHOD, PUSH_METHOD, TOKEN_HEADER, Security
-from client.wire import MAX_BATCH_BYTES, MAX_META_BYTES, MAX_TENSORS, pack_frame
-from client.worker import StageWorker, build_server
-from protos import stage_pb2 as pb
-from protos import stage_pb2_grpc as pb_grpc
 
 TOKEN = "tok-3f9c1e-do-not-leak"
 
@@ -49,7 +49,7 @@ def tls_worker(tmp_path_factory) -> Iterator[tuple[str, Path, Path]]:  # noqa: A
     env = {**worker_env(1), "BPFREE_TOKEN": TOKEN}
     port_file, log = tmp / "port", tmp / "worker.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "bpfree_cli", "worker", "--listen",
+        proc = subprocess.Popen([sys.executable, "-m", "bpfree", "worker", "--listen",
                                  "127.0.0.1:0", "--tls-cert", str(certs / "server.crt"),
                                  "--tls-key", str(certs / "server.key"), "--port-file",
                                  str(port_file)], env=env, cwd=REPO_ROOT, stdout=out,
@@ -110,10 +110,10 @@ def test_tls_worker_refuses_plaintext_and_strangers(tls_worker, data_dir: Path) 
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE, method
     stranger = Security(token=TOKEN, tls_ca=str(other_ca))   # trusts another CA: no handshake
     with pytest.raises(PeerUnavailableError, match="did not answer"):
-        from client.transport import wait_for_peer
+        from bpfree.client.transport import wait_for_peer
 
         wait_for_peer(address, stranger, timeout=2)
-    from client.pipeline import Pipeline
+    from bpfree.client.pipeline import Pipeline
 
     cfg = ExperimentConfig().with_overrides([
         "model.hidden=30,20", "train.train_limit=100", f"train.data_dir={data_dir}",
@@ -194,7 +194,7 @@ def test_the_token_is_never_written_to_a_run_dir(data_dir: Path, tmp_path: Path)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     common = ["--data-dir", str(data_dir), "--set", "train.train_limit=300", "--set",
               "train.test_limit=200", "--set", "train.threads=1", "--set", "model.hidden=30,20"]
-    pipe = subprocess.run([sys.executable, "-m", "bpfree_cli", "pipeline", *common, "--epochs", "1",
+    pipe = subprocess.run([sys.executable, "-m", "bpfree", "pipeline", *common, "--epochs", "1",
                            "--stages", "2", "--token", TOKEN, "--out", str(tmp_path / "pipe"),
                            "--log-dir", str(tmp_path / "pipe" / "logs")],
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -205,7 +205,7 @@ def test_the_token_is_never_written_to_a_run_dir(data_dir: Path, tmp_path: Path)
     assert _leaks(tmp_path / "pipe") == [] and TOKEN not in pipe.stdout + pipe.stderr
 
     # Flower: the train message carries the config without the token.
-    from client.messages import read_train_content, train_content
+    from bpfree.client.messages import read_train_content, train_content
 
     cfg = ExperimentConfig().with_overrides([f"pipeline.token={TOKEN}"])
     content = train_content(0, {"w": torch.zeros(2)}, cfg)
@@ -216,12 +216,12 @@ def test_the_token_is_never_written_to_a_run_dir(data_dir: Path, tmp_path: Path)
 def test_floods_of_bad_streams_and_wrong_tokens_are_logged_rate_limited(monkeypatch, caplog) -> None:
     import logging
 
-    import client.transport
-    import client.worker
-    from client.transport import RateLimitedLog
+    from bpfree.client import transport as transport_module
+    from bpfree.client import worker as worker_module
+    from bpfree.client.transport import RateLimitedLog
 
-    monkeypatch.setattr(client.worker, "_REJECTED", RateLimitedLog(client.worker.log))
-    monkeypatch.setattr(client.transport, "_TOKEN_FAILURES", RateLimitedLog(client.transport.log))
+    monkeypatch.setattr(worker_module, "_REJECTED", RateLimitedLog(worker_module.log))
+    monkeypatch.setattr(transport_module, "_TOKEN_FAILURES", RateLimitedLog(transport_module.log))
     security = Security(token="right")
     worker = StageWorker("cpu", security)
     server, port = build_server(worker, "127.0.0.1:0", security, max_workers=4)
@@ -254,7 +254,7 @@ def test_floods_of_bad_streams_and_wrong_tokens_are_logged_rate_limited(monkeypa
 def test_rate_limited_log_says_how_many_it_held_back(caplog) -> None:
     import logging
 
-    from client.transport import RateLimitedLog
+    from bpfree.client.transport import RateLimitedLog
 
     now = [100.0]
     limited = RateLimitedLog(logging.getLogger("test.ratelimit"), burst=2, period=10.0,
@@ -277,7 +277,7 @@ def test_idle_connections_are_closed_and_the_worker_keeps_serving(tmp_path: Path
 
     port_file, log = tmp_path / "port", tmp_path / "worker.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "bpfree_cli", "worker", "--listen",
+        proc = subprocess.Popen([sys.executable, "-m", "bpfree", "worker", "--listen",
                                  "127.0.0.1:0", "--port-file", str(port_file), "--idle-timeout", "2"],
                                 env={**worker_env(1), "BPFREE_TOKEN": TOKEN}, cwd=REPO_ROOT,
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)

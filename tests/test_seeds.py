@@ -9,10 +9,10 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from bpfree.server.reference import federated_reference
 from bpfree_core.config import load_config
 from bpfree_core.errors import ConfigError
 from bpfree_core.seeds import PURPOSES, SEED_SPACE, derive, generator
-from server.reference import federated_reference
 
 TINY = ["train.train_limit=600", "train.test_limit=200", "model.hidden=40,40", "train.threads=1",
         "federation.clients=2", "federation.rounds=1", "federation.executor=inprocess",

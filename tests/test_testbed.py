@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.testbed import PREFIX, Testbed, namespaces, unavailable
+from bpfree.bench.testbed import PREFIX, Testbed, namespaces, unavailable
 
 REPO = Path(__file__).resolve().parents[1]
 REASON = unavailable()
@@ -130,7 +130,7 @@ CREATOR = """
 import json, signal, subprocess, sys
 signal.signal(signal.SIGINT, signal.default_int_handler)   # as in a shell (pytest's may ignore it)
 sys.path.insert(0, sys.argv[1])
-from bench.testbed import Testbed
+from bpfree.bench.testbed import Testbed
 with Testbed(["a", "b"], rate_mbit=50) as tb:
     p = tb.popen("b", ["bash", "-c", "sleep 600 & echo $!; wait"], stdout=subprocess.PIPE, text=True)
     print(json.dumps({"names": tb.names(), "pids": [p.pid, int(p.stdout.readline())],
@@ -171,7 +171,7 @@ def test_nothing_is_left_however_the_creator_ends(how: str) -> None:
 
 
 def test_without_iproute2_or_root_the_reason_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
-    code = "import sys; sys.path.insert(0, sys.argv[1]); from bench.testbed import unavailable; " \
+    code = "import sys; sys.path.insert(0, sys.argv[1]); from bpfree.bench.testbed import unavailable; " \
            "print(unavailable())"
     out = subprocess.run([sys.executable, "-c", code, str(REPO)], capture_output=True, text=True,
                          timeout=60, env={**os.environ, "PATH": "/nonexistent"})

@@ -2,7 +2,7 @@
 
 import pytest
 
-from bench.model import PipelineModel, balanced, sequential_seconds
+from bpfree.bench.model import PipelineModel, balanced, sequential_seconds
 
 
 def test_balanced_compute_bound_pipeline_approaches_s_times_speedup():

@@ -36,7 +36,7 @@ def test_same_seed_same_weights_other_seed_other_weights(data_dir):
 
 def _bpfree(*args: str, **kw) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "bpfree_cli", *args], env=env,
+    return subprocess.Popen([sys.executable, "-m", "bpfree", *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 

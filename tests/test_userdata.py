@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from bpfree_cli import main
+from bpfree.cli import main
 from bpfree_core.cli_train import MAX_EPOCHS, MIN_STEPS, TRAIN_DEFAULTS, config_from_args
 from bpfree_core.config import load_config
 from bpfree_core.data import bind_data, load_dataset
@@ -215,10 +215,10 @@ def test_a_resumed_run_refuses_data_that_changed(tabular, tmp_path, capsys) -> N
 
 
 def test_a_pipeline_and_a_flower_simulation_on_your_data_equal_the_reference(tmp_path) -> None:  # noqa: ANN001
-    from client.pipeline import Pipeline
-    from client.pipeline_cli import train_pipeline
-    from server.reference import federated_reference
-    from server.simulate import simulate
+    from bpfree.client.pipeline import Pipeline
+    from bpfree.client.pipeline_cli import train_pipeline
+    from bpfree.server.reference import federated_reference
+    from bpfree.server.simulate import simulate
 
     torch.set_num_threads(1)
     path = save_npz(tmp_path / "bars.npz", bars(400), bars(100, seed=1))

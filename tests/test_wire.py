@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bpfree_core.errors import ProtocolError
-from client.wire import (
+from bpfree.client.wire import (
     DTYPES,
     WireBatch,
     decode_frames,
@@ -16,7 +15,8 @@ from client.wire import (
     pack_frame,
     unpack_frame,
 )
-from protos import stage_pb2 as pb
+from bpfree.protos import stage_pb2 as pb
+from bpfree_core.errors import ProtocolError
 
 
 def _tensor(dtype: torch.dtype, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:

@@ -17,18 +17,18 @@ import grpc
 import pytest
 import torch
 
+from bpfree.client.link import Link
+from bpfree.client.pipeline import Pipeline
+from bpfree.client.transport import PUSH_METHOD, Security
+from bpfree.client.wire import WireBatch, encode_batch, end_frame, pack_frame, unpack_frame
+from bpfree.client.worker import StageWorker, build_server
+from bpfree.protos import stage_pb2 as pb
+from bpfree.protos import stage_pb2_grpc as pb_grpc
 from bpfree_core.batches import train_packets
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.data import load_dataset
 from bpfree_core.errors import PeerUnavailableError, ProtocolError
 from bpfree_core.model import Stage, build_layers, build_objective
-from client.link import Link
-from client.pipeline import Pipeline
-from client.transport import PUSH_METHOD, Security
-from client.wire import WireBatch, encode_batch, end_frame, pack_frame, unpack_frame
-from client.worker import StageWorker, build_server
-from protos import stage_pb2 as pb
-from protos import stage_pb2_grpc as pb_grpc
 
 RUN = "test-run"
 
@@ -173,7 +173,7 @@ def test_bad_streams_are_rejected_and_good_ones_still_train(served: Served, pack
     local.set_epoch(0, 1)
     for p in packets:
         local.train_step(p)
-    from client.wire import decode_state
+    from bpfree.client.wire import decode_state
 
     remote = decode_state(served.stub.GetWeights(pb.GetWeightsRequest(), timeout=10))
     expected = local.state_dict()
@@ -338,9 +338,9 @@ def test_worker_cli_refuses_a_missing_gpu_clearly(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    from client.supervisor import REPO_ROOT, worker_env
+    from bpfree.client.supervisor import REPO_ROOT, worker_env
 
-    done = subprocess.run([sys.executable, "-m", "bpfree_cli", "worker", "--device", "cuda:0",
+    done = subprocess.run([sys.executable, "-m", "bpfree", "worker", "--device", "cuda:0",
                            "--port-file", str(tmp_path / "port")], cwd=REPO_ROOT, env=worker_env(1),
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
@@ -353,16 +353,16 @@ def test_worker_cli_serves_tls_with_token(tmp_path: Path, data_dir: Path) -> Non
     import subprocess
     import sys
 
-    from client.supervisor import REPO_ROOT, stop_processes, worker_env
+    from bpfree.client.supervisor import REPO_ROOT, stop_processes, worker_env
 
     cert, key = _self_signed(tmp_path)
     port_file = tmp_path / "port"
     env = {**worker_env(1), "BPFREE_TOKEN": "cli-token"}
-    proc = subprocess.Popen([sys.executable, "-m", "bpfree_cli", "worker", "--tls-cert", str(cert),
+    proc = subprocess.Popen([sys.executable, "-m", "bpfree", "worker", "--tls-cert", str(cert),
                              "--tls-key", str(key), "--tls-ca", str(cert), "--port-file", str(port_file)],
                             cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        from client.supervisor import wait_port
+        from bpfree.client.supervisor import wait_port
 
         log_file = tmp_path / "none.log"
         address = f"127.0.0.1:{wait_port(proc, port_file, log_file, 60)}"

@@ -18,14 +18,14 @@ from bpfree_core.errors import BpfreeError
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("bpfree_core.cli_train", "train a stack in one process (the golden reference)"),
-    "worker": ("client.worker_cli", "serve one pipeline stage over gRPC"),
-    "pipeline": ("client.pipeline_cli", "train one client's pipeline of stage workers"),
-    "simulate": ("server.simulate", "federated run: K clients x S stages on this machine"),
-    "continual": ("server.continual", "continual learning: tasks that arrive one after another"),
+    "worker": ("bpfree.client.worker_cli", "serve one pipeline stage over gRPC"),
+    "pipeline": ("bpfree.client.pipeline_cli", "train one client's pipeline of stage workers"),
+    "simulate": ("bpfree.server.simulate", "federated run: K clients x S stages on this machine"),
+    "continual": ("bpfree.server.continual", "continual learning: tasks that arrive one after another"),
     "predict": ("bpfree_core.cli_predict", "class and scores of a trained run for new inputs"),
     "evaluate": ("bpfree_core.cli_evaluate", "a trained run's accuracy on any dataset"),
     "export": ("bpfree_core.cli_export", "a trained run as a self-contained TorchScript module"),
-    "bench": ("bench.cli", "benchmarks: accuracy, pipeline, throughput sweeps"),
+    "bench": ("bpfree.bench.cli", "benchmarks: accuracy, pipeline, throughput sweeps"),
 }
 
 
