@@ -51,7 +51,7 @@ def _in_a_checkout() -> bool:
 
 
 if _in_a_checkout() and not any(isinstance(f, _CheckoutFolders) for f in sys.meta_path):
-    sys.meta_path.append(_CheckoutFolders())
+    sys.meta_path.insert(0, _CheckoutFolders())   # before an editable install of another checkout
 
 
 def __getattr__(name: str) -> Any:

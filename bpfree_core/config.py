@@ -236,14 +236,25 @@ class PipelineConfig:
         _check_choice("pipeline", "balance", self.balance, ("flops", "layers", "measured"))
 
 
+def train_sample_size(clients: int, fraction: float, minimum: int) -> int:
+    """Clients that train each round: Flower's max(int(K * fraction_train), min_train_nodes),
+    capped at K (Flower would wait for nodes that will never come)."""
+    return min(clients, max(int(clients * fraction), minimum, 1))
+
+
 @dataclass(frozen=True)
 class FederationConfig:
     clients: int = 3                      # K federated clients
     rounds: int = 3
     local_epochs: int = 1                 # epochs each client trains per round
     partition: str = "iid"                # iid | dirichlet:ALPHA | shards:N
-    min_clients: int = runtime(0)         # replies needed to aggregate a round (0 = all clients)
-    proximal_mu: float = 0.0              # FedProx proximal term (0 = plain FedAvg)
+    min_partition_size: int = 0           # every client holds at least this many samples (Dirichlet redraws)
+    min_clients: int = runtime(0)         # replies needed to aggregate a round (0 = all sampled)
+    fraction_train: float = 1.0           # share of the K clients sampled to train each round
+    min_train_clients: int = 2            # sample at least this many (at most K), as Flower's min_train_nodes
+    proximal_mu: float = 0.0              # FedProx proximal term on the clients (0 = none)
+    strategy: str = "fedavg"              # server strategy: bpfree_core/strategies/ (Flower's maths)
+    strategy_args: str = ""               # its hyper-parameters, Flower's names: "eta=0.01,beta_1=0.9"
     round_timeout: float = runtime(600.0) # seconds the coordinator waits for replies
     executor: str = runtime("pipeline")   # pipeline (S stage workers over gRPC) | inprocess (one process)
     backend: str = runtime("flower")      # flower (Flower simulation engine) | ray (stage actors on Ray)
@@ -255,19 +266,33 @@ class FederationConfig:
         _check_positive("federation", "rounds", self.rounds)
         _check_positive("federation", "local_epochs", self.local_epochs)
         _check_positive("federation", "min_clients", self.min_clients, allow_zero=True)
+        _check_positive("federation", "min_partition_size", self.min_partition_size, allow_zero=True)
         if self.min_clients > self.clients:
             raise ConfigError(
                 f"federation.min_clients = {self.min_clients} exceeds federation.clients = "
                 f"{self.clients}"
             )
+        if not 0.0 < self.fraction_train <= 1.0:
+            raise ConfigError(f"federation.fraction_train = {self.fraction_train} must be in (0, 1]: "
+                              "the share of clients that train each round")
+        _check_positive("federation", "min_train_clients", self.min_train_clients)
+        sampled = train_sample_size(self.clients, self.fraction_train, self.min_train_clients)
+        if self.min_clients > sampled:
+            raise ConfigError(
+                f"federation.min_clients = {self.min_clients} exceeds the {sampled} clients sampled "
+                f"per round (federation.fraction_train = {self.fraction_train} of {self.clients}, at "
+                f"least federation.min_train_clients = {self.min_train_clients}); lower min_clients "
+                "or sample more clients")
         _check_positive("federation", "proximal_mu", self.proximal_mu, allow_zero=True)
         _check_positive("federation", "round_timeout", self.round_timeout)
         _check_choice("federation", "executor", self.executor, ("pipeline", "inprocess"))
         _check_choice("federation", "backend", self.backend, ("flower", "ray"))
         _check_choice("federation", "placement", self.placement, PLACEMENTS)
         from bpfree_core.partition import parse_partition  # local: partition imports config-free
+        from bpfree_core.strategies import parse_params
 
         parse_partition(self.partition)
+        parse_params(self.strategy, self.strategy_args)
 
 
 SCENARIOS = ("class", "domain", "task")

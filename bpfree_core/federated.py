@@ -19,10 +19,13 @@ CPU. Torch only: the client (ClientApp) and the server (coordinator, reference) 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import time
 
+import torch
+
 from bpfree_core.aggregate import ClientUpdate, Weights
-from bpfree_core.config import ExperimentConfig
+from bpfree_core.config import ExperimentConfig, train_sample_size
 from bpfree_core.continual import client_round_data
 from bpfree_core.data import Split
 from bpfree_core.errors import ConfigError
@@ -31,7 +34,7 @@ from bpfree_core.metrics import flat_numbers
 from bpfree_core.model import Stage, build_layers, build_objective
 from bpfree_core.partition import partition_indices
 from bpfree_core.restarts import with_restarts
-from bpfree_core.seeds import derive
+from bpfree_core.seeds import derive, generator
 from bpfree_core.splits import run_splits
 from bpfree_core.trainer import run_epoch
 
@@ -47,15 +50,29 @@ def round_epochs(cfg: ExperimentConfig, rnd: int) -> range:
     return range(rnd * e, (rnd + 1) * e)
 
 
+def sampled_clients(cfg: ExperimentConfig, rnd: int) -> list[int]:
+    """The partitions that train in round `rnd` (0-based), ascending: all K, or under
+    federation.fraction_train a draw from derive(seed, "sample", rnd), the same in every process
+    and on resume."""
+    fed = cfg.federation
+    n = train_sample_size(fed.clients, fed.fraction_train, fed.min_train_clients)
+    if n == fed.clients:
+        return list(range(fed.clients))
+    draw = torch.randperm(fed.clients, generator=generator(cfg.train.seed, "sample", rnd))
+    return sorted(draw[:n].tolist())
+
+
 def client_seed(seed: int, client: int) -> int:
     """Seed of client `client`'s batch order and negatives (distinct per client, fixed per run)."""
     return derive(seed, "client", client)
 
 
-def client_config(cfg: ExperimentConfig, client: int) -> ExperimentConfig:
-    """The config a client trains with: the run's, with its own batch/negative seed."""
-    return dataclasses.replace(
-        cfg, train=dataclasses.replace(cfg.train, seed=client_seed(cfg.train.seed, client)))
+def client_config(cfg: ExperimentConfig, client: int, samples: int | None = None) -> ExperimentConfig:
+    """The config a client trains with: the run's, with its own batch/negative seed; a client
+    holding fewer than train.batch_size `samples` trains on batches of what it has."""
+    batch = cfg.train.batch_size if samples is None else min(cfg.train.batch_size, samples)
+    return dataclasses.replace(cfg, train=dataclasses.replace(
+        cfg.train, seed=client_seed(cfg.train.seed, client), batch_size=batch))
 
 
 def train_split(cfg: ExperimentConfig) -> Split:
@@ -64,18 +81,34 @@ def train_split(cfg: ExperimentConfig) -> Split:
     return run_splits(cfg)[0]
 
 
+_PARTITIONS: dict[tuple, list[torch.Tensor]] = {}   # the last split's K parts, by what fixes them
+
+
+def partitions(cfg: ExperimentConfig, labels: torch.Tensor) -> list[torch.Tensor]:
+    """Every client's sample indices, computed once per process and split: a Dirichlet split of
+    K = 1000 costs ~0.2 s, and each client (each round) would otherwise draw it again."""
+    fed = cfg.federation
+    key = (fed.clients, fed.partition, fed.min_partition_size, cfg.train.seed,
+           hashlib.blake2b(labels.numpy().tobytes(), digest_size=16).digest())
+    if key not in _PARTITIONS:
+        _PARTITIONS.clear()
+        _PARTITIONS[key] = partition_indices(labels, fed.clients, fed.partition, cfg.train.seed,
+                                             min_size=fed.min_partition_size)
+    return _PARTITIONS[key]
+
+
 def client_split(cfg: ExperimentConfig, train: Split, client: int) -> Split:
     """Client `client`'s partition of `train`."""
     k = cfg.federation.clients
     if not 0 <= client < k:
         raise ConfigError(f"partition id {client} is out of range for federation.clients = {k}; "
                           f"valid ids are 0..{k - 1}")
-    idx = partition_indices(train.labels, k, cfg.federation.partition, cfg.train.seed)[client]
-    if len(idx) < cfg.train.batch_size:
+    idx = partitions(cfg, train.labels)[client]
+    if len(idx) == 0:
         raise ConfigError(
-            f"client {client} holds {len(idx)} samples under federation.partition = "
-            f"{cfg.federation.partition!r}, fewer than one batch (train.batch_size = "
-            f"{cfg.train.batch_size}); lower the batch size or use a less skewed partition")
+            f"client {client} holds no samples under federation.partition = "
+            f"{cfg.federation.partition!r}; set federation.min_partition_size = 1 or more, use "
+            "fewer clients or a less skewed partition")
     return train.subset(idx)
 
 
@@ -98,11 +131,11 @@ def local_round(executor: Executor, cfg: ExperimentConfig, data: Split, client: 
 
 def _round_once(executor: Executor, cfg: ExperimentConfig, data: Split, client: int, rnd: int,
                 global_weights: Weights) -> ClientUpdate:
-    ccfg = client_config(cfg, client)
-    objective = build_objective(ccfg)
     memory = None
     if cfg.continual.federated:   # this round's task (+ the client's own replay memory)
-        data, memory = client_round_data(cfg, data, client, rnd, ccfg.train.seed)
+        data, memory = client_round_data(cfg, data, client, rnd, client_seed(cfg.train.seed, client))
+    ccfg = client_config(cfg, client, samples=len(data))
+    objective = build_objective(ccfg)
     executor.load_weights(global_weights, proximal_mu=cfg.federation.proximal_mu)
     t0 = time.perf_counter()
     metrics: dict[str, float] = {}
@@ -121,4 +154,5 @@ def stack_template(cfg: ExperimentConfig) -> Weights:
 
 
 __all__ = ["Executor", "InProcessExecutor", "client_config", "client_seed", "client_split",
-           "local_round", "round_epochs", "stack_template", "total_epochs", "train_split"]
+           "local_round", "round_epochs", "sampled_clients", "stack_template", "total_epochs",
+           "train_split"]

@@ -17,6 +17,12 @@ class PartitionSpec:
     alpha: float = 0.0   # dirichlet concentration
     shards: int = 0      # shards per client
 
+    @property
+    def text(self) -> str:
+        if self.kind == "dirichlet":
+            return f"dirichlet:{self.alpha:g}"
+        return "iid" if self.kind == "iid" else f"shards:{self.shards}"
+
 
 def parse_partition(text: str) -> PartitionSpec:
     """Parse `iid`, `dirichlet:ALPHA` or `shards:N`."""
@@ -42,24 +48,36 @@ def parse_partition(text: str) -> PartitionSpec:
     )
 
 
+MAX_REDRAWS = 20   # Dirichlet splits drawn again (same generator) until every part is big enough
+
+
 def partition_indices(
-    labels: torch.Tensor, num_clients: int, spec: str | PartitionSpec, seed: int
+    labels: torch.Tensor, num_clients: int, spec: str | PartitionSpec, seed: int, min_size: int = 0
 ) -> list[torch.Tensor]:
-    """Split sample indices into `num_clients` disjoint, covering parts (each sorted)."""
+    """Split sample indices into `num_clients` disjoint, covering parts (each sorted), each of
+    at least `min_size` samples (federation.min_partition_size; Dirichlet splits are redrawn, as
+    Flower Datasets' DirichletPartitioner does, so min_size = 0 keeps the first draw)."""
     if isinstance(spec, str):
         spec = parse_partition(spec)
     n = labels.numel()
     if num_clients < 1 or num_clients > n:
         raise ConfigError(f"cannot split {n} samples across {num_clients} clients")
     gen = generator(seed, "partition")
-    if spec.kind == "iid":
-        perm = torch.randperm(n, generator=gen)
-        parts = list(perm.tensor_split(num_clients))
-    elif spec.kind == "dirichlet":
-        parts = _dirichlet(labels, num_clients, spec.alpha, gen)
-    else:
-        parts = _shards(labels, num_clients, spec.shards, gen)
-    return [p.sort().values for p in parts]
+    for _ in range(MAX_REDRAWS if spec.kind == "dirichlet" else 1):
+        if spec.kind == "iid":
+            parts = list(torch.randperm(n, generator=gen).tensor_split(num_clients))
+        elif spec.kind == "dirichlet":
+            parts = _dirichlet(labels, num_clients, spec.alpha, gen)
+        else:
+            parts = _shards(labels, num_clients, spec.shards, gen)
+        smallest = min(p.numel() for p in parts)
+        if smallest >= min_size:
+            return [p.sort().values for p in parts]
+    tries = f" in {MAX_REDRAWS} draws" if spec.kind == "dirichlet" else ""
+    raise ConfigError(
+        f"federation.partition = {spec.text} over {num_clients} clients gives a client only "
+        f"{smallest} of {n} samples{tries}, under federation.min_partition_size = {min_size}; lower "
+        "it, use fewer clients or a less skewed partition")
 
 
 def _dirichlet(

@@ -12,7 +12,8 @@ reduced mod 2**62 and now follows the common rule: it differs where its old valu
 Purposes: "layer" (init of layer i), "client" (client k's batch/negative stream), "epoch" (batch
 order of an epoch), "batch" (the draws of one (epoch, batch)), "noise" (a UFF cell's denoising
 noise at a step), "pattern" (the fixed class patterns), "partition" (who holds which samples),
-"tasks" (the continual class order), "memory" (which samples of a task replay keeps).
+"tasks" (the continual class order), "memory" (which samples of a task replay keeps), "sample"
+(which clients train in a round, under federation.fraction_train).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ _STEPS: dict[str, tuple[tuple[int, int, int], ...]] = {
     "tasks": ((1_000_211, 7_919, 7_727),),                 # part: 0 = the class order, k + 1 =
                                                            # client k's own task order
     "memory": ((1_000_249, 15_485_863, 15_485_863),),      # part: task whose samples replay keeps
+    "sample": ((1_000_303, 104_723, 104_723),),            # part: round whose training clients are drawn
 }
 PURPOSES = tuple(_STEPS)
 

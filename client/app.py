@@ -34,7 +34,12 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 from bpfree.client.executor import make_executor
-from bpfree.client.messages import read_train_content, reply_content
+from bpfree.client.messages import (
+    partition_reply,
+    read_partition_query,
+    read_train_content,
+    reply_content,
+)
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.errors import ConfigError
 from bpfree_core.federated import client_split, local_round, train_split
@@ -133,6 +138,12 @@ def handle_train(msg: Message, context: Context, settings: ClientSettings) -> Me
     return Message(reply_content(update), reply_to=msg)
 
 
+def handle_query(msg: Message, context: Context) -> Message:
+    """Which partition this node holds: the coordinator's map for sampled rounds."""
+    cfg = read_partition_query(msg.content)
+    return Message(partition_reply(node_partition(dict(context.node_config), cfg)), reply_to=msg)
+
+
 def make_client_app(settings: ClientSettings | None = None, mods: Sequence[Mod] = ()) -> ClientApp:
     """A ClientApp bound to `settings`; `mods` are Flower client mods (middleware)."""
     bound = settings or ClientSettings()
@@ -141,6 +152,10 @@ def make_client_app(settings: ClientSettings | None = None, mods: Sequence[Mod] 
     @client_app.train()
     def _train(msg: Message, context: Context) -> Message:
         return handle_train(msg, context, bound)
+
+    @client_app.query()
+    def _query(msg: Message, context: Context) -> Message:
+        return handle_query(msg, context)
 
     return client_app
 

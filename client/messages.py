@@ -6,6 +6,10 @@ Coordinator -> client ("train" message):
 Client -> coordinator (reply):
   arrays  ArrayRecord  the client's weights after its local round
   metrics MetricRecord num-examples (FedAvg weight), partition-id, train/... per-layer means
+Coordinator -> client ("query" message, once per node, when clients are sampled):
+  config  ConfigRecord experiment (to check the node's partition against federation.clients)
+Client -> coordinator (reply):
+  metrics MetricRecord partition-id (so the coordinator sends a sampled partition to its node)
 
 Only weights, configs and metrics travel through Flower; activations between a client's stage
 workers travel over the project's gRPC stream. The config travels in the message itself, so a
@@ -53,6 +57,33 @@ def reply_content(update: ClientUpdate) -> RecordDict:
                                        PARTITION_ID: update.client}
     metrics.update(update.metrics)
     return RecordDict({ARRAYS: ArrayRecord(update.weights), METRICS: MetricRecord(metrics)})
+
+
+def partition_query(cfg: ExperimentConfig) -> RecordDict:
+    return RecordDict({CONFIG: ConfigRecord({"experiment": json.dumps(cfg.to_dict())})})
+
+
+def read_partition_query(content: RecordDict) -> ExperimentConfig:
+    try:
+        return ExperimentConfig.from_dict(json.loads(str(content.config_records[CONFIG]["experiment"])))
+    except (KeyError, ValueError, TypeError) as exc:
+        raise ProtocolError(f"malformed query message from the coordinator: {exc!r}") from exc
+
+
+def partition_reply(partition: int) -> RecordDict:
+    return RecordDict({METRICS: MetricRecord({PARTITION_ID: partition})})
+
+
+def read_partition_reply(msg: Message) -> int:
+    """The partition id a node holds; ProtocolError if the reply does not say."""
+    try:
+        partition = msg.content.metric_records[METRICS][PARTITION_ID]
+        if not isinstance(partition, int):
+            raise TypeError(f"{PARTITION_ID} must be an int, got {partition!r}")
+        return partition
+    except (KeyError, TypeError) as exc:
+        raise ProtocolError(f"partition reply from node {msg.metadata.src_node_id} is malformed: "
+                            f"{exc!r}") from exc
 
 
 def read_reply(msg: Message) -> ClientUpdate:

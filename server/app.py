@@ -25,7 +25,7 @@ from typing import Any
 from flwr.app import Context, Message, MessageType
 from flwr.serverapp import Grid, ServerApp
 
-from bpfree.client.messages import read_reply, train_content
+from bpfree.client.messages import partition_query, read_partition_reply, read_reply, train_content
 from bpfree.server.coordinator import Coordinator, RoundReplies, required_replies
 from bpfree_core.aggregate import Weights
 from bpfree_core.config import ExperimentConfig, load_config
@@ -38,11 +38,17 @@ NODE_POLL_SECONDS = 0.5
 
 
 class FlowerTransport:
-    """Sends a round's train messages to every connected SuperNode and collects the replies."""
+    """Sends a round's train messages to the sampled clients' SuperNodes and collects the replies.
+
+    When every client trains, every connected node gets the round. When clients are sampled,
+    the nodes are first asked which partition each holds (a "query" message, once per node), and
+    each sampled partition goes to its node.
+    """
 
     def __init__(self, grid: Grid, cfg: ExperimentConfig):
         self.grid = grid
         self.cfg = cfg
+        self.partition_of: dict[int, int] = {}   # node id -> partition id
 
     def nodes(self) -> list[int]:
         """The connected nodes, waiting (up to federation.round_timeout) for all K to register."""
@@ -62,16 +68,42 @@ class FlowerTransport:
             log.warning("only %d of %d client nodes connected; training with those", len(nodes), want)
         return nodes
 
-    def train_round(self, rnd: int, weights: Weights) -> RoundReplies:
+    def _map_partitions(self, nodes: list[int]) -> None:
+        """Learn the partition of every node not yet asked (nodes that fail to say stay unknown)."""
+        new = [node for node in nodes if node not in self.partition_of]
+        if not new:
+            return
+        query = partition_query(self.cfg)
+        messages = [Message(query, dst_node_id=node, message_type=MessageType.QUERY) for node in new]
+        for reply in self.grid.send_and_receive(messages, timeout=self.cfg.federation.round_timeout):
+            if reply.has_error():
+                log.warning("node %d did not say its partition: %s", reply.metadata.src_node_id,
+                            reply.error.reason)
+                continue
+            try:
+                self.partition_of[reply.metadata.src_node_id] = read_partition_reply(reply)
+            except ProtocolError as exc:
+                log.warning("%s", exc)
+
+    def train_round(self, rnd: int, weights: Weights, clients: list[int]) -> RoundReplies:
         nodes = self.nodes()
+        missing: list[int] = []
+        if len(clients) < self.cfg.federation.clients:   # sampled: each partition to its node
+            self._map_partitions(nodes)
+            node_of = {p: n for n, p in sorted(self.partition_of.items()) if n in set(nodes)}
+            missing = [k for k in clients if k not in node_of]
+            nodes = [node_of[k] for k in clients if k in node_of]
         content = train_content(rnd, weights, self.cfg)
         messages = [Message(content, dst_node_id=node, message_type=MessageType.TRAIN,
                             group_id=str(rnd + 1)) for node in nodes]
         t0 = time.perf_counter()
         replies = list(self.grid.send_and_receive(messages,
                                                   timeout=self.cfg.federation.round_timeout))
-        out = RoundReplies(sent=len(messages), timed_out=len(messages) - len(replies),
+        out = RoundReplies(sent=len(messages) + len(missing),
+                           timed_out=len(messages) - len(replies),
                            client_wall=time.perf_counter() - t0)
+        for k in missing:
+            out.failed[f"client {k}"] = f"client {k}: no connected node holds partition {k}"
         for reply in replies:
             node = f"node {reply.metadata.src_node_id}"
             if reply.has_error():

@@ -1,9 +1,11 @@
 """The federated round loop, independent of how replies arrive (Flower today, Ray later).
 
-Each round: send the global weights to every client (through a `RoundTransport`), keep the replies
-that validate, average every layer (bpfree_core.aggregate), evaluate the global model on the test set
-in this process, append a metrics line, write a checkpoint. A round needs at least
-`federation.min_clients` accepted replies (0 = all `federation.clients`); clients that fail,
+Each round: draw the clients that train (all K, or federation.fraction_train of them:
+bpfree_core.federated.sampled_clients), send them the global weights (through a `RoundTransport`),
+keep the replies that validate, aggregate them with federation.strategy (bpfree_core.strategies:
+FedAvg, FedAdam, FedMedian, Krum, ...), evaluate the global
+model on the test set in this process, append a metrics line, write a checkpoint. A round needs
+at least `federation.min_clients` accepted replies (0 = every sampled client); clients that fail,
 time out or send a malformed reply are left out of that round, counted and logged.
 
 Run directory: config.json (resolved config), metrics.jsonl (one line per round),
@@ -22,20 +24,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from bpfree_core.aggregate import ClientUpdate, Weights, fedavg, layer_stats, validate_update
+from bpfree_core.aggregate import ClientUpdate, Weights, layer_stats, validate_update
 from bpfree_core.callbacks import Callback, stop_asked
 from bpfree_core.checkpoint import load_checkpoint
-from bpfree_core.config import ExperimentConfig
+from bpfree_core.config import ExperimentConfig, train_sample_size
 from bpfree_core.continual import TaskEvaluator, rounds_per_task
 from bpfree_core.data import Split, bind_data
 from bpfree_core.diagnostics import layer_diagnostics
 from bpfree_core.errors import AggregationError, DataError, ProtocolError
 from bpfree_core.evaluation import evaluate_weights, headline
-from bpfree_core.federated import stack_template
+from bpfree_core.federated import sampled_clients, stack_template
 from bpfree_core.model import build_objective
 from bpfree_core.rundir import STOP, RunDir, check_resumable
 from bpfree_core.runtime import progress_bar, set_threads
 from bpfree_core.splits import limited, run_splits
+from bpfree_core.strategies import build_strategy
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +58,16 @@ class RoundReplies:
 
 
 class RoundTransport(Protocol):
-    """Delivers the global weights to the clients for round `rnd` and collects their updates."""
+    """Delivers the global weights to `clients` (partition ids) for round `rnd` and collects
+    their updates."""
 
-    def train_round(self, rnd: int, weights: Weights) -> RoundReplies: ...
+    def train_round(self, rnd: int, weights: Weights, clients: list[int]) -> RoundReplies: ...
 
 
 def required_replies(cfg: ExperimentConfig) -> int:
-    return cfg.federation.min_clients or cfg.federation.clients
+    """Accepted replies a round needs: federation.min_clients, or every sampled client."""
+    fed = cfg.federation
+    return fed.min_clients or train_sample_size(fed.clients, fed.fraction_train, fed.min_train_clients)
 
 
 class Coordinator:
@@ -88,6 +94,7 @@ class Coordinator:
         self.on_round = on_round
         self.weights = stack_template(cfg)
         self.template = {k: v.clone() for k, v in self.weights.items()}
+        self.strategy = build_strategy(cfg.federation.strategy, cfg.federation.strategy_args)
         self.first_round = 0
         self.history: list[dict[str, Any]] = []
         self.totals = {"accepted": 0, "failed": 0, "timed_out": 0, "rejected": 0}
@@ -120,6 +127,7 @@ class Coordinator:
         self.weights = state["weights"]
         self.first_round = int(state["round"])
         self.totals = dict(state.get("totals", self.totals))
+        self.strategy.load_state_dict(dict(state.get("strategy", {})))   # server momentum, moments
         # Metric lines of rounds after the checkpoint belong to work that was lost: drop them.
         self.history = rd.rewind_metrics("round", self.first_round, state.get("record"))
         log.info("resuming %s after round %d", rd.path, self.first_round)
@@ -166,11 +174,12 @@ class Coordinator:
     def _round(self, transport: RoundTransport, rnd: int) -> dict[str, Any]:
         cfg = self.cfg
         t0 = time.perf_counter()
-        replies = transport.train_round(rnd, self.weights)
+        clients = sampled_clients(cfg, rnd)
+        replies = transport.train_round(rnd, self.weights, clients)
         t_clients = time.perf_counter() - t0
 
         t1 = time.perf_counter()
-        accepted, rejected = self._validate(replies)
+        accepted, rejected = self._validate(replies, set(clients))
         counts = {"sent": replies.sent, "accepted": len(accepted), "failed": len(replies.failed),
                   "timed_out": replies.timed_out, "rejected": len(rejected)}
         for reason in replies.failed.values():
@@ -186,9 +195,9 @@ class Coordinator:
                 f"round {rnd + 1}: only {len(accepted)} usable replies of {replies.sent} sent "
                 f"({counts['failed']} failed, {counts['timed_out']} timed out, {counts['rejected']} "
                 f"rejected) but {need} are needed (federation.min_clients = "
-                f"{cfg.federation.min_clients}, 0 = all {cfg.federation.clients}); the last "
+                f"{cfg.federation.min_clients}, 0 = all {len(clients)} sampled); the last "
                 "checkpoint is kept: fix the clients and --resume")
-        new = fedavg(self.weights, accepted)
+        new = self.strategy.aggregate(rnd, self.weights, accepted)
         stats = layer_stats(self.weights, new, accepted)
         self.weights = new
         t_aggregate = time.perf_counter() - t1
@@ -213,6 +222,7 @@ class Coordinator:
             "test_accuracy": acc,
             "test_accuracy_headline": headline(acc, cfg) if acc else float("nan"),
             "clients": counts,
+            "sampled": clients,
             "layers": stats,
             "client_metrics": {str(u.client): {"num_examples": u.num_examples, **u.metrics}
                                for u in sorted(accepted, key=lambda u: u.client)},
@@ -220,7 +230,8 @@ class Coordinator:
                         "aggregate": t_aggregate, "evaluate": t_eval},
         }
 
-    def _validate(self, replies: RoundReplies) -> tuple[list[ClientUpdate], dict[str, str]]:
+    def _validate(self, replies: RoundReplies,
+                  sampled: set[int]) -> tuple[list[ClientUpdate], dict[str, str]]:
         rejected = dict(replies.rejected)
         accepted: dict[int, ClientUpdate] = {}
         for update in replies.updates:
@@ -229,6 +240,9 @@ class Coordinator:
                 if not 0 <= update.client < self.cfg.federation.clients:
                     raise ProtocolError(f"reply names partition {update.client}, outside 0.."
                                         f"{self.cfg.federation.clients - 1}")
+                if update.client not in sampled:
+                    raise ProtocolError(f"a reply for partition {update.client}, which was not "
+                                        "sampled to train this round")
                 if update.client in accepted:
                     raise ProtocolError(f"a second reply for partition {update.client}")
             except ProtocolError as exc:
@@ -249,7 +263,8 @@ class Coordinator:
             return
         t0 = time.perf_counter()
         self.rd.save(checkpoint_name(rnd + 1), {"round": rnd + 1, "config": self.cfg.to_dict(),
-                                 "weights": self.weights, "totals": self.totals, "record": record})
+                                 "weights": self.weights, "totals": self.totals, "record": record,
+                                 "strategy": self.strategy.state_dict()})
         record["seconds"]["checkpoint"] = time.perf_counter() - t0
         self.rd.log_metrics(record, step=rnd + 1)
 
@@ -269,7 +284,8 @@ class Coordinator:
             "rounds": len(self.history), "stopped_early": self.stopped,
             "clients": cfg.federation.clients,
             "stages": cfg.pipeline.stages, "executor": cfg.federation.executor,
-            "partition": cfg.federation.partition, "replies": self.totals,
+            "partition": cfg.federation.partition, "strategy": cfg.federation.strategy,
+            "replies": self.totals,
             "fingerprint": cfg.fingerprint(),
             "wall_seconds": wall,
         }

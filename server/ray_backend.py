@@ -350,7 +350,7 @@ def _root_cause(exc: BaseException) -> str:
 
 
 class RayTransport:
-    """Each round, every client trains its partition on its own stage actors (over gRPC)."""
+    """Each round, every sampled client trains its partition on its own stage actors (over gRPC)."""
 
     def __init__(self, cfg: ExperimentConfig, addresses: dict[int, list[str]]):
         self.cfg = cfg
@@ -366,13 +366,12 @@ class RayTransport:
         finally:
             executor.close()
 
-    def train_round(self, rnd: int, weights: Weights) -> RoundReplies:
-        k_clients = self.cfg.federation.clients
-        out = RoundReplies(sent=k_clients)
+    def train_round(self, rnd: int, weights: Weights, clients: list[int]) -> RoundReplies:
+        out = RoundReplies(sent=len(clients))
         executors: dict[int, Any] = {}
         t0 = time.perf_counter()
-        pool = futures.ThreadPoolExecutor(max_workers=k_clients, thread_name_prefix="client")
-        jobs = {pool.submit(self._client, k, rnd, weights, executors): k for k in range(k_clients)}
+        pool = futures.ThreadPoolExecutor(max_workers=len(clients), thread_name_prefix="client")
+        jobs = {pool.submit(self._client, k, rnd, weights, executors): k for k in clients}
         done, late = futures.wait(jobs, timeout=self.cfg.federation.round_timeout)
         for job in late:
             k = jobs[job]

@@ -17,18 +17,18 @@ from bpfree_core.federated import InProcessExecutor, client_split, local_round, 
 
 
 class InProcessTransport:
-    """Delivers a round to K clients trained one after another in this process."""
+    """Delivers a round to the sampled clients, trained one after another in this process."""
 
     def __init__(self, cfg: ExperimentConfig):
         self.cfg = cfg
         train = train_split(cfg)
         self.parts = [client_split(cfg, train, k) for k in range(cfg.federation.clients)]
 
-    def train_round(self, rnd: int, weights: Weights) -> RoundReplies:
+    def train_round(self, rnd: int, weights: Weights, clients: list[int]) -> RoundReplies:
         updates = []
-        for k, part in enumerate(self.parts):
+        for k in clients:
             with InProcessExecutor(self.cfg, self.cfg.train.device) as executor:
-                updates.append(local_round(executor, self.cfg, part, k, rnd, weights))
+                updates.append(local_round(executor, self.cfg, self.parts[k], k, rnd, weights))
         return RoundReplies(updates=updates, sent=len(updates))
 
 

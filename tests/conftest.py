@@ -35,6 +35,8 @@ E2E_TESTS = {
     "test_rundir": ("test_a_full_disk", "test_a_second_run", "test_runs_killed", "test_a_bad_out"),
     "test_userdata": ("test_a_pipeline_and_a_flower",),
     "test_trainer": ("test_killed_run_resumes",),
+    "test_sampling": ("test_a_sampled_flower_simulation",),
+    "test_strategies": ("test_a_flower_simulation",),
     "test_worker": ("test_worker_cli", "test_tls_with_token"),
     "test_learning": ("test_objective_learns_real_mnist", "test_accuracy_benchmark"),
     "test_fuzz": ("test_the_fuzzed_worker",),

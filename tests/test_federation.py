@@ -73,7 +73,7 @@ class _Replies:
     def __init__(self, updates: list[ClientUpdate]):
         self.updates = updates
 
-    def train_round(self, rnd, weights):
+    def train_round(self, rnd, weights, clients):
         return RoundReplies(updates=self.updates, failed={"node 7": "boom"}, sent=3, timed_out=1)
 
 
@@ -104,11 +104,11 @@ class _InProcess:
         train = train_split(cfg)
         self.parts = [client_split(cfg, train, k) for k in range(cfg.federation.clients)]
 
-    def train_round(self, rnd, weights):
+    def train_round(self, rnd, weights, clients):
         from bpfree_core.federated import InProcessExecutor, local_round
 
-        updates = [local_round(InProcessExecutor(self.cfg), self.cfg, part, k, rnd, weights)
-                   for k, part in enumerate(self.parts)]
+        updates = [local_round(InProcessExecutor(self.cfg), self.cfg, self.parts[k], k, rnd, weights)
+                   for k in clients]
         return RoundReplies(updates=updates, sent=len(updates))
 
 

@@ -49,3 +49,23 @@ def test_bad_partition_specs_are_clear():
         partition_indices(torch.arange(10), 2, "dirichlet:abc", 0)
     with pytest.raises(ConfigError, match="needs 40 shards"):
         partition_indices(torch.arange(30), 20, "shards:2", 0)
+
+
+def test_min_partition_size_redraws_a_skewed_dirichlet_split_and_keeps_the_first_otherwise():
+    labels = torch.randint(0, 10, (3000,), generator=torch.Generator().manual_seed(0))
+    first = partition_indices(labels, 100, "dirichlet:0.1", seed=3)
+    assert min(p.numel() for p in first) < 5
+    assert all(torch.equal(a, b) for a, b in zip(first, partition_indices(labels, 100, "dirichlet:0.1",
+                                                                        seed=3, min_size=0), strict=True))
+    redrawn = partition_indices(labels, 20, "dirichlet:0.5", seed=3, min_size=40)
+    assert min(p.numel() for p in redrawn) >= 40
+    assert sorted(torch.cat(redrawn).tolist()) == list(range(3000))
+
+
+def test_an_impossible_min_partition_size_is_one_sentence():
+    labels = torch.randint(0, 10, (1000,), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ConfigError, match=r"gives a client only 100 of 1000 samples, under "
+                                          r"federation.min_partition_size = 101"):
+        partition_indices(labels, 10, "iid", seed=0, min_size=101)
+    with pytest.raises(ConfigError, match=r"dirichlet:0.05 over 200 clients .* in 20 draws"):
+        partition_indices(labels, 200, "dirichlet:0.05", seed=0, min_size=5)

@@ -1,0 +1,143 @@
+"""Server strategies, one module each, behind one registry by name (federation.strategy).
+
+A strategy turns a round's accepted client updates into the next global weights. Each one is
+the maths of the Flower 1.41 strategy of the same name (flwr/serverapp/strategy/), written over
+torch tensors so that a run is deterministic and its state (server momentum, Adam moments)
+checkpoints with the round; tests/test_strategies.py feeds the same replies to Flower's class
+and to ours and compares the aggregates. Hyper-parameters are Flower's names and defaults,
+given as `federation.strategy_args = "eta=0.01,beta_1=0.9"`.
+
+Every strategy shares two rules with FedAvg (bpfree_core.aggregate): integer tensors are
+counters (old value plus every client's increment) and a tensor every client sent back
+bit-identical is kept as is; the strategy's own maths sees the floating tensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import pkgutil
+from typing import Any, ClassVar
+
+import torch
+
+from bpfree_core.aggregate import ClientUpdate, Weights
+from bpfree_core.errors import AggregationError, ConfigError
+
+_REGISTRY: dict[str, type[Strategy]] = {}
+State = dict[str, Any]   # tensors and plain numbers only: checkpoints load with weights_only
+
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+    """No hyper-parameters; a strategy with some declares its own dataclass (Flower's names)."""
+
+
+class Strategy:
+    """The next global weights from one round's updates; state survives rounds and resumes."""
+
+    name: ClassVar[str] = ""
+    Params: ClassVar[type] = Params
+
+    def __init__(self, params: Any):
+        self.params = params
+
+    def aggregate(self, rnd: int, global_weights: Weights, updates: list[ClientUpdate]) -> Weights:
+        """Round `rnd` (0-based): counters and unchanged constants by the shared rules, every
+        other floating tensor by `combine`."""
+        if not updates:
+            raise AggregationError("no client updates to aggregate")
+        ordered = sorted(updates, key=lambda u: u.client)
+        out: Weights = {}
+        floats: list[str] = []
+        for key, old in global_weights.items():
+            copies = [u.weights[key] for u in ordered]
+            if not old.is_floating_point():   # counters: add up every client's increment
+                out[key] = old + sum((c - old for c in copies), torch.zeros_like(old))
+            elif all(torch.equal(old, c) for c in copies):
+                out[key] = old.clone()
+            else:
+                floats.append(key)
+        if floats:
+            out.update(self.combine(rnd, {k: global_weights[k] for k in floats},
+                                    [(u.num_examples, {k: u.weights[k] for k in floats}) for u in ordered]))
+        return {k: out[k] for k in global_weights}
+
+    def combine(self, rnd: int, current: Weights, replies: list[tuple[int, Weights]]) -> Weights:
+        """The new floating tensors from the current ones and (num_examples, weights) replies in
+        partition order."""
+        raise NotImplementedError
+
+    def state_dict(self) -> State:
+        return {}
+
+    def load_state_dict(self, state: State) -> None:
+        if state:
+            raise ConfigError(f"federation.strategy = {self.name} keeps no state, but the checkpoint "
+                              f"holds some ({', '.join(sorted(state)[:3])}); resume with the "
+                              "strategy that wrote it")
+
+
+def register(name: str):  # noqa: ANN201 - decorator
+    def wrap(cls: type[Strategy]) -> type[Strategy]:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"strategy {name!r} is registered twice")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def registered() -> dict[str, type[Strategy]]:
+    """Every strategy by name (each module here registers its own)."""
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+    return dict(_REGISTRY)
+
+
+def parse_params(name: str, args: str) -> Any:
+    """The strategy's Params from "key=value,key=value" (its Flower defaults for the rest)."""
+    known = registered()
+    if name not in known:
+        raise ConfigError(f"federation.strategy = {name!r} is not a known strategy; valid: "
+                          f"{', '.join(sorted(known))}")
+    cls = known[name].Params
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for part in (p.strip() for p in args.replace(";", ",").split(",")):
+        if not part:
+            continue
+        key, sep, raw = part.partition("=")
+        key = key.strip()
+        if not sep or key not in fields:
+            valid = ", ".join(fields) or "none"
+            raise ConfigError(f"federation.strategy_args: {part!r} is not a {name} hyper-parameter "
+                              f"(key=value); {name} takes: {valid}")
+        kind = type(fields[key].default)
+        try:
+            values[key] = kind(raw.strip())
+        except ValueError:
+            raise ConfigError(f"federation.strategy_args: {key} = {raw.strip()!r} is not "
+                              f"{'an integer' if kind is int else 'a number'}") from None
+    try:
+        return cls(**values)
+    except ValueError as exc:
+        raise ConfigError(f"federation.strategy_args for {name}: {exc}") from None
+
+
+def build_strategy(name: str, args: str = "") -> Strategy:
+    return registered()[name](parse_params(name, args))
+
+
+def weighted_mean(replies: list[tuple[int, Weights]], key: str, like: torch.Tensor) -> torch.Tensor:
+    """FedAvg of one tensor: shares n_k / N as exact float64 ratios, accumulated in float64."""
+    total = sum(n for n, _ in replies)
+    acc = torch.zeros(like.shape, dtype=torch.float64)
+    for n, w in replies:
+        acc += (n / total) * w[key].to(torch.float64)
+    return acc.to(like.dtype)
+
+
+__all__ = ["Params", "State", "Strategy", "build_strategy", "parse_params", "register", "registered",
+           "weighted_mean"]
