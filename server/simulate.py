@@ -46,7 +46,8 @@ SHORTCUTS = {"clients": "federation.clients", "rounds": "federation.rounds",
              "executor": "federation.executor", "min_clients": "federation.min_clients",
              "proximal_mu": "federation.proximal_mu", "stages": "pipeline.stages",
              "backend": "federation.backend", "address": "federation.ray_address",
-             "placement": "federation.placement"}
+             "placement": "federation.placement", "strategy": "federation.strategy",
+             "strategy_args": "federation.strategy_args", "fraction_train": "federation.fraction_train"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,7 +60,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--executor", choices=("pipeline", "inprocess"),
                         help="pipeline: S worker processes per client over gRPC (default); "
                              "inprocess: all layers inside the ClientApp")
-    parser.add_argument("--min-clients", type=int, help="usable replies a round needs (0 = all)")
+    parser.add_argument("--min-clients", type=int, help="usable replies a round needs (0 = all sampled)")
+    parser.add_argument("--fraction-train", type=float,
+                        help="share of the clients sampled to train each round (1 = all)")
+    parser.add_argument("--strategy", help="server strategy: fedavg (default), fedavgm, fedadam, "
+                                           "fedyogi, fedadagrad, fedmedian, fedtrimmedavg, krum, multikrum")
+    parser.add_argument("--strategy-args", metavar="K=V,K=V",
+                        help="its hyper-parameters, Flower's names (e.g. eta=0.01,beta_1=0.9)")
     parser.add_argument("--proximal-mu", type=float, help="FedProx proximal term (0 = FedAvg)")
     parser.add_argument("--backend", choices=("flower", "ray"),
                         help="flower: Flower simulation engine (default); ray: every stage a Ray "
