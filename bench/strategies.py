@@ -1,4 +1,4 @@
-"""Server strategies on a non-IID split: accuracy after N rounds, FedAvg vs FedAvgM vs FedAdam ...
+"""Server strategies and DP on a non-IID split: accuracy after N rounds, FedAvg vs FedAdam ...
 
     python -m bpfree.bench.strategies --data-dir ../shared/datasets --out bench/results
 
@@ -6,7 +6,9 @@ The in-process federated reference (the coordinator every backend runs, clients 
 process: what a Flower simulation ends on, bit for bit) with K clients on a Dirichlet split,
 a fraction of them sampled each round. Each strategy's server step size is chosen from a small
 grid on a validation split (train.validation samples held out of training); the test set is
-scored once, for each strategy's chosen setting.
+scored once, for each strategy's chosen setting. The DP rows measure what privacy costs on the
+same split: central DP (bpfree_core/strategies/dp_*.py) and Flower's client-side LocalDpMod, the
+latter in a real Flower simulation (its noise is Flower's, unseeded).
 """
 
 from __future__ import annotations
@@ -23,14 +25,55 @@ from bpfree.bench.accuracy import machine_summary
 
 BASE = ["model.algorithm=symba", "model.hidden=500,500", "train.threads=2", "train.jitter=0",
         "train.batch_size=50", "federation.executor=inprocess"]
-# strategy -> candidate strategy_args (Flower's names); the first of each is Flower's default
-GRID = {"fedavg": [""],
-        "fedavgm": ["server_momentum=0.9,server_learning_rate=1.0",
-                    "server_momentum=0.9,server_learning_rate=0.3",
-                    "server_momentum=0.5,server_learning_rate=1.0"],
-        "fedadam": ["eta=0.1", "eta=0.01", "eta=0.003"],
-        "fedyogi": ["eta=0.01", "eta=0.003"],
-        "fedmedian": [""]}
+
+
+def _strategy(name: str, *args: str) -> list[list[str]]:
+    return [[f"federation.strategy={name}", f"federation.strategy_args={a}"] for a in args]
+
+
+def _dp(kind: str, *args: str) -> list[list[str]]:
+    return [[f"federation.dp={kind}", f"federation.dp_args={a}"] for a in args]
+
+
+# row -> candidate overrides; a strategy's first candidate is Flower's default where it has one
+GRID: dict[str, list[list[str]]] = {
+    "fedavg": [[]],
+    "fedavgm": _strategy("fedavgm", "server_momentum=0.9,server_learning_rate=1.0",
+                         "server_momentum=0.9,server_learning_rate=0.1",
+                         "server_momentum=0.5,server_learning_rate=1.0"),
+    "fedadam": _strategy("fedadam", "eta=0.1", "eta=0.01", "eta=0.003"),
+    "fedyogi": _strategy("fedyogi", "eta=0.01", "eta=0.003"),
+    "fedmedian": [["federation.strategy=fedmedian"]],
+    **{f"fedavg + central DP, fixed clipping, z = {z}": _dp(
+        "fixed", *(f"noise_multiplier={z},clipping_norm={c}" for c in (1, 3, 10))) for z in (0.01, 0.1)},
+    **{f"fedavg + central DP, adaptive clipping, z = {z}": _dp(
+        "adaptive", f"noise_multiplier={z},initial_clipping_norm=1") for z in (0.01, 0.1)},
+    "fedavg + Flower's LocalDpMod (clip 5, sensitivity 1e-3, eps 1, delta 1e-5)": [["local-dp"]],
+}
+
+
+def local_dp(msg, context, call_next):  # noqa: ANN001, ANN201 - a Flower client mod
+    """Flower's LocalDpMod with the settings of its row (the ClientApps import it from here)."""
+    from flwr.clientapp.mod import LocalDpMod
+
+    return LocalDpMod(clipping_norm=5.0, sensitivity=1e-3, epsilon=1.0, delta=1e-5)(msg, context, call_next)
+
+
+def flower_run(overrides: list[str]) -> dict[str, Any]:
+    """The LocalDpMod row: a real Flower simulation (the mod runs in its ClientApps)."""
+    import tempfile
+    from pathlib import Path
+
+    from bpfree.server.simulate import simulate
+    from bpfree_core.config import load_config
+
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bpfree-bench-") as tmp:
+        summary = simulate(load_config(None, overrides), Path(tmp) / "run",
+                           client_mods=["bpfree.bench.strategies:local_dp"])
+    val = summary.get("val_accuracy_by_method", {})
+    return {"val": max(val.values()) if val else float("nan"), "test": summary["test_accuracy"],
+            "per_round": summary["accuracy_per_round"], "seconds": time.perf_counter() - t0}
 
 
 def one_run(overrides: list[str]) -> dict[str, Any]:
@@ -52,13 +95,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               f"federation.fraction_train={args.fraction}", f"train.train_limit={args.train_limit}",
               f"train.validation={args.validation}", "federation.min_partition_size=20"]
     rows = []
-    for name in args.only.split(","):
+    for name in (GRID if args.only == "all" else args.only.split(";")):
         tried = []
-        for strategy_args in GRID[name]:
-            res = one_run([*common, f"federation.strategy={name}",
-                           f"federation.strategy_args={strategy_args}"])
-            tried.append({"args": strategy_args, **res})
-            print(f"[bench.strategies] {name} {strategy_args or '(defaults)'}: val {res['val']:.4f} "
+        for extra in GRID[name]:
+            res = flower_run(common) if extra == ["local-dp"] else one_run([*common, *extra])
+            shown = " ".join(e.split("=", 1)[1] for e in extra if "_args=" in e)
+            tried.append({"args": shown, **res})
+            print(f"[bench.strategies] {name} {shown or '(defaults)'}: val {res['val']:.4f} "
                   f"test {res['test']:.4f} ({res['seconds']:.0f} s)", flush=True)
         best = max(tried, key=lambda r: r["val"])
         rows.append({"strategy": name, "chosen": best["args"], "val": best["val"], "test": best["test"],
@@ -68,12 +111,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def table(res: dict[str, Any], command: str) -> str:
     lines = ["# Server strategies on a non-IID split", "",
-             f"Generated by `{command}` on {res['machine']['cpus']} CPU cores "
-             f"({res['machine']['platform']}), torch {res['machine']['torch']}.", "",
+             f"Generated by `{command}` on {res['machine']}.", "",
              "Settings: " + " ".join(f"`{s}`" for s in res["settings"] if "data_dir" not in s), "",
              "Each strategy's server step is chosen on the validation split (column *val*, the best "
              "of the candidates tried); *test* is scored once, for that choice.", "",
-             "| strategy | chosen strategy_args | val | test | test accuracy per round |",
+             "| strategy | chosen args | val | test | test accuracy per round |",
              "|---|---|---|---|---|"]
     for r in res["rows"]:
         rounds = " ".join(f"{a:.3f}" for a in r["per_round"])
@@ -93,11 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     p.add_argument("--clients", type=int, default=20)
     p.add_argument("--fraction", type=float, default=0.25)
-    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--partition", default="dirichlet:0.3")
     p.add_argument("--train-limit", type=int, default=20000)
     p.add_argument("--validation", type=int, default=2000)
-    p.add_argument("--only", default=",".join(GRID))
+    p.add_argument("--only", default="all", help="rows to run, ';'-separated (default: all)")
     args = p.parse_args(argv)
     command = "python -m bpfree.bench.strategies " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     res = run(args)

@@ -252,9 +252,13 @@ class FederationConfig:
     min_clients: int = runtime(0)         # replies needed to aggregate a round (0 = all sampled)
     fraction_train: float = 1.0           # share of the K clients sampled to train each round
     min_train_clients: int = 2            # sample at least this many (at most K), as Flower's min_train_nodes
+    fraction_evaluate: float = runtime(0.0)  # share of clients scoring the global model on their test data
+    min_evaluate_clients: int = runtime(2)   # at least this many of them (at most K)
     proximal_mu: float = 0.0              # FedProx proximal term on the clients (0 = none)
     strategy: str = "fedavg"              # server strategy: bpfree_core/strategies/ (Flower's maths)
     strategy_args: str = ""               # its hyper-parameters, Flower's names: "eta=0.01,beta_1=0.9"
+    dp: str = ""                          # "" | fixed | adaptive: Flower's server-side DP clipping
+    dp_args: str = ""                     # its parameters: "noise_multiplier=0.5,clipping_norm=5"
     round_timeout: float = runtime(600.0) # seconds the coordinator waits for replies
     executor: str = runtime("pipeline")   # pipeline (S stage workers over gRPC) | inprocess (one process)
     backend: str = runtime("flower")      # flower (Flower simulation engine) | ray (stage actors on Ray)
@@ -276,6 +280,10 @@ class FederationConfig:
             raise ConfigError(f"federation.fraction_train = {self.fraction_train} must be in (0, 1]: "
                               "the share of clients that train each round")
         _check_positive("federation", "min_train_clients", self.min_train_clients)
+        if not 0.0 <= self.fraction_evaluate <= 1.0:
+            raise ConfigError(f"federation.fraction_evaluate = {self.fraction_evaluate} must be in [0, 1] "
+                              "(0 = no federated evaluation)")
+        _check_positive("federation", "min_evaluate_clients", self.min_evaluate_clients)
         sampled = train_sample_size(self.clients, self.fraction_train, self.min_train_clients)
         if self.min_clients > sampled:
             raise ConfigError(
@@ -289,10 +297,11 @@ class FederationConfig:
         _check_choice("federation", "backend", self.backend, ("flower", "ray"))
         _check_choice("federation", "placement", self.placement, PLACEMENTS)
         from bpfree_core.partition import parse_partition  # local: partition imports config-free
-        from bpfree_core.strategies import parse_params
+        from bpfree_core.strategies import build_strategy
 
         parse_partition(self.partition)
-        parse_params(self.strategy, self.strategy_args)
+        build_strategy(self.strategy, self.strategy_args, self.dp, self.dp_args,
+                       num_sampled_clients=sampled)
 
 
 SCENARIOS = ("class", "domain", "task")

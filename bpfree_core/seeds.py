@@ -13,7 +13,8 @@ Purposes: "layer" (init of layer i), "client" (client k's batch/negative stream)
 order of an epoch), "batch" (the draws of one (epoch, batch)), "noise" (a UFF cell's denoising
 noise at a step), "pattern" (the fixed class patterns), "partition" (who holds which samples),
 "tasks" (the continual class order), "memory" (which samples of a task replay keeps), "sample"
-(which clients train in a round, under federation.fraction_train).
+(which clients train in a round, under federation.fraction_train), "dp" (a round's central DP
+noise), "evaluate" (which clients score the global model after a round).
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ _STEPS: dict[str, tuple[tuple[int, int, int], ...]] = {
                                                            # client k's own task order
     "memory": ((1_000_249, 15_485_863, 15_485_863),),      # part: task whose samples replay keeps
     "sample": ((1_000_303, 104_723, 104_723),),            # part: round whose training clients are drawn
+    "dp": ((1_000_333, 7_907, 7_907), (1_000_357, 1, 0)),  # parts: round, stream (0 weights, 1 count)
+    "evaluate": ((1_000_363, 104_707, 104_707),),          # part: round whose evaluating clients are drawn
 }
 PURPOSES = tuple(_STEPS)
 

@@ -13,6 +13,8 @@ simulation engine for partition-id/num-partitions):
                          simulate` passes), else launch the workers locally for each round
   stage-tls-ca     str   CA certificate (PEM) that signed the stage workers' TLS certificates
   data-dir         str   where this node's dataset files are (default: the config's)
+  dataset          str   a site's own data ("npz:PATH", ...): trained and evaluated instead of a
+                         partition of the run's dataset (client.site_data)
   device           str   cpu | cuda | cuda:N for a locally launched pipeline or in-process run
 The stage workers' shared token, if they require one, comes from this node's $BPFREE_TOKEN (it
 never travels through Flower).
@@ -35,14 +37,17 @@ from flwr.clientapp.typing import Mod
 
 from bpfree.client.executor import make_executor
 from bpfree.client.messages import (
+    evaluate_reply,
     partition_reply,
     read_partition_query,
     read_train_content,
     reply_content,
 )
+from bpfree.client.site_data import node_test_data, node_train_data
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.errors import ConfigError
-from bpfree_core.federated import client_split, local_round, train_split
+from bpfree_core.federated import local_round
+from bpfree_core.federated_evaluation import local_evaluate
 from bpfree_core.runtime import set_threads
 
 log = logging.getLogger(__name__)
@@ -87,8 +92,10 @@ def node_addresses(node_config: dict[str, Any], run_config: dict[str, Any],
 
 
 def env_mods() -> list[Mod]:
-    """Client mods named in $BPFREE_CLIENT_MODS ("module:function,..."), on this node only: a
-    hook for debugging and fault tests (a mod sees and may change every message)."""
+    """Client mods named in $BPFREE_CLIENT_MODS ("module:function,..."), on this node only: they
+    wrap the train handler (each sees and may change every train message and its reply; query
+    and evaluate messages pass by them, as Flower's LocalDpMod expects: it needs the arrays of a
+    train reply)."""
     mods = []
     for spec in filter(None, (s.strip() for s in os.environ.get("BPFREE_CLIENT_MODS", "").split(","))):
         module, _, name = spec.partition(":")
@@ -124,7 +131,7 @@ def handle_train(msg: Message, context: Context, settings: ClientSettings) -> Me
     pid = node_partition(node_config, cfg)
     cfg = node_config_overrides(cfg, node_config, settings.token)
     set_threads(cfg.train.threads)
-    data = client_split(cfg, train_split(cfg), pid)
+    data = node_train_data(cfg, node_config, pid)
     run_config = dict(context.run_config)
     log_dir = settings.log_dir or str(run_config.get("log-dir", "") or "") or None
     executor = make_executor(cfg, node_addresses(node_config, run_config, settings, pid), log_dir)
@@ -138,6 +145,18 @@ def handle_train(msg: Message, context: Context, settings: ClientSettings) -> Me
     return Message(reply_content(update), reply_to=msg)
 
 
+def handle_evaluate(msg: Message, context: Context) -> Message:
+    """Score the global weights on this node's test data (client.site_data), in this process."""
+    rnd, weights, cfg = read_train_content(msg.content)
+    node_config = dict(context.node_config)
+    pid = node_partition(node_config, cfg)
+    cfg = node_config_overrides(cfg, node_config, "")
+    set_threads(cfg.train.threads)
+    result = local_evaluate(cfg, node_test_data(cfg, node_config, pid), pid, weights)
+    log.info("client %d evaluated round %d: %d test samples", pid, rnd + 1, result.num_examples)
+    return Message(evaluate_reply(result), reply_to=msg)
+
+
 def handle_query(msg: Message, context: Context) -> Message:
     """Which partition this node holds: the coordinator's map for sampled rounds."""
     cfg = read_partition_query(msg.content)
@@ -145,13 +164,18 @@ def handle_query(msg: Message, context: Context) -> Message:
 
 
 def make_client_app(settings: ClientSettings | None = None, mods: Sequence[Mod] = ()) -> ClientApp:
-    """A ClientApp bound to `settings`; `mods` are Flower client mods (middleware)."""
+    """A ClientApp bound to `settings`; `mods` are Flower client mods (middleware) around its
+    train handler."""
     bound = settings or ClientSettings()
-    client_app = ClientApp(mods=list(mods))
+    client_app = ClientApp()
 
-    @client_app.train()
+    @client_app.train(mods=list(mods))
     def _train(msg: Message, context: Context) -> Message:
         return handle_train(msg, context, bound)
+
+    @client_app.evaluate()
+    def _evaluate(msg: Message, context: Context) -> Message:
+        return handle_evaluate(msg, context)
 
     @client_app.query()
     def _query(msg: Message, context: Context) -> Message:

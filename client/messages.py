@@ -1,11 +1,18 @@
 """The Flower message contents the coordinator and the clients exchange: weights, config, metrics.
 
 Coordinator -> client ("train" message):
-  arrays  ArrayRecord  global weights, keys "layers.<i>.<name>"
-  config  ConfigRecord round (0-based int), experiment (the resolved config as JSON)
+  arrays   ArrayRecord  global weights, keys "layers.<i>.<name>", all but the counters
+  counters ConfigRecord the integer scalar buffers (each layer's `steps`) as ints
+  config   ConfigRecord round (0-based int), experiment (the resolved config as JSON)
 Client -> coordinator (reply):
-  arrays  ArrayRecord  the client's weights after its local round
-  metrics MetricRecord num-examples (FedAvg weight), partition-id, train/... per-layer means
+  arrays   ArrayRecord  the client's weights after its local round, all but the counters
+  counters ConfigRecord its counters
+  metrics  MetricRecord num-examples (FedAvg weight), partition-id, train/... per-layer means
+Counters travel outside the one ArrayRecord so that Flower's client mods that scale or noise
+every array (LocalDpMod's `array *= scale`) see only the floating weights.
+Coordinator -> client ("evaluate" message): as a train message (the new global weights)
+Client -> coordinator (reply):
+  metrics  MetricRecord num-examples (test samples scored), partition-id, acc/<method> accuracies
 Coordinator -> client ("query" message, once per node, when clients are sampled):
   config  ConfigRecord experiment (to check the node's partition against federation.clients)
 Client -> coordinator (reply):
@@ -26,14 +33,35 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from bpfree_core.aggregate import ClientUpdate, Weights
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.errors import ConfigError, ProtocolError
+from bpfree_core.federated_evaluation import ClientEvaluation
 
-ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"
+ARRAYS, CONFIG, METRICS, COUNTERS = "arrays", "config", "metrics", "counters"
 NUM_EXAMPLES, PARTITION_ID = "num-examples", "partition-id"
+
+
+def _is_counter(t: torch.Tensor) -> bool:
+    return t.dim() == 0 and t.dtype == torch.int64
+
+
+def split_weights(weights: Weights) -> dict[str, ArrayRecord | ConfigRecord]:
+    """The records that carry `weights`: the arrays, and the counters as plain ints."""
+    return {ARRAYS: ArrayRecord({k: v for k, v in weights.items() if not _is_counter(v)}),
+            COUNTERS: ConfigRecord({k: int(v) for k, v in weights.items() if _is_counter(v)})}
+
+
+def joined_weights(content: RecordDict) -> Weights:
+    """The weights `split_weights` carried (KeyError/TypeError when a record is missing/mistyped)."""
+    weights = {k: torch.as_tensor(v) for k, v in content.array_records[ARRAYS].to_torch_state_dict().items()}
+    for key, value in content.config_records[COUNTERS].items():
+        if not isinstance(value, int):
+            raise TypeError(f"counter {key} = {value!r} is not an int")
+        weights[key] = torch.tensor(value, dtype=torch.int64)
+    return weights
 
 
 def train_content(rnd: int, weights: Weights, cfg: ExperimentConfig) -> RecordDict:
     return RecordDict({
-        ARRAYS: ArrayRecord(weights),
+        **split_weights(weights),
         # The token stays home: each client has its own ($BPFREE_TOKEN or ClientSettings.token).
         CONFIG: ConfigRecord({"round": rnd, "experiment": json.dumps(cfg.to_dict())}),
     })
@@ -43,7 +71,7 @@ def read_train_content(content: RecordDict) -> tuple[int, Weights, ExperimentCon
     """(round, global weights, config) of a train message."""
     try:
         config = content.config_records[CONFIG]
-        weights = content.array_records[ARRAYS].to_torch_state_dict()
+        weights = joined_weights(content)
         cfg = ExperimentConfig.from_dict(json.loads(str(config["experiment"])))
         return int(config["round"]), weights, cfg  # type: ignore[arg-type]
     except ConfigError:
@@ -56,7 +84,26 @@ def reply_content(update: ClientUpdate) -> RecordDict:
     metrics: dict[str, int | float] = {NUM_EXAMPLES: update.num_examples,
                                        PARTITION_ID: update.client}
     metrics.update(update.metrics)
-    return RecordDict({ARRAYS: ArrayRecord(update.weights), METRICS: MetricRecord(metrics)})
+    return RecordDict({**split_weights(update.weights), METRICS: MetricRecord(metrics)})
+
+
+def evaluate_reply(result: ClientEvaluation) -> RecordDict:
+    metrics: dict[str, int | float] = {NUM_EXAMPLES: result.num_examples, PARTITION_ID: result.client}
+    metrics.update({f"acc/{k}": float(v) for k, v in result.accuracy.items()})
+    return RecordDict({METRICS: MetricRecord(metrics)})
+
+
+def read_evaluate_reply(msg: Message) -> ClientEvaluation:
+    try:
+        metrics = dict(msg.content.metric_records[METRICS])
+        num, client = metrics[NUM_EXAMPLES], metrics[PARTITION_ID]
+        if not isinstance(num, int) or not isinstance(client, int):
+            raise TypeError(f"{NUM_EXAMPLES} and {PARTITION_ID} must be ints")
+        acc = {k[4:]: float(v) for k, v in metrics.items() if k.startswith("acc/")}  # type: ignore[arg-type]
+        return ClientEvaluation(client=client, num_examples=num, accuracy=acc)
+    except (KeyError, TypeError) as exc:
+        raise ProtocolError(f"evaluate reply from node {msg.metadata.src_node_id} is malformed: "
+                            f"{exc!r}") from exc
 
 
 def partition_query(cfg: ExperimentConfig) -> RecordDict:
@@ -91,8 +138,7 @@ def read_reply(msg: Message) -> ClientUpdate:
     try:
         content = msg.content
         metrics = dict(content.metric_records[METRICS])
-        weights = {k: torch.as_tensor(v) for k, v in
-                   content.array_records[ARRAYS].to_torch_state_dict().items()}
+        weights = joined_weights(content)
         num = metrics.pop(NUM_EXAMPLES)
         client = metrics.pop(PARTITION_ID)
         if not isinstance(num, int) or not isinstance(client, int):

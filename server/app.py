@@ -25,11 +25,18 @@ from typing import Any
 from flwr.app import Context, Message, MessageType
 from flwr.serverapp import Grid, ServerApp
 
-from bpfree.client.messages import partition_query, read_partition_reply, read_reply, train_content
+from bpfree.client.messages import (
+    partition_query,
+    read_evaluate_reply,
+    read_partition_reply,
+    read_reply,
+    train_content,
+)
 from bpfree.server.coordinator import Coordinator, RoundReplies, required_replies
 from bpfree_core.aggregate import Weights
 from bpfree_core.config import ExperimentConfig, load_config
 from bpfree_core.errors import AggregationError, ConfigError, ProtocolError
+from bpfree_core.federated_evaluation import ClientEvaluation
 
 log = logging.getLogger(__name__)
 
@@ -85,14 +92,36 @@ class FlowerTransport:
             except ProtocolError as exc:
                 log.warning("%s", exc)
 
-    def train_round(self, rnd: int, weights: Weights, clients: list[int]) -> RoundReplies:
+    def _targets(self, clients: list[int]) -> tuple[list[int], list[int]]:
+        """(nodes to send to, sampled partitions no connected node holds)."""
         nodes = self.nodes()
-        missing: list[int] = []
-        if len(clients) < self.cfg.federation.clients:   # sampled: each partition to its node
-            self._map_partitions(nodes)
-            node_of = {p: n for n, p in sorted(self.partition_of.items()) if n in set(nodes)}
-            missing = [k for k in clients if k not in node_of]
-            nodes = [node_of[k] for k in clients if k in node_of]
+        if len(clients) == self.cfg.federation.clients:   # everyone: every node
+            return nodes, []
+        self._map_partitions(nodes)   # sampled: each partition to its node
+        node_of = {p: n for n, p in sorted(self.partition_of.items()) if n in set(nodes)}
+        return [node_of[k] for k in clients if k in node_of], [k for k in clients if k not in node_of]
+
+    def evaluate_round(self, rnd: int, weights: Weights, clients: list[int]) -> list[ClientEvaluation]:
+        """Each evaluating node scores `weights` on its own test data; failures are logged and
+        left out."""
+        nodes, missing = self._targets(clients)
+        for k in missing:
+            log.warning("round %d: no connected node holds partition %d to evaluate", rnd + 1, k)
+        content = train_content(rnd, weights, self.cfg)
+        messages = [Message(content, dst_node_id=node, message_type=MessageType.EVALUATE,
+                            group_id=str(rnd + 1)) for node in nodes]
+        results = []
+        for reply in self.grid.send_and_receive(messages, timeout=self.cfg.federation.round_timeout):
+            try:
+                if reply.has_error():
+                    raise ProtocolError(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
+                results.append(read_evaluate_reply(reply))
+            except ProtocolError as exc:
+                log.warning("round %d: an evaluation is left out: %s", rnd + 1, exc)
+        return results
+
+    def train_round(self, rnd: int, weights: Weights, clients: list[int]) -> RoundReplies:
+        nodes, missing = self._targets(clients)
         content = train_content(rnd, weights, self.cfg)
         messages = [Message(content, dst_node_id=node, message_type=MessageType.TRAIN,
                             group_id=str(rnd + 1)) for node in nodes]

@@ -34,6 +34,7 @@ from bpfree_core.diagnostics import layer_diagnostics
 from bpfree_core.errors import AggregationError, DataError, ProtocolError
 from bpfree_core.evaluation import evaluate_weights, headline
 from bpfree_core.federated import sampled_clients, stack_template
+from bpfree_core.federated_evaluation import sampled_evaluators, summarize
 from bpfree_core.model import build_objective
 from bpfree_core.rundir import STOP, RunDir, check_resumable
 from bpfree_core.runtime import progress_bar, set_threads
@@ -62,6 +63,9 @@ class RoundTransport(Protocol):
     their updates."""
 
     def train_round(self, rnd: int, weights: Weights, clients: list[int]) -> RoundReplies: ...
+
+    # Transports that run federated evaluation (federation.fraction_evaluate > 0) also have
+    # evaluate_round(rnd, weights, clients) -> list[ClientEvaluation].
 
 
 def required_replies(cfg: ExperimentConfig) -> int:
@@ -94,7 +98,10 @@ class Coordinator:
         self.on_round = on_round
         self.weights = stack_template(cfg)
         self.template = {k: v.clone() for k, v in self.weights.items()}
-        self.strategy = build_strategy(cfg.federation.strategy, cfg.federation.strategy_args)
+        fed = cfg.federation
+        sampled = train_sample_size(fed.clients, fed.fraction_train, fed.min_train_clients)
+        self.strategy = build_strategy(fed.strategy, fed.strategy_args, fed.dp, fed.dp_args,
+                                       cfg.train.seed, sampled)
         self.first_round = 0
         self.history: list[dict[str, Any]] = []
         self.totals = {"accepted": 0, "failed": 0, "timed_out": 0, "rejected": 0}
@@ -213,6 +220,10 @@ class Coordinator:
         extra: dict[str, Any] = {}
         if self.evaluate_rounds and len(self.val):
             extra["val_accuracy"] = self.evaluate(new, self.val)
+        evaluators = sampled_evaluators(cfg, rnd)
+        if evaluators:   # the clients score the new weights on their own test data
+            extra["federated_evaluation"] = summarize(
+                transport.evaluate_round(rnd, new, evaluators), cfg)   # type: ignore[attr-defined]
         if self.tasks is not None and (rnd + 1) % rounds_per_task(cfg) == 0:
             extra["continual"] = {"task": (rnd + 1) // rounds_per_task(cfg), "accuracy": self.tasks.row(new)}
         t_eval = time.perf_counter() - t2
@@ -281,10 +292,13 @@ class Coordinator:
             **({"val_accuracy_by_method": self.history[-1]["val_accuracy"]}
                if self.history and "val_accuracy" in self.history[-1] else {}),
             "accuracy_per_round": [r["test_accuracy_headline"] for r in self.history],
+            **({"federated_accuracy": self.history[-1]["federated_evaluation"]["accuracy"]}
+               if self.history and "federated_evaluation" in self.history[-1] else {}),
             "rounds": len(self.history), "stopped_early": self.stopped,
             "clients": cfg.federation.clients,
             "stages": cfg.pipeline.stages, "executor": cfg.federation.executor,
             "partition": cfg.federation.partition, "strategy": cfg.federation.strategy,
+            "dp": cfg.federation.dp,
             "replies": self.totals,
             "fingerprint": cfg.fingerprint(),
             "wall_seconds": wall,

@@ -43,7 +43,9 @@ from bpfree_core.callbacks import Callback
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.errors import BpfreeError, ConfigError, PeerUnavailableError
 from bpfree_core.federated import client_split, local_round, train_split
+from bpfree_core.federated_evaluation import ClientEvaluation, evaluate_partitions
 from bpfree_core.model import build_objective
+from bpfree_core.splits import run_splits
 
 log = logging.getLogger(__name__)
 
@@ -365,6 +367,10 @@ class RayTransport:
             return local_round(executor, self.cfg, self.parts[k], k, rnd, weights)
         finally:
             executor.close()
+
+    def evaluate_round(self, rnd: int, weights: Weights, clients: list[int]) -> list[ClientEvaluation]:
+        """Here: the coordinator drives Ray clients and holds their test partitions."""
+        return evaluate_partitions(self.cfg, run_splits(self.cfg)[2], weights, clients)
 
     def train_round(self, rnd: int, weights: Weights, clients: list[int]) -> RoundReplies:
         out = RoundReplies(sent=len(clients))

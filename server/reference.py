@@ -14,6 +14,8 @@ from bpfree.server.coordinator import Coordinator, RoundReplies
 from bpfree_core.aggregate import ClientUpdate, Weights
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.federated import InProcessExecutor, client_split, local_round, train_split
+from bpfree_core.federated_evaluation import ClientEvaluation, evaluate_partitions
+from bpfree_core.splits import run_splits
 
 
 class InProcessTransport:
@@ -23,6 +25,9 @@ class InProcessTransport:
         self.cfg = cfg
         train = train_split(cfg)
         self.parts = [client_split(cfg, train, k) for k in range(cfg.federation.clients)]
+
+    def evaluate_round(self, rnd: int, weights: Weights, clients: list[int]) -> list[ClientEvaluation]:
+        return evaluate_partitions(self.cfg, run_splits(self.cfg)[2], weights, clients)
 
     def train_round(self, rnd: int, weights: Weights, clients: list[int]) -> RoundReplies:
         updates = []

@@ -57,3 +57,10 @@ def kill_client_1_in_round_1(msg, context, call_next):  # noqa: ANN001, ANN201 -
         threading.Event().wait(120)   # the test SIGKILLs this process meanwhile
         raise RuntimeError("client 1 was not killed")
     return call_next(msg, context)
+
+
+def local_dp(msg, context, call_next):  # noqa: ANN001, ANN201 - a Flower client mod
+    """Flower's own LocalDpMod (clip each client's update, add Gaussian noise to its weights)."""
+    from flwr.clientapp.mod import LocalDpMod
+
+    return LocalDpMod(clipping_norm=5.0, sensitivity=1e-3, epsilon=1.0, delta=1e-5)(msg, context, call_next)

@@ -33,6 +33,8 @@ def test_the_rule_reproduces_the_formulas_every_committed_run_used(seed: int):
     assert derive(seed, "tasks", 3) == seed * 1_000_211 + 7_919 * 3 + 7_727
     assert derive(seed, "memory", 2) == seed * 1_000_249 + 15_485_863 * 3
     assert derive(seed, "sample", 4) == seed * 1_000_303 + 104_723 * 5
+    assert derive(seed, "dp", 2, 1) == (seed * 1_000_333 + 7_907 * 3) * 1_000_357 + 1
+    assert derive(seed, "evaluate", 1) == seed * 1_000_363 + 104_707 * 2
 
 
 @given(seed=st.integers(0, SEED_SPACE - 1), purpose=st.sampled_from(PURPOSES),
@@ -40,7 +42,7 @@ def test_the_rule_reproduces_the_formulas_every_committed_run_used(seed: int):
 def test_every_seed_gives_a_valid_torch_seed(seed: int, purpose: str, parts: list[int]):
     if purpose in ("pattern", "partition"):
         parts = []
-    elif purpose in ("layer", "client", "epoch", "tasks", "memory", "sample"):
+    elif purpose in ("layer", "client", "epoch", "tasks", "memory", "sample", "evaluate"):
         parts = parts[:1]
     value = derive(seed, purpose, *parts)
     assert 0 <= value < SEED_SPACE

@@ -95,6 +95,51 @@ def test_the_aggregate_is_flowers_round_after_round(name: str, flower_class: str
         current = new
 
 
+DP_CASES = [("fixed", "DifferentialPrivacyServerSideFixedClipping", {"clipping_norm": 1.5}),
+            ("adaptive", "DifferentialPrivacyServerSideAdaptiveClipping",
+             {"initial_clipping_norm": 1.5, "target_clipped_quantile": 0.3, "clip_norm_lr": 0.5})]
+
+
+@pytest.mark.parametrize(("dp", "flower_class", "params"), DP_CASES, ids=[c[0] for c in DP_CASES])
+@pytest.mark.parametrize("inner", ["fedavg", "fedadam"])
+def test_dp_clipping_is_flowers_and_its_noise_has_flowers_scale(dp: str, flower_class: str, params: dict,
+                                                                inner: str, flower_task: None) -> None:
+    """Without noise, the clipped aggregate (and the adaptive norm) equal Flower's round after
+    round; with noise_multiplier z, the noise has Flower's std z * clipping_norm / sampled."""
+    g = torch.Generator().manual_seed(0)
+    current = {"layers.0.body.weight": torch.randn(8, 5, generator=g),
+               "layers.0.body.bias": torch.randn(5, generator=g), COUNTER: torch.tensor(7)}
+    args = ",".join(f"{k}={v}" for k, v in params.items())
+    ours = build_strategy(inner, "", dp, f"noise_multiplier=0,{args}", num_sampled_clients=CLIENTS)
+    theirs = getattr(flwr_strategy, flower_class)(
+        getattr(flwr_strategy, "FedAvg" if inner == "fedavg" else "FedAdam")(
+            min_train_nodes=CLIENTS, min_available_nodes=CLIENTS),
+        noise_multiplier=0.0, num_sampled_clients=CLIENTS, **params)
+    for rnd in range(ROUNDS):
+        floats = {k: v for k, v in current.items() if v.is_floating_point()}
+        list(theirs.configure_train(rnd + 1, ArrayRecord({k: v.clone() for k, v in floats.items()}),
+                                    ConfigRecord(), _Nodes()))
+        updates = _replies(rnd, current)
+        flower, _ = theirs.aggregate_train(rnd + 1, [_message(u) for u in updates])
+        new = ours.aggregate(rnd, current, updates)
+        for key in floats:
+            theirs_now = torch.from_numpy(np.asarray(flower[key].numpy())).to(new[key].dtype)
+            torch.testing.assert_close(new[key], theirs_now, rtol=1e-5, atol=1e-6)
+        if dp == "adaptive":
+            assert ours.clipping_norm == pytest.approx(theirs.clipping_norm, rel=1e-9)
+        current = new
+    noisy = build_strategy(inner, "", dp, f"noise_multiplier=0.05,{args}", seed=3,
+                           num_sampled_clients=CLIENTS)
+    quiet = build_strategy(inner, "", dp, f"noise_multiplier=0,{args}", num_sampled_clients=CLIENTS)
+    big = {"layers.0.w": torch.zeros(200, 100), COUNTER: torch.tensor(0)}
+    updates = _replies(0, big)
+    diff = noisy.aggregate(0, big, updates)["layers.0.w"] - quiet.aggregate(0, big, updates)["layers.0.w"]
+    norm = params.get("clipping_norm", getattr(noisy, "clipping_norm", 0.0))
+    if dp == "adaptive":   # Flower's effective multiplier at the updated norm
+        norm = noisy.clipping_norm * noisy.noise_multiplier / 0.05
+    assert float(diff.std()) == pytest.approx(0.05 * norm / CLIENTS, rel=0.05)
+
+
 def test_fedavg_is_bit_identical_to_the_aggregate_it_replaces() -> None:
     g = torch.Generator().manual_seed(1)
     current = {"layers.0.w": torch.randn(30, 20, generator=g), "layers.0.steps": torch.tensor(3),
@@ -137,19 +182,45 @@ def test_a_resumed_run_keeps_the_strategy_state_and_ends_bit_identical(name: str
     (["federation.strategy=fedadam", "federation.strategy_args=lr=0.1"], "fedadam takes: eta, eta_l"),
     (["federation.strategy=fedadam", "federation.strategy_args=eta=fast"], "eta = 'fast' is not a number"),
     (["federation.strategy=fedtrimmedavg", "federation.strategy_args=beta=0.6"], "beta = 0.6 must be in"),
+    (["federation.dp=gaussian"], "'gaussian' is not a known DP wrapper; valid: adaptive, fixed"),
+    (["federation.dp=adaptive", "federation.dp_args=noise_multiplier=2", "federation.clients=10"],
+     "needs clipped_count_stddev > 1.0"),
 ])
 def test_bad_strategy_settings_are_one_sentence(overrides: list[str], words: str) -> None:
     with pytest.raises(ConfigError, match=words.replace("(", r"\(")):
         load_config(None, overrides)
 
 
-def test_a_flower_simulation_with_fedadam_equals_the_reference(data_dir: Path, tmp_path: Path) -> None:
+def test_a_flower_simulation_with_fedadam_and_central_dp_equals_the_reference(data_dir: Path,
+                                                                             tmp_path: Path) -> None:
+    """FedAdam inside fixed-clipping central DP: the noise comes from the run's seed, so the
+    Flower run still ends on the in-process reference's weights."""
     from bpfree.server.reference import federated_reference
     from bpfree.server.simulate import simulate
 
     cfg = _cfg(data_dir, "federation.strategy=fedadam", "federation.strategy_args=eta=0.02,beta_1=0.8",
-               "federation.rounds=2")
+               "federation.rounds=2", "federation.dp=fixed",
+               "federation.dp_args=noise_multiplier=0.01,clipping_norm=3")
     summary = simulate(cfg, tmp_path / "run")
     reference = federated_reference(cfg)
     assert [k for k in reference if not torch.equal(summary["weights"][k], reference[k])] == []
-    assert summary["strategy"] == "fedadam"
+    assert summary["strategy"] == "fedadam" and summary["dp"] == "fixed"
+    plain = federated_reference(_cfg(data_dir, "federation.strategy=fedadam",
+                                     "federation.strategy_args=eta=0.02,beta_1=0.8", "federation.rounds=2"))
+    assert any(not torch.equal(plain[k], reference[k]) for k in plain), "dp changed nothing"
+
+
+def test_flowers_local_dp_mod_runs_on_bpfree_replies(data_dir: Path, tmp_path: Path) -> None:
+    """LocalDpMod scales and noises every array of a reply: the integer step counters travel
+    outside the ArrayRecord, so it sees only floating weights and the run completes."""
+    from bpfree.server.simulate import simulate
+
+    cfg = _cfg(data_dir, "federation.rounds=2")
+    summary = simulate(cfg, tmp_path / "run", client_mods=["tests.flower_mods:local_dp"])
+    ref = Coordinator(cfg).run(InProcessTransport(cfg))
+    reference = ref["weights"]
+    floats = [k for k in reference if reference[k].is_floating_point()]
+    counters = [k for k in reference if not reference[k].is_floating_point()]
+    assert counters and all(torch.equal(summary["weights"][k], reference[k]) for k in counters)
+    assert any(not torch.equal(summary["weights"][k], reference[k]) for k in floats), "no noise added"
+    assert abs(summary["test_accuracy"] - ref["test_accuracy"]) < 0.1   # noise std ~0.005: small

@@ -5,7 +5,8 @@ the maths of the Flower 1.41 strategy of the same name (flwr/serverapp/strategy/
 torch tensors so that a run is deterministic and its state (server momentum, Adam moments)
 checkpoints with the round; tests/test_strategies.py feeds the same replies to Flower's class
 and to ours and compares the aggregates. Hyper-parameters are Flower's names and defaults,
-given as `federation.strategy_args = "eta=0.01,beta_1=0.9"`.
+given as `federation.strategy_args = "eta=0.01,beta_1=0.9"`. `federation.dp = fixed | adaptive`
+wraps any of them in Flower's server-side DP clipping (`federation.dp_args`, Flower's names).
 
 Every strategy shares two rules with FedAvg (bpfree_core.aggregate): integer tensors are
 counters (old value plus every client's increment) and a tensor every client sent back
@@ -25,6 +26,7 @@ from bpfree_core.aggregate import ClientUpdate, Weights
 from bpfree_core.errors import AggregationError, ConfigError
 
 _REGISTRY: dict[str, type[Strategy]] = {}
+_DP: dict[str, type[Strategy]] = {}   # federation.dp: wrappers around any strategy
 State = dict[str, Any]   # tensors and plain numbers only: checkpoints load with weights_only
 
 
@@ -89,19 +91,40 @@ def register(name: str):  # noqa: ANN201 - decorator
     return wrap
 
 
-def registered() -> dict[str, type[Strategy]]:
-    """Every strategy by name (each module here registers its own)."""
-    for module in pkgutil.iter_modules(__path__):
+def register_dp(name: str):  # noqa: ANN201 - decorator
+    def wrap(cls: type[Strategy]) -> type[Strategy]:
+        cls.name = f"dp-{name}"
+        _DP[name] = cls
+        return cls
+
+    return wrap
+
+
+def _load_all() -> None:
+    for module in pkgutil.iter_modules(__path__):   # each module here registers its own
         importlib.import_module(f"{__name__}.{module.name}")
+
+
+def registered() -> dict[str, type[Strategy]]:
+    """Every strategy by name."""
+    _load_all()
     return dict(_REGISTRY)
 
 
-def parse_params(name: str, args: str) -> Any:
-    """The strategy's Params from "key=value,key=value" (its Flower defaults for the rest)."""
-    known = registered()
+def registered_dp() -> dict[str, type[Strategy]]:
+    """Every differential-privacy wrapper by name (federation.dp)."""
+    _load_all()
+    return dict(_DP)
+
+
+def parse_params(name: str, args: str, field: str = "strategy") -> Any:
+    """The strategy's (or DP wrapper's) Params from "key=value,key=value" (its Flower defaults
+    for the rest)."""
+    known = registered() if field == "strategy" else registered_dp()
     if name not in known:
-        raise ConfigError(f"federation.strategy = {name!r} is not a known strategy; valid: "
-                          f"{', '.join(sorted(known))}")
+        kind = "strategy" if field == "strategy" else "DP wrapper"
+        raise ConfigError(f"federation.{field} = {name!r} is not a known {kind}; "
+                          f"valid: {', '.join(sorted(known))}")
     cls = known[name].Params
     fields = {f.name: f for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}
@@ -112,22 +135,32 @@ def parse_params(name: str, args: str) -> Any:
         key = key.strip()
         if not sep or key not in fields:
             valid = ", ".join(fields) or "none"
-            raise ConfigError(f"federation.strategy_args: {part!r} is not a {name} hyper-parameter "
+            raise ConfigError(f"federation.{field}_args: {part!r} is not a {name} hyper-parameter "
                               f"(key=value); {name} takes: {valid}")
         kind = type(fields[key].default)
         try:
             values[key] = kind(raw.strip())
         except ValueError:
-            raise ConfigError(f"federation.strategy_args: {key} = {raw.strip()!r} is not "
+            raise ConfigError(f"federation.{field}_args: {key} = {raw.strip()!r} is not "
                               f"{'an integer' if kind is int else 'a number'}") from None
     try:
         return cls(**values)
     except ValueError as exc:
-        raise ConfigError(f"federation.strategy_args for {name}: {exc}") from None
+        raise ConfigError(f"federation.{field}_args for {name}: {exc}") from None
 
 
-def build_strategy(name: str, args: str = "") -> Strategy:
-    return registered()[name](parse_params(name, args))
+def build_strategy(name: str, args: str = "", dp: str = "", dp_args: str = "", seed: int = 0,
+                   num_sampled_clients: int = 1) -> Strategy:
+    """The strategy `name`, wrapped in DP wrapper `dp` unless that is "" (noise drawn from `seed`)."""
+    params = parse_params(name, args)
+    inner = registered()[name](params)
+    if not dp:
+        return inner
+    dp_params = parse_params(dp, dp_args, "dp")
+    try:
+        return registered_dp()[dp](dp_params, inner, seed, num_sampled_clients)
+    except ValueError as exc:
+        raise ConfigError(f"federation.dp_args for {dp}: {exc}") from None
 
 
 def weighted_mean(replies: list[tuple[int, Weights]], key: str, like: torch.Tensor) -> torch.Tensor:
@@ -139,5 +172,5 @@ def weighted_mean(replies: list[tuple[int, Weights]], key: str, like: torch.Tens
     return acc.to(like.dtype)
 
 
-__all__ = ["Params", "State", "Strategy", "build_strategy", "parse_params", "register", "registered",
-           "weighted_mean"]
+__all__ = ["Params", "State", "Strategy", "build_strategy", "parse_params", "register", "register_dp",
+           "registered", "registered_dp", "weighted_mean"]
