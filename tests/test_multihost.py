@@ -5,6 +5,8 @@ certificates for the hosts' addresses (deploy/make-certs.sh), the shared token o
   `bpfree train`;
 * a federation: the SuperLink on one host, K SuperNodes on others, their stage workers on others
   (deploy/superlink.sh, deploy/supernode.sh), equals the in-process federated reference;
+* each site's own data: two SuperNodes with a dataset each (supernode.sh --dataset), trained and
+  evaluated there, equals the in-process run on those datasets;
 * Ray: a head on one host and a worker node on another (deploy/ray/*.sh --node-ip), `bpfree
   simulate --backend ray --placement STRICT_SPREAD` from the head's host, equals the reference.
 
@@ -143,6 +145,73 @@ def test_federation_across_hosts_with_tls_equals_the_reference(data_dir: Path, t
     cfg = load_config(None, [*sets, "federation.clients=2", "pipeline.stages=2", "federation.rounds=1"])
     reference = federated_reference(cfg)
     final = load_checkpoint(run / "checkpoints" / "round-0001.pt")["weights"]
+    assert all(torch.equal(final[k], reference[k]) for k in reference)
+
+
+def _write_npz(path: Path, train, test) -> Path:  # noqa: ANN001 - two Splits of MNIST
+    import numpy as np
+
+    def arrays(split) -> tuple:  # noqa: ANN001
+        return ((split.images.view(-1, 1, 28, 28) * 255).round().to(torch.uint8).numpy(),
+                split.labels.numpy())
+
+    (xt, yt), (xs, ys) = arrays(train), arrays(test)
+    np.savez(path, x_train=xt, y_train=yt, x_test=xs, y_test=ys)
+    return path
+
+
+def test_each_supernode_trains_and_evaluates_its_own_data(data_dir: Path, tmp_path: Path) -> None:
+    """Two sites on their own hosts, each with a dataset of its own (deploy/supernode.sh
+    --dataset), never the server's: their replies count their own samples, federated evaluation
+    reports their own test sets, and the weights equal the in-process run on the sites' data."""
+    from bpfree.server.coordinator import Coordinator
+    from bpfree.server.reference import InProcessTransport
+    from bpfree_core.data import load_dataset
+
+    mnist = load_dataset("mnist", str(data_dir))
+    server = _write_npz(tmp_path / "server.npz", mnist.train.subset(slice(5000, 5200)),
+                        mnist.test.subset(slice(0, 500)))
+    sites = [_write_npz(tmp_path / f"site{k}.npz", mnist.train.subset(slice(k * 1000, (k + 1) * 1000)),
+                        mnist.test.subset(slice(500 + 300 * k, 800 + 300 * k))) for k in range(2)]
+    sets = [f"model.dataset=npz:{server}", "model.hidden=100,100", "model.algorithm=symba",
+            "train.threads=1", "train.batch_size=100", "train.jitter=0", "federation.clients=2",
+            "federation.rounds=2", "federation.executor=inprocess", "federation.fraction_evaluate=1"]
+    with Testbed(["link", "c0", "c1"], rate_mbit=RATE) as tb:
+        certs = host_certs(tb, ["link"], tmp_path / "certs")
+        ca = certs / "ca" / "ca.crt"
+        link = f"{tb.address('link')}:9093"
+        superlink = _daemon(tb, "link", ["bash", str(REPO / "deploy" / "superlink.sh"), "--host",
+                                         tb.address("link"), "--port", "9093", "--certs",
+                                         str(certs / "link")], tmp_path / "superlink.log",
+                            BPFREE_RUNS_DIR=str(tmp_path / "runs"))
+        _wait_https(tb, "link", f"https://{link}/health", ca, superlink, tmp_path / "superlink.log")
+        for k in range(2):
+            _daemon(tb, f"c{k}", ["bash", str(REPO / "deploy" / "supernode.sh"), "--superlink", link,
+                                  "--partition", str(k), "--num-partitions", "2", "--certs",
+                                  str(certs / "ca"), "--dataset", f"npz:{sites[k]}"],
+                    tmp_path / f"supernode-{k}.log")
+        home = tmp_path / "flwr-home"
+        home.mkdir()
+        (home / "config.toml").write_text(f'[superlink]\ndefault = "hosts"\n\n[superlink.hosts]\n'
+                                          f'address = "{link}"\nroot-certificates = "{ca}"\n')
+        flwr = str(Path(sys.executable).with_name("flwr"))
+        done = tb.run("link", [flwr, "run", str(REPO), "hosts", "--stream", "--run-config",
+                               f"config-toml='' overrides='{';'.join(sets)}'"], timeout=420,
+                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                      env=_env(FLWR_HOME=str(home)), cwd=REPO)
+        assert done.returncode == 0, done.stdout[-4000:]
+    assert not set(tb.names()) & set(namespaces())
+
+    (run,) = (tmp_path / "runs").glob("flwr-*")
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    for rec in records:
+        assert [m["num_examples"] for m in rec["client_metrics"].values()] == [1000, 1000]
+        assert [c["num_examples"] for c in rec["federated_evaluation"]["clients"].values()] == [300, 300]
+    cfg = load_config(None, sets)
+    transport = InProcessTransport(cfg)
+    transport.parts = [load_dataset(f"npz:{site}").train for site in sites]
+    reference = Coordinator(cfg, evaluate=False).run(transport)["weights"]
+    final = load_checkpoint(run / "checkpoints" / "round-0002.pt")["weights"]
     assert all(torch.equal(final[k], reference[k]) for k in reference)
 
 
