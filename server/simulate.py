@@ -26,7 +26,7 @@ from typing import Any
 
 from bpfree_core.callbacks import Callback, stop_asked
 from bpfree_core.cli_train import add_config_arguments, config_from_args, progress_from_args, report
-from bpfree_core.config import PLACEMENTS, ExperimentConfig
+from bpfree_core.config import PLACEMENTS, ExperimentConfig, train_sample_size
 from bpfree_core.errors import BpfreeError, ConfigError
 from bpfree_core.readers import is_user_dataset
 from bpfree_core.rundir import STOP
@@ -317,7 +317,9 @@ def launch_stage_workers(cfg: ExperimentConfig, log_dir: Path,
 def client_actors(cfg: ExperimentConfig) -> int:
     """ClientApps that run at once. A pipeline ClientApp only feeds its stage workers (separate
     processes, outside Ray) and waits on gRPC, so all K run in one wave; an in-process ClientApp
-    trains the layers itself, so at most one per core."""
-    if cfg.federation.executor == "pipeline":
-        return cfg.federation.clients
-    return min(os.cpu_count() or 2, cfg.federation.clients)
+    trains the layers itself, so at most one per core. Only the sampled clients train at once."""
+    fed = cfg.federation
+    sampled = train_sample_size(fed.clients, fed.fraction_train, fed.min_train_clients)   # train at once
+    if fed.executor == "pipeline":
+        return sampled
+    return min(os.cpu_count() or 2, sampled)

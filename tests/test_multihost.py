@@ -98,6 +98,26 @@ def _daemon(tb: Testbed, host: str, argv: list[str], log: Path, **env: str) -> s
                         start_new_session=True)
 
 
+def _superlink(tb: Testbed, certs: Path, tmp_path: Path) -> str:
+    """deploy/superlink.sh on host `link` (TLS, runs in tmp_path/runs), once it answers: its address."""
+    link = f"{tb.address('link')}:9093"
+    proc = _daemon(tb, "link", ["bash", str(REPO / "deploy" / "superlink.sh"), "--host", tb.address("link"),
+                                "--port", "9093", "--certs", str(certs / "link")],
+                   tmp_path / "superlink.log", BPFREE_RUNS_DIR=str(tmp_path / "runs"))
+    _wait_https(tb, "link", f"https://{link}/health", certs / "ca" / "ca.crt", proc,
+                tmp_path / "superlink.log")
+    return link
+
+
+def _flwr_home(tmp_path: Path, link: str, ca: Path) -> Path:
+    """A FLWR_HOME whose default SuperLink is `link`, verified with `ca`."""
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "hosts"\n\n[superlink.hosts]\n'
+                                      f'address = "{link}"\nroot-certificates = "{ca}"\n')
+    return home
+
+
 def test_federation_across_hosts_with_tls_equals_the_reference(data_dir: Path, tmp_path: Path) -> None:
     """SuperLink on `link`; SuperNode k on `ck`; client k's two stage workers on `cks0`, `cks1`."""
     from bpfree.server.reference import federated_reference
@@ -111,21 +131,13 @@ def test_federation_across_hosts_with_tls_equals_the_reference(data_dir: Path, t
         ca = certs / "ca" / "ca.crt"
         stage_addresses = {k: start_workers(tb, hosts, tmp_path, certs=certs, token=TOKEN)[1]
                            for k, hosts in workers.items()}
-        link = f"{tb.address('link')}:9093"
-        superlink = _daemon(tb, "link", ["bash", str(REPO / "deploy" / "superlink.sh"), "--host",
-                                         tb.address("link"), "--port", "9093", "--certs",
-                                         str(certs / "link")], tmp_path / "superlink.log",
-                            BPFREE_RUNS_DIR=str(tmp_path / "runs"))
-        _wait_https(tb, "link", f"https://{link}/health", ca, superlink, tmp_path / "superlink.log")
+        link = _superlink(tb, certs, tmp_path)
         for k in range(2):
             _daemon(tb, f"c{k}", ["bash", str(REPO / "deploy" / "supernode.sh"), "--superlink", link,
                                   "--partition", str(k), "--num-partitions", "2", "--stages",
                                   ",".join(stage_addresses[k]), "--certs", str(certs / "ca"),
                                   "--stage-tls"], tmp_path / f"supernode-{k}.log", BPFREE_TOKEN=TOKEN)
-        home = tmp_path / "flwr-home"
-        home.mkdir()
-        (home / "config.toml").write_text(f'[superlink]\ndefault = "hosts"\n\n[superlink.hosts]\n'
-                                          f'address = "{link}"\nroot-certificates = "{ca}"\n')
+        home = _flwr_home(tmp_path, link, ca)
         overrides = ";".join(["federation.clients=2", "pipeline.stages=2", "federation.rounds=1", *sets])
         flwr = str(Path(sys.executable).with_name("flwr"))
         done = tb.run("link", [flwr, "run", str(REPO), "hosts", "--stream", "--run-config",
@@ -179,21 +191,13 @@ def test_each_supernode_trains_and_evaluates_its_own_data(data_dir: Path, tmp_pa
     with Testbed(["link", "c0", "c1"], rate_mbit=RATE) as tb:
         certs = host_certs(tb, ["link"], tmp_path / "certs")
         ca = certs / "ca" / "ca.crt"
-        link = f"{tb.address('link')}:9093"
-        superlink = _daemon(tb, "link", ["bash", str(REPO / "deploy" / "superlink.sh"), "--host",
-                                         tb.address("link"), "--port", "9093", "--certs",
-                                         str(certs / "link")], tmp_path / "superlink.log",
-                            BPFREE_RUNS_DIR=str(tmp_path / "runs"))
-        _wait_https(tb, "link", f"https://{link}/health", ca, superlink, tmp_path / "superlink.log")
+        link = _superlink(tb, certs, tmp_path)
         for k in range(2):
             _daemon(tb, f"c{k}", ["bash", str(REPO / "deploy" / "supernode.sh"), "--superlink", link,
                                   "--partition", str(k), "--num-partitions", "2", "--certs",
                                   str(certs / "ca"), "--dataset", f"npz:{sites[k]}"],
                     tmp_path / f"supernode-{k}.log")
-        home = tmp_path / "flwr-home"
-        home.mkdir()
-        (home / "config.toml").write_text(f'[superlink]\ndefault = "hosts"\n\n[superlink.hosts]\n'
-                                          f'address = "{link}"\nroot-certificates = "{ca}"\n')
+        home = _flwr_home(tmp_path, link, ca)
         flwr = str(Path(sys.executable).with_name("flwr"))
         done = tb.run("link", [flwr, "run", str(REPO), "hosts", "--stream", "--run-config",
                                f"config-toml='' overrides='{';'.join(sets)}'"], timeout=420,

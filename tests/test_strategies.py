@@ -71,15 +71,11 @@ def flower_task(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(TaskIdentity, name, 1)
 
 
-@pytest.mark.parametrize(("name", "flower_class", "params"), CASES, ids=[c[0] for c in CASES])
-def test_the_aggregate_is_flowers_round_after_round(name: str, flower_class: str, params: dict,
-                                                     flower_task: None) -> None:
+def _same_rounds(ours, theirs, also=lambda: None) -> None:  # noqa: ANN001
+    """ROUNDS rounds of the same replies to both strategies: the same aggregates (and `also`)."""
     g = torch.Generator().manual_seed(0)
     current = {"layers.0.body.weight": torch.randn(8, 5, generator=g),
                "layers.0.body.bias": torch.randn(5, generator=g), COUNTER: torch.tensor(7)}
-    ours = build_strategy(name, ",".join(f"{k}={v}" for k, v in params.items()))
-    theirs = getattr(flwr_strategy, flower_class)(**params, min_train_nodes=CLIENTS,
-                                                  min_available_nodes=CLIENTS)
     for rnd in range(ROUNDS):
         floats = {k: v for k, v in current.items() if v.is_floating_point()}
         list(theirs.configure_train(rnd + 1, ArrayRecord({k: v.clone() for k, v in floats.items()}),
@@ -92,7 +88,17 @@ def test_the_aggregate_is_flowers_round_after_round(name: str, flower_class: str
             torch.testing.assert_close(new[key], theirs_now, rtol=1e-5, atol=1e-6)
             assert new[key].dtype == current[key].dtype
         assert int(new[COUNTER]) == int(current[COUNTER]) + 10 * CLIENTS
+        also()
         current = new
+
+
+@pytest.mark.parametrize(("name", "flower_class", "params"), CASES, ids=[c[0] for c in CASES])
+def test_the_aggregate_is_flowers_round_after_round(name: str, flower_class: str, params: dict,
+                                                     flower_task: None) -> None:
+    ours = build_strategy(name, ",".join(f"{k}={v}" for k, v in params.items()))
+    theirs = getattr(flwr_strategy, flower_class)(**params, min_train_nodes=CLIENTS,
+                                                  min_available_nodes=CLIENTS)
+    _same_rounds(ours, theirs)
 
 
 DP_CASES = [("fixed", "DifferentialPrivacyServerSideFixedClipping", {"clipping_norm": 1.5}),
@@ -106,28 +112,18 @@ def test_dp_clipping_is_flowers_and_its_noise_has_flowers_scale(dp: str, flower_
                                                                 inner: str, flower_task: None) -> None:
     """Without noise, the clipped aggregate (and the adaptive norm) equal Flower's round after
     round; with noise_multiplier z, the noise has Flower's std z * clipping_norm / sampled."""
-    g = torch.Generator().manual_seed(0)
-    current = {"layers.0.body.weight": torch.randn(8, 5, generator=g),
-               "layers.0.body.bias": torch.randn(5, generator=g), COUNTER: torch.tensor(7)}
     args = ",".join(f"{k}={v}" for k, v in params.items())
     ours = build_strategy(inner, "", dp, f"noise_multiplier=0,{args}", num_sampled_clients=CLIENTS)
     theirs = getattr(flwr_strategy, flower_class)(
         getattr(flwr_strategy, "FedAvg" if inner == "fedavg" else "FedAdam")(
             min_train_nodes=CLIENTS, min_available_nodes=CLIENTS),
         noise_multiplier=0.0, num_sampled_clients=CLIENTS, **params)
-    for rnd in range(ROUNDS):
-        floats = {k: v for k, v in current.items() if v.is_floating_point()}
-        list(theirs.configure_train(rnd + 1, ArrayRecord({k: v.clone() for k, v in floats.items()}),
-                                    ConfigRecord(), _Nodes()))
-        updates = _replies(rnd, current)
-        flower, _ = theirs.aggregate_train(rnd + 1, [_message(u) for u in updates])
-        new = ours.aggregate(rnd, current, updates)
-        for key in floats:
-            theirs_now = torch.from_numpy(np.asarray(flower[key].numpy())).to(new[key].dtype)
-            torch.testing.assert_close(new[key], theirs_now, rtol=1e-5, atol=1e-6)
+
+    def same_norm() -> None:
         if dp == "adaptive":
             assert ours.clipping_norm == pytest.approx(theirs.clipping_norm, rel=1e-9)
-        current = new
+
+    _same_rounds(ours, theirs, same_norm)
     noisy = build_strategy(inner, "", dp, f"noise_multiplier=0.05,{args}", seed=3,
                            num_sampled_clients=CLIENTS)
     quiet = build_strategy(inner, "", dp, f"noise_multiplier=0,{args}", num_sampled_clients=CLIENTS)
