@@ -35,7 +35,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
-from bpfree.client.executor import make_executor
+from bpfree.client.executor import PipelineExecutor, make_executor
 from bpfree.client.messages import (
     evaluate_reply,
     partition_reply,
@@ -45,7 +45,8 @@ from bpfree.client.messages import (
 )
 from bpfree.client.site_data import node_test_data, node_train_data
 from bpfree_core.config import ExperimentConfig
-from bpfree_core.errors import ConfigError
+from bpfree_core.errors import ConfigError, PeerUnavailableError
+from bpfree_core.executor import InProcessExecutor
 from bpfree_core.federated import local_round
 from bpfree_core.federated_evaluation import local_evaluate
 from bpfree_core.runtime import set_threads
@@ -134,15 +135,32 @@ def handle_train(msg: Message, context: Context, settings: ClientSettings) -> Me
     data = node_train_data(cfg, node_config, pid)
     run_config = dict(context.run_config)
     log_dir = settings.log_dir or str(run_config.get("log-dir", "") or "") or None
-    executor = make_executor(cfg, node_addresses(node_config, run_config, settings, pid), log_dir)
+    executor, retries = connect(cfg, node_addresses(node_config, run_config, settings, pid), log_dir)
     try:
         update = local_round(executor, cfg, data, pid, rnd, weights)
     finally:
         executor.close()
+    update.metrics["restarts"] = update.metrics.get("restarts", 0.0) + retries
     update.metrics["handler_seconds"] = time.perf_counter() - t0  # all of this client's round
     log.info("client %d round %d: %d examples, %.1fs", pid, rnd + 1, update.num_examples,
              update.metrics["handler_seconds"])
     return Message(reply_content(update), reply_to=msg)
+
+
+def connect(cfg: ExperimentConfig, addresses: list[str] | None,
+            log_dir: str | None) -> tuple[InProcessExecutor | PipelineExecutor, int]:
+    """The executor, and how many times its stages had to be reached again: a stage that dies
+    while being configured is respawned by its supervisor (on its port), so Configure is tried
+    again, up to pipeline.restarts times, as a stage dying mid-round is."""
+    for attempt in range(cfg.pipeline.restarts + 1):
+        try:
+            return make_executor(cfg, addresses, log_dir), attempt
+        except PeerUnavailableError as exc:
+            if attempt == cfg.pipeline.restarts:
+                raise
+            log.warning("configuring the stages failed (%s); trying again (%d/%d)", exc,
+                        attempt + 1, cfg.pipeline.restarts)
+    raise AssertionError("unreachable")
 
 
 def handle_evaluate(msg: Message, context: Context) -> Message:
