@@ -50,16 +50,20 @@ def round_epochs(cfg: ExperimentConfig, rnd: int) -> range:
     return range(rnd * e, (rnd + 1) * e)
 
 
+def draw_clients(cfg: ExperimentConfig, rnd: int, fraction: float, minimum: int, purpose: str) -> list[int]:
+    """Flower's count of the K clients (max(int(K * fraction), minimum), at most K), ascending:
+    all of them, or a draw from derive(seed, purpose, rnd), the same in every process and on resume."""
+    k = cfg.federation.clients
+    n = train_sample_size(k, fraction, minimum)
+    if n == k:
+        return list(range(k))
+    return sorted(torch.randperm(k, generator=generator(cfg.train.seed, purpose, rnd))[:n].tolist())
+
+
 def sampled_clients(cfg: ExperimentConfig, rnd: int) -> list[int]:
-    """The partitions that train in round `rnd` (0-based), ascending: all K, or under
-    federation.fraction_train a draw from derive(seed, "sample", rnd), the same in every process
-    and on resume."""
+    """The partitions that train in round `rnd` (0-based), under federation.fraction_train."""
     fed = cfg.federation
-    n = train_sample_size(fed.clients, fed.fraction_train, fed.min_train_clients)
-    if n == fed.clients:
-        return list(range(fed.clients))
-    draw = torch.randperm(fed.clients, generator=generator(cfg.train.seed, "sample", rnd))
-    return sorted(draw[:n].tolist())
+    return draw_clients(cfg, rnd, fed.fraction_train, fed.min_train_clients, "sample")
 
 
 def client_seed(seed: int, client: int) -> int:

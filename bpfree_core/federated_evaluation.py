@@ -12,16 +12,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from bpfree_core.aggregate import Weights
-from bpfree_core.config import ExperimentConfig, train_sample_size
+from bpfree_core.config import ExperimentConfig
 from bpfree_core.data import Split
 from bpfree_core.errors import ConfigError
 from bpfree_core.evaluation import evaluate_weights, headline
-from bpfree_core.federated import partitions
+from bpfree_core.federated import draw_clients, partitions
 from bpfree_core.model import build_objective
-from bpfree_core.seeds import generator
 
 
 @dataclass(frozen=True)
@@ -36,11 +33,7 @@ def sampled_evaluators(cfg: ExperimentConfig, rnd: int) -> list[int]:
     fed = cfg.federation
     if fed.fraction_evaluate == 0:
         return []
-    n = train_sample_size(fed.clients, fed.fraction_evaluate, fed.min_evaluate_clients)
-    if n == fed.clients:
-        return list(range(fed.clients))
-    draw = torch.randperm(fed.clients, generator=generator(cfg.train.seed, "evaluate", rnd))
-    return sorted(draw[:n].tolist())
+    return draw_clients(cfg, rnd, fed.fraction_evaluate, fed.min_evaluate_clients, "evaluate")
 
 
 def client_test_split(cfg: ExperimentConfig, test: Split, client: int) -> Split:
