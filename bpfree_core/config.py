@@ -216,9 +216,15 @@ class PipelineConfig:
     balance: str = runtime("layers")      # how layers split into stages: layers (equal counts) |
                                           # flops (by multiply-adds) | measured (by timed layer
                                           # steps): bpfree_core/balance.py
+    pool: int = runtime(0)                # simulate: P pipelines (P x S workers) serve the sampled
+                                          # clients in turn (0 = one pipeline per client)
+    client_stages: str = runtime("")      # "K=S,K=S": clients running their own number of stages
+                                          # (the rest run pipeline.stages); weights do not change
 
     def __post_init__(self) -> None:
         _check_positive("pipeline", "stages", self.stages)
+        _check_positive("pipeline", "pool", self.pool, allow_zero=True)
+        self.stage_counts()   # names a malformed client_stages
         _check_positive("pipeline", "stage_num_cpus", self.stage_num_cpus, allow_zero=True)
         _check_positive("pipeline", "stage_num_gpus", self.stage_num_gpus, allow_zero=True)
         if self.stage_num_cpus == 0 and self.stage_num_gpus == 0:
@@ -234,6 +240,25 @@ class PipelineConfig:
         _check_positive("pipeline", "connect_timeout", self.connect_timeout)
         _check_positive("pipeline", "restarts", self.restarts, allow_zero=True)
         _check_choice("pipeline", "balance", self.balance, ("flops", "layers", "measured"))
+
+    def stage_counts(self) -> dict[int, int]:
+        """{client: stages} for the clients `client_stages` gives a count of their own."""
+        counts: dict[int, int] = {}
+        for part in filter(None, (p.strip() for p in self.client_stages.split(","))):
+            key, sep, value = part.partition("=")
+            try:
+                client, stages = int(key), int(value)
+            except ValueError:
+                client, stages = -1, 0
+            if not sep or client < 0 or stages < 1:
+                raise ConfigError(f"pipeline.client_stages has {part!r}: give CLIENT=STAGES pairs, "
+                                  "e.g. \"0=1,3=3\" (client ids from 0, at least one stage)")
+            counts[client] = stages
+        return counts
+
+    def stages_of(self, client: int) -> int:
+        """How many stage workers client `client` runs its layers on."""
+        return self.stage_counts().get(client, self.stages)
 
 
 def train_sample_size(clients: int, fraction: float, minimum: int) -> int:

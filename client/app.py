@@ -16,6 +16,8 @@ simulation engine for partition-id/num-partitions):
   dataset          str   a site's own data ("npz:PATH", ...): trained and evaluated instead of a
                          partition of the run's dataset (client.site_data)
   device           str   cpu | cuda | cuda:N for a locally launched pipeline or in-process run
+  stages           int   how many stage workers this node runs its layers on (default
+                         pipeline.client_stages' entry for its partition, else pipeline.stages)
 The stage workers' shared token, if they require one, comes from this node's $BPFREE_TOKEN (it
 never travels through Flower).
 """
@@ -27,8 +29,10 @@ import importlib
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from flwr.app import Context, Message
@@ -43,6 +47,7 @@ from bpfree.client.messages import (
     read_train_content,
     reply_content,
 )
+from bpfree.client.pool import lease, parse_pool
 from bpfree.client.site_data import node_test_data, node_train_data
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.errors import ConfigError, PeerUnavailableError
@@ -92,6 +97,21 @@ def node_addresses(node_config: dict[str, Any], run_config: dict[str, Any],
     return [a.strip() for a in raw.split(",") if a.strip()]
 
 
+@contextmanager
+def stage_workers(node_config: dict[str, Any], run_config: dict[str, Any],
+                  settings: ClientSettings, pid: int) -> Iterator[list[str]]:
+    """This round's stage workers: a pipeline leased from run_config `stage-pool` (held for the
+    round; client.pool), else this partition's own (node_addresses)."""
+    pool = parse_pool(str(run_config.get("stage-pool", "") or ""))
+    if not pool:
+        yield node_addresses(node_config, run_config, settings, pid)
+        return
+    if not run_config.get("pool-dir"):
+        raise ConfigError("run_config has stage-pool but no pool-dir (the pipelines' lock files)")
+    with lease(pool, Path(str(run_config["pool-dir"])), pid) as addresses:
+        yield addresses
+
+
 def env_mods() -> list[Mod]:
     """Client mods named in $BPFREE_CLIENT_MODS ("module:function,..."), on this node only: they
     wrap the train handler (each sees and may change every train message and its reply; query
@@ -109,9 +129,14 @@ def env_mods() -> list[Mod]:
 
 
 def node_config_overrides(cfg: ExperimentConfig, node_config: dict[str, Any],
-                          token: str = "") -> ExperimentConfig:
-    """Apply the node's own data dir, device, stage TLS CA and stage token to the run's config."""
+                          token: str = "", pid: int = 0) -> ExperimentConfig:
+    """Apply the node's own data dir, device, stage count, stage TLS CA and stage token to the
+    run's config. The stage count is node_config `stages`, else pipeline.client_stages' entry
+    for this partition: placement, not maths, so the weights stay those of the reference."""
     train, pipeline = cfg.train, cfg.pipeline
+    stages = int(node_config.get("stages", 0) or 0) or pipeline.stages_of(pid)
+    if stages != pipeline.stages:
+        pipeline = dataclasses.replace(pipeline, stages=stages)
     if node_config.get("data-dir"):
         train = dataclasses.replace(train, data_dir=str(node_config["data-dir"]))
     if node_config.get("device"):
@@ -130,16 +155,17 @@ def handle_train(msg: Message, context: Context, settings: ClientSettings) -> Me
     rnd, weights, cfg = read_train_content(msg.content)
     node_config = dict(context.node_config)
     pid = node_partition(node_config, cfg)
-    cfg = node_config_overrides(cfg, node_config, settings.token)
+    cfg = node_config_overrides(cfg, node_config, settings.token, pid)
     set_threads(cfg.train.threads)
     data = node_train_data(cfg, node_config, pid)
     run_config = dict(context.run_config)
     log_dir = settings.log_dir or str(run_config.get("log-dir", "") or "") or None
-    executor, retries = connect(cfg, node_addresses(node_config, run_config, settings, pid), log_dir)
-    try:
-        update = local_round(executor, cfg, data, pid, rnd, weights)
-    finally:
-        executor.close()
+    with stage_workers(node_config, run_config, settings, pid) as addresses:
+        executor, retries = connect(cfg, addresses, log_dir)
+        try:
+            update = local_round(executor, cfg, data, pid, rnd, weights)
+        finally:
+            executor.close()
     update.metrics["restarts"] = update.metrics.get("restarts", 0.0) + retries
     update.metrics["handler_seconds"] = time.perf_counter() - t0  # all of this client's round
     log.info("client %d round %d: %d examples, %.1fs", pid, rnd + 1, update.num_examples,
@@ -168,7 +194,7 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
     rnd, weights, cfg = read_train_content(msg.content)
     node_config = dict(context.node_config)
     pid = node_partition(node_config, cfg)
-    cfg = node_config_overrides(cfg, node_config, "")
+    cfg = node_config_overrides(cfg, node_config, "", pid)
     set_threads(cfg.train.threads)
     result = local_evaluate(cfg, node_test_data(cfg, node_config, pid), pid, weights)
     log.info("client %d evaluated round %d: %d test samples", pid, rnd + 1, result.num_examples)

@@ -47,13 +47,17 @@ SHORTCUTS = {"clients": "federation.clients", "rounds": "federation.rounds",
              "proximal_mu": "federation.proximal_mu", "stages": "pipeline.stages",
              "backend": "federation.backend", "address": "federation.ray_address",
              "placement": "federation.placement", "strategy": "federation.strategy",
-             "strategy_args": "federation.strategy_args", "fraction_train": "federation.fraction_train"}
+             "strategy_args": "federation.strategy_args", "fraction_train": "federation.fraction_train",
+             "pool": "pipeline.pool"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
     parser.add_argument("--clients", type=int, help="K federated clients (federation.clients)")
     parser.add_argument("--stages", type=int, help="S stage workers per client (pipeline.stages)")
+    parser.add_argument("--pool", type=int, metavar="P",
+                        help="P pipelines (P x S workers) that the sampled clients take in turn "
+                             "(pipeline.pool; default one pipeline per client)")
     parser.add_argument("--rounds", type=int, help="federated rounds (federation.rounds)")
     parser.add_argument("--local-epochs", type=int, help="epochs per client per round")
     parser.add_argument("--partition", help="iid | dirichlet:ALPHA | shards:N")
@@ -186,8 +190,9 @@ def _simulate_flower(cfg: ExperimentConfig, run_dir: Path, resume: bool, progres
         experiment.write_text(json.dumps(cfg.to_dict()))
         run_config = toml_table({
             "config-json": str(experiment), "out-dir": str(run_dir.resolve()), "resume": resume,
-            "log-dir": str(log_dir), "run-dir-locked": True,
-            "stage-addresses": ";".join(f"{k}={','.join(a)}" for k, a in addresses.items())})
+            "log-dir": str(log_dir), "run-dir-locked": True, "pool-dir": str(engine.home / "pool"),
+            "stage-pool" if cfg.pipeline.pool else "stage-addresses":
+                ";".join(f"{k}={','.join(a)}" for k, a in addresses.items())})
         engine.run(run_config, f"num-supernodes={cfg.federation.clients} "
                    f"client-resources-num-cpus=1 init-args-num-cpus={client_actors(cfg)}",
                    on_poll=bar.poll)
@@ -274,32 +279,66 @@ def preflight(cfg: ExperimentConfig) -> None:
                                                    or os.environ.get("BPFREE_DATA_DIR")):
         dataset_dir(cfg.model.dataset, cfg.train.data_dir or None)   # names the missing dir/file
     objective = build_objective(cfg)
+    check_pipelines(cfg)
     if cfg.federation.executor == "pipeline" and objective.pipelinable:   # enough layers?
         split_stages(len(objective.layer_sizes()), cfg.pipeline.stages)
+        for client, stages in cfg.pipeline.stage_counts().items():
+            if stages > len(objective.layer_sizes()):
+                raise ConfigError(f"pipeline.client_stages gives client {client} {stages} stages but "
+                                  f"the model has only {len(objective.layer_sizes())} layer(s); give "
+                                  "it fewer stages or add layers to model.hidden")
     if cfg.continual.federated:
         from bpfree_core.continual import check_federated
 
         check_federated(cfg)
 
 
+def check_pipelines(cfg: ExperimentConfig) -> None:
+    """pipeline.pool and pipeline.client_stages: what this launcher can honour."""
+    pipe, fed = cfg.pipeline, cfg.federation
+    counts = pipe.stage_counts()
+    outside = sorted(k for k in counts if k >= fed.clients)
+    if outside:
+        raise ConfigError(f"pipeline.client_stages names client {outside[0]}, but federation.clients"
+                          f" = {fed.clients} (ids 0..{fed.clients - 1})")
+    if (pipe.pool or counts) and fed.executor != "pipeline":
+        raise ConfigError("pipeline.pool and pipeline.client_stages place stage workers; they need "
+                          "federation.executor = pipeline")
+    if (pipe.pool or counts) and fed.backend == "ray":
+        raise ConfigError("pipeline.pool and pipeline.client_stages are not built for the ray backend "
+                          "(one placement group per client); use backend = flower")
+    if pipe.pool and counts:
+        raise ConfigError("pipeline.pool serves every client with pipelines of pipeline.stages "
+                          "stages; drop pipeline.client_stages or pipeline.pool")
+
+
+def pipeline_count(cfg: ExperimentConfig) -> int:
+    """How many pipelines simulate starts: pipeline.pool of them, else one per client."""
+    return min(cfg.pipeline.pool, cfg.federation.clients) or cfg.federation.clients
+
+
 def launch_stage_workers(cfg: ExperimentConfig, log_dir: Path,
                          launched: list[Any]) -> dict[int, list[str]]:
-    """Start S `bpfree worker` processes per client (pipeline executor); {client: addresses}.
+    """Start the stage workers (pipeline executor); {client or pool slot: addresses}.
 
-    Each ClientApp connects to and configures its own workers; this only owns their processes
-    (client.supervisor.LocalWorkers, appended to `launched` so the caller stops them)."""
+    One pipeline per client (client k's `pipeline.stages_of(k)` workers), or pipeline.pool of
+    them that the sampled clients take in turn (client.pool). ClientApps connect to and configure
+    the workers; this only owns their processes (client.supervisor.LocalWorkers, appended to
+    `launched` so the caller stops them)."""
     if cfg.federation.executor != "pipeline":
         return {}
     from bpfree.client.supervisor import LocalWorkers
 
+    name = "pool" if cfg.pipeline.pool else "client"
+
     def launch(k: int) -> Any:
-        return LocalWorkers(cfg.pipeline.stages, device=cfg.train.device,
-                            threads=max(cfg.train.threads, 1), log_dir=log_dir / f"client{k}",
+        return LocalWorkers(cfg.pipeline.stages_of(k), device=cfg.train.device,
+                            threads=max(cfg.train.threads, 1), log_dir=log_dir / f"{name}{k}",
                             token=cfg.pipeline.token, timeout=cfg.pipeline.connect_timeout)
 
     # In parallel: each worker spends seconds importing torch; K clients need not wait in line.
-    with ThreadPoolExecutor(max_workers=cfg.federation.clients) as pool:
-        futures = [pool.submit(launch, k) for k in range(cfg.federation.clients)]
+    with ThreadPoolExecutor(max_workers=pipeline_count(cfg)) as pool:
+        futures = [pool.submit(launch, k) for k in range(pipeline_count(cfg))]
         errors = []
         for future in futures:
             try:
@@ -310,7 +349,7 @@ def launch_stage_workers(cfg: ExperimentConfig, log_dir: Path,
         raise errors[0]
     addresses = {k: list(w.addresses) for k, w in enumerate(launched)}
     for k, a in addresses.items():
-        log.info("client %d: stage workers %s", k, a)
+        log.info("%s %d: stage workers %s", "pipeline" if cfg.pipeline.pool else "client", k, a)
     return addresses
 
 
@@ -321,5 +360,5 @@ def client_actors(cfg: ExperimentConfig) -> int:
     fed = cfg.federation
     sampled = train_sample_size(fed.clients, fed.fraction_train, fed.min_train_clients)   # train at once
     if fed.executor == "pipeline":
-        return sampled
+        return min(sampled, pipeline_count(cfg))   # a ClientApp waits while its pipeline is taken
     return min(os.cpu_count() or 2, sampled)

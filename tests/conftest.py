@@ -41,6 +41,7 @@ E2E_TESTS = {
     "test_worker": ("test_worker_cli", "test_tls_with_token"),
     "test_learning": ("test_objective_learns_real_mnist", "test_accuracy_benchmark"),
     "test_fuzz": ("test_the_fuzzed_worker",),
+    "test_placement": ("test_a_pool_of", "test_clients_on"),
 }
 
 
