@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(argv).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)   # its font-cache notes are not ours
     if args.command != "worker":   # a worker has its own clean stop on SIGTERM
         signal.signal(signal.SIGTERM, _on_sigterm)
     try:
