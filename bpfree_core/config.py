@@ -272,7 +272,7 @@ class FederationConfig:
     clients: int = 3                      # K federated clients
     rounds: int = 3
     local_epochs: int = 1                 # epochs each client trains per round
-    partition: str = "iid"                # iid | dirichlet:ALPHA | shards:N
+    partition: str = "iid"                # iid | dirichlet:ALPHA | shards:N | natural[:label]
     min_partition_size: int = 0           # every client holds at least this many samples (Dirichlet redraws)
     min_clients: int = runtime(0)         # replies needed to aggregate a round (0 = all sampled)
     fraction_train: float = 1.0           # share of the K clients sampled to train each round

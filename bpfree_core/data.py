@@ -105,12 +105,14 @@ class Split:
 
     images: torch.Tensor
     labels: torch.Tensor
+    groups: torch.Tensor | None = None   # int64 group id per sample (user data that has them)
 
     def __len__(self) -> int:
         return int(self.labels.numel())
 
     def subset(self, index: torch.Tensor | slice) -> Split:
-        return Split(self.images[index], self.labels[index])
+        groups = None if self.groups is None else self.groups[index]
+        return Split(self.images[index], self.labels[index], groups)
 
 
 @dataclass(frozen=True)
@@ -274,13 +276,15 @@ def _load_user(name: str, expected: str) -> Dataset:
         data = check(read(path), name)
         shape = sample_shape(data.x_train.shape[1:])
 
-        def split(x: np.ndarray, y: np.ndarray) -> Split:
-            return Split(torch.from_numpy(x.reshape(len(x), -1)), torch.from_numpy(y))
+        def split(x: np.ndarray, y: np.ndarray, part: str) -> Split:
+            groups = data.groups.get(part)
+            return Split(torch.from_numpy(x.reshape(len(x), -1)), torch.from_numpy(y),
+                         None if groups is None else torch.from_numpy(groups))
 
         spec = DatasetSpec(name, (), {}, data.classes, shape, "user")
-        val = split(data.x_val, data.y_val) if data.x_val is not None else None
-        _CACHE[key] = Dataset(spec, split(data.x_train, data.y_train),
-                              split(data.x_test, data.y_test), val, found)
+        val = split(data.x_val, data.y_val, "val") if data.x_val is not None else None
+        _CACHE[key] = Dataset(spec, split(data.x_train, data.y_train, "train"),
+                              split(data.x_test, data.y_test, "test"), val, found)
     return _CACHE[key]
 
 

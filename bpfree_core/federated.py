@@ -88,20 +88,22 @@ def train_split(cfg: ExperimentConfig) -> Split:
 _PARTITIONS: dict[tuple, list[torch.Tensor]] = {}   # the last split's K parts, by what fixes them
 
 
-def partitions(cfg: ExperimentConfig, labels: torch.Tensor,
+def partitions(cfg: ExperimentConfig, split: Split,
                min_size: int | None = None) -> list[torch.Tensor]:
     """Every client's sample indices, computed once per process and split (the training and the
     test split: two entries): a Dirichlet split of K = 1000 costs ~0.2 s, and each client (each
     round) would otherwise draw it again. `min_size` defaults to federation.min_partition_size."""
     fed = cfg.federation
     least = fed.min_partition_size if min_size is None else min_size
-    key = (fed.clients, fed.partition, least, cfg.train.seed,
-           hashlib.blake2b(labels.numpy().tobytes(), digest_size=16).digest())
+    digest = hashlib.blake2b(split.labels.numpy().tobytes(), digest_size=16)
+    if split.groups is not None:
+        digest.update(split.groups.numpy().tobytes())
+    key = (fed.clients, fed.partition, least, cfg.train.seed, digest.digest())
     if key not in _PARTITIONS:
         if len(_PARTITIONS) >= 2:
             _PARTITIONS.pop(next(iter(_PARTITIONS)))
-        _PARTITIONS[key] = partition_indices(labels, fed.clients, fed.partition, cfg.train.seed,
-                                             min_size=least)
+        _PARTITIONS[key] = partition_indices(split.labels, fed.clients, fed.partition,
+                                             cfg.train.seed, min_size=least, groups=split.groups)
     return _PARTITIONS[key]
 
 
@@ -111,7 +113,7 @@ def client_split(cfg: ExperimentConfig, train: Split, client: int) -> Split:
     if not 0 <= client < k:
         raise ConfigError(f"partition id {client} is out of range for federation.clients = {k}; "
                           f"valid ids are 0..{k - 1}")
-    idx = partitions(cfg, train.labels)[client]
+    idx = partitions(cfg, train)[client]
     if len(idx) == 0:
         raise ConfigError(
             f"client {client} holds no samples under federation.partition = "

@@ -38,7 +38,7 @@ def sampled_evaluators(cfg: ExperimentConfig, rnd: int) -> list[int]:
 
 def client_test_split(cfg: ExperimentConfig, test: Split, client: int) -> Split:
     """Client `client`'s share of the run's test split, by the run's partitioner."""
-    idx = partitions(cfg, test.labels, min_size=0)[client]
+    idx = partitions(cfg, test, min_size=0)[client]
     if len(idx) == 0:
         raise ConfigError(f"client {client} holds no test samples under federation.partition = "
                           f"{cfg.federation.partition!r}; raise train.test_limit or use fewer clients")

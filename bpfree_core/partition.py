@@ -1,4 +1,5 @@
-"""Federated partitioners, deterministic by seed: IID, Dirichlet(alpha) over labels, shards."""
+"""Federated partitioners, deterministic by seed: IID, Dirichlet(alpha) over labels, shards, and
+natural ids (one client per group id of the user's data, or per label)."""
 
 from __future__ import annotations
 
@@ -13,22 +14,27 @@ from bpfree_core.seeds import generator
 
 @dataclass(frozen=True)
 class PartitionSpec:
-    kind: str            # iid | dirichlet | shards
+    kind: str            # iid | dirichlet | shards | natural
     alpha: float = 0.0   # dirichlet concentration
     shards: int = 0      # shards per client
+    by: str = ""         # natural: "group" (the data's group ids) | "label"
 
     @property
     def text(self) -> str:
+        if self.kind == "natural":
+            return "natural" if self.by == "group" else f"natural:{self.by}"
         if self.kind == "dirichlet":
             return f"dirichlet:{self.alpha:g}"
         return "iid" if self.kind == "iid" else f"shards:{self.shards}"
 
 
 def parse_partition(text: str) -> PartitionSpec:
-    """Parse `iid`, `dirichlet:ALPHA` or `shards:N`."""
+    """Parse `iid`, `dirichlet:ALPHA`, `shards:N`, `natural` or `natural:label`."""
     kind, _, arg = text.partition(":")
     if kind == "iid" and not arg:
         return PartitionSpec("iid")
+    if kind == "natural" and arg in ("", "group", "label"):
+        return PartitionSpec("natural", by=arg or "group")
     try:
         if kind == "dirichlet":
             alpha = float(arg)
@@ -44,7 +50,8 @@ def parse_partition(text: str) -> PartitionSpec:
         pass
     raise ConfigError(
         f"federation.partition = {text!r} is not valid; use iid, dirichlet:ALPHA (ALPHA > 0, "
-        "e.g. dirichlet:0.5) or shards:N (N > 0, e.g. shards:2)"
+        "e.g. dirichlet:0.5), shards:N (N > 0, e.g. shards:2), natural (client k holds group id k of "
+        "your data) or natural:label (client k holds class k)"
     )
 
 
@@ -52,11 +59,13 @@ MAX_REDRAWS = 20   # Dirichlet splits drawn again (same generator) until every p
 
 
 def partition_indices(
-    labels: torch.Tensor, num_clients: int, spec: str | PartitionSpec, seed: int, min_size: int = 0
+    labels: torch.Tensor, num_clients: int, spec: str | PartitionSpec, seed: int, min_size: int = 0,
+    groups: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
     """Split sample indices into `num_clients` disjoint, covering parts (each sorted), each of
     at least `min_size` samples (federation.min_partition_size; Dirichlet splits are redrawn, as
-    Flower Datasets' DirichletPartitioner does, so min_size = 0 keeps the first draw)."""
+    Flower Datasets' DirichletPartitioner does, so min_size = 0 keeps the first draw). `groups`
+    (int64 ids 0..G-1, one per sample) is what `natural` splits by."""
     if isinstance(spec, str):
         spec = parse_partition(spec)
     n = labels.numel()
@@ -64,7 +73,9 @@ def partition_indices(
         raise ConfigError(f"cannot split {n} samples across {num_clients} clients")
     gen = generator(seed, "partition")
     for _ in range(MAX_REDRAWS if spec.kind == "dirichlet" else 1):
-        if spec.kind == "iid":
+        if spec.kind == "natural":
+            parts = _natural(labels if spec.by == "label" else groups, num_clients, spec)
+        elif spec.kind == "iid":
             parts = list(torch.randperm(n, generator=gen).tensor_split(num_clients))
         elif spec.kind == "dirichlet":
             parts = _dirichlet(labels, num_clients, spec.alpha, gen)
@@ -134,3 +145,18 @@ def _shards(
     shards = list(order.tensor_split(num_shards))
     deal = torch.randperm(num_shards, generator=gen).view(k, per_client)
     return [torch.cat([shards[s] for s in row.tolist()]) for row in deal]
+
+
+def _natural(ids: torch.Tensor | None, k: int, spec: PartitionSpec) -> list[torch.Tensor]:
+    # Flower Datasets' NaturalIdPartitioner: client c holds every sample whose id is c.
+    if ids is None:
+        raise ConfigError("federation.partition = natural splits by your data's group ids, and this "
+                          "dataset has none: give npz arrays group_train/group_test or a csv "
+                          "'group' column, or use natural:label")
+    found = int(ids.max()) + 1
+    if found > k:
+        what = "classes" if spec.by == "label" else "group ids"
+        raise ConfigError(f"federation.partition = {spec.text}: the data has {found} {what} but "
+                          f"federation.clients = {k}; set federation.clients = {found} (one client "
+                          "per id)")
+    return [(ids == c).nonzero().flatten() for c in range(k)]

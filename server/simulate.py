@@ -60,7 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(pipeline.pool; default one pipeline per client)")
     parser.add_argument("--rounds", type=int, help="federated rounds (federation.rounds)")
     parser.add_argument("--local-epochs", type=int, help="epochs per client per round")
-    parser.add_argument("--partition", help="iid | dirichlet:ALPHA | shards:N")
+    parser.add_argument("--partition", help="iid | dirichlet:ALPHA | shards:N | natural (by your data's "
+                                            "group ids) | natural:label")
     parser.add_argument("--executor", choices=("pipeline", "inprocess"),
                         help="pipeline: S worker processes per client over gRPC (default); "
                              "inprocess: all layers inside the ClientApp")
@@ -280,6 +281,10 @@ def preflight(cfg: ExperimentConfig) -> None:
         dataset_dir(cfg.model.dataset, cfg.train.data_dir or None)   # names the missing dir/file
     objective = build_objective(cfg)
     check_pipelines(cfg)
+    if cfg.federation.partition.startswith("natural"):   # the ids fix K: check them here
+        from bpfree_core.federated import partitions, train_split
+
+        partitions(cfg, train_split(cfg))
     if cfg.federation.executor == "pipeline" and objective.pipelinable:   # enough layers?
         split_stages(len(objective.layer_sizes()), cfg.pipeline.stages)
         for client, stages in cfg.pipeline.stage_counts().items():

@@ -33,7 +33,7 @@ E2E_MODULES = {"test_faults", "test_federation_flwr", "test_ray", "test_multihos
                "test_pipeline", "test_security", "test_continual", "test_federation", "test_plugins"}
 E2E_TESTS = {
     "test_rundir": ("test_a_full_disk", "test_a_second_run", "test_runs_killed", "test_a_bad_out"),
-    "test_userdata": ("test_a_pipeline_and_a_flower",),
+    "test_userdata": ("test_a_pipeline_and_a_flower", "test_a_flower_simulation_split"),
     "test_trainer": ("test_killed_run_resumes",),
     "test_sampling": ("test_a_sampled_flower_simulation",),
     "test_strategies": ("test_a_flower_simulation", "test_flowers_local_dp_mod"),

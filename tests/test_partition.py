@@ -69,3 +69,19 @@ def test_an_impossible_min_partition_size_is_one_sentence():
         partition_indices(labels, 10, "iid", seed=0, min_size=101)
     with pytest.raises(ConfigError, match=r"dirichlet:0.05 over 200 clients .* in 20 draws"):
         partition_indices(labels, 200, "dirichlet:0.05", seed=0, min_size=5)
+
+
+def test_natural_ids_give_client_k_every_sample_of_id_k() -> None:
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 2])
+    groups = torch.tensor([1, 0, 1, 2, 0, 1, 2])
+    parts = partition_indices(labels, 3, "natural", seed=0, groups=groups)
+    assert [p.tolist() for p in parts] == [[1, 4], [0, 2, 5], [3, 6]]
+    by_label = partition_indices(labels, 3, "natural:label", seed=5)
+    assert [p.tolist() for p in by_label] == [[0, 3], [1, 4], [2, 5, 6]]
+    with pytest.raises(ConfigError, match="the data has 3 group ids but federation.clients = 2; "
+                                          "set federation.clients = 3"):
+        partition_indices(labels, 2, "natural", seed=0, groups=groups)
+    with pytest.raises(ConfigError, match="this dataset has none: give npz arrays group_train"):
+        partition_indices(labels, 3, "natural", seed=0)
+    with pytest.raises(ConfigError, match="natural:label"):
+        partition_indices(labels, 3, "natural:site", seed=0)

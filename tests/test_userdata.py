@@ -22,7 +22,7 @@ from bpfree.cli import main
 from bpfree_core.cli_train import MAX_EPOCHS, MIN_STEPS, TRAIN_DEFAULTS, config_from_args
 from bpfree_core.config import load_config
 from bpfree_core.data import bind_data, load_dataset
-from bpfree_core.errors import ConfigError
+from bpfree_core.errors import ConfigError, DataError
 from bpfree_core.trainer import train_reference
 
 FAST = ["model.hidden=60,60", "train.batch_size=50", "train.threads=1", "optim.lr=2e-3",
@@ -103,6 +103,55 @@ def test_csv_tables_are_standardised_with_the_train_statistics(tmp_path) -> None
     out = train_reference(_cfg(f"csv:{folder}", "model.algorithm=mono", "train.epochs=6"), None,
                           progress=False)
     assert out["test_accuracy"] > 0.85
+
+
+def _sites_csv(folder: Path, sites: tuple[str, ...] = ("north", "south", "west")) -> Path:
+    """blobs as CSV with a text `group` column: site i holds 100 + 50 i training rows."""
+    folder.mkdir()
+    for name, n, seed in (("train", (100, 150, 200), 0), ("test", (40, 40, 40), 1)):
+        rows = ["f0,group,label," + ",".join(f"f{i}" for i in range(1, 12))]
+        for site, count in zip(sites, n, strict=True):
+            x, y = blobs(count, seed=seed + 10 * len(rows))
+            rows += [",".join([f"{r[0]:.6f}", site, str(int(c)), *(f"{v:.6f}" for v in r[1:])])
+                     for r, c in zip(x, y, strict=True)]
+        (folder / f"{name}.csv").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+def test_group_ids_from_a_csv_column_and_npz_arrays_number_every_split_alike(tmp_path) -> None:  # noqa: ANN001
+    data = load_dataset(f"csv:{_sites_csv(tmp_path / 'sites')}")
+    assert data.spec.shape == (1, 1, 12)   # the group column is not a feature
+    assert torch.bincount(data.train.groups).tolist() == [100, 150, 200]   # north, south, west
+    assert torch.bincount(data.test.groups).tolist() == [40, 40, 40]
+    train, test = blobs(60), blobs(20, seed=1)
+    path = save_npz(tmp_path / "g.npz", train, test, group_train=np.repeat([7, 3, 5], 20),
+                    group_test=np.full(20, 5))
+    data = load_dataset(f"npz:{path}")
+    assert data.train.groups.tolist() == [2] * 20 + [0] * 20 + [1] * 20   # ids 3, 5, 7 -> 0, 1, 2
+    assert set(data.test.groups.tolist()) == {1}
+    bad = save_npz(tmp_path / "bad.npz", train, test, group_train=np.zeros(59))
+    with pytest.raises(DataError, match=r"train group ids have shape \(59,\); give one per sample"):
+        load_dataset(f"npz:{bad}")
+
+
+def test_a_flower_simulation_split_by_site_equals_the_reference(tmp_path) -> None:  # noqa: ANN001
+    from bpfree.server.reference import federated_reference
+    from bpfree.server.simulate import simulate
+
+    folder = _sites_csv(tmp_path / "sites")
+    fed = _cfg(f"csv:{folder}", "model.algorithm=mono", "federation.clients=3", "federation.rounds=2",
+               "federation.partition=natural", "federation.executor=inprocess",
+               "federation.fraction_evaluate=1.0")
+    summary = simulate(fed, tmp_path / "sim")
+    expected = federated_reference(fed)
+    assert all(torch.equal(summary["weights"][k], expected[k]) for k in expected)
+    last = json.loads((tmp_path / "sim" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {k: m["num_examples"] for k, m in last["client_metrics"].items()} == \
+        {"0": 100, "1": 150, "2": 200}
+    with pytest.raises(ConfigError, match="set federation.clients = 3"):
+        simulate(_cfg(f"csv:{folder}", "model.algorithm=mono", "federation.partition=natural",
+                      "federation.clients=2"),
+                 tmp_path / "two")
 
 
 def _png(path: Path, array: np.ndarray) -> None:

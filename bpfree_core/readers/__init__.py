@@ -17,7 +17,7 @@ import hashlib
 import importlib
 import pkgutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +40,8 @@ class UserData:
     y_val: np.ndarray | None = None
     classes: int = 0                       # 0: max label + 1
     class_names: tuple[str, ...] = ()
+    groups: dict[str, np.ndarray] = field(default_factory=dict)   # split -> group id per sample
+                                           # (federation.partition = natural); ints 0..G-1 after check
 
 
 def register(scheme: str, files: Callable[[str], list[Path]] | None = None
@@ -146,7 +148,27 @@ def check(data: UserData, source: str) -> UserData:
     x = {p: as_features(v) for p, (v, _) in out.items()}
     y = {p: labels for p, (_, labels) in out.items()}
     return UserData(x["train"], y["train"], x["test"], y["test"], x.get("val"), y.get("val"),
-                    classes, data.class_names)
+                    classes, data.class_names, _group_ids(data.groups, x, source))
+
+
+def _group_ids(groups: dict[str, np.ndarray], x: dict[str, np.ndarray], source: str
+               ) -> dict[str, np.ndarray]:
+    """Each split's group values as int64 ids 0..G-1, one numbering over every split: sorted
+    numbers when all are integers, else sorted text."""
+    if not groups:
+        return {}
+    if "train" not in groups:
+        raise DataError(f"{source}: group ids are given for {', '.join(sorted(groups))} but not for "
+                        "train; give one group id per training sample")
+    given = {part: np.asarray(g) for part, g in groups.items() if part in x}
+    for part, g in given.items():
+        if g.shape != (len(x[part]),):
+            raise DataError(f"{source}: {part} group ids have shape {g.shape}; give one per sample, "
+                            f"shape ({len(x[part])},)")
+    numeric = all(np.issubdtype(g.dtype, np.integer) for g in given.values())
+    values = {p: (g.astype(np.int64) if numeric else g.astype(str)) for p, g in given.items()}
+    ids = np.unique(np.concatenate(list(values.values())))
+    return {p: np.searchsorted(ids, v).astype(np.int64) for p, v in values.items()}
 
 
 def _integer_labels(y: np.ndarray, source: str, part: str) -> np.ndarray:

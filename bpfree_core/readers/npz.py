@@ -1,4 +1,5 @@
-"""`npz:PATH`: a NumPy .npz with x_train, y_train, x_test, y_test (and optional x_val, y_val).
+"""`npz:PATH`: a NumPy .npz with x_train, y_train, x_test, y_test (and optional x_val, y_val;
+group_train, group_test, group_val: a group id per sample for federation.partition = natural).
 
 Features may be flat (N, D) or images (N, H, W) / (N, C, H, W); uint8 is scaled to [0, 1],
 other numbers are used as given. The file is read without pickles (allow_pickle=False).
@@ -33,4 +34,7 @@ def read(path: str) -> UserData:
         held = ", ".join(sorted(arrays)) or "nothing"
         raise DataError(f"{p} has no {', '.join(missing)} (it holds {held}); save x_train, "
                         "y_train, x_test, y_test (and optionally x_val, y_val)")
-    return UserData(*(arrays[k] for k in REQUIRED), arrays.get("x_val"), arrays.get("y_val"))
+    groups = {part: arrays[f"group_{part}"] for part in ("train", "test", "val")
+              if f"group_{part}" in arrays}   # federation.partition = natural
+    return UserData(*(arrays[k] for k in REQUIRED), arrays.get("x_val"), arrays.get("y_val"),
+                    groups=groups)
