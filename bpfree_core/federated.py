@@ -124,8 +124,9 @@ def client_split(cfg: ExperimentConfig, train: Split, client: int) -> Split:
 
 # -- the round ------------------------------------------------------------------------------------
 def local_round(executor: Executor, cfg: ExperimentConfig, data: Split, client: int, rnd: int,
-                global_weights: Weights) -> ClientUpdate:
-    """Client `client`'s round `rnd`: load the global weights, train its local epochs, report.
+                global_weights: Weights, terms: dict[str, float] | None = None) -> ClientUpdate:
+    """Client `client`'s round `rnd`: load the global weights, train its local epochs (plus the
+    strategy's client `terms`: "proximal-mu" anchors every layer at its global weights), report.
 
     A stage failure is survived up to pipeline.restarts times (bpfree_core.restarts): the stages
     are recovered and the round reruns from `global_weights`, ending exactly as an undisturbed
@@ -133,20 +134,20 @@ def local_round(executor: Executor, cfg: ExperimentConfig, data: Split, client: 
     """
     update, events = with_restarts(
         executor, cfg.pipeline.restarts,
-        lambda: _round_once(executor, cfg, data, client, rnd, global_weights),
+        lambda: _round_once(executor, cfg, data, client, rnd, global_weights, terms or {}),
         f"client {client} round {rnd + 1}")
     update.metrics["restarts"] = float(len(events))
     return update
 
 
 def _round_once(executor: Executor, cfg: ExperimentConfig, data: Split, client: int, rnd: int,
-                global_weights: Weights) -> ClientUpdate:
+                global_weights: Weights, terms: dict[str, float]) -> ClientUpdate:
     memory = None
     if cfg.continual.federated:   # this round's task (+ the client's own replay memory)
         data, memory = client_round_data(cfg, data, client, rnd, client_seed(cfg.train.seed, client))
     ccfg = client_config(cfg, client, samples=len(data))
     objective = build_objective(ccfg)
-    executor.load_weights(global_weights, proximal_mu=cfg.federation.proximal_mu)
+    executor.load_weights(global_weights, proximal_mu=terms.get("proximal-mu", 0.0))
     t0 = time.perf_counter()
     metrics: dict[str, float] = {}
     for epoch in round_epochs(cfg, rnd):

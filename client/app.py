@@ -45,6 +45,7 @@ from bpfree.client.messages import (
     partition_reply,
     read_partition_query,
     read_train_content,
+    read_train_message,
     reply_content,
 )
 from bpfree.client.pool import lease, parse_pool
@@ -152,7 +153,7 @@ def node_config_overrides(cfg: ExperimentConfig, node_config: dict[str, Any],
 def handle_train(msg: Message, context: Context, settings: ClientSettings) -> Message:
     """One local round for this node's partition; the reply carries weights and metrics."""
     t0 = time.perf_counter()
-    rnd, weights, cfg = read_train_content(msg.content)
+    rnd, weights, cfg, terms = read_train_message(msg.content)
     node_config = dict(context.node_config)
     pid = node_partition(node_config, cfg)
     cfg = node_config_overrides(cfg, node_config, settings.token, pid)
@@ -163,7 +164,7 @@ def handle_train(msg: Message, context: Context, settings: ClientSettings) -> Me
     with stage_workers(node_config, run_config, settings, pid) as addresses:
         executor, retries = connect(cfg, addresses, log_dir)
         try:
-            update = local_round(executor, cfg, data, pid, rnd, weights)
+            update = local_round(executor, cfg, data, pid, rnd, weights, terms)
         finally:
             executor.close()
     update.metrics["restarts"] = update.metrics.get("restarts", 0.0) + retries

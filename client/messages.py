@@ -3,7 +3,8 @@
 Coordinator -> client ("train" message):
   arrays   ArrayRecord  global weights, keys "layers.<i>.<name>", all but the counters
   counters ConfigRecord the integer scalar buffers (each layer's `steps`) as ints
-  config   ConfigRecord round (0-based int), experiment (the resolved config as JSON)
+  config   ConfigRecord round (0-based int), experiment (the resolved config as JSON), and the
+                        strategy's client terms (floats, Flower's keys: FedProx's proximal-mu)
 Client -> coordinator (reply):
   arrays   ArrayRecord  the client's weights after its local round, all but the counters
   counters ConfigRecord its counters
@@ -59,21 +60,30 @@ def joined_weights(content: RecordDict) -> Weights:
     return weights
 
 
-def train_content(rnd: int, weights: Weights, cfg: ExperimentConfig) -> RecordDict:
+def train_content(rnd: int, weights: Weights, cfg: ExperimentConfig,
+                  terms: dict[str, float] | None = None) -> RecordDict:
     return RecordDict({
         **split_weights(weights),
         # The token stays home: each client has its own ($BPFREE_TOKEN or ClientSettings.token).
-        CONFIG: ConfigRecord({"round": rnd, "experiment": json.dumps(cfg.to_dict())}),
+        CONFIG: ConfigRecord({"round": rnd, "experiment": json.dumps(cfg.to_dict()),
+                              **{k: float(v) for k, v in (terms or {}).items()}}),
     })
 
 
 def read_train_content(content: RecordDict) -> tuple[int, Weights, ExperimentConfig]:
     """(round, global weights, config) of a train message."""
+    return read_train_message(content)[:3]   # type: ignore[return-value]
+
+
+def read_train_message(content: RecordDict) -> tuple[int, Weights, ExperimentConfig, dict[str, float]]:
+    """(round, global weights, config, client terms: the strategy's local regularisers such as
+    "proximal-mu") of a train message."""
     try:
         config = content.config_records[CONFIG]
         weights = joined_weights(content)
         cfg = ExperimentConfig.from_dict(json.loads(str(config["experiment"])))
-        return int(config["round"]), weights, cfg  # type: ignore[arg-type]
+        terms = {k: float(v) for k, v in config.items() if k not in ("round", "experiment")}  # type: ignore[arg-type]
+        return int(config["round"]), weights, cfg, terms  # type: ignore[arg-type]
     except ConfigError:
         raise
     except (KeyError, ValueError, TypeError) as exc:

@@ -37,6 +37,7 @@ from bpfree_core.aggregate import Weights
 from bpfree_core.config import ExperimentConfig, load_config
 from bpfree_core.errors import AggregationError, ConfigError, ProtocolError
 from bpfree_core.federated_evaluation import ClientEvaluation
+from bpfree_core.strategies import ClientTerms
 
 log = logging.getLogger(__name__)
 
@@ -120,9 +121,10 @@ class FlowerTransport:
                 log.warning("round %d: an evaluation is left out: %s", rnd + 1, exc)
         return results
 
-    def train_round(self, rnd: int, weights: Weights, clients: list[int]) -> RoundReplies:
+    def train_round(self, rnd: int, weights: Weights, clients: list[int],
+                    terms: ClientTerms) -> RoundReplies:
         nodes, missing = self._targets(clients)
-        content = train_content(rnd, weights, self.cfg)
+        content = train_content(rnd, weights, self.cfg, terms)
         messages = [Message(content, dst_node_id=node, message_type=MessageType.TRAIN,
                             group_id=str(rnd + 1)) for node in nodes]
         t0 = time.perf_counter()

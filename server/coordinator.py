@@ -39,7 +39,7 @@ from bpfree_core.model import build_objective
 from bpfree_core.rundir import STOP, RunDir, check_resumable
 from bpfree_core.runtime import progress_bar, set_threads
 from bpfree_core.splits import limited, run_splits
-from bpfree_core.strategies import build_strategy
+from bpfree_core.strategies import ClientTerms, build_strategy
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,8 @@ class RoundTransport(Protocol):
     """Delivers the global weights to `clients` (partition ids) for round `rnd` and collects
     their updates."""
 
-    def train_round(self, rnd: int, weights: Weights, clients: list[int]) -> RoundReplies: ...
+    def train_round(self, rnd: int, weights: Weights, clients: list[int],
+                    terms: ClientTerms) -> RoundReplies: ...
 
     # Transports that run federated evaluation (federation.fraction_evaluate > 0) also have
     # evaluate_round(rnd, weights, clients) -> list[ClientEvaluation].
@@ -178,11 +179,16 @@ class Coordinator:
         if self.rd is not None:
             self.rd.close()
 
+    def client_terms(self, rnd: int) -> ClientTerms:
+        """The strategy's client-side terms; federation.proximal_mu adds FedProx's to any strategy."""
+        mu = self.cfg.federation.proximal_mu
+        return {**({"proximal-mu": mu} if mu > 0 else {}), **self.strategy.client_terms(rnd)}
+
     def _round(self, transport: RoundTransport, rnd: int) -> dict[str, Any]:
         cfg = self.cfg
         t0 = time.perf_counter()
         clients = sampled_clients(cfg, rnd)
-        replies = transport.train_round(rnd, self.weights, clients)
+        replies = transport.train_round(rnd, self.weights, clients, self.client_terms(rnd))
         t_clients = time.perf_counter() - t0
 
         t1 = time.perf_counter()

@@ -46,6 +46,7 @@ from bpfree_core.federated import client_split, local_round, train_split
 from bpfree_core.federated_evaluation import ClientEvaluation, evaluate_partitions
 from bpfree_core.model import build_objective
 from bpfree_core.splits import run_splits
+from bpfree_core.strategies import ClientTerms
 
 log = logging.getLogger(__name__)
 
@@ -360,11 +361,12 @@ class RayTransport:
         train = train_split(cfg)
         self.parts = {k: client_split(cfg, train, k) for k in range(cfg.federation.clients)}
 
-    def _client(self, k: int, rnd: int, weights: Weights, executors: dict[int, Any]) -> Any:
+    def _client(self, k: int, rnd: int, weights: Weights, executors: dict[int, Any],
+                terms: ClientTerms) -> Any:
         executor = PipelineExecutor(self.cfg, self.addresses[k])   # configures client k's stages
         executors[k] = executor
         try:
-            return local_round(executor, self.cfg, self.parts[k], k, rnd, weights)
+            return local_round(executor, self.cfg, self.parts[k], k, rnd, weights, terms)
         finally:
             executor.close()
 
@@ -372,12 +374,13 @@ class RayTransport:
         """Here: the coordinator drives Ray clients and holds their test partitions."""
         return evaluate_partitions(self.cfg, run_splits(self.cfg)[2], weights, clients)
 
-    def train_round(self, rnd: int, weights: Weights, clients: list[int]) -> RoundReplies:
+    def train_round(self, rnd: int, weights: Weights, clients: list[int],
+                    terms: ClientTerms) -> RoundReplies:
         out = RoundReplies(sent=len(clients))
         executors: dict[int, Any] = {}
         t0 = time.perf_counter()
         pool = futures.ThreadPoolExecutor(max_workers=len(clients), thread_name_prefix="client")
-        jobs = {pool.submit(self._client, k, rnd, weights, executors): k for k in clients}
+        jobs = {pool.submit(self._client, k, rnd, weights, executors, terms): k for k in clients}
         done, late = futures.wait(jobs, timeout=self.cfg.federation.round_timeout)
         for job in late:
             k = jobs[job]

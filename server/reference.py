@@ -16,6 +16,7 @@ from bpfree_core.config import ExperimentConfig
 from bpfree_core.federated import InProcessExecutor, client_split, local_round, train_split
 from bpfree_core.federated_evaluation import ClientEvaluation, evaluate_partitions
 from bpfree_core.splits import run_splits
+from bpfree_core.strategies import ClientTerms
 
 
 class InProcessTransport:
@@ -29,11 +30,12 @@ class InProcessTransport:
     def evaluate_round(self, rnd: int, weights: Weights, clients: list[int]) -> list[ClientEvaluation]:
         return evaluate_partitions(self.cfg, run_splits(self.cfg)[2], weights, clients)
 
-    def train_round(self, rnd: int, weights: Weights, clients: list[int]) -> RoundReplies:
+    def train_round(self, rnd: int, weights: Weights, clients: list[int],
+                    terms: ClientTerms) -> RoundReplies:
         updates = []
         for k in clients:
             with InProcessExecutor(self.cfg, self.cfg.train.device) as executor:
-                updates.append(local_round(executor, self.cfg, self.parts[k], k, rnd, weights))
+                updates.append(local_round(executor, self.cfg, self.parts[k], k, rnd, weights, terms))
         return RoundReplies(updates=updates, sent=len(updates))
 
 

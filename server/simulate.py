@@ -68,7 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-clients", type=int, help="usable replies a round needs (0 = all sampled)")
     parser.add_argument("--fraction-train", type=float,
                         help="share of the clients sampled to train each round (1 = all)")
-    parser.add_argument("--strategy", help="server strategy: fedavg (default), fedavgm, fedadam, "
+    parser.add_argument("--strategy", help="server strategy: fedavg (default), fedprox, fedavgm, fedadam, "
                                            "fedyogi, fedadagrad, fedmedian, fedtrimmedavg, krum, multikrum")
     parser.add_argument("--strategy-args", metavar="K=V,K=V",
                         help="its hyper-parameters, Flower's names (e.g. eta=0.01,beta_1=0.9)")

@@ -36,7 +36,7 @@ E2E_TESTS = {
     "test_userdata": ("test_a_pipeline_and_a_flower", "test_a_flower_simulation_split"),
     "test_trainer": ("test_killed_run_resumes",),
     "test_sampling": ("test_a_sampled_flower_simulation",),
-    "test_strategies": ("test_a_flower_simulation", "test_flowers_local_dp_mod"),
+    "test_strategies": ("test_a_flower_simulation", "test_flowers_local_dp_mod"),  # fedprox too
     "test_federated_evaluation": ("test_a_flower_simulation",),
     "test_worker": ("test_worker_cli", "test_tls_with_token"),
     "test_learning": ("test_objective_learns_real_mnist", "test_accuracy_benchmark"),

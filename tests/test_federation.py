@@ -73,7 +73,7 @@ class _Replies:
     def __init__(self, updates: list[ClientUpdate]):
         self.updates = updates
 
-    def train_round(self, rnd, weights, clients):
+    def train_round(self, rnd, weights, clients, terms):
         return RoundReplies(updates=self.updates, failed={"node 7": "boom"}, sent=3, timed_out=1)
 
 
@@ -104,10 +104,10 @@ class _InProcess:
         train = train_split(cfg)
         self.parts = [client_split(cfg, train, k) for k in range(cfg.federation.clients)]
 
-    def train_round(self, rnd, weights, clients):
+    def train_round(self, rnd, weights, clients, terms):
         from bpfree_core.federated import InProcessExecutor, local_round
 
-        updates = [local_round(InProcessExecutor(self.cfg), self.cfg, self.parts[k], k, rnd, weights)
+        updates = [local_round(InProcessExecutor(self.cfg), self.cfg, self.parts[k], k, rnd, weights, terms)
                    for k in clients]
         return RoundReplies(updates=updates, sent=len(updates))
 
@@ -129,7 +129,8 @@ def test_fedprox_pulls_toward_the_global_weights_and_pipelines_match_the_referen
         start = weights = stack_template(cfg)
         part = client_split(cfg, train_split(cfg), 0)
         for rnd in range(n):
-            weights = local_round(executor, cfg, part, 0, rnd, weights).weights
+            weights = local_round(executor, cfg, part, 0, rnd, weights,
+                                  {"proximal-mu": cfg.federation.proximal_mu}).weights
         return start, weights
 
     def drift(mu: float) -> float:

@@ -23,6 +23,7 @@ from bpfree_core.strategies import build_strategy, registered
 # bpfree name, Flower class, hyper-parameters (Flower's names, given to both)
 CASES = [
     ("fedavg", "FedAvg", {}),
+    ("fedprox", "FedProx", {"proximal_mu": 0.3}),
     ("fedavgm", "FedAvgM", {"server_learning_rate": 0.7, "server_momentum": 0.9}),
     ("fedadam", "FedAdam", {"eta": 0.05, "beta_1": 0.8, "beta_2": 0.95, "tau": 1e-3}),
     ("fedyogi", "FedYogi", {}),
@@ -78,8 +79,11 @@ def _same_rounds(ours, theirs, also=lambda: None) -> None:  # noqa: ANN001
                "layers.0.body.bias": torch.randn(5, generator=g), COUNTER: torch.tensor(7)}
     for rnd in range(ROUNDS):
         floats = {k: v for k, v in current.items() if v.is_floating_point()}
-        list(theirs.configure_train(rnd + 1, ArrayRecord({k: v.clone() for k, v in floats.items()}),
-                                    ConfigRecord(), _Nodes()))
+        sent = list(theirs.configure_train(rnd + 1, ArrayRecord({k: v.clone() for k, v in floats.items()}),
+                                           ConfigRecord(), _Nodes()))
+        for key, value in ours.client_terms(rnd).items():   # what a client adds to its loss
+            assert all(m.content["config"][key] == value for m in sent), key
+        assert "proximal-mu" in ours.client_terms(rnd) or "proximal-mu" not in sent[0].content["config"]
         updates = _replies(rnd, current)
         flower, _ = theirs.aggregate_train(rnd + 1, [_message(u) for u in updates])
         new = ours.aggregate(rnd, current, updates)
@@ -204,6 +208,22 @@ def test_a_flower_simulation_with_fedadam_and_central_dp_equals_the_reference(da
     plain = federated_reference(_cfg(data_dir, "federation.strategy=fedadam",
                                      "federation.strategy_args=eta=0.02,beta_1=0.8", "federation.rounds=2"))
     assert any(not torch.equal(plain[k], reference[k]) for k in plain), "dp changed nothing"
+
+
+def test_a_flower_simulation_with_fedprox_sends_its_term_and_equals_the_reference(
+        data_dir: Path, tmp_path: Path) -> None:
+    """FedProx's proximal-mu travels in every train message (as Flower's FedProx sends it); the
+    clients' layers are pulled to the global weights exactly as in the reference."""
+    from bpfree.server.reference import federated_reference
+    from bpfree.server.simulate import simulate
+
+    cfg = _cfg(data_dir, "federation.strategy=fedprox", "federation.strategy_args=proximal_mu=5",
+               "federation.rounds=2")
+    summary = simulate(cfg, tmp_path / "run")
+    reference = federated_reference(cfg)
+    assert [k for k in reference if not torch.equal(summary["weights"][k], reference[k])] == []
+    plain = federated_reference(_cfg(data_dir, "federation.rounds=2"))
+    assert any(not torch.equal(plain[k], reference[k]) for k in plain), "the term changed nothing"
 
 
 def test_flowers_local_dp_mod_runs_on_bpfree_replies(data_dir: Path, tmp_path: Path) -> None:

@@ -28,6 +28,7 @@ from bpfree_core.errors import AggregationError, ConfigError
 _REGISTRY: dict[str, type[Strategy]] = {}
 _DP: dict[str, type[Strategy]] = {}   # federation.dp: wrappers around any strategy
 State = dict[str, Any]   # tensors and plain numbers only: checkpoints load with weights_only
+ClientTerms = dict[str, float]   # a client's local regularisers, by Flower's config keys
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +70,11 @@ class Strategy:
         """The new floating tensors from the current ones and (num_examples, weights) replies in
         partition order."""
         raise NotImplementedError
+
+    def client_terms(self, rnd: int) -> ClientTerms:
+        """What each client adds to its local loss in round `rnd` (sent in the train message's
+        config, as Flower's strategies put theirs in configure_train): FedProx's "proximal-mu"."""
+        return {}
 
     def state_dict(self) -> State:
         return {}
@@ -172,5 +178,5 @@ def weighted_mean(replies: list[tuple[int, Weights]], key: str, like: torch.Tens
     return acc.to(like.dtype)
 
 
-__all__ = ["Params", "State", "Strategy", "build_strategy", "parse_params", "register", "register_dp",
-           "registered", "registered_dp", "weighted_mean"]
+__all__ = ["ClientTerms", "Params", "State", "Strategy", "build_strategy", "parse_params", "register",
+           "register_dp", "registered", "registered_dp", "weighted_mean"]
