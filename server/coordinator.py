@@ -58,6 +58,22 @@ class RoundReplies:
     client_wall: float = 0.0                                 # seconds until the last reply
 
 
+def weights_bytes(weights: Weights) -> int:
+    """The bytes of `weights`' tensors (what one copy of the model moves)."""
+    return sum(t.numel() * t.element_size() for t in weights.values())
+
+
+def resident_mb() -> float:
+    """This process's resident memory now (MiB; 0 where /proc is absent)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
 class RoundTransport(Protocol):
     """Delivers the global weights to `clients` (partition ids) for round `rnd` and collects
     their updates."""
@@ -234,7 +250,10 @@ class Coordinator:
             extra["continual"] = {"task": (rnd + 1) // rounds_per_task(cfg), "accuracy": self.tasks.row(new)}
         t_eval = time.perf_counter() - t2
         slowest = max((u.metrics.get("train_seconds", 0.0) for u in accepted), default=0.0)
+        received = sum(weights_bytes(u.weights) for u in accepted)
         return {**extra,
+            "bytes": {"sent": weights_bytes(self.weights) * len(clients), "received": received},
+            "rss_mb": resident_mb(),
             "round": rnd + 1,
             "test_accuracy": acc,
             "test_accuracy_headline": headline(acc, cfg) if acc else float("nan"),

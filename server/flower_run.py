@@ -156,11 +156,12 @@ class FlowerRun:
             return False
 
     def run(self, run_config: str, federation_config: str,
-            on_poll: Callable[[], None] = lambda: None) -> None:
-        """`flwr run` this app with `run_config` (TOML text); wait for it, calling `on_poll`."""
+            on_poll: Callable[[], None] = lambda: None, app_dir: Path = APP_DIR) -> None:
+        """`flwr run` this app (or the Flower app in `app_dir`) with `run_config` (TOML text);
+        wait for it, calling `on_poll`."""
         config_file = self.home / "run-config.toml"
         config_file.write_text(run_config)
-        cmd = ["flwr", "run", str(APP_DIR), "bpfree", "--stream",
+        cmd = ["flwr", "run", str(app_dir), "bpfree", "--stream",
                "--federation-config", federation_config, "--run-config", str(config_file)]
         log_file = self.log_dir / "flwr.log"
         with open(log_file, "ab") as out:
