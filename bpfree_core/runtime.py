@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import resource
 import shutil
 from typing import Any
 
@@ -43,3 +45,12 @@ def progress_bar(iterable: Any = None, enabled: bool = True, **kwargs: Any) -> t
     size = shutil.get_terminal_size()
     return tqdm(iterable, disable=None if enabled else True, ncols=size.columns,
                 nrows=size.lines, **kwargs)
+
+
+def rss_mb() -> float:
+    """This process's resident memory now, in MiB (the peak where /proc is absent)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:  # not Linux: peak instead of current
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

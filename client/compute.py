@@ -10,9 +10,7 @@ the epoch is. No gRPC here; failures go to the stage's Admission (sticky error).
 from __future__ import annotations
 
 import json
-import os
 import queue
-import resource
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -32,7 +30,7 @@ from bpfree_core.layers import add_proximal_term
 from bpfree_core.metrics import RunningMeans
 from bpfree_core.model import OPTIMIZER, Stage, build_layers, build_objective
 from bpfree_core.objectives import Objective
-from bpfree_core.runtime import resolve_device
+from bpfree_core.runtime import resolve_device, rss_mb
 
 POLL = 0.1                    # seconds between checks while waiting on a queue
 _TIMELINE_MAX = 3 * 10_000    # per-batch timing kept per epoch: 3 doubles a batch, 240 KB at most
@@ -52,14 +50,6 @@ class Counters:
     link_base: int = 0           # the downstream link's byte count when these counters started
     means: RunningMeans = field(default_factory=RunningMeans)
     timeline: list[float] = field(default_factory=list)   # (start, end, handed off) per batch
-
-
-def rss_mb() -> float:
-    try:
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except OSError:  # not Linux: peak instead of current
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def parse_config(config_json: str) -> ExperimentConfig:

@@ -25,7 +25,7 @@ import grpc
 import torch
 
 from bpfree.client.admission import Admission, StateError
-from bpfree.client.compute import StageRun, rss_mb
+from bpfree.client.compute import StageRun
 from bpfree.client.transport import (
     IDLE_TIMEOUT,
     RateLimitedLog,
@@ -48,6 +48,7 @@ from bpfree.client.wire import (
 from bpfree.protos import stage_pb2 as pb
 from bpfree.protos import stage_pb2_grpc as pb_grpc
 from bpfree_core.errors import BpfreeError, ConfigError, PeerUnavailableError, ProtocolError
+from bpfree_core.runtime import rss_mb
 
 log = logging.getLogger(__name__)
 

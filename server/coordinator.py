@@ -37,7 +37,7 @@ from bpfree_core.federated import sampled_clients, stack_template
 from bpfree_core.federated_evaluation import sampled_evaluators, summarize
 from bpfree_core.model import build_objective
 from bpfree_core.rundir import STOP, RunDir, check_resumable
-from bpfree_core.runtime import progress_bar, set_threads
+from bpfree_core.runtime import progress_bar, rss_mb, set_threads
 from bpfree_core.splits import limited, run_splits
 from bpfree_core.strategies import ClientTerms, build_strategy
 
@@ -61,17 +61,6 @@ class RoundReplies:
 def weights_bytes(weights: Weights) -> int:
     """The bytes of `weights`' tensors (what one copy of the model moves)."""
     return sum(t.numel() * t.element_size() for t in weights.values())
-
-
-def resident_mb() -> float:
-    """This process's resident memory now (MiB; 0 where /proc is absent)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
 
 
 class RoundTransport(Protocol):
@@ -253,7 +242,7 @@ class Coordinator:
         received = sum(weights_bytes(u.weights) for u in accepted)
         return {**extra,
             "bytes": {"sent": weights_bytes(self.weights) * len(clients), "received": received},
-            "rss_mb": resident_mb(),
+            "rss_mb": rss_mb(),
             "round": rnd + 1,
             "test_accuracy": acc,
             "test_accuracy_headline": headline(acc, cfg) if acc else float("nan"),

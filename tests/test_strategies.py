@@ -140,6 +140,12 @@ def test_dp_clipping_is_flowers_and_its_noise_has_flowers_scale(dp: str, flower_
     assert float(diff.std()) == pytest.approx(0.05 * norm / CLIENTS, rel=0.05)
 
 
+@pytest.mark.parametrize("dp", ["", "fixed", "adaptive"])
+def test_fedprox_sends_its_term_with_or_without_a_dp_wrapper(dp: str) -> None:
+    strategy = build_strategy("fedprox", "proximal_mu=0.3", dp, "noise_multiplier=0" if dp else "")
+    assert strategy.client_terms(0) == {"proximal-mu": 0.3}
+
+
 def test_fedavg_is_bit_identical_to_the_aggregate_it_replaces() -> None:
     g = torch.Generator().manual_seed(1)
     current = {"layers.0.w": torch.randn(30, 20, generator=g), "layers.0.steps": torch.tensor(3),

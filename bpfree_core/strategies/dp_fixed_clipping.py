@@ -17,7 +17,7 @@ import torch
 
 from bpfree_core.aggregate import Weights
 from bpfree_core.seeds import generator
-from bpfree_core.strategies import State, Strategy, register_dp
+from bpfree_core.strategies import ClientTerms, State, Strategy, register_dp
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +54,9 @@ class DPWrapper(Strategy):
     def __init__(self, params: object, inner: Strategy, seed: int, num_sampled_clients: int):
         super().__init__(params)
         self.inner, self.seed, self.num_sampled = inner, seed, num_sampled_clients
+
+    def client_terms(self, rnd: int) -> ClientTerms:
+        return self.inner.client_terms(rnd)   # clipping is server-side; FedProx's term still travels
 
     def state_dict(self) -> State:
         return {f"inner.{k}": v for k, v in self.inner.state_dict().items()}
