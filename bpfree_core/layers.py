@@ -18,6 +18,7 @@ from torch.utils.hooks import RemovableHandle
 
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.consolidation import Consolidator
+from bpfree_core.optim import LayerOptimizer, set_kernels
 from bpfree_core.seeds import derive
 
 Packet = dict[str, torch.Tensor]
@@ -86,8 +87,8 @@ class LocalLayer(nn.Module):
         self.cfg = cfg
         self.num_classes = num_classes
         self.head: nn.Linear | None = None
-        self.optimizer: torch.optim.Optimizer | None = None
-        self.head_optimizer: torch.optim.Optimizer | None = None
+        self.optimizer: LayerOptimizer | None = None
+        self.head_optimizer: LayerOptimizer | None = None
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
         self._host_steps: int | None = None      # mirror of `steps`, reset when weights load
         self.kernels = "foreach"                 # optimiser kernels (see `place`)
@@ -167,7 +168,7 @@ class LocalLayer(nn.Module):
         self._step(self.optimizer, self.consolidators.get("body"))
 
     @staticmethod
-    def _step(optimizer: torch.optim.Optimizer, consolidator: Consolidator | None) -> None:
+    def _step(optimizer: LayerOptimizer, consolidator: Consolidator | None) -> None:
         if consolidator is None:
             optimizer.step()
             return
@@ -233,28 +234,11 @@ class LocalLayer(nn.Module):
                 set_kernels(opt, self.kernels)
 
 
-KERNELS = ("single", "foreach", "fused")
-
-
-def _make_optimizer(
-    params: list[nn.Parameter], kind: str, lr: float, momentum: float, weight_decay: float
-) -> torch.optim.Optimizer:
-    if kind == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                               foreach=True)
+def _make_optimizer(params: list[nn.Parameter], kind: str, lr: float, momentum: float,
+                    weight_decay: float) -> LayerOptimizer:
     # foreach: one kernel per op over all tensors; on CPU bit-identical to the per-tensor loop
     # (tests/test_step.py), so every committed run reproduces. `place` picks fused on CUDA.
-    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, foreach=True)
-
-
-def set_kernels(optimizer: torch.optim.Optimizer, kernels: str) -> None:
-    """Switch an optimiser between per-tensor, foreach and fused kernels (same maths)."""
-    if kernels not in KERNELS:
-        raise ValueError(f"optimizer kernels {kernels!r}; one of {', '.join(KERNELS)}")
-    for group in optimizer.param_groups:
-        group["foreach"] = kernels == "foreach"
-        if "fused" in group:
-            group["fused"] = kernels == "fused" or None
+    return LayerOptimizer(params, kind, lr, momentum, weight_decay, kernels="foreach")
 
 
 def add_proximal_term(layers: list[LocalLayer], mu: float) -> list[RemovableHandle]:
