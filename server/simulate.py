@@ -181,10 +181,15 @@ def _simulate_flower(cfg: ExperimentConfig, run_dir: Path, resume: bool, progres
     watchdog: Watchdog | None = None
     bar = RoundProgress(run_dir, cfg, resume, progress, callbacks)
     try:
-        engine.start()
+        # The SuperLink and the stage workers start side by side: both spend seconds importing.
+        with ThreadPoolExecutor(max_workers=1) as starter:
+            launching = starter.submit(launch_stage_workers, cfg, log_dir, workers)
+            try:
+                engine.start()
+            finally:
+                addresses = launching.result()   # its workers are in `workers` either way
         log.info("Flower SuperLink (simulation runtime) on 127.0.0.1:%d; Flower's and Ray's logs go "
                  "to %s", engine.port, log_dir)
-        addresses = launch_stage_workers(cfg, log_dir, workers)
         # A stage that dies is respawned on its port; its ClientApp reruns the round there.
         watchdog = Watchdog(workers, cfg.pipeline.restarts * cfg.federation.rounds).start()
         experiment = engine.home / "experiment.json"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import os
 import pickle
 import shutil
@@ -26,6 +27,11 @@ def test_real_mnist_loads_with_expected_shapes(data_dir):
     assert ds.train.images.dtype == torch.float32
     assert 0.0 <= float(ds.train.images.min()) and float(ds.train.images.max()) <= 1.0
     assert torch.equal(ds.train.labels.unique(), torch.arange(10))
+    assert ds.train.labels.dtype == torch.int64
+    # the pixels are numpy's float32(x) / 255 bit for bit (every committed run was trained on them)
+    raw = gzip.open(Path(data_dir) / "mnist" / "t10k-images-idx3-ubyte.gz").read()[16:]
+    pixels = np.frombuffer(raw, dtype=np.uint8).reshape(10000, 784).astype(np.float32) / 255.0
+    assert torch.equal(ds.test.images, torch.from_numpy(pixels))
 
 
 def test_download_into_cache_verifies_and_reuses(data_dir, tmp_path):
