@@ -8,6 +8,7 @@
     bpfree bench gpu-grid --data-dir DIR --budget 500        # = python -m bpfree.bench.gpu_grid ...
     bpfree bench step --data-dir ../shared/datasets          # = python -m bpfree.bench.step ...
     bpfree bench links --quick --data-dir ../shared/datasets # = python -m bpfree.bench.links ...
+    bpfree bench overhead --data-dir ../shared/datasets      # = python -m bpfree.bench.overhead ...
 
 `sweep` (bench/sweep.py) measures throughput, per-stage timelines and the machine's ceilings and
 prints the model's prediction beside every measurement; the other subcommands run the existing
@@ -35,6 +36,7 @@ FORWARDED = {
     "gpu-grid": ("bpfree.bench.gpu_grid", "many accuracy runs at once on one GPU, sized to a time budget"),
     "step": ("bpfree.bench.step", "training-step throughput: optimiser kernels, host syncs (CPU)"),
     "links": ("bpfree.bench.links", "a pipeline across separate hosts (namespaces) on shaped links"),
+    "overhead": ("bpfree.bench.overhead", "bpfree simulate's wall outside training, beside plain Flower"),
 }
 
 

@@ -11,6 +11,13 @@ Variants (same maths, same batches):
 - foreach: the default now: foreach Adam, statistics left on the device until the epoch ends;
 - fused:   fused Adam (the default on CUDA; on CPU opt-in, optim.kernels = fused, as its last bits
            differ from foreach and every committed CPU run used the per-tensor maths).
+
+`--ceiling` instead measures every MLP objective at each width in --widths (3 layers, batch 100,
+the default kernels): samples/s, the matmul GFLOP/s those samples carry (forward and backward
+matmuls of one step, counted by torch.utils.flop_counter) and their fraction of the one-core
+float32 matmul ceiling measured in the same run (bench.ceilings.matmul_flops):
+
+    python -m bpfree.bench.step --ceiling --data-dir ../shared/datasets --out bench/results
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ from bpfree_core.data import load_dataset
 from bpfree_core.metrics import RunningMeans
 from bpfree_core.model import Stage, build_layers, build_objective
 from bpfree_core.runtime import set_threads
+
+CEILING_OBJECTIVES = ("ff", "symba", "mono", "sffa", "ffcl", "uff", "deeper", "bp")
 
 VARIANTS = {"before": ("single", True), "foreach": ("foreach", False), "fused": ("fused", False)}
 
@@ -73,6 +82,68 @@ def run(data_dir: str, algorithm: str, hidden: str, batches: int, repeats: int) 
             f"{os.cpu_count()} cores, torch {torch.__version__}, 1 thread"}
 
 
+def step_flops(cfg, packet) -> int:
+    """Matmul FLOPs (forward + backward) of one training step on `packet`, counted by torch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    stage = Stage(build_layers(cfg))
+    with FlopCounterMode(display=False) as counter:
+        stage.train_step(packet)
+    return counter.get_total_flops()
+
+
+def ceiling_row(data_dir: str, algorithm: str, width: int, batches: int, repeats: int,
+                ceiling: float) -> dict[str, Any]:
+    cfg = load_config(None, [f"model.algorithm={algorithm}", f"model.hidden=3x{width}",
+                             "train.threads=1", "train.batch_size=100", f"train.data_dir={data_dir}"])
+    split = load_dataset(cfg.model.dataset, data_dir or None).train
+    packets = list(train_packets(build_objective(cfg), split.subset(slice(0, batches * 100)), cfg,
+                                 epoch=0))
+    flops = step_flops(cfg, packets[0])
+    measure(cfg, packets[:3], "foreach", False)   # warm-up
+    best = min(measure(cfg, packets, "foreach", False) for _ in range(repeats))
+    achieved = flops * len(packets) / best
+    return {"algorithm": algorithm, "width": width, "samples_per_second": len(packets) * 100 / best,
+            "gflops": achieved / 1e9, "fraction": achieved / ceiling,
+            "step_mflop_per_sample": flops / 100 / 1e6}
+
+
+def run_ceiling(data_dir: str, widths: list[int], objectives: list[str], batches: int,
+                repeats: int) -> dict[str, Any]:
+    from bpfree.bench.ceilings import matmul_flops
+
+    set_threads(1)
+    ceilings = [matmul_flops(threads=1)]
+    rows = [ceiling_row(data_dir, a, w, batches, repeats, ceilings[0])
+            for w in widths for a in objectives]
+    ceilings.append(matmul_flops(threads=1))   # the ceiling again: the machine did not drift
+    ceiling = max(ceilings)
+    for row in rows:
+        row["fraction"] = row["gflops"] * 1e9 / ceiling
+    return {"rows": rows, "ceiling_gflops": ceiling / 1e9,
+            "ceiling_runs_gflops": [c / 1e9 for c in ceilings], "batches": batches,
+            "repeats": repeats, "machine": f"{platform.processor() or platform.machine()}, "
+            f"{os.cpu_count()} cores, torch {torch.__version__}, 1 thread"}
+
+
+def render_ceiling(result: dict[str, Any], command: str) -> str:
+    lines = ["# The training step against the matmul ceiling (CPU, one core)", "", f"`{command}`", "",
+             f"3 layers of WIDTH units, batch 100, {result['batches']} real MNIST batches, best of "
+             f"{result['repeats']}; default kernels (foreach Adam); {result['machine']}. Ceiling: "
+             f"a 1024 x 1024 float32 matmul, {result['ceiling_gflops']:.1f} GFLOP/s (best of the "
+             "runs before and after the rows: "
+             f"{', '.join(f'{c:.1f}' for c in result['ceiling_runs_gflops'])}).", "",
+             "| objective | width | samples/s | matmul MFLOP/sample | GFLOP/s | of ceiling |",
+             "|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['algorithm']} | {r['width']} | {r['samples_per_second']:.0f} | "
+                     f"{r['step_mflop_per_sample']:.1f} | {r['gflops']:.1f} | {r['fraction']:.0%} |")
+    lines += ["", "GFLOP/s counts only the matmuls of a step (forward and backward, as "
+              "torch.utils.flop_counter sees them); the gap to the ceiling is the elementwise "
+              "work, the optimiser and the Python around them.", ""]
+    return "\n".join(lines)
+
+
 def render(result: dict[str, Any], command: str) -> str:
     lines = ["# Training-step throughput (CPU)", "",
              f"`{command}`", "",
@@ -98,7 +169,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hidden", default="3x1000")
     p.add_argument("--batches", type=int, default=60)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--ceiling", action="store_true",
+                   help="every MLP objective's fraction of the one-core matmul ceiling instead")
+    p.add_argument("--widths", default="500,1000", help="--ceiling: layer widths")
+    p.add_argument("--objectives", default=",".join(CEILING_OBJECTIVES), help="--ceiling: objectives")
     args = p.parse_args(argv)
+    if args.ceiling:
+        return ceiling_main(args)
     result = run(args.data_dir, args.algorithm, args.hidden, args.batches, args.repeats)
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out / "step.json", result)
@@ -106,6 +183,18 @@ def main(argv: list[str] | None = None) -> int:
                f"{args.hidden} --batches {args.batches} --repeats {args.repeats}")
     (args.out / "step.md").write_text(render(result, command))
     print(render(result, command))
+    return 0
+
+
+def ceiling_main(args: argparse.Namespace) -> int:
+    result = run_ceiling(args.data_dir, [int(w) for w in args.widths.split(",")],
+                         args.objectives.split(","), args.batches, args.repeats)
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(args.out / "step_ceiling.json", result)
+    command = (f"python -m bpfree.bench.step --ceiling --data-dir DIR --widths {args.widths} "
+               f"--objectives {args.objectives} --batches {args.batches} --repeats {args.repeats}")
+    (args.out / "step_ceiling.md").write_text(render_ceiling(result, command))
+    print(render_ceiling(result, command))
     return 0
 
 
