@@ -36,6 +36,9 @@ RUNTIME = types.MappingProxyType({"kind": "runtime"})
 SECRET = types.MappingProxyType({"kind": "secret"})
 
 
+PRECISIONS = ("float32", "bf16")
+
+
 def runtime(default: Any) -> Any:
     """A field saying where or how a run runs, not what it computes."""
     return field(default=default, metadata=RUNTIME)
@@ -174,6 +177,8 @@ class TrainConfig:
     device: str = runtime("cpu")   # cpu | cuda | cuda:N
     predict: str = "softmax"       # softmax | goodness | both (goodness: ff, symba, sffa only)
     jitter: int = 0                # shift training images by up to +-N pixels (Hinton: 2; 0 = off)
+    precision: str = "float32"     # float32 | bf16 (autocast: matmuls in bfloat16, weights and
+                                   # every tensor between layers stay float32)
     data_dir: str = runtime("")    # local dataset dir; "" = $BPFREE_DATA_DIR, else download cache
 
     def __post_init__(self) -> None:
@@ -195,6 +200,7 @@ class TrainConfig:
             raise ConfigError(f"train.jitter = {self.jitter!r}: give whole pixels in 0..8 (2 is "
                               "Hinton's jitter)")
         _check_choice("train", "predict", self.predict, ("softmax", "goodness", "both"))
+        _check_choice("train", "precision", self.precision, PRECISIONS)
         if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
             raise ConfigError(f"train.device = {self.device!r}; use cpu, cuda or cuda:N")
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import torch
@@ -42,6 +43,20 @@ def build_layers(
     return layers
 
 
+def compute_precision(cfg: ExperimentConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    """train.precision = bf16: autocast (matmuls in bfloat16) on CPU and CUDA; else nothing."""
+    if cfg.train.precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def as_float32(packet: Packet) -> Packet:
+    """Every tensor between layers in float32, whatever a layer computed in: the same packets
+    whichever stage a layer is on (the golden rule) and on the wire."""
+    return {k: v.float() if v.is_floating_point() and v.dtype != torch.float32 else v
+            for k, v in packet.items()}
+
+
 class Stage:
     """A contiguous run of layers: what one stage worker (or the reference trainer) owns."""
 
@@ -64,7 +79,9 @@ class Stage:
         metrics = {}
         for layer in self.layers:
             layer.train()
-            packet, metrics[layer.index] = layer.train_step(packet)
+            with compute_precision(layer.cfg, self.device):
+                packet, metrics[layer.index] = layer.train_step(packet)
+            packet = as_float32(packet)
         return packet, metrics
 
     @torch.no_grad()
@@ -72,7 +89,9 @@ class Stage:
         packet = {k: v.to(self.device) for k, v in packet.items()}
         for layer in self.layers:
             layer.eval()
-            packet = layer.eval_step(packet)
+            with compute_precision(layer.cfg, self.device):
+                packet = layer.eval_step(packet)
+            packet = as_float32(packet)
         return packet
 
     def state_dict(self) -> dict[str, torch.Tensor]:

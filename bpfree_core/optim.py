@@ -37,6 +37,7 @@ class LayerOptimizer:
             raise ValueError("optimizer got an empty parameter list")
         self.param_groups = [{"params": self.params, **group}]
         self.state: dict[Tensor, dict[str, Any]] = {}
+        self._scratch: dict[Tensor, Tensor] = {}
         set_kernels(self, kernels)
 
     # -- what torch.optim callers use ---------------------------------------------------------
@@ -59,6 +60,15 @@ class LayerOptimizer:
             _sgd(self, group, params, grads, kernels)
         else:
             _adam(self, group, params, grads, kernels)
+
+    def scratch(self, params: list[Tensor]) -> list[Tensor]:
+        """A work buffer per parameter, reused every step (never saved)."""
+        bufs = self._scratch
+        for p in params:
+            buf = bufs.get(p)
+            if buf is None or buf.shape != p.shape or buf.device != p.device or buf.dtype != p.dtype:
+                bufs[p] = torch.empty_like(p, memory_format=torch.preserve_format)
+        return [bufs[p] for p in params]
 
     def state_dict(self) -> dict[str, Any]:
         """torch.optim's layout: per-parameter state by index, the group without its tensors."""
@@ -123,16 +133,19 @@ def _adam(opt: LayerOptimizer, group: dict[str, Any], params: list[Tensor], grad
                            beta2=beta2, weight_decay=wd, eps=eps, maximize=False,
                            grad_scale=None, found_inf=None)
         return
+    # sqrt(v) goes into a buffer kept between steps: the same kernels as torch.optim's fresh
+    # tensor, so the same bits, without faulting in new pages every step (~3x on that pass, CPU)
+    roots = opt.scratch(params)
     if kernels == "single":   # torch.optim.adam._single_tensor_adam
-        for p, g, avg, sq, step in zip(params, grads, avgs, sqs, steps, strict=True):
+        for p, g, avg, sq, step, root in zip(params, grads, avgs, sqs, steps, roots, strict=True):
             step += 1
             if wd != 0:
                 g = g.add(p, alpha=wd)
             avg.lerp_(g, 1 - beta1)
             sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
             t = step.item()
-            denom = (sq.sqrt() / (1 - beta2 ** t) ** 0.5).add_(eps)
-            p.addcdiv_(avg, denom, value=-(lr / (1 - beta1 ** t)))
+            torch.sqrt(sq, out=root).div_((1 - beta2 ** t) ** 0.5).add_(eps)
+            p.addcdiv_(avg, root, value=-(lr / (1 - beta1 ** t)))
         return
     # torch.optim.adam._multi_tensor_adam (CPU steps, not capturable)
     torch._foreach_add_(steps, torch.tensor(1.0, device="cpu"), alpha=1.0)
@@ -144,10 +157,11 @@ def _adam(opt: LayerOptimizer, group: dict[str, Any], params: list[Tensor], grad
     del grads
     ts = [s.item() for s in steps]
     step_size = [(lr / (1 - beta1 ** t)) * -1 for t in ts]
-    root = torch._foreach_sqrt(sqs)
-    torch._foreach_div_(root, [(1 - beta2 ** t) ** 0.5 for t in ts])
-    torch._foreach_add_(root, eps)
-    torch._foreach_addcdiv_(params, avgs, root, step_size)
+    for sq, root in zip(sqs, roots, strict=True):   # _foreach_sqrt is this loop on CPU
+        torch.sqrt(sq, out=root)
+    torch._foreach_div_(roots, [(1 - beta2 ** t) ** 0.5 for t in ts])
+    torch._foreach_add_(roots, eps)
+    torch._foreach_addcdiv_(params, avgs, roots, step_size)
 
 
 def _sgd(opt: LayerOptimizer, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
