@@ -37,6 +37,8 @@ FORWARDED = {
     "step": ("bpfree.bench.step", "training-step throughput: optimiser kernels, host syncs (CPU)"),
     "links": ("bpfree.bench.links", "a pipeline across separate hosts (namespaces) on shaped links"),
     "overhead": ("bpfree.bench.overhead", "bpfree simulate's wall outside training, beside plain Flower"),
+    "precision": ("bpfree.bench.precision", "train.precision = bf16 beside float32: accuracy, samples/s"),
+    "gpu-check": ("bpfree.bench.gpu_check", "the GPU rows: step vs the GPU's roofline, S = 1, 2 on one GPU"),
 }
 
 
