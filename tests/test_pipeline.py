@@ -122,6 +122,12 @@ def test_mono_forward_pipeline_matches_reference_exactly(data_dir: Path, tmp_pat
                                            "train.epochs=1"), tmp_path)
 
 
+def test_bf16_pipeline_matches_reference_exactly(data_dir: Path, tmp_path: Path) -> None:
+    # train.precision = bf16: each stage computes under autocast; the wire and weights stay float32.
+    _assert_pipeline_equals_reference(_cfg(data_dir, "model.algorithm=mono", "pipeline.stages=2",
+                                           "train.epochs=1", "train.precision=bf16"), tmp_path)
+
+
 def test_deeper_conv_pipeline_matches_reference_exactly(data_dir: Path, tmp_path: Path) -> None:
     # Residual conv layers on both stages (10 -> 10 keeps the shape), stride 2 where it grows.
     _assert_pipeline_equals_reference(_cfg(data_dir, "model.algorithm=deeper", "model.conv=10,10,20,20",
