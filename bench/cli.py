@@ -9,6 +9,9 @@
     bpfree bench step --data-dir ../shared/datasets          # = python -m bpfree.bench.step ...
     bpfree bench links --quick --data-dir ../shared/datasets # = python -m bpfree.bench.links ...
     bpfree bench overhead --data-dir ../shared/datasets      # = python -m bpfree.bench.overhead ...
+    bpfree bench step --ceiling --data-dir ../shared/datasets # each objective vs the matmul ceiling
+    bpfree bench precision --data-dir ../shared/datasets     # train.precision = bf16 vs float32
+    bpfree bench gpu-check                                   # on a CUDA machine: bench/gpu_check.sh
 
 `sweep` (bench/sweep.py) measures throughput, per-stage timelines and the machine's ceilings and
 prints the model's prediction beside every measurement; the other subcommands run the existing

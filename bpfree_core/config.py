@@ -123,10 +123,14 @@ class ObjectiveConfig:
     vote_first: bool = False       # ff/symba/sffa: the first layer also votes in prediction
     negatives: str = "uniform"     # ff/symba/sffa: uniform wrong label | hard: drawn from the
                                    # first layer's head, in proportion to its wrong-label belief
+    activation: str = "relu"       # sffa: relu | sigmoid (the SFFA authors' units)
+    top_k: int = 0                 # sffa: keep the k largest units of each half (authors: 15; 0 = all)
 
     def __post_init__(self) -> None:
         _check_choice("objective", "goodness", self.goodness, ("sum", "mean"))
         _check_choice("objective", "negatives", self.negatives, ("uniform", "hard"))
+        _check_choice("objective", "activation", self.activation, ("relu", "sigmoid"))
+        _check_positive("objective", "top_k", self.top_k, allow_zero=True)
         _check_positive("objective", "alpha", self.alpha)
         _check_positive("objective", "temperature", self.temperature)
         _check_positive("objective", "peer_weight", self.peer_weight, allow_zero=True)

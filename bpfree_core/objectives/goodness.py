@@ -113,7 +113,10 @@ class GoodnessLayer(LocalLayer):
         h = rms_normalize(x.detach().float())            # (B, D_in); never backprop upstream
         if codes is not None:
             h = torch.cat([h, codes], dim=1)             # (B, D_in + bits)
-        return relu(self.linear(h), self.cfg.objective.straight_through)  # (B, D_out)
+        return self.activate(self.linear(h))             # (B, D_out)
+
+    def activate(self, z: torch.Tensor) -> torch.Tensor:
+        return relu(z, self.cfg.objective.straight_through)
 
     def role_input(self, packet: Packet, role: str) -> torch.Tensor:
         return packet[role] if role in packet else packet["x"]

@@ -4,6 +4,8 @@ Each layer's units split into a positive half P and a negative half N; fitness
 g = sum_P y^2 / sum y^2 in [0, 1]; loss = binary cross-entropy, -log g(x+) - log(1 - g(x-)).
 The class pattern (Bernoulli(0.1), 100 bits) is appended to the input of the first layer, as the
 authors' code does. Prediction sums g over layers for every candidate class.
+`objective.activation = sigmoid` and `objective.top_k = 15` are the authors' layer (sigmoid units,
+the 15 largest of each half kept; their patterns are Bernoulli(0.2): objective.pattern_density).
 """
 
 from __future__ import annotations
@@ -19,7 +21,23 @@ from bpfree_core.objectives.goodness import GoodnessLayer, GoodnessObjective, Lo
 EPS = 1e-4
 
 
+def top_k_per_half(y: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest units of each half (positive, negative) per row, zero the rest: the
+    authors' sparse layer (SFFA_CoLLAS FF_Layer, k = 15). Gradients reach the kept units only."""
+    half = y.shape[1] // 2
+    parts = []
+    for part in (y[:, :half], y[:, half:]):                              # (B, D/2) each
+        values, index = part.topk(k, dim=1)
+        parts.append(torch.zeros_like(part).scatter(1, index, values))
+    return torch.cat(parts, dim=1)                                       # (B, D)
+
+
 class SFFALayer(GoodnessLayer):
+    def activate(self, z: torch.Tensor) -> torch.Tensor:
+        o = self.cfg.objective
+        y = torch.sigmoid(z) if o.activation == "sigmoid" else super().activate(z)
+        return top_k_per_half(y, o.top_k) if o.top_k else y
+
     def goodness(self, y: torch.Tensor) -> torch.Tensor:
         half = y.shape[1] // 2
         sq = y.pow(2)                                                        # (B, D)
@@ -43,4 +61,7 @@ class SFFA(GoodnessObjective):
             if n % 2:
                 raise ConfigError(f"model.hidden[{i}] = {n}: sffa splits each layer into positive "
                                   "and negative halves, so every size must be even")
+            if cfg.objective.top_k > n // 2:
+                raise ConfigError(f"objective.top_k = {cfg.objective.top_k} exceeds half of "
+                                  f"model.hidden[{i}] = {n}; keep at most {n // 2} units per half")
         super().__init__(cfg, spec)

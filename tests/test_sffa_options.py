@@ -1,0 +1,43 @@
+"""SFFA's authors' layer as options: sigmoid units and the top k of each half (SFFA_CoLLAS)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bpfree_core.config import load_config
+from bpfree_core.errors import ConfigError
+from bpfree_core.model import Stage, build_layers
+from bpfree_core.objectives.sffa import top_k_per_half
+from tests.test_precision import _packets
+
+
+def test_top_k_per_half_keeps_the_k_largest_of_each_half_and_their_gradient():
+    y = torch.tensor([[0.1, 0.9, 0.5, 0.3, 0.7, 0.2, 0.8, 0.4]], requires_grad=True)
+    out = top_k_per_half(y, 2)
+    assert torch.equal(out, torch.tensor([[0.0, 0.9, 0.5, 0.0, 0.7, 0.0, 0.8, 0.0]]))
+    out.sum().backward()
+    assert y.grad.tolist() == [[0.0, 1.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0]]
+
+
+def test_the_authors_layer_is_sparse_sigmoid_and_trains():
+    cfg = load_config(None, ["model.algorithm=sffa", "model.hidden=40,40", "train.batch_size=16",
+                             "objective.activation=sigmoid", "objective.top_k=5"])
+    stage = Stage(build_layers(cfg))
+    packets = _packets(cfg, 6)
+    before = {k: v.clone() for k, v in stage.state_dict().items()}
+    for p in packets:
+        out, _ = stage.train_step(p)
+    active = (out["pos"] > 0).sum(1)
+    assert torch.equal(active, torch.full_like(active, 10))        # 5 per half, sigmoid > 0
+    assert float(out["pos"].max()) < 1.0                          # sigmoid units
+    after = stage.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith("weight"))
+
+
+def test_top_k_larger_than_half_a_layer_is_a_clear_error():
+    with pytest.raises(ConfigError, match="objective.top_k = 30"):
+        build_layers(load_config(None, ["model.algorithm=sffa", "model.hidden=40",
+                                        "objective.top_k=30"]))
+    with pytest.raises(ConfigError, match="objective.activation"):
+        load_config(None, ["objective.activation=tanh"])
