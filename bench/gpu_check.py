@@ -14,7 +14,6 @@ measured here. Then real stage workers (`bpfree worker` processes on this GPU) f
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 import torch
 
 from bpfree_core.batches import train_packets
+from bpfree_core.checkpoint import atomic_write_json
 from bpfree_core.config import load_config
 from bpfree_core.data import Split
 from bpfree_core.model import Stage, build_layers, build_objective
@@ -59,13 +59,12 @@ def _packets(cfg, batches: int) -> list:
 
 def step_row(algorithm: str, hidden: str, batch: int, precision: str, ceiling: float,
              batches: int = 50) -> dict[str, Any]:
-    from torch.utils.flop_counter import FlopCounterMode
+    from bpfree.bench.step import step_flops
 
     cfg = _cfg(algorithm, hidden, batch, precision)
     packets = _packets(cfg, batches)
     stage = Stage(build_layers(cfg), "cuda")
-    with FlopCounterMode(display=False) as counter:
-        stage.train_step(packets[0])
+    flops_per_step = step_flops(stage, packets[0])
     for p in packets[:5]:
         stage.train_step(p)
     torch.cuda.synchronize()
@@ -74,7 +73,7 @@ def step_row(algorithm: str, hidden: str, batch: int, precision: str, ceiling: f
         stage.train_step(p)
     torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    flops = counter.get_total_flops() * len(packets) / seconds
+    flops = flops_per_step * len(packets) / seconds
     return {"algorithm": algorithm, "hidden": hidden, "batch": batch, "precision": precision,
             "samples_per_second": len(packets) * batch / seconds,
             "ms_per_layer_batch": 1e3 * seconds / len(packets) / len(stage.layers),
@@ -133,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     res = run()
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu_check.json").write_text(json.dumps(res, indent=1))
+    atomic_write_json(args.out / "gpu_check.json", res)
     (args.out / "gpu_check.md").write_text(table(res))
     print(table(res))
     return 0

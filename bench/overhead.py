@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from bpfree.bench.accuracy import machine_summary
+from bpfree_core.checkpoint import atomic_write_json
 
 CASES = {"default": [], "1 round, 1000 images": ["federation.rounds=1", "train.train_limit=1000"]}
 
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "overhead.json").write_text(json.dumps(res, indent=1))
+        atomic_write_json(args.out / "overhead.json", res)
         (args.out / "overhead.md").write_text(text)
     return 0
 

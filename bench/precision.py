@@ -12,7 +12,6 @@ without them autocast emulates it and is slower: the table says which this machi
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bpfree.bench.accuracy import machine_summary
+from bpfree_core.checkpoint import atomic_write_json
 
 RECIPES = {
     "ff": ("model.algorithm=ff", "model.hidden=2x500"),
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "precision.json").write_text(json.dumps(res, indent=1))
+        atomic_write_json(args.out / "precision.json", res)
         (args.out / "precision.md").write_text(text)
     return 0
 

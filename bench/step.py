@@ -82,11 +82,11 @@ def run(data_dir: str, algorithm: str, hidden: str, batches: int, repeats: int) 
             f"{os.cpu_count()} cores, torch {torch.__version__}, 1 thread"}
 
 
-def step_flops(cfg, packet) -> int:
-    """Matmul FLOPs (forward + backward) of one training step on `packet`, counted by torch."""
+def step_flops(stage: Stage, packet) -> int:
+    """Matmul FLOPs (forward + backward) of one training step of `stage` on `packet` (the step is
+    taken), counted by torch."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    stage = Stage(build_layers(cfg))
     with FlopCounterMode(display=False) as counter:
         stage.train_step(packet)
     return counter.get_total_flops()
@@ -100,7 +100,7 @@ def ceiling_row(data_dir: str, algorithm: str, width: int, batches: int, repeats
     split = load_dataset(cfg.model.dataset, data_dir or None).train
     packets = list(train_packets(build_objective(cfg), split.subset(slice(0, batches * 100)), cfg,
                                  epoch=0))
-    flops = step_flops(cfg, packets[0])
+    flops = step_flops(Stage(build_layers(cfg)), packets[0])
     measure(cfg, packets[:3], kernels, False)   # warm-up
     best = min(measure(cfg, packets, kernels, False) for _ in range(repeats))
     achieved = flops * len(packets) / best

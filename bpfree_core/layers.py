@@ -91,7 +91,9 @@ class LocalLayer(nn.Module):
         self.head_optimizer: LayerOptimizer | None = None
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
         self._host_steps: int | None = None      # mirror of `steps`, reset when weights load
-        self.kernels = "foreach"                 # optimiser kernels (see `place`)
+        # optimiser kernels (see `place`); foreach is bit-identical to the per-tensor loop on CPU
+        # (tests/test_step.py), so every committed run reproduces
+        self.kernels = "foreach"
         self.consolidators: dict[str, Consolidator] = {}   # continual learning: "body", "head"
         self.always_vote = False                 # diagnostics: score every layer on its own
         self.register_load_state_dict_post_hook(self._forget_host_steps)
@@ -110,14 +112,11 @@ class LocalLayer(nn.Module):
     def finish_init(self) -> None:
         """Create the optimisers once every module exists (again: fresh state after a load)."""
         o = self.cfg.optim
-        self.optimizer = _make_optimizer(self.body_parameters(), o.optimizer, o.lr, o.momentum,
-                                         o.weight_decay)
+        self.optimizer = LayerOptimizer(self.body_parameters(), o.optimizer, o.lr, o.momentum,
+                                        o.weight_decay, kernels=self.kernels)
         if self.head is not None:
-            self.head_optimizer = _make_optimizer(list(self.head.parameters()), o.optimizer,
-                                                  o.head_lr, o.momentum, 0.0)
-        for opt in (self.optimizer, self.head_optimizer):
-            if opt is not None:
-                set_kernels(opt, self.kernels)
+            self.head_optimizer = LayerOptimizer(list(self.head.parameters()), o.optimizer,
+                                                 o.head_lr, o.momentum, 0.0, kernels=self.kernels)
 
     def place(self, device: torch.device, kernels: str | None = None) -> None:
         """Move to `device`; optimiser kernels `kernels` (default optim.kernels; "auto": fused on
@@ -232,13 +231,6 @@ class LocalLayer(nn.Module):
         for opt in (self.optimizer, self.head_optimizer):   # the saved groups carry old flags
             if opt is not None:
                 set_kernels(opt, self.kernels)
-
-
-def _make_optimizer(params: list[nn.Parameter], kind: str, lr: float, momentum: float,
-                    weight_decay: float) -> LayerOptimizer:
-    # foreach: one kernel per op over all tensors; on CPU bit-identical to the per-tensor loop
-    # (tests/test_step.py), so every committed run reproduces. `place` picks fused on CUDA.
-    return LayerOptimizer(params, kind, lr, momentum, weight_decay, kernels="foreach")
 
 
 def add_proximal_term(layers: list[LocalLayer], mu: float) -> list[RemovableHandle]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -43,16 +44,19 @@ def build_layers(
     return layers
 
 
-def compute_precision(cfg: ExperimentConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    """train.precision = bf16: autocast (matmuls in bfloat16) on CPU and CUDA; else nothing."""
-    if cfg.train.precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+@contextlib.contextmanager
+def compute_precision(cfg: ExperimentConfig, device: torch.device) -> Iterator[Callable[[Packet], Packet]]:
+    """train.precision = bf16: autocast (matmuls in bfloat16) on CPU and CUDA. Yields what to apply
+    to the layer's output packet: float32 again (the same packets whichever stage a layer is on,
+    the golden rule, and on the wire), or nothing at float32."""
+    if cfg.train.precision != "bf16":
+        yield lambda packet: packet
+        return
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        yield as_float32
 
 
 def as_float32(packet: Packet) -> Packet:
-    """Every tensor between layers in float32, whatever a layer computed in: the same packets
-    whichever stage a layer is on (the golden rule) and on the wire."""
     return {k: v.float() if v.is_floating_point() and v.dtype != torch.float32 else v
             for k, v in packet.items()}
 
@@ -79,9 +83,9 @@ class Stage:
         metrics = {}
         for layer in self.layers:
             layer.train()
-            with compute_precision(layer.cfg, self.device):
+            with compute_precision(layer.cfg, self.device) as handed_on:
                 packet, metrics[layer.index] = layer.train_step(packet)
-            packet = as_float32(packet)
+            packet = handed_on(packet)
         return packet, metrics
 
     @torch.no_grad()
@@ -89,9 +93,9 @@ class Stage:
         packet = {k: v.to(self.device) for k, v in packet.items()}
         for layer in self.layers:
             layer.eval()
-            with compute_precision(layer.cfg, self.device):
+            with compute_precision(layer.cfg, self.device) as handed_on:
                 packet = layer.eval_step(packet)
-            packet = as_float32(packet)
+            packet = handed_on(packet)
         return packet
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -92,8 +92,8 @@ class LayerOptimizer:
 
 
 def _like(value: Any, param: Tensor, key: str) -> Any:
-    """A loaded state tensor on the parameter's device (step stays float32 on the CPU unless
-    fused, as torch.optim keeps it)."""
+    """A loaded state tensor on the parameter's device and dtype; step stays a float32 where it
+    was (_adam moves it beside the parameter for the fused kernels)."""
     if not isinstance(value, Tensor):
         return value
     if key == "step":
@@ -114,17 +114,16 @@ def set_kernels(optimizer: LayerOptimizer, kernels: str) -> None:
 def _adam(opt: LayerOptimizer, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
           kernels: str) -> None:
     lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-    for p in params:
-        if p not in opt.state:
-            step_device = p.device if kernels == "fused" else "cpu"
-            opt.state[p] = {"step": torch.tensor(0.0, dtype=torch.float32, device=step_device),
+    for p in params:   # step lives beside the parameter for fused, on the CPU otherwise
+        home = p.device if kernels == "fused" else torch.device("cpu")
+        s = opt.state.get(p)
+        if s is None:
+            opt.state[p] = {"step": torch.tensor(0.0, dtype=torch.float32, device=home),
                             "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
                             "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
-    states = [opt.state[p] for p in params]
-    for p, s in zip(params, states, strict=True):   # fused keeps step beside the parameter
-        home = p.device if kernels == "fused" else torch.device("cpu")
-        if s["step"].device != home:
+        elif s["step"].device != home:   # loaded, or the kernels changed since
             s["step"] = s["step"].to(home)
+    states = [opt.state[p] for p in params]
     avgs, sqs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
     steps = [s["step"] for s in states]
     if kernels == "fused":   # torch.optim.adam._fused_adam
