@@ -320,8 +320,9 @@ def test_a_killed_client_app_is_left_out_and_the_run_goes_on(data_dir: Path, tmp
     from bpfree.server.simulate import simulate
 
     # Two clients on two ClientApp actors (2 cores): killing client 1's actor fails its message.
-    # Flower's simulation runtime does not restart a dead actor (its node fails from then on),
-    # so client 1 is left out of every later round, counted, and the run goes on with client 0
+    # Flower's simulation runtime does not restart a dead actor, and its actors are not tied to
+    # nodes: in every later round the one message that lands on the dead actor fails (client 0's
+    # or client 1's, a race), is counted, and the run goes on with the other client
     # (federation.min_clients = 1). Stage worker deaths, by contrast, are recovered inside the
     # ClientApp (pipeline.restarts: test_a_killed_stage_is_restarted_...).
     cfg = load_config(None, [f"train.data_dir={data_dir}", *FED, "federation.clients=2",
@@ -345,10 +346,11 @@ def test_a_killed_client_app_is_left_out_and_the_run_goes_on(data_dir: Path, tmp
     killer.join(timeout=5)
     assert len(killed) == 1, killed
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert set(records[0]["client_metrics"]) == {"0"}   # client 1 died in round 1
     for record in records:
         assert record["clients"] == {"sent": 2, "accepted": 1, "failed": 1, "timed_out": 0,
                                      "rejected": 0}
-        assert set(record["client_metrics"]) == {"0"}
+        assert len(record["client_metrics"]) == 1 and set(record["client_metrics"]) <= {"0", "1"}
     assert summary["rounds"] == 2
     assert summary["replies"] == {"accepted": 2, "failed": 2, "timed_out": 0, "rejected": 0}
 
