@@ -38,12 +38,18 @@ PAPER = ("model.hidden=1400,1400", "optim.lr=1e-3", "optim.cooldown=false", "tra
 PUBLISHED = {  # SFFA paper, SplitMNIST (from the issue; the paper's tables are not retrievable here)
     ("sffa", "class", "replay"): "90.03%", ("bp", "class", "replay"): "87.75%",
     ("sffa", "domain", "replay"): "95.17%", ("bp", "domain", "replay"): "94.16%",
+    ("sffa-paper", "class", "replay"): "90.03%",
     ("sffa", "class", "naive"): "~20%", ("bp", "class", "naive"): "~20%",
 }
 ALGOS = {"sffa": ("model.algorithm=sffa", "train.predict=both"),
          "symba": ("model.algorithm=symba", "train.predict=both"),
          "ff": ("model.algorithm=ff", "train.predict=both"),
-         "bp": ("model.algorithm=bp", "train.predict=softmax")}
+         "bp": ("model.algorithm=bp", "train.predict=softmax"),
+         # the authors' SFFA layer (bench/results/continual_ablation.md): what
+         # deploy/continual-sffa-paper.toml holds, beside PAPER
+         "sffa-paper": ("model.algorithm=sffa", "train.predict=both",
+                        "objective.pattern_density=0.2", "objective.activation=sigmoid",
+                        "objective.top_k=15")}
 
 
 @dataclass(frozen=True)
@@ -71,7 +77,8 @@ class Row:
 ROWS = ([Row(a, "class", "replay") for a in ALGOS] + [Row("sffa", "class", "replay", clients=4)]
         + [Row(a, "class", "naive") for a in ("sffa", "bp")]
         + [Row(a, "domain", "replay") for a in ("sffa", "bp")]
-        + [Row(a, "class", s) for s in ("ewc", "si") for a in ("sffa", "bp")])
+        + [Row(a, "class", s) for s in ("ewc", "si", "agem") for a in ("sffa", "bp")]
+        + [Row("sffa-paper", "class", "agem")])
 
 
 def run_row(row: Row, seed: int, data_dir: str, sets: list[str], run_root: Path) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import torch
 
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.data import Split, epoch_batches
-from bpfree_core.layers import Packet
+from bpfree_core.layers import REFERENCE, Packet
 from bpfree_core.objectives import Objective
 from bpfree_core.seeds import generator
 
@@ -26,17 +26,35 @@ def train_packets(
     objective: Objective, split: Split, cfg: ExperimentConfig, epoch: int,
     replay: Callable[[int, torch.Generator], Split] | None = None,
 ) -> Iterator[Packet]:
-    """The first-layer packets of one training epoch, in order. `replay(n, gen)` (continual
-    learning's memory) appends n old samples to each batch of n, drawn from the batch's generator."""
+    """The first-layer packets of one training epoch, in order. `replay(n, gen)` is continual
+    learning's memory, drawn from each batch's generator: strategy `replay` appends n old samples
+    to each batch of n; `agem` sends n of them first, as a reference packet (bpfree_core.agem)."""
+    agem = cfg.continual.strategy == "agem"
     for b, idx in enumerate(epoch_batches(len(split), cfg.train.batch_size, cfg.train.seed, epoch)):
         gen = batch_generator(cfg.train.seed, epoch, b)
         x, y = split.images[idx], split.labels[idx]
-        if replay is not None:
+        if replay is not None and agem:
+            old = replay(len(idx), gen)
+            yield mark_reference(_encode(objective, old.images, old.labels, cfg, gen), True)
+        elif replay is not None:
             old = replay(len(idx), gen)
             x, y = torch.cat([x, old.images]), torch.cat([y, old.labels])
-        if cfg.train.jitter:
-            x = jitter(x, objective.spec.shape, cfg.train.jitter, gen)
-        yield objective.encode_train(x, y, gen)
+        packet = _encode(objective, x, y, cfg, gen)
+        yield mark_reference(packet, False) if agem else packet
+
+
+def _encode(objective: Objective, x: torch.Tensor, y: torch.Tensor, cfg: ExperimentConfig,
+            gen: torch.Generator) -> Packet:
+    if cfg.train.jitter:
+        x = jitter(x, objective.spec.shape, cfg.train.jitter, gen)
+    return objective.encode_train(x, y, gen)
+
+
+def mark_reference(packet: Packet, reference: bool) -> Packet:
+    """Every train packet of an A-GEM run carries the marker (one schema on the wire); True on the
+    memory's reference packets."""
+    packet[REFERENCE] = torch.tensor([reference])
+    return packet
 
 def jitter(x: torch.Tensor, shape: tuple[int, int, int], pixels: int,
            gen: torch.Generator) -> torch.Tensor:

@@ -340,7 +340,7 @@ class FederationConfig:
 
 
 SCENARIOS = ("class", "domain", "task")
-STRATEGIES = ("naive", "replay", "ewc", "si")
+STRATEGIES = ("naive", "replay", "ewc", "si", "agem")
 
 
 @dataclass(frozen=True)
@@ -351,9 +351,9 @@ class ContinualConfig:
     class_order: str = "fixed"     # fixed (0,1 | 2,3 | ...) | shuffled (by train.seed)
     scenario: str = "class"        # class: one head over every class seen | domain: the within-task
                                    # label (2-way) | task: task id known at test (its classes only)
-    strategy: str = "naive"        # naive | replay | ewc | si
+    strategy: str = "naive"        # naive | replay | ewc | si | agem
     epochs_per_task: int = 2
-    memory: int = 500              # replay: samples kept from past tasks (split evenly per task)
+    memory: int = 500              # replay, agem: samples kept from past tasks (split evenly per task)
     ewc_lambda: float = 1e5        # ewc: penalty lambda * sum F (w - w*)^2, per past task
     si_c: float = 1.0              # si: penalty c * sum Omega (w - w*)^2
     si_damping: float = 1e-3       # si: xi in Omega = omega / (delta^2 + xi)
@@ -373,8 +373,9 @@ class ContinualConfig:
         _check_positive("continual", "si_c", self.si_c, allow_zero=True)
         _check_positive("continual", "si_damping", self.si_damping)
         _check_choice("continual", "client_order", self.client_order, ("same", "shuffled"))
-        if self.strategy == "replay" and self.memory == 0:
-            raise ConfigError("continual.strategy = 'replay' needs continual.memory > 0 samples")
+        if self.strategy in ("replay", "agem") and self.memory == 0:
+            raise ConfigError(f"continual.strategy = {self.strategy!r} needs continual.memory > 0 "
+                              "samples")
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,11 @@ the prediction is restricted to that task's classes).
 
 Strategies, all local to whoever holds the data or the layer: `replay` keeps a small memory of
 past tasks' samples (with the data, on the driver or client: it never leaves it) and mixes a
-batch of it into every training batch; `ewc` and `si` (bpfree_core.consolidation) make each
-layer protect its own parameters. `naive` does nothing (the lower bound).
+batch of it into every training batch; `agem` sends a batch of that memory ahead of every
+training batch, and each layer projects its own update against its own gradient on it
+(bpfree_core.agem: works on every executor, nothing but packets crosses a stage); `ewc` and `si`
+(bpfree_core.consolidation) make each layer protect its own parameters. `naive` does nothing
+(the lower bound).
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from bpfree_core.seeds import generator
 log = logging.getLogger(__name__)
 
 SCORES = {"softmax": LOGITS, "goodness": GOODNESS}   # prediction method -> packet key of its scores
+MEMORY_STRATEGIES = ("replay", "agem")   # keep a memory of past tasks' samples
 
 
 @dataclass(frozen=True)
@@ -248,7 +252,7 @@ def _stream(cfg: ExperimentConfig, executor: Executor, rd: RunDir | None, progre
     headline = headline_method(want)
     c = cfg.continual
     layers = consolidating_layers(executor, cfg)
-    memory = ReplayMemory(c.memory, cfg.train.seed) if c.strategy == "replay" else None
+    memory = ReplayMemory(c.memory, cfg.train.seed) if c.strategy in MEMORY_STRATEGIES else None
     if rd is not None:
         rd.write_config(cfg)
     start = time.perf_counter()
@@ -348,7 +352,7 @@ def client_round_data(cfg: ExperimentConfig, data: Split, client: int, rnd: int,
     current = rnd // rounds_per_task(cfg)
     split = _task_split(data, tasks[current], 0, cfg)
     memory = None
-    if cfg.continual.strategy == "replay":
+    if cfg.continual.strategy in MEMORY_STRATEGIES:
         memory = ReplayMemory(cfg.continual.memory, client_seed)
         for i in range(current):
             memory.add_task(i, _task_split(data, tasks[i], 0, cfg))

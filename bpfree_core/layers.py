@@ -16,8 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from bpfree_core.agem import GradientProjector
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.consolidation import Consolidator
+from bpfree_core.errors import ProtocolError
 from bpfree_core.optim import LayerOptimizer, set_kernels
 from bpfree_core.seeds import derive
 
@@ -30,6 +32,8 @@ Metrics = dict[str, torch.Tensor]
 LABELS = "y"            # (B,) int64 true labels
 LOGITS = "logits"       # (B, C) accumulated head log-probabilities (eval)
 GOODNESS = "goodness"   # (B, C) accumulated goodness per candidate label (eval)
+REFERENCE = "reference" # (1,) bool, continual.strategy = agem: True on a memory batch that only
+                        # sets each layer's reference gradient (bpfree_core.agem), no step
 
 
 def rms_normalize(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -95,6 +99,8 @@ class LocalLayer(nn.Module):
         # (tests/test_step.py), so every committed run reproduces
         self.kernels = "foreach"
         self.consolidators: dict[str, Consolidator] = {}   # continual learning: "body", "head"
+        self.projectors: dict[str, GradientProjector] = {}  # A-GEM: "body", "head"
+        self._reference = False                  # inside a reference pass: remember, no step
         self.always_vote = False                 # diagnostics: score every layer on its own
         self.register_load_state_dict_post_hook(self._forget_host_steps)
 
@@ -138,6 +144,8 @@ class LocalLayer(nn.Module):
         return self._host_steps
 
     def count_step(self) -> None:
+        if self._reference:
+            return
         self.steps += 1
         if self._host_steps is not None:
             self._host_steps += 1
@@ -164,16 +172,41 @@ class LocalLayer(nn.Module):
         assert self.optimizer is not None
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self._step(self.optimizer, self.consolidators.get("body"))
+        self._step(self.optimizer, "body")
 
-    @staticmethod
-    def _step(optimizer: LayerOptimizer, consolidator: Consolidator | None) -> None:
+    def _step(self, optimizer: LayerOptimizer, part: str) -> None:
+        if self.cfg.continual.strategy == "agem":
+            params = optimizer.param_groups[0]["params"]
+            projector = self.projectors.setdefault(part, GradientProjector())
+            if self._reference:   # a memory batch: keep its gradient, do not step
+                projector.remember(params)
+                return
+            projector.project(params)
+        consolidator = self.consolidators.get(part)
         if consolidator is None:
             optimizer.step()
             return
         consolidator.before_step()   # EWC / SI: the penalty's gradient joins the local one
         optimizer.step()
         consolidator.after_step()
+
+    @contextlib.contextmanager
+    def reference_pass(self) -> Iterator[None]:
+        """Train steps inside only set A-GEM's reference gradients: no optimiser step, and every
+        buffer (step count, running means) is as it was afterwards."""
+        if self.cfg.continual.strategy != "agem":
+            raise ProtocolError(f"layer {self.index} got an A-GEM reference batch but "
+                             f"continual.strategy = {self.cfg.continual.strategy!r}; only agem "
+                             "sends them")
+        saved = {name: b.clone() for name, b in self.named_buffers()}
+        self._reference = True
+        try:
+            yield
+        finally:
+            self._reference = False
+            with torch.no_grad():
+                for name, b in self.named_buffers():
+                    b.copy_(saved[name])
 
     def consolidate(self, kind: str, strength: float, damping: float = 1e-3) -> None:
         """Protect this layer's parameters (body and head) with EWC or SI from now on."""
@@ -190,7 +223,7 @@ class LocalLayer(nn.Module):
         loss = F.cross_entropy(logits, labels)
         self.head_optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self._step(self.head_optimizer, self.consolidators.get("head"))
+        self._step(self.head_optimizer, "head")
         acc = (logits.argmax(1) == labels).float().mean()
         return {"head_loss": loss.detach(), "head_acc": acc}
 

@@ -12,7 +12,7 @@ import torch
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.data import run_spec
 from bpfree_core.errors import ConfigError
-from bpfree_core.layers import LocalLayer, Metrics, Packet, layer_seed, seeded
+from bpfree_core.layers import REFERENCE, LocalLayer, Metrics, Packet, layer_seed, seeded
 from bpfree_core.objectives import Objective, get_objective
 
 OPTIMIZER = "optimizer."   # key prefix of optimiser-state tensors (Stage.optimizer_tensors)
@@ -79,14 +79,21 @@ class Stage:
             layer.set_epoch(epoch, total_epochs)
 
     def train_step(self, packet: Packet) -> tuple[Packet, dict[int, Metrics]]:
+        """Train every layer on `packet`; hand on the last one's output. An A-GEM reference packet
+        (REFERENCE true) only sets each layer's reference gradient and reports no metrics."""
         packet = {k: v.to(self.device) for k, v in packet.items()}
+        marker = packet.pop(REFERENCE, None)                 # (1,) bool, agem runs only
+        reference = marker is not None and bool(marker[0])
         metrics = {}
         for layer in self.layers:
             layer.train()
-            with compute_precision(layer.cfg, self.device) as handed_on:
+            with (layer.reference_pass() if reference else contextlib.nullcontext(),
+                  compute_precision(layer.cfg, self.device) as handed_on):
                 packet, metrics[layer.index] = layer.train_step(packet)
             packet = handed_on(packet)
-        return packet, metrics
+        if marker is not None:
+            packet[REFERENCE] = marker
+        return packet, {} if reference else metrics
 
     @torch.no_grad()
     def eval_step(self, packet: Packet) -> Packet:

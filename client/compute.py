@@ -23,6 +23,7 @@ from bpfree.client.link import Link
 from bpfree.client.transport import Security, check_chunk_bytes, wait_for_peer
 from bpfree.client.wire import Schema, WireBatch, encode_batch, end_frame, schema_of
 from bpfree.protos import stage_pb2 as pb
+from bpfree_core.batches import mark_reference
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.errors import BpfreeError, ConfigError
 from bpfree_core.evaluation import prediction_modes
@@ -69,6 +70,8 @@ def packet_schema(cfg: ExperimentConfig, objective: Objective, first: int) -> Sc
     gen = torch.Generator().manual_seed(0)
     x, y = torch.rand(2, c * h * w, generator=gen), torch.tensor([0, 1])
     train = objective.encode_train(x, y, gen)
+    if cfg.continual.strategy == "agem":   # its train packets carry the reference marker
+        train = mark_reference(train, False)
     evals = objective.encode_eval(x, prediction_modes(objective, cfg)[1])
     if first > 0:
         with torch.random.fork_rng(devices=[]):

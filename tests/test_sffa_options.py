@@ -41,3 +41,16 @@ def test_top_k_larger_than_half_a_layer_is_a_clear_error():
                                         "objective.top_k=30"]))
     with pytest.raises(ConfigError, match="objective.activation"):
         load_config(None, ["objective.activation=tanh"])
+
+
+def test_the_committed_sffa_paper_recipe_is_the_benchmarked_row() -> None:
+    """deploy/continual-sffa-paper.toml is what bench/results/continual.md's sffa-paper row ran."""
+    from pathlib import Path
+
+    from bpfree.bench.continual import ROWS
+    from bpfree_core.config import ExperimentConfig, load_config
+
+    recipe = load_config(Path(__file__).resolve().parents[1] / "deploy/continual-sffa-paper.toml")
+    row = next(r for r in ROWS if r.name == "sffa-paper-class-replay")
+    assert recipe == ExperimentConfig().with_overrides(row.overrides(0))
+    assert (recipe.objective.activation, recipe.objective.top_k) == ("sigmoid", 15)
