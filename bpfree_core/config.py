@@ -125,6 +125,8 @@ class ObjectiveConfig:
                                    # first layer's head, in proportion to its wrong-label belief
     activation: str = "relu"       # sffa: relu | sigmoid (the SFFA authors' units)
     top_k: int = 0                 # sffa: keep the k largest units of each half (authors: 15; 0 = all)
+    input_skip: bool = False       # symba/sffa: layers after the first also get the image and the
+                                   # class code beside the last layer's output (the authors' residual)
 
     def __post_init__(self) -> None:
         _check_choice("objective", "goodness", self.goodness, ("sum", "mean"))

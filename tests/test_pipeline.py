@@ -128,6 +128,14 @@ def test_bf16_pipeline_matches_reference_exactly(data_dir: Path, tmp_path: Path)
                                            "train.epochs=1", "train.precision=bf16"), tmp_path)
 
 
+def test_sffa_input_skip_pipeline_matches_reference_exactly(data_dir: Path, tmp_path: Path) -> None:
+    # objective.input_skip: the image and class code travel to the second stage beside layer 0's
+    # output (the SFFA authors' residual input), for training and goodness prediction alike.
+    _assert_pipeline_equals_reference(_cfg(data_dir, "model.algorithm=sffa", "pipeline.stages=2",
+                                           "train.epochs=1", "objective.input_skip=true",
+                                           "train.predict=both"), tmp_path)
+
+
 def test_deeper_conv_pipeline_matches_reference_exactly(data_dir: Path, tmp_path: Path) -> None:
     # Residual conv layers on both stages (10 -> 10 keeps the shape), stride 2 where it grows.
     _assert_pipeline_equals_reference(_cfg(data_dir, "model.algorithm=deeper", "model.conv=10,10,20,20",

@@ -54,3 +54,30 @@ def test_the_committed_sffa_paper_recipe_is_the_benchmarked_row() -> None:
     row = next(r for r in ROWS if r.name == "sffa-paper-class-replay")
     assert recipe == ExperimentConfig().with_overrides(row.overrides(0))
     assert (recipe.objective.activation, recipe.objective.top_k) == ("sigmoid", 15)
+
+
+def test_input_skip_feeds_the_image_and_code_to_later_layers() -> None:
+    """objective.input_skip: layer 1 reads [layer 0's output, image, class code] (the authors'
+    FF_Layer(1400 + 784 + 100, 1400)); its output moves with the image even when layer 0's
+    output is held fixed, and without the skip it does not."""
+    def layer1_outputs(skip: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = load_config(None, ["model.algorithm=sffa", "model.hidden=40,30",
+                                 f"objective.input_skip={str(skip).lower()}"])
+        layer = build_layers(cfg)[1]
+        assert layer.linear.in_features == 40 + (784 + 100 if skip else 0)
+        gen = torch.Generator().manual_seed(0)
+        packet = {"neutral": torch.rand(4, 40, generator=gen), "x": torch.rand(4, 784, generator=gen)}
+        a = layer.eval_step(dict(packet))["neutral"]
+        packet["x"] = torch.rand(4, 784, generator=gen)
+        return a, layer.eval_step(packet)["neutral"]
+
+    a, b = layer1_outputs(True)
+    assert not torch.equal(a, b)
+    a, b = layer1_outputs(False)
+    assert torch.equal(a, b)
+
+
+def test_input_skip_is_refused_where_the_label_lives_in_the_pixels() -> None:
+    for algorithm in ("ff", "symba", "mono"):
+        with pytest.raises(ConfigError, match="objective.input_skip = true but"):
+            build_layers(load_config(None, [f"model.algorithm={algorithm}", "objective.input_skip=true"]))

@@ -22,6 +22,7 @@ class Objective:
     pipelinable: ClassVar[bool] = True          # False for bp: it needs gradients across layers
     uses_negatives: ClassVar[bool] = False      # trains on negative (wrong-label) data
     supports_conv: ClassVar[bool] = False       # builds conv layers from model.conv
+    supports_input_skip: ClassVar[bool] = False # objective.input_skip: the image into every layer
 
     def __init__(self, cfg: ExperimentConfig, spec: DatasetSpec):
         if cfg.objective.negatives != "uniform" and not self.uses_negatives:
@@ -31,6 +32,9 @@ class Objective:
         if cfg.model.conv and not self.supports_conv:
             raise ConfigError(f"model.conv is set but model.algorithm = {self.name!r} builds no "
                               "conv layers (uff, bp, cwc and deeper do); use model.hidden")
+        if cfg.objective.input_skip and not self.supports_input_skip:
+            raise ConfigError(f"objective.input_skip = true but {self.name} does not feed the "
+                              "image to later layers (symba and sffa do); turn it off")
         self.cfg = cfg
         self.spec = spec
         self.num_classes = spec.num_classes

@@ -1,7 +1,8 @@
 """What FF, SymBa and SFFA share: a linear+ReLU layer trained on positive vs negative inputs.
 
 Packet keys (B = batch, C = classes, D = width):
-  x        (B, D)    first-layer input shared by all roles (label carried by a class pattern)
+  x        (B, D)    first-layer input shared by all roles (label carried by a class pattern);
+                     with objective.input_skip it travels on, and every later layer reads it again
   pos/neg  (B, D)    positive / negative activations
   neutral  (B, D)    activations of the neutral input (softmax readout)
   cand     (B*C, D)  activations of every candidate label (goodness prediction)
@@ -84,6 +85,7 @@ class GoodnessLayer(LocalLayer):
         patterns: torch.Tensor | None = None,
     ):
         super().__init__(index, num_layers, cfg, num_classes)
+        self.skips_input = cfg.objective.input_skip and index > 0   # in_dim counts the image
         extra = 0 if patterns is None else patterns.shape[1]
         self.linear = nn.Linear(in_dim + extra, out_dim)
         self.patterns: torch.Tensor | None
@@ -119,7 +121,23 @@ class GoodnessLayer(LocalLayer):
         return relu(z, self.cfg.objective.straight_through)
 
     def role_input(self, packet: Packet, role: str) -> torch.Tensor:
-        return packet[role] if role in packet else packet["x"]
+        """The first layer's image, or the last layer's activations of `role` (input skip: with
+        the image beside them, repeated for each candidate row)."""
+        if role not in packet:
+            return packet["x"]
+        h = packet[role]                                   # (R, D_prev), R = B or B*C
+        if self.skips_input:
+            x = packet["x"]                                # (B, D_x)
+            if h.shape[0] != x.shape[0]:
+                x = x.repeat_interleave(h.shape[0] // x.shape[0], dim=0)
+            h = torch.cat([h, x], dim=1)                   # (R, D_prev + D_x)
+        return h
+
+    def handed_on(self, packet: Packet, out: Packet) -> Packet:
+        """`out`, and (input skip) the image for the layers after this one."""
+        if self.cfg.objective.input_skip:
+            out["x"] = packet["x"]
+        return out
 
     # -- training -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -161,7 +179,7 @@ class GoodnessLayer(LocalLayer):
         self.count_step()
         out = {"pos": y_pos.detach(), "neg": y_neg.detach(), "neutral": neutral, LABELS: y,
                "y_neg": packet["y_neg"]}
-        return out, metrics
+        return self.handed_on(packet, out), metrics
 
     # -- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -172,14 +190,14 @@ class GoodnessLayer(LocalLayer):
         self.add_logits(out, rms_normalize(neutral))
         out["neutral"] = neutral
         if "cand" in packet or ("y_cand" in packet and "x" in packet):
-            x = packet["cand"] if "cand" in packet else packet["x"].repeat_interleave(
+            x = self.role_input(packet, "cand") if "cand" in packet else packet["x"].repeat_interleave(
                 self.num_classes, dim=0)
             cand = self.forward_role(x, self.codes(packet, "y_cand", x.shape[0]))  # (B*C, D)
             if self.votes():
                 g = self.goodness(cand).view(-1, self.num_classes)                # (B, C)
                 out[GOODNESS] = out[GOODNESS] + g if GOODNESS in out else g
             out["cand"] = cand
-        return out
+        return self.handed_on(packet, out)
 
 
 class GoodnessObjective(Objective):
@@ -208,9 +226,11 @@ class GoodnessObjective(Objective):
                               o.pattern_density)
 
     def injects_at(self, index: int) -> bool:
-        return index == 0
+        return index == 0 or self.cfg.objective.input_skip   # the code goes with the image
 
     def build_layer(self, index: int, num_layers: int, in_dim: int, out_dim: int) -> LocalLayer:
+        if self.cfg.objective.input_skip and index > 0:
+            in_dim += self.input_dim
         return self.layer_cls(index, num_layers, self.cfg, self.num_classes, in_dim, out_dim,
                               self.patterns_for(index))
 

@@ -6,6 +6,8 @@ The class pattern (Bernoulli(0.1), 100 bits) is appended to the input of the fir
 authors' code does. Prediction sums g over layers for every candidate class.
 `objective.activation = sigmoid` and `objective.top_k = 15` are the authors' layer (sigmoid units,
 the 15 largest of each half kept; their patterns are Bernoulli(0.2): objective.pattern_density).
+`objective.input_skip = true` is their residual input: layers after the first get the image and
+the class code again, beside the last layer's output (FF_Layer(1400 + 784 + 100, 1400)).
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class SFFALayer(GoodnessLayer):
 class SFFA(GoodnessObjective):
     layer_cls = SFFALayer
     uses_patterns = True
+    supports_input_skip = True
 
     def __init__(self, cfg: ExperimentConfig, spec: DatasetSpec):
         for i, n in enumerate(cfg.model.hidden):
