@@ -81,6 +81,46 @@ class Consolidator:
         self._start = anchor
         self._omega = [torch.zeros_like(p) for p in self.params]
 
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Everything end_task and the next steps need, as named tensors (a stage's checkpoint,
+        the wire): `fisher.<j>`, `batches` (ewc), `start.<j>`, `omega.<j>` (si), and each stored
+        penalty's `penalty.<t>.importance.<j>`, `penalty.<t>.anchor.<j>`."""
+        out: dict[str, torch.Tensor] = {}
+        live = ({"fisher": self._fisher} if self.kind == "ewc"
+                else {"start": self._start, "omega": self._omega})
+        for name, tensors in live.items():
+            out.update({f"{name}.{j}": t.detach().cpu().clone() for j, t in enumerate(tensors)})
+        if self.kind == "ewc":
+            out["batches"] = torch.tensor(self._batches)
+        for t, (importance, anchor) in enumerate(self._penalties):
+            for part, tensors in (("importance", importance), ("anchor", anchor)):
+                out.update({f"penalty.{t}.{part}.{j}": v.detach().cpu().clone()
+                            for j, v in enumerate(tensors)})
+        return out
+
+    def load_state_tensors(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what state_tensors() gave, onto these parameters' devices."""
+        n = len(self.params)
+        try:
+            def tensors(prefix: str) -> list[torch.Tensor]:
+                out = [state[f"{prefix}.{j}"].to(p.device, p.dtype)
+                       for j, p in zip(range(n), self.params, strict=True)]
+                for j, (t, p) in enumerate(zip(out, self.params, strict=True)):
+                    if t.shape != p.shape:
+                        raise ValueError(f"{self.kind} tensor {prefix}.{j} is {list(t.shape)} "
+                                         f"but its parameter is {list(p.shape)}")
+                return out
+
+            if self.kind == "ewc":
+                self._fisher, self._batches = tensors("fisher"), int(state["batches"])
+            else:
+                self._start, self._omega = tensors("start"), tensors("omega")
+            count = len({k.split(".")[1] for k in state if k.startswith("penalty.")})
+            self._penalties = [(tensors(f"penalty.{t}.importance"), tensors(f"penalty.{t}.anchor"))
+                               for t in range(count)]
+        except KeyError as exc:
+            raise ValueError(f"{self.kind} state lacks tensor {exc}") from None
+
     def penalty(self) -> float:
         """The penalty's current value (for metrics)."""
         return float(sum(self.strength * (imp * (p.detach() - a).pow(2)).sum()

@@ -42,7 +42,7 @@ from bpfree_core.diagnostics import eval_with_units
 from bpfree_core.errors import ConfigError
 from bpfree_core.evaluation import EVAL_BATCH
 from bpfree_core.executor import Executor
-from bpfree_core.layers import GOODNESS, LOGITS, LocalLayer, Packet
+from bpfree_core.layers import GOODNESS, LOGITS, Packet
 from bpfree_core.model import Stage, build_layers, build_objective
 from bpfree_core.objectives import Objective
 from bpfree_core.rundir import RunDir, open_run_dir
@@ -206,26 +206,21 @@ def cl_metrics(matrix: list[list[float]], before: list[float]) -> dict[str, Any]
     }
 
 
-# -- the local strategies' hooks into the layers ----------------------------------------------
+# -- EWC / SI: their state lives with whoever owns the layer ----------------------------------
 
-def consolidating_layers(executor: Executor, cfg: ExperimentConfig) -> list[LocalLayer]:
-    """The layers that run EWC / SI (their penalties live with them), set up for the run."""
-    c = cfg.continual
-    if c.strategy not in ("ewc", "si"):
-        return []
-    if not hasattr(executor, "local_layers"):
-        raise ConfigError(f"continual.strategy = {c.strategy!r} keeps its penalties inside the "
-                          "layers and runs in one process for now; use --executor inprocess, or "
-                          "replay / naive on a pipeline")
-    layers = executor.local_layers()  # type: ignore[attr-defined]
-    strength = c.ewc_lambda if c.strategy == "ewc" else c.si_c
-    for layer in layers:
-        layer.consolidate(c.strategy, strength, c.si_damping)
-    return layers
-
-
-def _consolidators(layers: list[LocalLayer]) -> list[Any]:
-    return [c for layer in layers for c in layer.consolidators.values()]
+def end_task(executor: Executor, cfg: ExperimentConfig) -> float:
+    """The task boundary: every layer, wherever it runs, stores its EWC / SI importance (the
+    stage workers by an EndTask call). The penalty the weights carried at the task's end, summed
+    in layer order (the same number on every executor)."""
+    if cfg.continual.strategy not in ("ewc", "si"):
+        return 0.0
+    ending = getattr(executor, "end_task", None)
+    if ending is None:
+        raise ConfigError(f"continual.strategy = {cfg.continual.strategy!r} needs an executor "
+                          f"that ends tasks; {type(executor).__name__} does not (use inprocess "
+                          "or pipeline)")
+    penalties = ending()
+    return float(sum(penalties[i] for i in sorted(penalties)))
 
 
 # -- the run ------------------------------------------------------------------------------------
@@ -251,7 +246,6 @@ def _stream(cfg: ExperimentConfig, executor: Executor, rd: RunDir | None, progre
     want = methods(objective, cfg)
     headline = headline_method(want)
     c = cfg.continual
-    layers = consolidating_layers(executor, cfg)
     memory = ReplayMemory(c.memory, cfg.train.seed) if c.strategy in MEMORY_STRATEGIES else None
     if rd is not None:
         rd.write_config(cfg)
@@ -263,16 +257,12 @@ def _stream(cfg: ExperimentConfig, executor: Executor, rd: RunDir | None, progre
     for task in tasks:
         epochs = []
         for k in range(c.epochs_per_task):
-            for con in _consolidators(layers):   # EWC's Fisher: the task's last epoch
-                con.collecting = con.kind == "ewc" and k == c.epochs_per_task - 1
             # batch draws numbered across the whole stream; the lr schedule restarts per task
             packets = train_packets(objective, task.train, cfg, task.index * c.epochs_per_task + k,
                                     memory.replay() if memory is not None else None)
             epochs.append(executor.train_epoch(packets, k, c.epochs_per_task))
             bar.update(1)
-        penalty = sum(con.penalty() for con in _consolidators(layers))   # vs the earlier tasks
-        for con in _consolidators(layers):
-            con.end_task()
+        penalty = end_task(executor, cfg)   # EWC's Fisher came from the task's last epoch
         if memory is not None:
             memory.add_task(task.index, task.train)
         rows = [task_accuracy(executor.eval_forward, objective, other, cfg) for other in tasks]
@@ -319,7 +309,7 @@ def check_federated(cfg: ExperimentConfig) -> None:
     if cfg.continual.strategy in ("ewc", "si"):
         raise ConfigError(f"continual.strategy = {cfg.continual.strategy!r} keeps penalties inside "
                           "the layers across rounds, which federated clients do not; use replay or "
-                          "naive in a federation")
+                          "agem in a federation")
     rounds_per_task(cfg)
     _check_classes(cfg, run_spec(cfg).num_classes)
 

@@ -24,7 +24,7 @@ import torch
 
 from bpfree_core.aggregate import Weights
 from bpfree_core.config import ExperimentConfig
-from bpfree_core.layers import LABELS, LocalLayer, Packet, add_proximal_term
+from bpfree_core.layers import LABELS, Packet, add_proximal_term
 from bpfree_core.metrics import RunningMeans
 from bpfree_core.model import Stage, build_layers, build_objective
 from bpfree_core.runtime import set_threads
@@ -94,9 +94,9 @@ class InProcessExecutor:
     def eval_forward(self, packet: Packet) -> Packet:
         return self._stage().eval_step(packet)
 
-    def local_layers(self) -> list[LocalLayer]:
-        """The layers themselves (continual learning attaches its per-layer penalties)."""
-        return list(self._stage().layers)
+    def end_task(self) -> dict[int, float]:
+        """Continual learning's task boundary (EWC / SI): see Stage.end_task."""
+        return self._stage().end_task()
 
     def describe(self) -> dict[str, Any]:
         return {}

@@ -19,7 +19,7 @@ from torch.utils.hooks import RemovableHandle
 from bpfree_core.agem import GradientProjector
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.consolidation import Consolidator
-from bpfree_core.errors import ProtocolError
+from bpfree_core.errors import ConfigError, ProtocolError
 from bpfree_core.optim import LayerOptimizer, set_kernels
 from bpfree_core.seeds import derive
 
@@ -101,6 +101,7 @@ class LocalLayer(nn.Module):
         self.consolidators: dict[str, Consolidator] = {}   # continual learning: "body", "head"
         self.projectors: dict[str, GradientProjector] = {}  # A-GEM: "body", "head"
         self._reference = False                  # inside a reference pass: remember, no step
+        self._collecting = False                 # ewc: the task's last epoch adds to the Fisher
         self.always_vote = False                 # diagnostics: score every layer on its own
         self.register_load_state_dict_post_hook(self._forget_host_steps)
 
@@ -166,6 +167,11 @@ class LocalLayer(nn.Module):
             if opt is not None:
                 for group in opt.param_groups:
                     group["lr"] = lr * scale
+        # EWC's Fisher: the squared gradients of each task's last epoch (continual runs one
+        # schedule of epochs_per_task per task)
+        self._collecting = epoch == total_epochs - 1
+        for con in self.consolidators.values():
+            con.collecting = con.kind == "ewc" and self._collecting
 
     # -- optimisation helpers -----------------------------------------------------------------
     def step_body(self, loss: torch.Tensor) -> None:
@@ -182,7 +188,7 @@ class LocalLayer(nn.Module):
                 projector.remember(params)
                 return
             projector.project(params)
-        consolidator = self.consolidators.get(part)
+        consolidator = self._consolidator(part, optimizer.param_groups[0]["params"])
         if consolidator is None:
             optimizer.step()
             return
@@ -208,12 +214,44 @@ class LocalLayer(nn.Module):
                 for name, b in self.named_buffers():
                     b.copy_(saved[name])
 
-    def consolidate(self, kind: str, strength: float, damping: float = 1e-3) -> None:
-        """Protect this layer's parameters (body and head) with EWC or SI from now on."""
-        self.consolidators = {"body": Consolidator(self.body_parameters(), kind, strength, damping)}
-        if self.head is not None:
-            self.consolidators["head"] = Consolidator(list(self.head.parameters()), kind, strength,
-                                                      damping)
+    def _consolidator(self, part: str, params: list[nn.Parameter]) -> Consolidator | None:
+        """continual.strategy = ewc | si: this part's penalty state, made on its first step (on
+        the parameters' device), so every process that owns the layer keeps its own."""
+        c = self.cfg.continual
+        if c.strategy not in ("ewc", "si"):
+            return None
+        if part not in self.consolidators:
+            strength = c.ewc_lambda if c.strategy == "ewc" else c.si_c
+            self.consolidators[part] = Consolidator(params, c.strategy, strength, c.si_damping)
+            self.consolidators[part].collecting = c.strategy == "ewc" and self._collecting
+        return self.consolidators[part]
+
+    def end_task(self) -> float:
+        """A task of the stream is learnt: store its EWC / SI importance and anchor. Returns the
+        penalty (vs the earlier tasks) the weights carried at the end of it."""
+        penalty = sum(con.penalty() for con in self.consolidators.values())
+        for con in self.consolidators.values():
+            con.end_task()
+        return float(penalty)
+
+    def consolidation_tensors(self) -> dict[str, torch.Tensor]:
+        return {f"{part}.{k}": v for part, con in self.consolidators.items()
+                for k, v in con.state_tensors().items()}
+
+    def load_consolidation_tensors(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore consolidation_tensors() (none: the state is dropped, as a fresh layer's)."""
+        self.consolidators = {}
+        for part, opt in (("body", self.optimizer), ("head", self.head_optimizer)):
+            own = {k[len(part) + 1:]: v for k, v in state.items() if k.startswith(part + ".")}
+            if own and opt is not None:
+                con = self._consolidator(part, opt.param_groups[0]["params"])
+                if con is None:
+                    raise ConfigError(f"layer {self.index} got EWC / SI state but "
+                                      f"continual.strategy = {self.cfg.continual.strategy!r}")
+                try:
+                    con.load_state_tensors(own)
+                except ValueError as exc:
+                    raise ConfigError(f"layer {self.index} ({part}): {exc}") from None
 
     def step_head(self, features: torch.Tensor, labels: torch.Tensor) -> Metrics:
         """One head step on detached features; returns head loss and accuracy on the batch."""

@@ -16,6 +16,7 @@ from bpfree_core.layers import REFERENCE, LocalLayer, Metrics, Packet, layer_see
 from bpfree_core.objectives import Objective, get_objective
 
 OPTIMIZER = "optimizer."   # key prefix of optimiser-state tensors (Stage.optimizer_tensors)
+CONSOLIDATION = "consolidation."   # ... and, after the layer, of its EWC / SI state
 
 
 def build_objective(cfg: ExperimentConfig) -> Objective:
@@ -125,7 +126,9 @@ class Stage:
 
     def optimizer_tensors(self) -> dict[str, torch.Tensor]:
         """Every layer's optimiser state as plain tensors, keyed
-        `optimizer.layers.<i>.<body|head>.<param>.<key>`: what crosses the wire to a checkpoint."""
+        `optimizer.layers.<i>.<body|head>.<param>.<key>` (EWC / SI state:
+        `optimizer.layers.<i>.consolidation.<body|head>.<name>`): what crosses the wire to a
+        checkpoint."""
         out = {}
         for layer in self.layers:
             for part, opt in (("body", layer.optimizer), ("head", layer.head_optimizer)):
@@ -133,11 +136,22 @@ class Stage:
                     for key, value in entry.items():
                         out[f"{OPTIMIZER}layers.{layer.index}.{part}.{p}.{key}"] = (
                             torch.as_tensor(value).detach().cpu().clone())
+            out.update({f"{OPTIMIZER}layers.{layer.index}.{CONSOLIDATION}{k}": v
+                        for k, v in layer.consolidation_tensors().items()})
         return out
 
+    def end_task(self) -> dict[int, float]:
+        """Continual learning's task boundary: every layer stores its EWC / SI importance; the
+        penalty each carried at the end of the task, by layer."""
+        return {layer.index: layer.end_task() for layer in self.layers}
+
     def load_optimizer_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Restore what optimizer_tensors() gave (after the weights are loaded)."""
+        """Restore what optimizer_tensors() gave (after the weights are loaded); EWC / SI state
+        too (none given: dropped, as a fresh layer's)."""
         for layer in self.layers:
+            prefix = f"{OPTIMIZER}layers.{layer.index}.{CONSOLIDATION}"
+            layer.load_consolidation_tensors({k[len(prefix):]: v for k, v in tensors.items()
+                                              if k.startswith(prefix)})
             for part, opt in (("body", layer.optimizer), ("head", layer.head_optimizer)):
                 prefix = f"{OPTIMIZER}layers.{layer.index}.{part}."
                 state: dict[int, dict[str, torch.Tensor]] = {}

@@ -175,8 +175,15 @@ class StageRun:
             self.stage.load_state_dict({k: v for k, v in state.items() if k not in optimizer})
             for layer in self.stage.layers:
                 layer.finish_init()       # fresh optimiser state bound to the loaded parameters
-            if optimizer:                 # ... or the state that came with them (a checkpoint)
-                self.stage.load_optimizer_tensors(optimizer)
+            # ... or the state that came with them (a checkpoint); EWC / SI state likewise
+            self.stage.load_optimizer_tensors(optimizer)
+
+    def end_task(self) -> dict[int, float]:
+        with self.step_lock:
+            if self.in_flight():
+                raise StateError(f"batches of epoch {self.admission.epoch} are still being trained; "
+                                 "end the task after FinishEpoch")
+            return self.stage.end_task()
 
     def set_proximal(self, mu: float) -> int:
         with self.step_lock:

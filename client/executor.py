@@ -57,6 +57,9 @@ class PipelineExecutor:
     def eval_forward(self, packet: Packet) -> Packet:
         return self.pipeline.eval_forward(packet)
 
+    def end_task(self) -> dict[int, float]:
+        return self.pipeline.end_task()
+
     def snapshot(self) -> dict[str, Any]:
         """Every stage's weights and optimiser state (`optimizer.layers...` tensors)."""
         state = self.pipeline.get_weights(with_optimizer=True)

@@ -281,6 +281,16 @@ class Pipeline:
             except grpc.RpcError as exc:
                 raise rpc_exception(self.addresses[s], exc, what) from None
 
+    def end_task(self) -> dict[int, float]:
+        """Continual learning's task boundary: every stage stores its layers' EWC / SI importance
+        (Stage.end_task); the penalty per layer, in layer order."""
+        self._check_open()
+        out: dict[int, float] = {}
+        for s in range(len(self._stubs)):
+            reply = self._call(s, "EndTask", pb.EndTaskRequest(run_id=self.run_id))
+            out.update(zip(reply.layers, reply.penalties, strict=True))
+        return out
+
     def get_weights(self, with_optimizer: bool = False) -> dict[str, torch.Tensor]:
         """Every stage's weights, keyed as Stage.state_dict() (`layers.<i>.<name>`); with the
         optimiser state too (`optimizer.layers...`; load_weights restores both) if asked."""

@@ -135,6 +135,13 @@ class StageWorker(pb_grpc.StageControlServicer):
             self._abort(context, exc)
         return pb.WeightsReply(tensors=hooks)
 
+    def EndTask(self, request: pb.EndTaskRequest, context: grpc.ServicerContext) -> pb.EndTaskReply:
+        try:
+            penalties = self._require(request.run_id).end_task()
+        except BpfreeError as exc:
+            self._abort(context, exc)
+        return pb.EndTaskReply(layers=list(penalties), penalties=list(penalties.values()))
+
     def GetWeights(self, request: pb.GetWeightsRequest,
                    context: grpc.ServicerContext) -> Iterator[pb.TensorChunk]:
         try:

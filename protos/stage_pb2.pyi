@@ -220,6 +220,20 @@ class StageStats(_message.Message):
     timeline: _containers.RepeatedScalarFieldContainer[float]
     def __init__(self, address: _Optional[str] = ..., layers: _Optional[_Iterable[int]] = ..., epoch: _Optional[int] = ..., train_batches: _Optional[int] = ..., eval_batches: _Optional[int] = ..., busy_seconds: _Optional[float] = ..., idle_seconds: _Optional[float] = ..., blocked_seconds: _Optional[float] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., layer_metrics_json: _Optional[str] = ..., error: _Optional[str] = ..., rss_mb: _Optional[float] = ..., timeline: _Optional[_Iterable[float]] = ...) -> None: ...
 
+class EndTaskRequest(_message.Message):
+    __slots__ = ("run_id",)
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    def __init__(self, run_id: _Optional[str] = ...) -> None: ...
+
+class EndTaskReply(_message.Message):
+    __slots__ = ("layers", "penalties")
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    PENALTIES_FIELD_NUMBER: _ClassVar[int]
+    layers: _containers.RepeatedScalarFieldContainer[int]
+    penalties: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, layers: _Optional[_Iterable[int]] = ..., penalties: _Optional[_Iterable[float]] = ...) -> None: ...
+
 class HealthRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

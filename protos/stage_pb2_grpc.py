@@ -64,6 +64,11 @@ class StageControlStub:
                 request_serializer=bpfree_dot_protos_dot_stage__pb2.EpochRequest.SerializeToString,
                 response_deserializer=bpfree_dot_protos_dot_stage__pb2.StageStats.FromString,
                 _registered_method=True)
+        self.EndTask = channel.unary_unary(
+                '/bpfree.v1.StageControl/EndTask',
+                request_serializer=bpfree_dot_protos_dot_stage__pb2.EndTaskRequest.SerializeToString,
+                response_deserializer=bpfree_dot_protos_dot_stage__pb2.EndTaskReply.FromString,
+                _registered_method=True)
         self.Stats = channel.unary_unary(
                 '/bpfree.v1.StageControl/Stats',
                 request_serializer=bpfree_dot_protos_dot_stage__pb2.StatsRequest.SerializeToString,
@@ -118,6 +123,12 @@ class StageControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EndTask(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Stats(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -162,6 +173,11 @@ def add_StageControlServicer_to_server(servicer, server):
                     servicer.FinishEpoch,
                     request_deserializer=bpfree_dot_protos_dot_stage__pb2.EpochRequest.FromString,
                     response_serializer=bpfree_dot_protos_dot_stage__pb2.StageStats.SerializeToString,
+            ),
+            'EndTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.EndTask,
+                    request_deserializer=bpfree_dot_protos_dot_stage__pb2.EndTaskRequest.FromString,
+                    response_serializer=bpfree_dot_protos_dot_stage__pb2.EndTaskReply.SerializeToString,
             ),
             'Stats': grpc.unary_unary_rpc_method_handler(
                     servicer.Stats,
@@ -336,6 +352,33 @@ class StageControl:
             '/bpfree.v1.StageControl/FinishEpoch',
             bpfree_dot_protos_dot_stage__pb2.EpochRequest.SerializeToString,
             bpfree_dot_protos_dot_stage__pb2.StageStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EndTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bpfree.v1.StageControl/EndTask',
+            bpfree_dot_protos_dot_stage__pb2.EndTaskRequest.SerializeToString,
+            bpfree_dot_protos_dot_stage__pb2.EndTaskReply.FromString,
             options,
             channel_credentials,
             insecure,

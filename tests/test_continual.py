@@ -185,6 +185,25 @@ def test_ewc_and_si_run_and_penalise(data_dir: Path, tmp_path: Path) -> None:
         assert len(s["accuracy_matrix"]) == 2
 
 
+@pytest.mark.parametrize("strategy", ["ewc", "si"])
+def test_pipeline_ewc_and_si_equal_the_single_process(strategy: str, data_dir: Path,
+                                                      tmp_path: Path) -> None:
+    """EWC / SI on two stage workers: each stage keeps its own layers' importance, consolidated
+    by an EndTask call at each task boundary; weights and penalties end as in one process."""
+    cfg = _cfg(data_dir, f"continual.strategy={strategy}", "continual.ewc_lambda=100",
+               "continual.si_c=10")
+    ref = continual(cfg, run_dir=tmp_path / "ref", progress=False)
+    piped = continual(cfg.with_overrides(["pipeline.stages=2"]), "pipeline",
+                      run_dir=tmp_path / "piped", progress=False)
+    assert all(torch.equal(piped["weights"][k], v) for k, v in ref["weights"].items())
+    assert piped["accuracy_matrix"] == ref["accuracy_matrix"]
+    penalties = [[json.loads(line)["penalty"] for line in (tmp_path / r / "metrics.jsonl").open()]
+                 for r in ("ref", "piped")]
+    assert penalties[0] == penalties[1] and penalties[0][0] == 0 and min(penalties[0][1:]) > 0
+    naive = continual(_cfg(data_dir), progress=False)
+    assert any(not torch.equal(naive["weights"][k], v) for k, v in ref["weights"].items())
+
+
 def test_pipeline_replay_equals_the_single_process(data_dir: Path, runs: dict[str, dict]) -> None:
     cfg = _cfg(data_dir, "continual.strategy=replay", "pipeline.stages=2")
     piped = continual(cfg, "pipeline", progress=False)
@@ -217,7 +236,7 @@ def test_pipeline_agem_equals_the_single_process(data_dir: Path) -> None:
     assert any(not torch.equal(naive["weights"][k], v) for k, v in ref["weights"].items())
 
 
-def test_cli_quick_writes_everything_and_refuses_ewc_on_a_pipeline(data_dir: Path, tmp_path: Path) -> None:
+def test_cli_quick_writes_everything_and_refuses_ewc_in_a_federation(data_dir: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     done = subprocess.run([sys.executable, "-m", "bpfree", "continual", "--quick", "--tasks", "2",
                            "--strategy", "replay", "--data-dir", str(data_dir), "--out", str(run),
@@ -229,10 +248,10 @@ def test_cli_quick_writes_everything_and_refuses_ewc_on_a_pipeline(data_dir: Pat
     assert (run / "accuracy_matrix.png").stat().st_size > 0 and (run / "task_accuracy.png").stat().st_size > 0
     assert json.loads((run / "config.json").read_text())["continual"]["strategy"] == "replay"
     bad = subprocess.run([sys.executable, "-m", "bpfree", "continual", "--quick", "--strategy", "ewc",
-                          "--executor", "pipeline", "--data-dir", str(data_dir), "--out",
+                          "--clients", "2", "--data-dir", str(data_dir), "--out",
                           str(tmp_path / "bad")], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert bad.returncode != 0 and bad.stderr.strip().count("\n") == 0
-    assert "runs in one process for now" in bad.stderr
+    assert "which federated clients do not yet" in bad.stderr
 
 
 # -- federated continual learning -------------------------------------------------------------------
