@@ -38,6 +38,9 @@ class ClientUpdate:
     num_examples: int              # training examples it used this round (its FedAvg weight)
     weights: Weights               # keys "layers.<i>.<name>", as Stage.state_dict()
     metrics: dict[str, float] = field(default_factory=dict)
+    # what the client keeps for its next round and never sends (EWC / SI state, keyed as
+    # Stage.optimizer_tensors): the caller stores it with the client
+    state: Weights = field(default_factory=dict)
 
 
 def layer_of(key: str) -> int:

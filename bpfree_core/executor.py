@@ -26,7 +26,7 @@ from bpfree_core.aggregate import Weights
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.layers import LABELS, Packet, add_proximal_term
 from bpfree_core.metrics import RunningMeans
-from bpfree_core.model import Stage, build_layers, build_objective
+from bpfree_core.model import OPTIMIZER, Stage, build_layers, build_objective, consolidation_only
 from bpfree_core.runtime import set_threads
 
 
@@ -61,9 +61,12 @@ class InProcessExecutor:
         self.stage: Stage | None = None
 
     def load_weights(self, state: Weights, proximal_mu: float = 0.0) -> None:
-        # Fresh layers on every load: fresh optimisers, nothing carried over but the weights.
+        # Fresh layers on every load: fresh optimisers, nothing carried over but the weights and
+        # the `optimizer.` tensors that come with them (a stage worker's LoadWeights, the same).
         self.stage = self._fresh()
-        self.stage.load_state_dict(state)
+        optimizer = {k: v for k, v in state.items() if k.startswith(OPTIMIZER)}
+        self.stage.load_state_dict({k: v for k, v in state.items() if k not in optimizer})
+        self.stage.load_optimizer_tensors(optimizer)
         add_proximal_term(self.stage.layers, proximal_mu)
 
     def get_weights(self) -> Weights:
@@ -97,6 +100,10 @@ class InProcessExecutor:
     def end_task(self) -> dict[int, float]:
         """Continual learning's task boundary (EWC / SI): see Stage.end_task."""
         return self._stage().end_task()
+
+    def consolidation_state(self) -> Weights:
+        """Every layer's EWC / SI state (Stage.optimizer_tensors' consolidation part)."""
+        return consolidation_only(self._stage().optimizer_tensors())
 
     def describe(self) -> dict[str, Any]:
         return {}

@@ -26,7 +26,7 @@ import torch
 
 from bpfree_core.aggregate import ClientUpdate, Weights
 from bpfree_core.config import ExperimentConfig, train_sample_size
-from bpfree_core.continual import client_round_data
+from bpfree_core.continual import client_round_data, consolidates, end_task, rounds_per_task
 from bpfree_core.data import Split
 from bpfree_core.errors import ConfigError
 from bpfree_core.executor import Executor, InProcessExecutor
@@ -124,9 +124,12 @@ def client_split(cfg: ExperimentConfig, train: Split, client: int) -> Split:
 
 # -- the round ------------------------------------------------------------------------------------
 def local_round(executor: Executor, cfg: ExperimentConfig, data: Split, client: int, rnd: int,
-                global_weights: Weights, terms: dict[str, float] | None = None) -> ClientUpdate:
+                global_weights: Weights, terms: dict[str, float] | None = None,
+                state: Weights | None = None) -> ClientUpdate:
     """Client `client`'s round `rnd`: load the global weights, train its local epochs (plus the
     strategy's client `terms`: "proximal-mu" anchors every layer at its global weights), report.
+    `state` is what its last round left it (ClientUpdate.state: a federated task stream's EWC /
+    SI importance, its own, never aggregated); the update carries the new one.
 
     A stage failure is survived up to pipeline.restarts times (bpfree_core.restarts): the stages
     are recovered and the round reruns from `global_weights`, ending exactly as an undisturbed
@@ -134,20 +137,21 @@ def local_round(executor: Executor, cfg: ExperimentConfig, data: Split, client: 
     """
     update, events = with_restarts(
         executor, cfg.pipeline.restarts,
-        lambda: _round_once(executor, cfg, data, client, rnd, global_weights, terms or {}),
+        lambda: _round_once(executor, cfg, data, client, rnd, global_weights, terms or {},
+                            state or {}),
         f"client {client} round {rnd + 1}")
     update.metrics["restarts"] = float(len(events))
     return update
 
 
 def _round_once(executor: Executor, cfg: ExperimentConfig, data: Split, client: int, rnd: int,
-                global_weights: Weights, terms: dict[str, float]) -> ClientUpdate:
+                global_weights: Weights, terms: dict[str, float], state: Weights) -> ClientUpdate:
     memory = None
     if cfg.continual.federated:   # this round's task (+ the client's own replay memory)
         data, memory = client_round_data(cfg, data, client, rnd, client_seed(cfg.train.seed, client))
     ccfg = client_config(cfg, client, samples=len(data))
     objective = build_objective(ccfg)
-    executor.load_weights(global_weights, proximal_mu=terms.get("proximal-mu", 0.0))
+    executor.load_weights({**global_weights, **state}, proximal_mu=terms.get("proximal-mu", 0.0))
     t0 = time.perf_counter()
     metrics: dict[str, float] = {}
     for epoch in round_epochs(cfg, rnd):
@@ -155,8 +159,13 @@ def _round_once(executor: Executor, cfg: ExperimentConfig, data: Split, client: 
                           replay=memory.replay() if memory is not None else None)
         metrics = flat_numbers(stats["layers"], "train/")  # the last local epoch's means
     metrics["train_seconds"] = time.perf_counter() - t0
+    kept: Weights = {}
+    if cfg.continual.federated and consolidates(cfg):   # the client's own EWC / SI, kept by it
+        if (rnd + 1) % rounds_per_task(cfg) == 0:
+            metrics["penalty"] = end_task(executor, cfg)
+        kept = executor.consolidation_state()  # type: ignore[attr-defined]
     return ClientUpdate(client=client, num_examples=len(data), weights=executor.get_weights(),
-                        metrics=metrics)
+                        metrics=metrics, state=kept)
 
 
 def stack_template(cfg: ExperimentConfig) -> Weights:

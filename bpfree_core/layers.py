@@ -168,8 +168,10 @@ class LocalLayer(nn.Module):
                 for group in opt.param_groups:
                     group["lr"] = lr * scale
         # EWC's Fisher: the squared gradients of each task's last epoch (continual runs one
-        # schedule of epochs_per_task per task)
-        self._collecting = epoch == total_epochs - 1
+        # schedule of epochs_per_task per task; a federated stream spreads its epochs over the
+        # tasks, rounds_per_task * local_epochs each)
+        span = total_epochs // self.cfg.continual.tasks if self.cfg.continual.federated else total_epochs
+        self._collecting = epoch % max(span, 1) == max(span, 1) - 1
         for con in self.consolidators.values():
             con.collecting = con.kind == "ewc" and self._collecting
 

@@ -62,6 +62,11 @@ def as_float32(packet: Packet) -> Packet:
             for k, v in packet.items()}
 
 
+def consolidation_only(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The EWC / SI part of Stage.optimizer_tensors()."""
+    return {k: v for k, v in tensors.items() if k.startswith(OPTIMIZER) and f".{CONSOLIDATION}" in k}
+
+
 class Stage:
     """A contiguous run of layers: what one stage worker (or the reference trainer) owns."""
 

@@ -35,7 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flwr.app import Context, Message
+import torch
+from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
@@ -58,6 +59,7 @@ from bpfree_core.federated_evaluation import local_evaluate
 from bpfree_core.runtime import set_threads
 
 log = logging.getLogger(__name__)
+CLIENT_STATE = "bpfree.client-state"   # Context.state record: ClientUpdate.state between rounds
 
 
 @dataclass(frozen=True)
@@ -164,14 +166,28 @@ def handle_train(msg: Message, context: Context, settings: ClientSettings) -> Me
     with stage_workers(node_config, run_config, settings, pid) as addresses:
         executor, retries = connect(cfg, addresses, log_dir)
         try:
-            update = local_round(executor, cfg, data, pid, rnd, weights, terms)
+            update = local_round(executor, cfg, data, pid, rnd, weights, terms,
+                                 kept_state(context))
         finally:
             executor.close()
+    keep_state(context, update.state)
     update.metrics["restarts"] = update.metrics.get("restarts", 0.0) + retries
     update.metrics["handler_seconds"] = time.perf_counter() - t0  # all of this client's round
     log.info("client %d round %d: %d examples, %.1fs", pid, rnd + 1, update.num_examples,
              update.metrics["handler_seconds"])
     return Message(reply_content(update), reply_to=msg)
+
+
+def kept_state(context: Context) -> dict[str, torch.Tensor]:
+    """What this node's last round left it (ClientUpdate.state): in Flower's node state, which
+    persists across rounds on the node and is never sent."""
+    record = context.state.get(CLIENT_STATE)
+    return {k: torch.as_tensor(v) for k, v in record.to_torch_state_dict().items()} if record else {}
+
+
+def keep_state(context: Context, state: dict[str, torch.Tensor]) -> None:
+    if state:
+        context.state[CLIENT_STATE] = ArrayRecord(torch_state_dict=state)
 
 
 def connect(cfg: ExperimentConfig, addresses: list[str] | None,

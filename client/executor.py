@@ -15,7 +15,7 @@ from bpfree_core.config import ExperimentConfig
 from bpfree_core.errors import ConfigError
 from bpfree_core.federated import InProcessExecutor
 from bpfree_core.layers import Packet
-from bpfree_core.model import OPTIMIZER
+from bpfree_core.model import OPTIMIZER, consolidation_only
 
 if TYPE_CHECKING:
     from bpfree.client.pipeline import Pipeline
@@ -59,6 +59,9 @@ class PipelineExecutor:
 
     def end_task(self) -> dict[int, float]:
         return self.pipeline.end_task()
+
+    def consolidation_state(self) -> Weights:
+        return consolidation_only(self.pipeline.get_weights(with_optimizer=True))
 
     def snapshot(self) -> dict[str, Any]:
         """Every stage's weights and optimiser state (`optimizer.layers...` tensors)."""

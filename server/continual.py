@@ -100,11 +100,6 @@ def continual(cfg: ExperimentConfig, executor: str = "inprocess", run_dir: Path 
 def run(args: argparse.Namespace) -> int:
     cfg = resolve(args)
     run_dir = args.out or Path("runs") / time.strftime("continual-%Y%m%d-%H%M%S")
-    if cfg.continual.strategy in ("ewc", "si") and args.clients:
-        raise ConfigError(f"continual.strategy = {cfg.continual.strategy!r} keeps its penalties "
-                          "with the layers across tasks, which federated clients do not yet; run "
-                          "it in one process or on a pipeline, or use replay / agem in a "
-                          "federation")
     summary = continual(cfg, args.executor, run_dir, progress_from_args(args), args.overwrite)
     summary.pop("weights")
     plots = []

@@ -360,13 +360,19 @@ class RayTransport:
         self.addresses = addresses
         train = train_split(cfg)
         self.parts = {k: client_split(cfg, train, k) for k in range(cfg.federation.clients)}
+        # ClientUpdate.state between rounds: each client's pipeline is driven from here, so its
+        # own EWC / SI state is kept here, beside its partition, and never aggregated
+        self.client_state: dict[int, Weights] = {}
 
     def _client(self, k: int, rnd: int, weights: Weights, executors: dict[int, Any],
                 terms: ClientTerms) -> Any:
         executor = PipelineExecutor(self.cfg, self.addresses[k])   # configures client k's stages
         executors[k] = executor
         try:
-            return local_round(executor, self.cfg, self.parts[k], k, rnd, weights, terms)
+            update = local_round(executor, self.cfg, self.parts[k], k, rnd, weights, terms,
+                                 self.client_state.get(k))
+            self.client_state[k] = update.state
+            return update
         finally:
             executor.close()
 

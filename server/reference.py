@@ -26,6 +26,7 @@ class InProcessTransport:
         self.cfg = cfg
         train = train_split(cfg)
         self.parts = [client_split(cfg, train, k) for k in range(cfg.federation.clients)]
+        self.client_state: dict[int, Weights] = {}   # ClientUpdate.state between rounds
 
     def evaluate_round(self, rnd: int, weights: Weights, clients: list[int]) -> list[ClientEvaluation]:
         return evaluate_partitions(self.cfg, run_splits(self.cfg)[2], weights, clients)
@@ -35,7 +36,10 @@ class InProcessTransport:
         updates = []
         for k in clients:
             with InProcessExecutor(self.cfg, self.cfg.train.device) as executor:
-                updates.append(local_round(executor, self.cfg, self.parts[k], k, rnd, weights, terms))
+                update = local_round(executor, self.cfg, self.parts[k], k, rnd, weights, terms,
+                                     self.client_state.get(k))
+                self.client_state[k] = update.state   # the client's own, kept with it
+                updates.append(update)
         return RoundReplies(updates=updates, sent=len(updates))
 
 

@@ -236,7 +236,7 @@ def test_pipeline_agem_equals_the_single_process(data_dir: Path) -> None:
     assert any(not torch.equal(naive["weights"][k], v) for k, v in ref["weights"].items())
 
 
-def test_cli_quick_writes_everything_and_refuses_ewc_in_a_federation(data_dir: Path, tmp_path: Path) -> None:
+def test_cli_quick_writes_everything_and_refuses_a_memoryless_agem(data_dir: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     done = subprocess.run([sys.executable, "-m", "bpfree", "continual", "--quick", "--tasks", "2",
                            "--strategy", "replay", "--data-dir", str(data_dir), "--out", str(run),
@@ -247,11 +247,12 @@ def test_cli_quick_writes_everything_and_refuses_ewc_in_a_federation(data_dir: P
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
     assert (run / "accuracy_matrix.png").stat().st_size > 0 and (run / "task_accuracy.png").stat().st_size > 0
     assert json.loads((run / "config.json").read_text())["continual"]["strategy"] == "replay"
-    bad = subprocess.run([sys.executable, "-m", "bpfree", "continual", "--quick", "--strategy", "ewc",
-                          "--clients", "2", "--data-dir", str(data_dir), "--out",
-                          str(tmp_path / "bad")], capture_output=True, text=True, cwd=REPO, timeout=300)
+    bad = subprocess.run([sys.executable, "-m", "bpfree", "continual", "--quick", "--strategy", "agem",
+                          "--set", "continual.memory=0", "--clients", "2", "--data-dir", str(data_dir),
+                          "--out", str(tmp_path / "bad")], capture_output=True, text=True, cwd=REPO,
+                         timeout=300)
     assert bad.returncode != 0 and bad.stderr.strip().count("\n") == 0
-    assert "which federated clients do not yet" in bad.stderr
+    assert "continual.strategy = 'agem' needs continual.memory > 0" in bad.stderr
 
 
 # -- federated continual learning -------------------------------------------------------------------
@@ -302,23 +303,45 @@ def test_federated_continual_on_flower_pipelines_equals_the_reference(data_dir: 
     assert all(torch.equal(final[k], reference[k]) for k in reference)
 
 
-def test_federated_agem_on_flower_equals_the_reference(data_dir: Path, tmp_path: Path) -> None:
-    """A-GEM in a Flower simulation: each client keeps its own memory and its layers project
-    against it; nothing but weights reaches the coordinator, and the global weights equal the
-    in-process federated reference."""
+@pytest.mark.parametrize("strategy", ["agem", "ewc"])
+def test_federated_agem_and_ewc_on_flower_equal_the_reference(strategy: str, data_dir: Path,
+                                                              tmp_path: Path) -> None:
+    """A-GEM and EWC in a Flower simulation: each client keeps its own memory (A-GEM) or its
+    own importance and anchors (EWC, in Flower's node state between rounds, never sent); the
+    coordinator aggregates weights only, and the global weights equal the in-process federated
+    reference."""
     from bpfree.server.reference import federated_reference
     from bpfree_core.checkpoint import load_checkpoint
 
     run = tmp_path / "fed"
     done = subprocess.run(
         [sys.executable, "-m", "bpfree", "continual", "--quick", "--clients", "2", "--executor",
-         "inprocess", "--strategy", "agem", "--epochs-per-task", "1", "--tasks", "2",
-         "--set", "train.train_limit=2000", "--set", "train.threads=1", "--data-dir", str(data_dir),
+         "inprocess", "--strategy", strategy, "--epochs-per-task", "1", "--tasks", "2",
+         "--set", "train.train_limit=2000", "--set", "train.threads=1",
+         "--set", "continual.ewc_lambda=100", "--data-dir", str(data_dir),
          "--out", str(run), "--no-progress"], capture_output=True, text=True, cwd=REPO, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["continual"]["strategy"] == "agem" and summary["replies"]["accepted"] == 4
+    assert summary["continual"]["strategy"] == strategy and summary["replies"]["accepted"] == 4
+    if strategy == "ewc":   # task 1's importance was still with each client at the end of task 2
+        records = [json.loads(line) for line in (run / "metrics.jsonl").open()]
+        assert [sorted(m["penalty"] > 0 for m in r["client_metrics"].values())
+                for r in records] == [[False, False], [True, True]]
     cfg = ExperimentConfig.from_dict(json.loads((run / "config.json").read_text()))
     reference = federated_reference(cfg)
     final = load_checkpoint(run / "checkpoints" / "round-0002.pt")["weights"]
     assert all(torch.equal(final[k], reference[k]) for k in reference)
+
+
+def test_federated_si_keeps_each_clients_state_between_rounds(data_dir: Path) -> None:
+    """SI's path integral runs over a task's rounds on each client: the in-process federated
+    reference with the clients' state kept differs from naive (which is what dropping the state
+    every round would give, bit for bit: no stored penalty, no extra gradient)."""
+    from bpfree.server.reference import federated_reference
+
+    cfg = _cfg(data_dir, "continual.federated=true", "continual.strategy=si", "continual.tasks=2",
+               "continual.si_c=10", "federation.clients=2", "federation.rounds=4",
+               "federation.executor=inprocess")
+    kept = federated_reference(cfg)
+    naive = federated_reference(cfg.with_overrides(["continual.strategy=naive"]))
+    assert any(not torch.equal(kept[k], v) for k, v in naive.items())
