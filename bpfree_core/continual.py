@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,7 @@ from bpfree_core.executor import Executor
 from bpfree_core.layers import GOODNESS, LOGITS, Packet
 from bpfree_core.model import Stage, build_layers, build_objective
 from bpfree_core.objectives import Objective
+from bpfree_core.restarts import with_restarts
 from bpfree_core.rundir import RunDir, open_run_dir
 from bpfree_core.runtime import progress_bar
 from bpfree_core.seeds import generator
@@ -227,6 +228,28 @@ def end_task(executor: Executor, cfg: ExperimentConfig) -> float:
     return float(sum(penalties[i] for i in sorted(penalties)))
 
 
+def _epoch_with_restarts(executor: Executor, packets: Callable[[], Iterator[Packet]], k: int,
+                         cfg: ExperimentConfig, what: str) -> dict[str, Any]:
+    """One epoch of a task; on a pipeline, a stage failure is survived up to pipeline.restarts
+    times: the stages are recovered, the epoch's starting snapshot (weights, optimiser and EWC /
+    SI state) restored, and the epoch rerun, ending as an undisturbed one would."""
+    total = cfg.continual.epochs_per_task
+    if not hasattr(executor, "recover") or cfg.pipeline.restarts == 0:
+        return executor.train_epoch(packets(), k, total)
+    start = executor.snapshot()  # type: ignore[attr-defined]
+    attempts = 0
+
+    def attempt() -> dict[str, Any]:
+        nonlocal attempts
+        attempts += 1
+        if attempts > 1:   # recovered stages start fresh: back to the epoch's start
+            executor.restore(start)  # type: ignore[attr-defined]
+        return executor.train_epoch(packets(), k, total)
+
+    stats, events = with_restarts(executor, cfg.pipeline.restarts, attempt, what)
+    return {**stats, "restarts": len(events)}
+
+
 # -- the run ------------------------------------------------------------------------------------
 
 def run_continual(cfg: ExperimentConfig, executor: Executor, run_dir: Path | None = None,
@@ -262,9 +285,11 @@ def _stream(cfg: ExperimentConfig, executor: Executor, rd: RunDir | None, progre
         epochs = []
         for k in range(c.epochs_per_task):
             # batch draws numbered across the whole stream; the lr schedule restarts per task
-            packets = train_packets(objective, task.train, cfg, task.index * c.epochs_per_task + k,
-                                    memory.replay() if memory is not None else None)
-            epochs.append(executor.train_epoch(packets, k, c.epochs_per_task))
+            def packets(task: Task = task, k: int = k) -> Iterator[Packet]:
+                return train_packets(objective, task.train, cfg, task.index * c.epochs_per_task + k,
+                                     memory.replay() if memory is not None else None)
+            epochs.append(_epoch_with_restarts(executor, packets, k, cfg,
+                                               f"task {task.index + 1} epoch {k + 1}"))
             bar.update(1)
         penalty = end_task(executor, cfg)   # EWC's Fisher came from the task's last epoch
         if memory is not None:
