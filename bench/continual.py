@@ -60,16 +60,19 @@ class Row:
     clients: int = 0     # > 0: federated, K clients with IID shares of every task, 2 rounds per task
                          # of 1 local epoch, batch 512 / K (as many steps per round as the single
                          # process makes per epoch); each client replays its own 500-sample memory
+    order: str = "same"  # federated: continual.client_order (shuffled: each client its own order)
 
     @property
     def name(self) -> str:
         fed = f"-fed{self.clients}" if self.clients else ""
+        fed += "-shuffled" if self.order == "shuffled" else ""
         return f"{self.algorithm}-{self.scenario}-{self.strategy}{fed}"
 
     def overrides(self, seed: int) -> list[str]:
         fed = ["continual.federated=true", f"federation.clients={self.clients}",
                "federation.rounds=10", "federation.local_epochs=1",
-               f"train.batch_size={512 // self.clients}"] if self.clients else []
+               f"train.batch_size={512 // self.clients}",
+               f"continual.client_order={self.order}"] if self.clients else []
         return [*PAPER, *ALGOS[self.algorithm], f"continual.scenario={self.scenario}",
                 f"continual.strategy={self.strategy}", f"train.seed={seed}", *fed]
 
@@ -78,7 +81,8 @@ ROWS = ([Row(a, "class", "replay") for a in ALGOS] + [Row("sffa", "class", "repl
         + [Row(a, "class", "naive") for a in ("sffa", "bp")]
         + [Row(a, "domain", "replay") for a in ("sffa", "bp")]
         + [Row(a, "class", s) for s in ("ewc", "si", "agem") for a in ("sffa", "bp")]
-        + [Row("sffa-paper", "class", "agem")])
+        + [Row("sffa-paper", "class", "agem")]
+        + [Row("sffa-paper", "class", "replay", clients=4, order="shuffled")])
 
 
 def run_row(row: Row, seed: int, data_dir: str, sets: list[str], run_root: Path) -> dict[str, Any]:
@@ -102,6 +106,7 @@ def run_row(row: Row, seed: int, data_dir: str, sets: list[str], run_root: Path)
     keep = ("method", "average_accuracy", "forgetting", "backward_transfer", "forward_transfer",
             "accuracy_matrix", "activity", "wall_seconds")
     return {"row": row.name, "seed": seed, **{k: s[k] for k in keep},
+            **({"by_client": s["by_client"]} if "by_client" in s else {}),
             "by_method": {m: {k: v[k] for k in ("average_accuracy", "forgetting")}
                           for m, v in s["by_method"].items()}}
 
@@ -163,6 +168,16 @@ def markdown(res: dict[str, Any]) -> str:
             f"{PUBLISHED.get((row.algorithm, row.scenario, row.strategy), '—')} | "
             f"{statistics.mean(r['wall_seconds'] for r in rs) / 60:.1f} min |")
     lines.append("")
+    for row in ROWS:   # federated rows with each client's own task order
+        rs = [r for r in by_row.get(row.name, []) if "by_client" in r]
+        if rs:
+            per = [v["forgetting"] for r in rs for v in r["by_client"].values()]
+            lines.append(f"{row.name}: forgetting per client, in its own task order, "
+                         f"{_pm(per)} over {len(per)} (client, seed) pairs "
+                         f"(min {100 * min(per):.2f}%, max {100 * max(per):.2f}%); global "
+                         f"{_pm([r['forgetting'] for r in rs])}.")
+    if any("by_client" in r for r in res["runs"]):
+        lines.append("")
     return "\n".join(lines)
 
 

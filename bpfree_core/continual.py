@@ -394,7 +394,22 @@ class TaskEvaluator:
     def summary(self, rows: list[dict[str, list[float]]], before: dict[str, list[float]],
                 weights: dict[str, torch.Tensor]) -> dict[str, Any]:
         matrices = {m: [r[m] for r in rows] for m in self.methods}
-        return stream_summary(self.cfg, self.objective, self.tasks, matrices, before, weights)
+        out = stream_summary(self.cfg, self.objective, self.tasks, matrices, before, weights)
+        if self.cfg.continual.client_order == "shuffled":
+            out["by_client"] = self.by_client(out["accuracy_matrix"], before[out["method"]])
+        return out
+
+    def by_client(self, matrix: list[list[float]], before: list[float]) -> dict[str, dict[str, float]]:
+        """Each client's CL measures in its own task order (continual.client_order = shuffled):
+        the global matrix (row i: after the i-th block of rounds; column j: the run's task j)
+        with its columns in the order that client met the tasks."""
+        classes = [t.classes for t in self.tasks]
+        out = {}
+        for k in range(self.cfg.federation.clients):
+            order = [classes.index(t) for t in client_tasks(self.cfg, k, len(sum(classes, ())))]
+            own = cl_metrics([[row[j] for j in order] for row in matrix], [before[j] for j in order])
+            out[str(k)] = {m: own[m] for m in ("average_accuracy", "forgetting", "backward_transfer")}
+        return out
 
 
 def continual_config(cfg: ExperimentConfig) -> ExperimentConfig:

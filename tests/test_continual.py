@@ -345,3 +345,19 @@ def test_federated_si_keeps_each_clients_state_between_rounds(data_dir: Path) ->
     kept = federated_reference(cfg)
     naive = federated_reference(cfg.with_overrides(["continual.strategy=naive"]))
     assert any(not torch.equal(kept[k], v) for k, v in naive.items())
+
+
+def test_shuffled_client_orders_report_forgetting_per_client(data_dir: Path, tmp_path: Path) -> None:
+    """continual.client_order = shuffled: the summary carries each client's measures in its own
+    task order; the final accuracies are the global ones, the forgetting depends on the order."""
+    from bpfree.server.coordinator import Coordinator
+    from bpfree.server.reference import InProcessTransport
+
+    cfg = _cfg(data_dir, "continual.federated=true", "continual.strategy=replay",
+               "continual.client_order=shuffled", "federation.clients=4", "federation.rounds=5",
+               "federation.executor=inprocess")
+    c = Coordinator(cfg, tmp_path / "run", evaluate=False).run(InProcessTransport(cfg))["continual"]
+    clients = c["by_client"]
+    assert sorted(clients) == ["0", "1", "2", "3"]
+    assert all(abs(v["average_accuracy"] - c["average_accuracy"]) < 1e-12 for v in clients.values())
+    assert len({round(v["forgetting"], 9) for v in clients.values()}) > 1
