@@ -122,17 +122,20 @@ class ObjectiveConfig:
     head: bool = True              # train a local softmax readout head per layer
     vote_first: bool = False       # ff/symba/sffa: the first layer also votes in prediction
     negatives: str = "uniform"     # ff/symba/sffa: uniform wrong label | hard: drawn from the
-                                   # first layer's head, in proportion to its wrong-label belief
+                                   # first layer's head, in proportion to its wrong-label belief |
+                                   # seen (sffa): BCE over every class seen so far, each a candidate
     activation: str = "relu"       # sffa: relu | sigmoid (the SFFA authors' units)
     top_k: int = 0                 # sffa: keep the k largest units of each half (authors: 15; 0 = all)
-    input_skip: bool = False       # symba/sffa: layers after the first also get the image and the
+    input_skip: bool = False       # sffa: layers after the first also get the image and the
                                    # class code beside the last layer's output (the authors' residual)
+    input_norm: str = "rms"        # ff/symba/sffa: rms-normalise each layer's input | none (SFFA's code)
 
     def __post_init__(self) -> None:
         _check_choice("objective", "goodness", self.goodness, ("sum", "mean"))
-        _check_choice("objective", "negatives", self.negatives, ("uniform", "hard"))
+        _check_choice("objective", "negatives", self.negatives, ("uniform", "hard", "seen"))
         _check_choice("objective", "activation", self.activation, ("relu", "sigmoid"))
         _check_positive("objective", "top_k", self.top_k, allow_zero=True)
+        _check_choice("objective", "input_norm", self.input_norm, ("rms", "none"))
         _check_positive("objective", "alpha", self.alpha)
         _check_positive("objective", "temperature", self.temperature)
         _check_positive("objective", "peer_weight", self.peer_weight, allow_zero=True)

@@ -136,6 +136,15 @@ def test_sffa_input_skip_pipeline_matches_reference_exactly(data_dir: Path, tmp_
                                            "train.predict=both"), tmp_path)
 
 
+def test_sffa_seen_negatives_pipeline_matches_reference_exactly(data_dir: Path, tmp_path: Path) -> None:
+    # objective.negatives = seen: every seen class's candidate rows (B*S) cross the stage boundary,
+    # with the authors' residual input and raw layer inputs.
+    _assert_pipeline_equals_reference(_cfg(data_dir, "model.algorithm=sffa", "pipeline.stages=2",
+                                           "train.epochs=1", "objective.negatives=seen",
+                                           "objective.input_skip=true", "objective.input_norm=none",
+                                           "train.predict=both"), tmp_path)
+
+
 def test_deeper_conv_pipeline_matches_reference_exactly(data_dir: Path, tmp_path: Path) -> None:
     # Residual conv layers on both stages (10 -> 10 keeps the shape), stride 2 where it grows.
     _assert_pipeline_equals_reference(_cfg(data_dir, "model.algorithm=deeper", "model.conv=10,10,20,20",

@@ -81,3 +81,44 @@ def test_input_skip_is_refused_where_the_label_lives_in_the_pixels() -> None:
     for algorithm in ("ff", "symba", "mono"):
         with pytest.raises(ConfigError, match="objective.input_skip = true but"):
             build_layers(load_config(None, [f"model.algorithm={algorithm}", "objective.input_skip=true"]))
+
+
+def test_seen_negatives_score_every_class_seen_so_far() -> None:
+    """objective.negatives = seen: the first layer's candidates are the classes its labels have
+    shown (they grow as tasks arrive); each layer's loss is the BCE of its goodness for every
+    candidate against the one-hot label; the candidates travel on to the next layer."""
+    from bpfree_core.model import build_objective
+
+    cfg = load_config(None, ["model.algorithm=sffa", "model.hidden=40,30", "objective.negatives=seen"])
+    objective, stage = build_objective(cfg), Stage(build_layers(cfg))
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 784, generator=gen)
+    first = stage.layers[0]
+    for labels, seen in (([0, 1, 1, 0, 0, 1], [0, 1]), ([2, 3, 2, 3, 0, 1], [0, 1, 2, 3])):
+        y = torch.tensor(labels)
+        packet = objective.encode_train(x, y, gen)
+        g = first.goodness(first.forward_role(
+            x.repeat_interleave(len(seen), 0), first.patterns[torch.tensor(seen).repeat(6)])).view(6, -1)
+        target = (torch.tensor(seen)[None, :] == y[:, None]).float()
+        want = torch.nn.functional.binary_cross_entropy(g, target)
+        out, metrics = stage.train_step(packet)
+        assert out["y_cand"].tolist() == seen * 6 and out["cand"].shape == (6 * len(seen), 30)
+        assert torch.allclose(metrics[0]["loss"], want)
+        assert (first.seen > 0).nonzero().squeeze(1).tolist() == seen
+
+
+def test_input_norm_none_feeds_the_layer_its_raw_input() -> None:
+    cfg = load_config(None, ["model.algorithm=sffa", "model.hidden=40,30", "objective.input_norm=none"])
+    layer = build_layers(cfg)[0]
+    x = torch.rand(3, 784)
+    codes = layer.patterns[torch.tensor([0, 1, 2])]
+    want = layer.activate(layer.linear(torch.cat([x, codes], 1)))
+    assert torch.equal(layer.forward_role(x, codes), want)
+    assert not torch.equal(build_layers(load_config(None, ["model.algorithm=sffa", "model.hidden=40,30"]))[0]
+                           .forward_role(x, codes), want)
+
+
+def test_seen_negatives_are_sffas() -> None:
+    for algorithm in ("ff", "symba"):
+        with pytest.raises(ConfigError, match="objective.negatives = 'seen'"):
+            build_layers(load_config(None, [f"model.algorithm={algorithm}", "objective.negatives=seen"]))

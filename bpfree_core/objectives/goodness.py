@@ -112,7 +112,9 @@ class GoodnessLayer(LocalLayer):
         return self.patterns[packet[key]]
 
     def forward_role(self, x: torch.Tensor, codes: torch.Tensor | None) -> torch.Tensor:
-        h = rms_normalize(x.detach().float())            # (B, D_in); never backprop upstream
+        h = x.detach().float()                           # (B, D_in); never backprop upstream
+        if self.cfg.objective.input_norm == "rms":
+            h = rms_normalize(h)
         if codes is not None:
             h = torch.cat([h, codes], dim=1)             # (B, D_in + bits)
         return self.activate(self.linear(h))             # (B, D_out)
@@ -207,6 +209,7 @@ class GoodnessObjective(Objective):
     uses_negatives = True
     layer_cls: type[GoodnessLayer] = GoodnessLayer
     uses_patterns = False      # label carried as a class pattern appended to the input
+    supports_seen_negatives = False   # objective.negatives = seen
 
     def __init__(self, cfg: ExperimentConfig, spec: DatasetSpec):
         super().__init__(cfg, spec)
@@ -214,6 +217,9 @@ class GoodnessObjective(Objective):
             raise ConfigError(f"{self.name} writes the label into the first {self.num_classes} "
                               f"pixels of an image, but {spec.name} holds flat features, which it "
                               "would overwrite; use symba, sffa or mono (they append the label)")
+        if cfg.objective.negatives == "seen" and not self.supports_seen_negatives:
+            raise ConfigError(f"objective.negatives = 'seen' scores every class seen so far "
+                              f"through class codes, which {self.name} does not use; it is sffa's")
         if cfg.objective.negatives == "hard" and not cfg.objective.head:
             raise ConfigError("objective.negatives = 'hard' draws negatives from the first "
                               "layer's readout head, but objective.head = false; turn the head on")

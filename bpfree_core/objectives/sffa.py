@@ -12,11 +12,14 @@ the class code again, beside the last layer's output (FF_Layer(1400 + 784 + 100,
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.data import DatasetSpec
 from bpfree_core.errors import ConfigError
+from bpfree_core.layers import LABELS, Metrics, Packet, rms_normalize
 from bpfree_core.objectives import register
 from bpfree_core.objectives.goodness import GoodnessLayer, GoodnessObjective, LossOut
 
@@ -35,6 +38,47 @@ def top_k_per_half(y: torch.Tensor, k: int) -> torch.Tensor:
 
 
 class SFFALayer(GoodnessLayer):
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if self.cfg.objective.negatives == "seen" and self.index == 0:
+            # the classes this layer's labels have shown so far (continual learning: they grow);
+            # 0 / 1 floats, so that a federation's average keeps every class some client saw
+            self.register_buffer("seen", torch.zeros(self.num_classes))
+
+    def train_step(self, packet: Packet) -> tuple[Packet, Metrics]:
+        if self.cfg.objective.negatives == "seen":
+            return self.train_step_seen(packet)
+        return super().train_step(packet)
+
+    def train_step_seen(self, packet: Packet) -> tuple[Packet, Metrics]:
+        """objective.negatives = seen: every class seen so far is a candidate of every sample; the
+        layer's loss is the BCE of its goodness for each against the one-hot label (the authors'
+        loss, made local: theirs is on the product of every layer's goodness). The first layer
+        picks the candidates; they travel as y_cand, their activations as cand (B*S rows)."""
+        y = packet[LABELS]                                               # (B,)
+        b = y.shape[0]
+        if "y_cand" not in packet:
+            self.seen[y] = 1.0
+            classes = (self.seen > 0).nonzero().squeeze(1)               # (S,)
+            y_cand = classes.repeat(b)                                   # (B*S,)
+            x = packet["x"].repeat_interleave(len(classes), dim=0)       # (B*S, D_in)
+        else:
+            y_cand, x = packet["y_cand"], self.role_input(packet, "cand")
+        cand = self.forward_role(x, self.codes({"y_cand": y_cand}, "y_cand", x.shape[0]))
+        g = self.goodness(cand).view(b, -1)                              # (B, S)
+        target = (y_cand.view(b, -1) == y[:, None]).float()              # (B, S) one-hot
+        loss = -(target * g.log() + (1 - target) * (1 - g).log()).mean()
+        self.step_body(loss)
+        with torch.no_grad():
+            neutral = self.forward_role(self.role_input(packet, "neutral"),
+                                        self.codes(packet, "neutral", b))
+        metrics: Metrics = {"loss": loss.detach(),
+                            "ff_acc": (g.argmax(1) == target.argmax(1)).float().mean()}
+        metrics.update(self.step_head(rms_normalize(neutral), y))
+        self.count_step()
+        out = {"cand": cand.detach(), "y_cand": y_cand, "neutral": neutral, LABELS: y}
+        return self.handed_on(packet, out), metrics
+
     def activate(self, z: torch.Tensor) -> torch.Tensor:
         o = self.cfg.objective
         y = torch.sigmoid(z) if o.activation == "sigmoid" else super().activate(z)
@@ -58,6 +102,7 @@ class SFFA(GoodnessObjective):
     layer_cls = SFFALayer
     uses_patterns = True
     supports_input_skip = True
+    supports_seen_negatives = True
 
     def __init__(self, cfg: ExperimentConfig, spec: DatasetSpec):
         for i, n in enumerate(cfg.model.hidden):
