@@ -136,7 +136,12 @@ def markdown(res: dict[str, Any]) -> str:
         "The federated row: 4 clients with IID shares of every task, 2 rounds of 1 local epoch per "
         "task, batch 128 (as many steps per round as the single process makes per epoch), each "
         "client replaying its own 500-sample memory; numbers from the in-process federated "
-        "reference, which the tests show equal to Flower with pipelined clients.",
+        "reference, which the tests show equal to Flower with pipelined clients. `sffa-paper` rows "
+        "use the authors' layer (sigmoid units, the 15 largest of each half, Bernoulli(0.2) codes: "
+        "deploy/continual-sffa-paper.toml); `agem` is A-GEM made local (each layer projects its "
+        "own update against its own gradient on a memory batch; bp: standard A-GEM), memory 500; "
+        "`-shuffled` rows give every client its own task order, and the line under the table its "
+        "forgetting in that order.",
         "",
         "One row again: `python -m bpfree.bench.continual --only ROW --seeds 0,1,2 --data-dir DIR` (its "
         "overrides are in continual.json).",

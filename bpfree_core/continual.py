@@ -228,6 +228,12 @@ def end_task(executor: Executor, cfg: ExperimentConfig) -> float:
     return float(sum(penalties[i] for i in sorted(penalties)))
 
 
+def _task_line(task: Task, tasks: int, row: list[float]) -> str:
+    seen = row[:task.index + 1]
+    return (f"task {task.index + 1}/{tasks} classes {list(task.classes)}: accuracy on tasks seen "
+            f"{sum(seen) / len(seen):.4f} (" + " ".join(f"{a:.3f}" for a in seen) + ")")
+
+
 def _epoch_with_restarts(executor: Executor, packets: Callable[[], Iterator[Packet]], k: int,
                          cfg: ExperimentConfig, what: str) -> dict[str, Any]:
     """One epoch of a task; on a pipeline, a stage failure is survived up to pipeline.restarts
@@ -297,10 +303,7 @@ def _stream(cfg: ExperimentConfig, executor: Executor, rd: RunDir | None, progre
         rows = [task_accuracy(executor.eval_forward, objective, other, cfg) for other in tasks]
         for m in want:
             matrices[m].append([r[m] for r in rows])
-        seen = matrices[headline][-1][:task.index + 1]
-        line = (f"task {task.index + 1}/{len(tasks)} classes {list(task.classes)}: accuracy on "
-                f"tasks seen {sum(seen) / len(seen):.4f} ("
-                + " ".join(f"{a:.3f}" for a in matrices[headline][-1][:task.index + 1]) + ")")
+        line = _task_line(task, len(tasks), matrices[headline][-1])
         if progress and not bar.disable:
             bar.write(line)
         else:
