@@ -5,6 +5,8 @@ pipeline and Flower golden rules are in test_continual.py."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,9 +20,12 @@ from bpfree_core.errors import ProtocolError
 from bpfree_core.layers import REFERENCE
 from bpfree_core.model import Stage, build_layers, build_objective
 
+PLUGIN = str(Path(__file__).resolve().parents[1] / "examples/fixed_random_classifier.py")
 ALGORITHMS = [("ff", []), ("symba", ["objective.negatives=hard"]), ("sffa", []), ("ffcl", []),
               ("uff", []), ("cwc", ["model.hidden=60,30"]), ("mono", []), ("deeper", []),
-              ("bp", []), ("ff", ["objective.peer_weight=0.03"])]
+              ("bp", []), ("ff", ["objective.peer_weight=0.03"]),
+              ("sffa", ["objective.negatives=seen", "objective.input_skip=true"]),
+              (f"{PLUGIN}:FixedRandomClassifier", [])]   # a plug-in rule gets it too
 
 
 def _grads(*values: list[float]) -> list[nn.Parameter]:
