@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,10 @@ os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Decoded MNIST for every process the suite starts (bpfree_core.data), gone when it ends.
+_DECODED = None if "BPFREE_DECODED_DIR" in os.environ else tempfile.mkdtemp(prefix="bpfree-decoded-")
+if _DECODED:
+    os.environ["BPFREE_DECODED_DIR"] = _DECODED
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,3 +60,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         module = item.path.stem
         if module in E2E_MODULES or item.name.startswith(E2E_TESTS.get(module, ("\0",))):
             item.add_marker(pytest.mark.e2e)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _DECODED:
+        shutil.rmtree(_DECODED, ignore_errors=True)

@@ -205,3 +205,42 @@ def test_without_a_local_copy_the_tests_get_mnist_the_way_users_do(data_dir, tmp
     for name, md5 in data.SPECS["mnist"].md5.items():
         assert data.md5sum(got / "mnist" / name) == md5
     assert len(data.load_dataset("mnist", got).train) == 60_000
+
+
+def _fresh_load(data_dir: Path) -> data.Dataset:
+    data._CACHE.clear()   # the per-process memo; the decoded copies on disk stay
+    return data.load_dataset("mnist", data_dir)
+
+
+def test_a_decoded_copy_skips_gzip_in_the_next_process_with_the_same_bits(data_dir, tmp_path,
+                                                                          monkeypatch):
+    monkeypatch.setenv(data.DECODED_DIR_ENV, str(tmp_path / "decoded"))
+    first = _fresh_load(data_dir)
+    spec = data.SPECS["mnist"]
+    assert sorted(p.name for p in (tmp_path / "decoded").iterdir()) == sorted(
+        f"{md5}.idx" for md5 in spec.md5.values())
+
+    def no_gzip(*args, **kwargs):
+        raise AssertionError("gzip was opened although a decoded copy is there")
+
+    monkeypatch.setattr(data.gzip, "open", no_gzip)
+    again = _fresh_load(data_dir)
+    assert torch.equal(first.train.images, again.train.images)
+    assert torch.equal(first.test.labels, again.test.labels)
+
+
+def test_a_truncated_decoded_copy_is_rebuilt_and_an_unwritable_cache_is_skipped(data_dir, tmp_path,
+                                                                                 monkeypatch):
+    decoded = tmp_path / "decoded"
+    monkeypatch.setenv(data.DECODED_DIR_ENV, str(decoded))
+    first = _fresh_load(data_dir)
+    copy = decoded / f"{data.SPECS['mnist'].md5['train-images-idx3-ubyte.gz']}.idx"
+    whole = copy.stat().st_size
+    copy.write_bytes(copy.read_bytes()[:5000])   # e.g. a disk that filled up under another writer
+    assert torch.equal(_fresh_load(data_dir).train.images, first.train.images)
+    assert copy.stat().st_size == whole
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a directory")
+    monkeypatch.setenv(data.DECODED_DIR_ENV, str(blocked / "decoded"))
+    assert torch.equal(_fresh_load(data_dir).train.images, first.train.images)
+    assert not list(tmp_path.glob("**/*.part"))
