@@ -8,7 +8,8 @@ Synthetic MNIST-shaped batches (throughput does not depend on the pixels), so th
 dataset. Rows: for each objective and net, the training step of the whole net in one process at
 batch 100 and 1000, float32 and train.precision = bf16: samples/s, ms per layer per batch, matmul
 TFLOP/s (torch.utils.flop_counter) and its fraction of the matmul ceiling of that precision,
-measured here. Then real stage workers (`bpfree worker` processes on this GPU) for S = 1 and 2.
+measured here; ff, symba and mono again with train.compile (compile vs eager). Then real stage
+workers (`bpfree worker` processes on this GPU) for S = 1 and 2.
 """
 
 from __future__ import annotations
@@ -58,14 +59,16 @@ def _packets(cfg, batches: int) -> list:
 
 
 def step_row(algorithm: str, hidden: str, batch: int, precision: str, ceiling: float,
-             batches: int = 50) -> dict[str, Any]:
+             batches: int = 50, compiled: bool = False) -> dict[str, Any]:
     from bpfree.bench.step import step_flops
 
     cfg = _cfg(algorithm, hidden, batch, precision)
     packets = _packets(cfg, batches)
+    flops_per_step = step_flops(Stage(build_layers(cfg), "cuda"), packets[0])
+    if compiled:
+        cfg = cfg.with_overrides(["train.compile=true"])
     stage = Stage(build_layers(cfg), "cuda")
-    flops_per_step = step_flops(stage, packets[0])
-    for p in packets[:5]:
+    for p in packets[:5]:   # warm-up (train.compile: builds its kernels here)
         stage.train_step(p)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -75,6 +78,7 @@ def step_row(algorithm: str, hidden: str, batch: int, precision: str, ceiling: f
     seconds = time.perf_counter() - t0
     flops = flops_per_step * len(packets) / seconds
     return {"algorithm": algorithm, "hidden": hidden, "batch": batch, "precision": precision,
+            "compile": compiled,
             "samples_per_second": len(packets) * batch / seconds,
             "ms_per_layer_batch": 1e3 * seconds / len(packets) / len(stage.layers),
             "tflops": flops / 1e12, "fraction": flops / ceiling}
@@ -97,6 +101,8 @@ def run() -> dict[str, Any]:
     ceilings = {"float32": matmul_ceiling(torch.float32), "bf16": matmul_ceiling(torch.bfloat16)}
     rows = [step_row(a, h, b, p, ceilings[p]) for a, h in NETS for b in (100, 1000)
             for p in ("float32", "bf16")]
+    rows += [step_row(a, h, 100, "float32", ceilings["float32"], compiled=True)   # vs eager
+             for a, h in NETS[:3]]
     pipes = [pipeline_row(s, b) for s in (1, 2) for b in (100, 1000)]
     return {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
             "ceilings_tflops": {k: v / 1e12 for k, v in ceilings.items()}, "steps": rows,
@@ -112,13 +118,15 @@ def table(res: dict[str, Any]) -> str:
            "| objective | net | batch | precision | samples/s | ms per layer per batch | "
            "matmul TFLOP/s | of ceiling |", "|---|---|---|---|---|---|---|---|"]
     for r in res["steps"]:
-        out.append(f"| {r['algorithm']} | {r['hidden']} | {r['batch']} | {r['precision']} | "
+        precision = r["precision"] + (" + train.compile" if r.get("compile") else "")
+        out.append(f"| {r['algorithm']} | {r['hidden']} | {r['batch']} | {precision} | "
                    f"{r['samples_per_second']:.0f} | {r['ms_per_layer_batch']:.3f} | "
                    f"{r['tflops']:.2f} | {r['fraction']:.0%} |")
     out += ["", "Stage workers on this one GPU (mono 2x500, float32, loopback gRPC between them):", "",
             "| stages | batch | samples/s |", "|---|---|---|"]
     out += [f"| {p['stages']} | {p['batch']} | {p['samples_per_second']:.0f} |" for p in res["pipelines"]]
-    out += ["", "train.compile is not built yet: the eager rows are the only ones.", ""]
+    out += ["", "`+ train.compile` rows: the same step with each layer's forward and loss through "
+            "torch.compile (timed after its warm-up compiled them), beside the eager row above.", ""]
     return "\n".join(out)
 
 

@@ -40,13 +40,14 @@ from bpfree_core.model import Stage, build_layers, build_objective
 from bpfree_core.runtime import set_threads
 
 CEILING_OBJECTIVES = ("ff", "symba", "mono", "sffa", "ffcl", "uff", "deeper", "bp")
+COMPILED_OBJECTIVES = ("ff", "symba", "sffa", "mono")   # train.compile
 
 VARIANTS = {"before": ("single", True), "foreach": ("foreach", False), "fused": ("fused", False)}
 
 
-def measure(cfg, packets: list, kernels: str, read_back: bool) -> float:
-    """Seconds to train `packets` once from a fresh stack."""
-    stage = Stage(build_layers(cfg))
+def measure(cfg, packets: list, kernels: str, read_back: bool, stage: Stage | None = None) -> float:
+    """Seconds to train `packets` once from a fresh stack (or on `stage`, as it is)."""
+    stage = stage or Stage(build_layers(cfg))
     for layer in stage.layers:
         layer.place(torch.device("cpu"), kernels)
     means = RunningMeans()
@@ -94,6 +95,8 @@ def step_flops(stage: Stage, packet) -> int:
 
 def ceiling_row(data_dir: str, algorithm: str, width: int, batches: int, repeats: int,
                 ceiling: float, kernels: str = "foreach", extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    """One row; `kernels` "K+compile" adds train.compile = true (timed after its compile)."""
+    kernels, _, compiled = kernels.partition("+")
     cfg = load_config(None, [f"model.algorithm={algorithm}", f"model.hidden=3x{width}",
                              "train.threads=1", "train.batch_size=100", f"train.data_dir={data_dir}",
                              *extra])
@@ -101,10 +104,15 @@ def ceiling_row(data_dir: str, algorithm: str, width: int, batches: int, repeats
     packets = list(train_packets(build_objective(cfg), split.subset(slice(0, batches * 100)), cfg,
                                  epoch=0))
     flops = step_flops(Stage(build_layers(cfg)), packets[0])
-    measure(cfg, packets[:3], kernels, False)   # warm-up
-    best = min(measure(cfg, packets, kernels, False) for _ in range(repeats))
+    if compiled:   # one stack, compiled on its first steps and then timed, as a run would use it
+        stage = Stage(build_layers(cfg.with_overrides(["train.compile=true"])))
+        measure(cfg, packets[:3], kernels, False, stage)
+        best = min(measure(cfg, packets, kernels, False, stage) for _ in range(repeats))
+    else:
+        measure(cfg, packets[:3], kernels, False)   # warm-up
+        best = min(measure(cfg, packets, kernels, False) for _ in range(repeats))
     achieved = flops * len(packets) / best
-    return {"algorithm": algorithm, "width": width, "kernels": kernels,
+    return {"algorithm": algorithm, "width": width, "kernels": kernels + ("+compile" if compiled else ""),
             "settings": " ".join(extra), "samples_per_second": len(packets) * 100 / best,
             "gflops": achieved / 1e9, "fraction": achieved / ceiling,
             "step_mflop_per_sample": flops / 100 / 1e6}
@@ -119,6 +127,8 @@ def run_ceiling(data_dir: str, widths: list[int], objectives: list[str], batches
     for w in widths:
         for a in objectives:
             for k in kernels:   # the ceiling right before each row: these machines drift
+                if k.endswith("+compile") and a not in COMPILED_OBJECTIVES:
+                    continue
                 ceiling = matmul_flops(threads=1, seconds=0.5)
                 rows.append({**ceiling_row(data_dir, a, w, batches, repeats, ceiling, k),
                              "ceiling_gflops": ceiling / 1e9})
@@ -132,7 +142,8 @@ def render_ceiling(result: dict[str, Any], command: str) -> str:
              f"3 layers of WIDTH units, batch 100, {result['batches']} real MNIST batches, best of "
              f"{result['repeats']}; {result['machine']}. Ceiling: a 1024 x 1024 float32 matmul "
              "on one thread, measured right before each row.", "",
-             "| objective | width | optimiser kernels | samples/s | matmul MFLOP/sample | GFLOP/s | "
+             "| objective | width | optimiser kernels (+ train.compile) | samples/s | "
+             "matmul MFLOP/sample | GFLOP/s | "
              "ceiling GFLOP/s | of ceiling |", "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['algorithm']} | {r['width']} | {r['kernels']} | {r['samples_per_second']:.0f} | "
@@ -142,7 +153,9 @@ def render_ceiling(result: dict[str, Any], command: str) -> str:
               "torch.utils.flop_counter sees them); the gap to the ceiling is the elementwise "
               "work, the optimiser and the Python around them. foreach is the default (torch.optim's "
               "bits); fused (`--set optim.kernels=fused`) updates each tensor in one pass, within "
-              "1e-5 of foreach (tests/test_step.py).", ""]
+              "1e-5 of foreach (tests/test_step.py). +compile (`--set train.compile=true`) runs each "
+              "layer's forward and loss through torch.compile, timed after it compiled (seconds "
+              "per layer shape); its float bits differ from eager (tests/test_compile.py).", ""]
     return "\n".join(lines)
 
 
@@ -175,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="every MLP objective's fraction of the one-core matmul ceiling instead")
     p.add_argument("--widths", default="500,1000", help="--ceiling: layer widths")
     p.add_argument("--objectives", default=",".join(CEILING_OBJECTIVES), help="--ceiling: objectives")
-    p.add_argument("--kernels", default="foreach,fused", help="--ceiling: optimiser kernels")
+    p.add_argument("--kernels", default="foreach,fused",
+                   help="--ceiling: optimiser kernels; K+compile adds train.compile = true")
     args = p.parse_args(argv)
     if args.ceiling:
         return ceiling_main(args)

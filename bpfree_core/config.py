@@ -188,6 +188,8 @@ class TrainConfig:
     jitter: int = 0                # shift training images by up to +-N pixels (Hinton: 2; 0 = off)
     precision: str = "float32"     # float32 | bf16 (autocast: matmuls in bfloat16, weights and
                                    # every tensor between layers stay float32)
+    compile: bool = False          # torch.compile each layer's forward + loss (ff, symba, sffa,
+                                   # mono): fused elementwise work, other float bits (opt-in)
     data_dir: str = runtime("")    # local dataset dir; "" = $BPFREE_DATA_DIR, else download cache
 
     def __post_init__(self) -> None:

@@ -9,7 +9,7 @@ contiguous stages at any boundary and no gradient ever crosses one.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -137,6 +137,19 @@ class LocalLayer(nn.Module):
         for opt in (self.optimizer, self.head_optimizer):
             if opt is not None:
                 set_kernels(opt, kernels)
+
+    def compiled(self, name: str) -> Callable[..., object]:
+        """The method `name`, through torch.compile when train.compile is on: its elementwise
+        work fused into few kernels, built on the first call for each input shape (seconds to
+        tens of seconds) and kept with this layer object. Float results differ from eager in the
+        last bits, so it is opt-in."""
+        method = getattr(self, name)
+        if not self.cfg.train.compile:
+            return method
+        built = self.__dict__.setdefault("_compiled", {})   # plain attribute: not a submodule
+        if name not in built:
+            built[name] = torch.compile(method)
+        return built[name]
 
     def host_steps(self) -> int:
         """`steps` as a Python int without reading the device each batch (read once per load)."""

@@ -15,10 +15,11 @@ os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-# Decoded MNIST for every process the suite starts (bpfree_core.data), gone when it ends.
-_DECODED = None if "BPFREE_DECODED_DIR" in os.environ else tempfile.mkdtemp(prefix="bpfree-decoded-")
-if _DECODED:
-    os.environ["BPFREE_DECODED_DIR"] = _DECODED
+# Caches every process the suite starts shares, in one directory removed when it ends: decoded
+# MNIST (bpfree_core.data) and torch.compile's kernels (train.compile; torch's default is /tmp).
+_CACHES = tempfile.mkdtemp(prefix="bpfree-test-caches-")
+os.environ.setdefault("BPFREE_DECODED_DIR", os.path.join(_CACHES, "decoded"))
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(_CACHES, "inductor"))
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,5 +64,4 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    if _DECODED:
-        shutil.rmtree(_DECODED, ignore_errors=True)
+    shutil.rmtree(_CACHES, ignore_errors=True)

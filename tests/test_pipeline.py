@@ -128,6 +128,13 @@ def test_bf16_pipeline_matches_reference_exactly(data_dir: Path, tmp_path: Path)
                                            "train.epochs=1", "train.precision=bf16"), tmp_path)
 
 
+def test_compiled_pipeline_matches_reference_exactly(data_dir: Path, tmp_path: Path) -> None:
+    # train.compile: every stage worker compiles its layers' forward and loss in its compute
+    # thread, and ends with the weights of the compiled single process.
+    _assert_pipeline_equals_reference(_cfg(data_dir, "model.algorithm=mono", "pipeline.stages=2",
+                                           "train.epochs=1", "train.compile=true"), tmp_path)
+
+
 def test_sffa_input_skip_pipeline_matches_reference_exactly(data_dir: Path, tmp_path: Path) -> None:
     # objective.input_skip: the image and class code travel to the second stage beside layer 0's
     # output (the SFFA authors' residual input), for training and goodness prediction alike.

@@ -23,6 +23,7 @@ class Objective:
     uses_negatives: ClassVar[bool] = False      # trains on negative (wrong-label) data
     supports_conv: ClassVar[bool] = False       # builds conv layers from model.conv
     supports_input_skip: ClassVar[bool] = False # objective.input_skip: the image into every layer
+    supports_compile: ClassVar[bool] = False    # train.compile: its layers have a forward_loss
 
     def __init__(self, cfg: ExperimentConfig, spec: DatasetSpec):
         if cfg.objective.negatives != "uniform" and not self.uses_negatives:
@@ -34,7 +35,10 @@ class Objective:
                               "conv layers (uff, bp, cwc and deeper do); use model.hidden")
         if cfg.objective.input_skip and not self.supports_input_skip:
             raise ConfigError(f"objective.input_skip = true but {self.name} does not feed the "
-                              "image to later layers (symba and sffa do); turn it off")
+                              "image to later layers (sffa does); turn it off")
+        if cfg.train.compile and not self.supports_compile:
+            raise ConfigError(f"train.compile = true but {self.name} has no compiled step (ff, "
+                              "symba, sffa and mono do); turn it off")
         self.cfg = cfg
         self.spec = spec
         self.num_classes = spec.num_classes

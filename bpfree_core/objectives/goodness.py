@@ -157,6 +157,13 @@ class GoodnessLayer(LocalLayer):
                                         run_spec(self.cfg).shape[0])
         return packet
 
+    def forward_loss(self, x_pos: torch.Tensor, codes_pos: torch.Tensor | None, x_neg: torch.Tensor,
+                     codes_neg: torch.Tensor | None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Metrics]:
+        """Both roles' activations, the loss and its metrics: the part train.compile fuses."""
+        y_pos, y_neg = self.forward_role(x_pos, codes_pos), self.forward_role(x_neg, codes_neg)
+        return (y_pos, y_neg, *self.loss(y_pos, y_neg))
+
     def train_step(self, packet: Packet) -> tuple[Packet, Metrics]:
         if "u" in packet:
             packet = self.redraw_negatives(packet)
@@ -164,9 +171,8 @@ class GoodnessLayer(LocalLayer):
         b = y.shape[0]
         code_keys = {"pos": LABELS, "neg": "y_neg", "neutral": "neutral"}
         x_pos, x_neg = self.role_input(packet, "pos"), self.role_input(packet, "neg")
-        y_pos = self.forward_role(x_pos, self.codes(packet, code_keys["pos"], b))
-        y_neg = self.forward_role(x_neg, self.codes(packet, code_keys["neg"], b))
-        loss, metrics = self.loss(y_pos, y_neg)
+        y_pos, y_neg, loss, metrics = self.compiled("forward_loss")(
+            x_pos, self.codes(packet, code_keys["pos"], b), x_neg, self.codes(packet, code_keys["neg"], b))
         peer = self.cfg.objective.peer_weight
         if peer > 0:
             running = 0.9 * self.running_mean + 0.1 * y_pos.mean(0)
@@ -209,6 +215,7 @@ class GoodnessObjective(Objective):
     uses_negatives = True
     layer_cls: type[GoodnessLayer] = GoodnessLayer
     uses_patterns = False      # label carried as a class pattern appended to the input
+    supports_compile = True
     supports_seen_negatives = False   # objective.negatives = seen
 
     def __init__(self, cfg: ExperimentConfig, spec: DatasetSpec):

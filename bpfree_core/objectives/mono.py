@@ -46,10 +46,15 @@ class MonoLayer(LocalLayer):
         loss = F.cross_entropy(scores, labels)
         return loss, {"layer_acc": (scores.argmax(1) == labels).float().mean()}
 
+    def forward_loss(self, x: torch.Tensor, labels: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, Metrics]:
+        """Activations, loss and metrics: the part train.compile fuses."""
+        a = self.forward_body(x)
+        return (a, *self.loss(a, labels))
+
     def train_step(self, packet: Packet) -> tuple[Packet, Metrics]:
         labels = packet[LABELS]
-        a = self.forward_body(packet["x"])
-        loss, metrics = self.loss(a, labels)
+        a, loss, metrics = self.compiled("forward_loss")(packet["x"], labels)
         self.step_body(loss)
         self.count_step()
         metrics["loss"] = loss.detach()
@@ -69,6 +74,7 @@ class MonoLayer(LocalLayer):
 @register("mono")
 class MonoForward(ShapedObjective):
     layer_cls = MonoLayer
+    supports_compile = True
 
     def shapes(self) -> list[Shape]:
         return [(self.input_dim,), *((n,) for n in self.cfg.model.hidden)]

@@ -1,0 +1,74 @@
+"""train.compile: each layer's forward and loss through torch.compile, on CPU (inductor).
+
+Compiled kernels fuse the elementwise work, so their float results differ from eager in the last
+bits: the tests bound that difference on one step's outputs, keep the golden rule (a compiled
+stack split over stages ends bit-identical to the unsplit compiled stack) and refuse the option
+where an objective has no compiled step.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bpfree_core.batches import train_packets
+from bpfree_core.config import load_config
+from bpfree_core.data import Split
+from bpfree_core.errors import ConfigError
+from bpfree_core.model import Stage, build_layers, build_objective
+
+
+def _cfg(algorithm: str, compiled: bool, *extra: str):
+    return load_config(None, [f"model.algorithm={algorithm}", "model.hidden=64,32",
+                              "train.batch_size=32", f"train.compile={str(compiled).lower()}", *extra])
+
+
+def _packets(cfg, n: int = 3) -> list:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(n * cfg.train.batch_size, 784, generator=gen)
+    y = torch.randint(0, 10, (x.shape[0],), generator=gen)
+    return list(train_packets(build_objective(cfg), Split(x, y), cfg, epoch=0))
+
+
+@pytest.mark.parametrize("algorithm", ["ff", "symba", "sffa", "mono"])
+def test_a_compiled_step_computes_what_eager_does_within_float_rounding(algorithm):
+    """One step from the same weights: the losses within 1e-5, every handed-on tensor within 1e-4
+    (the neutral pass follows the step, where Adam can turn a last-bit difference in a near-zero
+    gradient into a step of lr), and the compiled function really ran (it was built)."""
+    packet = _packets(_cfg(algorithm, False), 1)[0]
+    outs, losses, weights = {}, {}, {}
+    for compiled in (False, True):
+        stage = Stage(build_layers(_cfg(algorithm, compiled)))
+        outs[compiled], metrics = stage.train_step(packet)
+        weights[compiled] = stage.state_dict()
+        losses[compiled] = torch.stack([m["loss"] for m in metrics.values()])
+        built = [layer.__dict__.get("_compiled", {}) for layer in stage.layers]
+        assert all("forward_loss" in b for b in built) == compiled
+    torch.testing.assert_close(losses[True], losses[False], rtol=1e-5, atol=1e-6)
+    # other bits (so a compiled pipeline that equals a compiled reference shows it compiled too)
+    assert any(not torch.equal(weights[True][k], weights[False][k]) for k in weights[False])
+    assert outs[True].keys() == outs[False].keys()
+    for key, want in outs[False].items():
+        if want.is_floating_point():
+            torch.testing.assert_close(outs[True][key], want, rtol=1e-4, atol=1e-4)
+        else:
+            assert torch.equal(outs[True][key], want)
+
+
+def test_compiled_layers_split_over_stages_end_bit_identical():
+    """The golden rule under train.compile: stage 0 | stage 1 = the whole compiled stack."""
+    cfg = _cfg("ff", True)
+    packets = _packets(cfg)
+    whole = Stage(build_layers(cfg))
+    first, second = (Stage([layer]) for layer in build_layers(cfg))
+    for p in packets:
+        whole.train_step(p)
+        second.train_step(first.train_step(p)[0])
+    a, b = whole.state_dict(), {**first.state_dict(), **second.state_dict()}
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("algorithm", ["deeper", "ffcl", "bp"])
+def test_compile_is_refused_where_an_objective_has_no_compiled_step(algorithm):
+    with pytest.raises(ConfigError, match="train.compile = true but .* has no compiled step"):
+        build_objective(_cfg(algorithm, True, "model.hidden=60,30"))
