@@ -79,3 +79,32 @@ def bpfree(*args: str, merge: bool = False, env: dict[str, str] | None = None) -
                             stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT if merge else subprocess.PIPE, text=True,
                             start_new_session=True)
+
+
+def synthetic_packets(cfg, n: int) -> list:
+    """`n` training packets of random MNIST-shaped images for `cfg` (seeded: the same each call)."""
+    import torch
+
+    from bpfree_core.batches import train_packets
+    from bpfree_core.data import Split
+    from bpfree_core.model import build_objective
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(n * cfg.train.batch_size, 784, generator=gen)
+    y = torch.randint(0, 10, (x.shape[0],), generator=gen)
+    return list(train_packets(build_objective(cfg), Split(x, y), cfg, epoch=0))
+
+
+def assert_two_stages_equal_one(cfg, packets: list) -> None:
+    """The golden rule in one process: a 2-layer stack split into two stages ends bit-identical."""
+    import torch
+
+    from bpfree_core.model import Stage, build_layers
+
+    whole = Stage(build_layers(cfg))
+    first, second = (Stage([layer]) for layer in build_layers(cfg))
+    for p in packets:
+        whole.train_step(p)
+        second.train_step(first.train_step(p)[0])
+    a, b = whole.state_dict(), {**first.state_dict(), **second.state_dict()}
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -11,11 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bpfree_core.batches import train_packets
 from bpfree_core.config import load_config
-from bpfree_core.data import Split
 from bpfree_core.errors import ConfigError
 from bpfree_core.model import Stage, build_layers, build_objective
+from tests.support import assert_two_stages_equal_one, synthetic_packets
 
 
 def _cfg(algorithm: str, compiled: bool, *extra: str):
@@ -23,19 +22,12 @@ def _cfg(algorithm: str, compiled: bool, *extra: str):
                               "train.batch_size=32", f"train.compile={str(compiled).lower()}", *extra])
 
 
-def _packets(cfg, n: int = 3) -> list:
-    gen = torch.Generator().manual_seed(0)
-    x = torch.rand(n * cfg.train.batch_size, 784, generator=gen)
-    y = torch.randint(0, 10, (x.shape[0],), generator=gen)
-    return list(train_packets(build_objective(cfg), Split(x, y), cfg, epoch=0))
-
-
 @pytest.mark.parametrize("algorithm", ["ff", "symba", "sffa", "mono"])
 def test_a_compiled_step_computes_what_eager_does_within_float_rounding(algorithm):
     """One step from the same weights: the losses within 1e-5, every handed-on tensor within 1e-4
     (the neutral pass follows the step, where Adam can turn a last-bit difference in a near-zero
     gradient into a step of lr), and the compiled function really ran (it was built)."""
-    packet = _packets(_cfg(algorithm, False), 1)[0]
+    packet = synthetic_packets(_cfg(algorithm, False), 1)[0]
     outs, losses, weights = {}, {}, {}
     for compiled in (False, True):
         stage = Stage(build_layers(_cfg(algorithm, compiled)))
@@ -58,14 +50,7 @@ def test_a_compiled_step_computes_what_eager_does_within_float_rounding(algorith
 def test_compiled_layers_split_over_stages_end_bit_identical():
     """The golden rule under train.compile: stage 0 | stage 1 = the whole compiled stack."""
     cfg = _cfg("ff", True)
-    packets = _packets(cfg)
-    whole = Stage(build_layers(cfg))
-    first, second = (Stage([layer]) for layer in build_layers(cfg))
-    for p in packets:
-        whole.train_step(p)
-        second.train_step(first.train_step(p)[0])
-    a, b = whole.state_dict(), {**first.state_dict(), **second.state_dict()}
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_two_stages_equal_one(cfg, synthetic_packets(cfg, 3))
 
 
 @pytest.mark.parametrize("algorithm", ["deeper", "ffcl", "bp"])

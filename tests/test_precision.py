@@ -5,18 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bpfree_core.batches import train_packets
 from bpfree_core.config import load_config
-from bpfree_core.data import Split
 from bpfree_core.errors import ConfigError
-from bpfree_core.model import Stage, build_layers, build_objective
+from bpfree_core.model import Stage, build_layers
+from tests.support import assert_two_stages_equal_one, synthetic_packets
 
 
 def _packets(cfg, n: int = 4):
-    gen = torch.Generator().manual_seed(0)
-    x = torch.rand(n * cfg.train.batch_size, 784, generator=gen)
-    y = torch.randint(0, 10, (x.shape[0],), generator=gen)
-    return list(train_packets(build_objective(cfg), Split(x, y), cfg, epoch=0))
+    return synthetic_packets(cfg, n)
 
 
 def _cfg(algorithm: str, precision: str):
@@ -43,14 +39,7 @@ def test_bf16_computes_in_bfloat16_and_hands_on_float32(algorithm):
 def test_bf16_one_stage_equals_two_stages():
     """The golden rule under bf16: layers split over stages end with one stage's weights."""
     cfg = _cfg("ff", "bf16")
-    packets = _packets(cfg)
-    whole = Stage(build_layers(cfg))
-    first, second = (Stage([layer]) for layer in build_layers(cfg))
-    for p in packets:
-        whole.train_step(p)
-        second.train_step(first.train_step(p)[0])
-    a, b = whole.state_dict(), {**first.state_dict(), **second.state_dict()}
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_two_stages_equal_one(cfg, _packets(cfg))
 
 
 def test_an_unknown_precision_is_a_clear_error():
