@@ -41,6 +41,7 @@ from bpfree_core.runtime import set_threads
 
 CEILING_OBJECTIVES = ("ff", "symba", "mono", "sffa", "ffcl", "uff", "deeper", "bp")
 COMPILED_OBJECTIVES = ("ff", "symba", "sffa", "mono")   # train.compile
+ONE_PASS_OBJECTIVES = ("ff", "symba", "sffa")           # train.one_pass
 
 VARIANTS = {"before": ("single", True), "foreach": ("foreach", False), "fused": ("fused", False)}
 
@@ -95,11 +96,14 @@ def step_flops(stage: Stage, packet) -> int:
 
 def ceiling_row(data_dir: str, algorithm: str, width: int, batches: int, repeats: int,
                 ceiling: float, kernels: str = "foreach", extra: tuple[str, ...] = ()) -> dict[str, Any]:
-    """One row; `kernels` "K+compile" adds train.compile = true (timed after its compile)."""
-    kernels, _, compiled = kernels.partition("+")
+    """One row; `kernels` is K[+compile][+one_pass]: optimiser kernels K, and train.compile /
+    train.one_pass on (a compiled stack is timed after its compile)."""
+    variant = kernels
+    kernels, *flags = variant.split("+")
+    compiled = "compile" in flags
     cfg = load_config(None, [f"model.algorithm={algorithm}", f"model.hidden=3x{width}",
                              "train.threads=1", "train.batch_size=100", f"train.data_dir={data_dir}",
-                             *extra])
+                             *extra, *(f"train.{f}=true" for f in flags if f != "compile")])
     split = load_dataset(cfg.model.dataset, data_dir or None).train
     packets = list(train_packets(build_objective(cfg), split.subset(slice(0, batches * 100)), cfg,
                                  epoch=0))
@@ -112,7 +116,7 @@ def ceiling_row(data_dir: str, algorithm: str, width: int, batches: int, repeats
         measure(cfg, packets[:3], kernels, False)   # warm-up
         best = min(measure(cfg, packets, kernels, False) for _ in range(repeats))
     achieved = flops * len(packets) / best
-    return {"algorithm": algorithm, "width": width, "kernels": kernels + ("+compile" if compiled else ""),
+    return {"algorithm": algorithm, "width": width, "kernels": variant,
             "settings": " ".join(extra), "samples_per_second": len(packets) * 100 / best,
             "gflops": achieved / 1e9, "fraction": achieved / ceiling,
             "step_mflop_per_sample": flops / 100 / 1e6}
@@ -127,7 +131,8 @@ def run_ceiling(data_dir: str, widths: list[int], objectives: list[str], batches
     for w in widths:
         for a in objectives:
             for k in kernels:   # the ceiling right before each row: these machines drift
-                if k.endswith("+compile") and a not in COMPILED_OBJECTIVES:
+                if ("+compile" in k and a not in COMPILED_OBJECTIVES
+                        or "+one_pass" in k and a not in ONE_PASS_OBJECTIVES):
                     continue
                 ceiling = matmul_flops(threads=1, seconds=0.5)
                 rows.append({**ceiling_row(data_dir, a, w, batches, repeats, ceiling, k),
@@ -142,7 +147,7 @@ def render_ceiling(result: dict[str, Any], command: str) -> str:
              f"3 layers of WIDTH units, batch 100, {result['batches']} real MNIST batches, best of "
              f"{result['repeats']}; {result['machine']}. Ceiling: a 1024 x 1024 float32 matmul "
              "on one thread, measured right before each row.", "",
-             "| objective | width | optimiser kernels (+ train.compile) | samples/s | "
+             "| objective | width | optimiser kernels (+ train options) | samples/s | "
              "matmul MFLOP/sample | GFLOP/s | "
              "ceiling GFLOP/s | of ceiling |", "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
@@ -155,7 +160,9 @@ def render_ceiling(result: dict[str, Any], command: str) -> str:
               "bits); fused (`--set optim.kernels=fused`) updates each tensor in one pass, within "
               "1e-5 of foreach (tests/test_step.py). +compile (`--set train.compile=true`) runs each "
               "layer's forward and loss through torch.compile, timed after it compiled (seconds "
-              "per layer shape); its float bits differ from eager (tests/test_compile.py).", ""]
+              "per layer shape); its float bits differ from eager (tests/test_compile.py). "
+              "+one_pass (`--set train.one_pass=true`) sends positive and negative data through "
+              "each layer as one batch; other float bits too (tests/test_one_pass.py).", ""]
     return "\n".join(lines)
 
 
@@ -189,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--widths", default="500,1000", help="--ceiling: layer widths")
     p.add_argument("--objectives", default=",".join(CEILING_OBJECTIVES), help="--ceiling: objectives")
     p.add_argument("--kernels", default="foreach,fused",
-                   help="--ceiling: optimiser kernels; K+compile adds train.compile = true")
+                   help="--ceiling: optimiser kernels; K+compile, K+one_pass turn those train options on")
     args = p.parse_args(argv)
     if args.ceiling:
         return ceiling_main(args)

@@ -190,6 +190,8 @@ class TrainConfig:
                                    # every tensor between layers stay float32)
     compile: bool = False          # torch.compile each layer's forward + loss (ff, symba, sffa,
                                    # mono): fused elementwise work, other float bits (opt-in)
+    one_pass: bool = False         # ff, symba, sffa: positive and negative data through a layer
+                                   # as one batch (one matmul each way, not two), other float bits
     data_dir: str = runtime("")    # local dataset dir; "" = $BPFREE_DATA_DIR, else download cache
 
     def __post_init__(self) -> None:

@@ -108,3 +108,15 @@ def assert_two_stages_equal_one(cfg, packets: list) -> None:
         second.train_step(first.train_step(p)[0])
     a, b = whole.state_dict(), {**first.state_dict(), **second.state_dict()}
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def assert_packets_close(got: dict, want: dict, tol: float = 1e-4) -> None:
+    """Two handed-on packets: the same keys, floats within `tol`, integers equal."""
+    import torch
+
+    assert got.keys() == want.keys()
+    for key, w in want.items():
+        if w.is_floating_point():
+            torch.testing.assert_close(got[key], w, rtol=tol, atol=tol)
+        else:
+            assert torch.equal(got[key], w)

@@ -135,6 +135,13 @@ def test_compiled_pipeline_matches_reference_exactly(data_dir: Path, tmp_path: P
                                            "train.epochs=1", "train.compile=true"), tmp_path)
 
 
+def test_one_pass_pipeline_matches_reference_exactly(data_dir: Path, tmp_path: Path) -> None:
+    # train.one_pass: each stage joins the positive and negative rows into one batch and hands on
+    # the two halves (views of one tensor) over the wire.
+    _assert_pipeline_equals_reference(_cfg(data_dir, "model.algorithm=symba", "pipeline.stages=2",
+                                           "train.epochs=1", "train.one_pass=true"), tmp_path)
+
+
 def test_sffa_input_skip_pipeline_matches_reference_exactly(data_dir: Path, tmp_path: Path) -> None:
     # objective.input_skip: the image and class code travel to the second stage beside layer 0's
     # output (the SFFA authors' residual input), for training and goodness prediction alike.

@@ -26,19 +26,7 @@ class Objective:
     supports_compile: ClassVar[bool] = False    # train.compile: its layers have a forward_loss
 
     def __init__(self, cfg: ExperimentConfig, spec: DatasetSpec):
-        if cfg.objective.negatives != "uniform" and not self.uses_negatives:
-            raise ConfigError(
-                f"objective.negatives = {cfg.objective.negatives!r} but {self.name} uses no "
-                f"negative data; leave it at 'uniform' (it applies to ff, symba and sffa)")
-        if cfg.model.conv and not self.supports_conv:
-            raise ConfigError(f"model.conv is set but model.algorithm = {self.name!r} builds no "
-                              "conv layers (uff, bp, cwc and deeper do); use model.hidden")
-        if cfg.objective.input_skip and not self.supports_input_skip:
-            raise ConfigError(f"objective.input_skip = true but {self.name} does not feed the "
-                              "image to later layers (sffa does); turn it off")
-        if cfg.train.compile and not self.supports_compile:
-            raise ConfigError(f"train.compile = true but {self.name} has no compiled step (ff, "
-                              "symba, sffa and mono do); turn it off")
+        self._refuse_unsupported(cfg)
         self.cfg = cfg
         self.spec = spec
         self.num_classes = spec.num_classes
@@ -48,6 +36,29 @@ class Objective:
             if what:
                 raise ConfigError(f"{what}, but {spec.name} holds flat features ({spec.shape[2]} "
                                   "per sample); turn it off")
+
+    def _refuse_unsupported(self, cfg: ExperimentConfig) -> None:
+        """Options this objective cannot honour, each refused with what to do instead."""
+        n = cfg.objective.negatives
+        for refused, message in [
+            (n != "uniform" and not self.uses_negatives,
+             f"objective.negatives = {n!r} but {self.name} uses no negative data; leave it at "
+             "'uniform' (it applies to ff, symba and sffa)"),
+            (bool(cfg.model.conv) and not self.supports_conv,
+             f"model.conv is set but model.algorithm = {self.name!r} builds no conv layers (uff, "
+             "bp, cwc and deeper do); use model.hidden"),
+            (cfg.objective.input_skip and not self.supports_input_skip,
+             f"objective.input_skip = true but {self.name} does not feed the image to later "
+             "layers (sffa does); turn it off"),
+            (cfg.train.one_pass and not self.uses_negatives,
+             f"train.one_pass = true but {self.name} has no positive and negative passes to join "
+             "(ff, symba and sffa do); turn it off"),
+            (cfg.train.compile and not self.supports_compile,
+             f"train.compile = true but {self.name} has no compiled step (ff, symba, sffa and "
+             "mono do); turn it off"),
+        ]:
+            if refused:
+                raise ConfigError(message)
 
     @property
     def input_dim(self) -> int:

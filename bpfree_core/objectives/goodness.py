@@ -160,8 +160,15 @@ class GoodnessLayer(LocalLayer):
     def forward_loss(self, x_pos: torch.Tensor, codes_pos: torch.Tensor | None, x_neg: torch.Tensor,
                      codes_neg: torch.Tensor | None
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Metrics]:
-        """Both roles' activations, the loss and its metrics: the part train.compile fuses."""
-        y_pos, y_neg = self.forward_role(x_pos, codes_pos), self.forward_role(x_neg, codes_neg)
+        """Both roles' activations, the loss and its metrics: the part train.compile fuses. With
+        train.one_pass both roles go through as one batch of 2B rows: one matmul forward and one
+        for the weights' gradient (whose inner size doubles) instead of two each plus a sum."""
+        if not self.cfg.train.one_pass:
+            y_pos, y_neg = self.forward_role(x_pos, codes_pos), self.forward_role(x_neg, codes_neg)
+        else:
+            codes = None if codes_pos is None else torch.cat([codes_pos, codes_neg])
+            y_pos, y_neg = self.forward_role(torch.cat([x_pos, x_neg]), codes).split(
+                [x_pos.shape[0], x_neg.shape[0]])                          # (B, D_out) each
         return (y_pos, y_neg, *self.loss(y_pos, y_neg))
 
     def train_step(self, packet: Packet) -> tuple[Packet, Metrics]:
