@@ -37,11 +37,10 @@ from bpfree_core.config import load_config
 from bpfree_core.data import load_dataset
 from bpfree_core.metrics import RunningMeans
 from bpfree_core.model import Stage, build_layers, build_objective
+from bpfree_core.objectives import registered
 from bpfree_core.runtime import set_threads
 
 CEILING_OBJECTIVES = ("ff", "symba", "mono", "sffa", "ffcl", "uff", "deeper", "bp")
-COMPILED_OBJECTIVES = ("ff", "symba", "sffa", "mono")   # train.compile
-ONE_PASS_OBJECTIVES = ("ff", "symba", "sffa")           # train.one_pass
 
 VARIANTS = {"before": ("single", True), "foreach": ("foreach", False), "fused": ("fused", False)}
 
@@ -108,13 +107,10 @@ def ceiling_row(data_dir: str, algorithm: str, width: int, batches: int, repeats
     packets = list(train_packets(build_objective(cfg), split.subset(slice(0, batches * 100)), cfg,
                                  epoch=0))
     flops = step_flops(Stage(build_layers(cfg)), packets[0])
-    if compiled:   # one stack, compiled on its first steps and then timed, as a run would use it
-        stage = Stage(build_layers(cfg.with_overrides(["train.compile=true"])))
-        measure(cfg, packets[:3], kernels, False, stage)
-        best = min(measure(cfg, packets, kernels, False, stage) for _ in range(repeats))
-    else:
-        measure(cfg, packets[:3], kernels, False)   # warm-up
-        best = min(measure(cfg, packets, kernels, False) for _ in range(repeats))
+    # compiled: one stack, compiled during the warm-up and then timed, as a run would use it
+    stage = Stage(build_layers(cfg.with_overrides(["train.compile=true"]))) if compiled else None
+    measure(cfg, packets[:3], kernels, False, stage)   # warm-up
+    best = min(measure(cfg, packets, kernels, False, stage) for _ in range(repeats))
     achieved = flops * len(packets) / best
     return {"algorithm": algorithm, "width": width, "kernels": variant,
             "settings": " ".join(extra), "samples_per_second": len(packets) * 100 / best,
@@ -131,8 +127,9 @@ def run_ceiling(data_dir: str, widths: list[int], objectives: list[str], batches
     for w in widths:
         for a in objectives:
             for k in kernels:   # the ceiling right before each row: these machines drift
-                if ("+compile" in k and a not in COMPILED_OBJECTIVES
-                        or "+one_pass" in k and a not in ONE_PASS_OBJECTIVES):
+                rule = registered()[a]   # the variants an objective refuses are skipped
+                if ("+compile" in k and not rule.supports_compile
+                        or "+one_pass" in k and not rule.uses_negatives):
                     continue
                 ceiling = matmul_flops(threads=1, seconds=0.5)
                 rows.append({**ceiling_row(data_dir, a, w, batches, repeats, ceiling, k),

@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bpfree_core.checkpoint import atomic_write_bytes
 from bpfree_core.errors import ConfigError, DataError
 from bpfree_core.readers import check, fingerprint, is_user_dataset, reader, sample_shape, source_files
 from bpfree_core.seeds import generator
@@ -211,12 +212,18 @@ def _fetch(url: str, dest: Path, md5: str) -> None:
             os.unlink(tmp)
 
 
-def _idx_length(raw: bytearray, magic: int) -> int:
-    """The byte length an IDX file with this header should have (-1: not this IDX kind)."""
-    if len(raw) < 16 or struct.unpack(">I", raw[:4])[0] != magic:
-        return -1
-    count, rows, cols = struct.unpack(">III", raw[4:16])
-    return 16 + count * rows * cols if magic == 2051 else 8 + count
+def _idx_header(raw: bytearray, magic: int) -> tuple[int, tuple[int, ...]] | None:
+    """(header bytes, declared shape) of IDX bytes of kind `magic` (2051 images, 2049 labels);
+    None where the bytes are too short for that header or of another kind."""
+    size = 16 if magic == 2051 else 8
+    if len(raw) < size or struct.unpack(">I", raw[:4])[0] != magic:
+        return None
+    return size, struct.unpack(">III" if magic == 2051 else ">I", raw[4:size])
+
+
+def _whole(raw: bytearray, magic: int) -> bool:
+    header = _idx_header(raw, magic)
+    return header is not None and len(raw) == header[0] + int(np.prod(header[1]))
 
 
 def _decompressed(path: Path, magic: int, md5: str) -> bytearray:
@@ -226,7 +233,7 @@ def _decompressed(path: Path, magic: int, md5: str) -> bytearray:
     try:
         with open(cached, "rb") as fh:
             raw = bytearray(os.fstat(fh.fileno()).st_size)
-            if fh.readinto(raw) == len(raw) == _idx_length(raw, magic):
+            if fh.readinto(raw) == len(raw) and _whole(raw, magic):
                 return raw
     except OSError:
         pass
@@ -241,33 +248,22 @@ def _decompressed(path: Path, magic: int, md5: str) -> bytearray:
 
 def _keep(cached: Path, raw: bytearray) -> None:
     """Write the decoded copy atomically; a cache that cannot be written is only skipped."""
-    tmp = None
     try:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=cached.parent, suffix=".part", delete=False) as fh:
-            tmp = fh.name
-            fh.write(raw)
-        os.replace(tmp, cached)   # a reader never sees half a file
+        atomic_write_bytes(cached, raw)
     except OSError as exc:
         log.debug("decoded copy %s not kept (%s)", cached, exc)
-        if tmp and os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _read_idx(path: Path, magic: int, md5: str) -> np.ndarray:
     raw = _decompressed(path, magic, md5)
-    if len(raw) < 8:
-        raise DataError(f"{path} holds {len(raw)} bytes, too few for an IDX header: truncated")
-    got, count = struct.unpack(">II", raw[:8])
+    got = struct.unpack(">I", raw[:4])[0] if len(raw) >= 4 else magic
     if got != magic:
         raise DataError(f"{path} has IDX magic {got}, expected {magic}: wrong or corrupt file")
-    if magic == 2051:
-        rows, cols = struct.unpack(">II", raw[8:16])
-        data = np.frombuffer(raw, dtype=np.uint8, offset=16)
-        shape: tuple[int, ...] = (count, rows, cols)
-    else:
-        data = np.frombuffer(raw, dtype=np.uint8, offset=8)
-        shape = (count,)
+    header = _idx_header(raw, magic)
+    if header is None:
+        raise DataError(f"{path} holds {len(raw)} bytes, too few for an IDX header: truncated")
+    size, shape = header
+    data = np.frombuffer(raw, dtype=np.uint8, offset=size)
     if data.size != int(np.prod(shape)):
         raise DataError(f"{path} holds {data.size} values, its header says {shape}: truncated")
     return data.reshape(shape)

@@ -239,8 +239,9 @@ def test_a_truncated_decoded_copy_is_rebuilt_and_an_unwritable_cache_is_skipped(
     copy.write_bytes(copy.read_bytes()[:5000])   # e.g. a disk that filled up under another writer
     assert torch.equal(_fresh_load(data_dir).train.images, first.train.images)
     assert copy.stat().st_size == whole
+    assert sorted(os.listdir(decoded)) == sorted(f"{m}.idx" for m in data.SPECS["mnist"].md5.values())
     blocked = tmp_path / "a-file"
     blocked.write_text("not a directory")
     monkeypatch.setenv(data.DECODED_DIR_ENV, str(blocked / "decoded"))
     assert torch.equal(_fresh_load(data_dir).train.images, first.train.images)
-    assert not list(tmp_path.glob("**/*.part"))
+    assert sorted(os.listdir(tmp_path)) == ["a-file", "decoded"]   # no temp file left anywhere
