@@ -23,6 +23,7 @@ from bpfree_core.seeds import SEED_SPACE
 
 DATASETS = ("mnist", "fashion-mnist", "cifar10", "cifar100")   # built in; or npz: csv: folder:
 WIRE_DTYPES = ("float32", "bfloat16", "float16", "int8")
+DATA_PLANES = ("grpc", "tcp")
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")   # Ray placement-group strategies
 # Every field is one of three kinds, declared where it is defined:
 # - computed (the default): what a run computes; travels to workers and clients, is compared whole
@@ -224,6 +225,9 @@ class PipelineConfig:
     wire_dtype: str = "float32"           # activations on the wire: float32 | bfloat16 | float16 | int8
     window: int = runtime(4)              # max in-flight batches per link (backpressure)
     chunk_bytes: int = runtime(1 << 20)   # tensor chunk size on the wire (bytes)
+    data_plane: str = runtime("grpc")     # how activations travel between stages: grpc (the Push
+                                          # / Pull streams) | tcp (the same frames on a socket
+                                          # beside gRPC, ~2x faster: client/tcp_plane.py)
     rpc_timeout: float = runtime(60.0)    # deadline of one RPC (seconds)
     connect_timeout: float = runtime(30.0)  # deadline to reach a peer, retries included (seconds)
     token: str = secret("")               # shared secret checked on every RPC ("" = none)
@@ -253,6 +257,7 @@ class PipelineConfig:
             raise ConfigError(f"pipeline.stage_num_gpus = {self.stage_num_gpus}: above 1 it must be "
                               "a whole number of GPUs (fractions are for sharing one GPU)")
         _check_choice("pipeline", "wire_dtype", self.wire_dtype, WIRE_DTYPES)
+        _check_choice("pipeline", "data_plane", self.data_plane, DATA_PLANES)
         _check_positive("pipeline", "window", self.window)
         _check_positive("pipeline", "chunk_bytes", self.chunk_bytes)
         _check_positive("pipeline", "rpc_timeout", self.rpc_timeout)

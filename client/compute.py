@@ -126,7 +126,7 @@ class StageRun:
     def _open_link(self, address: str) -> Link:
         p = self.cfg.pipeline
         return Link(address, self.security, window=p.window, chunk_bytes=p.chunk_bytes,
-                    wire_dtype=p.wire_dtype, timeout=p.rpc_timeout)
+                    wire_dtype=p.wire_dtype, timeout=p.rpc_timeout, data_plane=p.data_plane)
 
     def describe(self) -> str:
         return f"stage {self.index} (layers {list(self.stage.indices)}) at {self.address}"

@@ -12,14 +12,23 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 
 import grpc
 
-from bpfree.client.transport import PULL_METHOD, PUSH_METHOD, Security, describe
-from bpfree.client.wire import WireBatch, decode_frames, encode_batch, end_frame, parse_meta, unpack_frame
+from bpfree.client.tcp_plane import PULL, PUSH, TcpCall
+from bpfree.client.transport import PULL_METHOD, PUSH_METHOD, Security, status_error
+from bpfree.client.wire import (
+    WireBatch,
+    decode_frames,
+    encode_batch_parts,
+    end_frame,
+    parse_meta,
+    unpack_frame,
+)
 from bpfree.protos import stage_pb2 as pb
-from bpfree_core.errors import BpfreeError, PeerUnavailableError, ProtocolError, StageTimeoutError
+from bpfree.protos import stage_pb2_grpc as pb_grpc
+from bpfree_core.errors import BpfreeError, StageTimeoutError
 
 log = logging.getLogger(__name__)
 
@@ -30,14 +39,27 @@ _POLL = 0.1   # seconds between checks of error/closed flags while waiting
 def rpc_exception(address: str, exc: grpc.RpcError, what: str) -> BpfreeError:
     """Turn a failed RPC into the project's error that says which peer and what happened."""
     code = exc.code() if hasattr(exc, "code") else None
-    msg = f"{what} stage worker at {address} failed: {describe(exc)}"
-    if code == grpc.StatusCode.UNAVAILABLE:
-        return PeerUnavailableError(msg + "; is the worker still running and reachable?")
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return StageTimeoutError(msg + "; raise pipeline.rpc_timeout if the stage is just slow")
-    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION):
-        return ProtocolError(msg)
-    return BpfreeError(msg)
+    detail = exc.details() if hasattr(exc, "details") else str(exc)
+    return status_error(address, code.name if code else "ERROR", detail, what)
+
+
+def _grpc_frames(call: Iterable[bytes], address: str, what: str) -> Iterator[bytes]:
+    """A gRPC stream's messages, its failure turned into the project's error."""
+    try:
+        yield from call
+    except grpc.RpcError as exc:
+        raise rpc_exception(address, exc, what) from None
+
+
+def _open_tcp(address: str, channel: grpc.Channel, security: Security, method: int,
+              request: bytes, timeout: float, what: str) -> TcpCall:
+    """A TCP data-plane call to the worker at `address`, whose port its Health reply names."""
+    try:
+        health = pb_grpc.StageControlStub(channel).Health(
+            pb.HealthRequest(), timeout=min(timeout, 30.0), metadata=security.metadata())
+    except grpc.RpcError as exc:
+        raise rpc_exception(address, exc, "Health of") from None
+    return TcpCall(address, health.data_port, security, method, request, timeout, what)
 
 
 class Link:
@@ -45,7 +67,7 @@ class Link:
 
     def __init__(self, address: str, security: Security, *, window: int, chunk_bytes: int,
                  wire_dtype: str, timeout: float, channel: grpc.Channel | None = None,
-                 on_stall: Callable[[float], None] | None = None):
+                 on_stall: Callable[[float], None] | None = None, data_plane: str = "grpc"):
         """`on_stall(seconds)` is called once per send that has waited STALL_AFTER seconds."""
         self.on_stall = on_stall
         self.address = address
@@ -53,6 +75,7 @@ class Link:
         self.chunk_bytes = chunk_bytes
         self.wire_dtype = wire_dtype
         self.timeout = timeout
+        self.data_plane = data_plane
         self.security = security
         self._own_channel = channel is None
         self._channel = channel or security.channel(address)
@@ -67,7 +90,8 @@ class Link:
         self._lock = threading.Lock()
 
     # -- sending ------------------------------------------------------------------------------
-    def _frames(self):  # noqa: ANN202 - consumed by gRPC's sender thread
+    def _frames(self) -> Iterator[list[memoryview | bytes]]:
+        """Frames (as pieces) of what send() queued, until close() or an error."""
         while True:
             try:
                 item = self._out.get(timeout=_POLL)
@@ -77,22 +101,40 @@ class Link:
                 continue
             if item is None:
                 return
-            frames = [item] if isinstance(item, bytes) else encode_batch(item, self.chunk_bytes,
-                                                                         self.wire_dtype)
-            for frame in frames:
-                self.bytes_out += len(frame)
-                yield frame
+            frames = [[item]] if isinstance(item, bytes) else encode_batch_parts(
+                item, self.chunk_bytes, self.wire_dtype)
+            for parts in frames:
+                self.bytes_out += sum(len(p) for p in parts)
+                yield parts
 
     def _open(self) -> None:
-        method = self._channel.stream_stream(PUSH_METHOD)   # no serializers: raw bytes
-        self._call = method(self._frames(), metadata=self.security.metadata())
-        self._reader = threading.Thread(target=self._read_acks, name=f"acks-{self.address}",
-                                        daemon=True)
+        what = "data stream to"
+        if self.data_plane == "tcp":
+            self._call = _open_tcp(self.address, self._channel, self.security, PUSH, b"",
+                                   self.timeout, what)
+            threading.Thread(target=self._send_tcp, name=f"send-{self.address}",
+                             daemon=True).start()
+            acks: Iterable[bytes | memoryview] = self._call.frames()
+        else:
+            method = self._channel.stream_stream(PUSH_METHOD)   # no serializers: raw bytes
+            self._call = method((b"".join(parts) for parts in self._frames()),
+                                metadata=self.security.metadata())
+            acks = _grpc_frames(self._call, self.address, what)
+        self._reader = threading.Thread(target=self._read_acks, args=(acks,),
+                                        name=f"acks-{self.address}", daemon=True)
         self._reader.start()
 
-    def _read_acks(self) -> None:
+    def _send_tcp(self) -> None:
         try:
-            for frame in self._call:
+            for parts in self._frames():
+                self._call.send(parts)
+            self._call.send_bye()
+        except (OSError, ValueError):
+            pass   # the connection broke: the ack reader sees it too, with the worker's reason
+
+    def _read_acks(self, acks: Iterable[bytes | memoryview]) -> None:
+        try:
+            for frame in acks:
                 kind, meta, _ = unpack_frame(frame)
                 if kind == pb.ACK:
                     parse_meta(pb.Ack, meta, "ack")
@@ -101,11 +143,9 @@ class Link:
                     self._credit.release()
             if not self._closed:
                 self._error = BpfreeError(f"stage worker at {self.address} ended the data stream")
-        except grpc.RpcError as exc:
-            if not self._closed:
-                self._error = rpc_exception(self.address, exc, "data stream to")
         except BpfreeError as exc:
-            self._error = exc
+            if not self._closed:
+                self._error = exc
 
     def _check(self) -> None:
         if self._error is not None:
@@ -161,28 +201,32 @@ class Link:
 class PullReader:
     """Reads the last stage's output (eval packets, end-of-epoch markers) into a queue."""
 
-    def __init__(self, address: str, channel: grpc.Channel, security: Security, run_id: str):
+    def __init__(self, address: str, channel: grpc.Channel, security: Security, run_id: str,
+                 data_plane: str = "grpc", timeout: float = 30.0):
         self.address = address
         self._items: queue.Queue[WireBatch | pb.EndOfEpoch] = queue.Queue()
         self._error: BpfreeError | None = None
         self._closed = False
-        method = channel.unary_stream(PULL_METHOD)
-        self._call = method(pb.PullRequest(run_id=run_id).SerializeToString(),
-                            metadata=security.metadata())
-        self._thread = threading.Thread(target=self._run, name=f"pull-{address}", daemon=True)
+        request, what = pb.PullRequest(run_id=run_id).SerializeToString(), "output stream of the last"
+        if data_plane == "tcp":
+            self._call = _open_tcp(address, channel, security, PULL, request, timeout, what)
+            frames: Iterable[bytes | memoryview] = self._call.frames()
+        else:
+            self._call = channel.unary_stream(PULL_METHOD)(request, metadata=security.metadata())
+            frames = _grpc_frames(self._call, address, what)
+        self._thread = threading.Thread(target=self._run, args=(frames,), name=f"pull-{address}",
+                                        daemon=True)
         self._thread.start()
 
-    def _run(self) -> None:
+    def _run(self, frames: Iterable[bytes | memoryview]) -> None:
         try:
-            for item in decode_frames(self._call):
+            for item in decode_frames(frames):
                 self._items.put(item)
             if not self._closed:
                 self._error = BpfreeError(f"last stage at {self.address} ended its output stream")
-        except grpc.RpcError as exc:
-            if not self._closed:
-                self._error = rpc_exception(self.address, exc, "output stream of the last")
         except BpfreeError as exc:
-            self._error = exc
+            if not self._closed:
+                self._error = exc
 
     def get(self, timeout: float, what: str) -> WireBatch | pb.EndOfEpoch:
         """The next output item; raises if the stream broke or nothing came within `timeout`."""

@@ -150,11 +150,12 @@ class Pipeline:
             self._link = Link(self.addresses[0], self.security, window=p.window,
                               chunk_bytes=p.chunk_bytes, wire_dtype=p.wire_dtype,
                               timeout=p.rpc_timeout, channel=self._channels[0],
-                              on_stall=self._report_stall)
+                              on_stall=self._report_stall, data_plane=p.data_plane)
         if self._pull is None or self._pull.error is not None:
             if self._pull is not None:
                 self._pull.close()
-            self._pull = PullReader(self.addresses[-1], self._channels[-1], self.security, self.run_id)
+            self._pull = PullReader(self.addresses[-1], self._channels[-1], self.security,
+                                    self.run_id, p.data_plane, p.connect_timeout)
         return self._link, self._pull
 
     def _report_stall(self, seconds: float) -> None:

@@ -22,7 +22,13 @@ import grpc
 
 from bpfree.protos import stage_pb2 as pb
 from bpfree.protos import stage_pb2_grpc as pb_grpc
-from bpfree_core.errors import ConfigError, PeerUnavailableError
+from bpfree_core.errors import (
+    BpfreeError,
+    ConfigError,
+    PeerUnavailableError,
+    ProtocolError,
+    StageTimeoutError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +215,18 @@ class TokenInterceptor(grpc.ServerInterceptor):
 
 # ---------------------------------------------------------------------------------------------
 # Reaching a peer
+
+
+def status_error(address: str, status: str, detail: str, what: str) -> BpfreeError:
+    """The project's error for a peer's failure with gRPC status name `status` (either plane)."""
+    msg = f"{what} stage worker at {address} failed: {status}: {detail}"
+    if status == "UNAVAILABLE":
+        return PeerUnavailableError(msg + "; is the worker still running and reachable?")
+    if status == "DEADLINE_EXCEEDED":
+        return StageTimeoutError(msg + "; raise pipeline.rpc_timeout if the stage is just slow")
+    if status in ("INVALID_ARGUMENT", "FAILED_PRECONDITION"):
+        return ProtocolError(msg)
+    return BpfreeError(msg)
 
 
 def describe(exc: grpc.RpcError) -> str:

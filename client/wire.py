@@ -63,8 +63,11 @@ def dtype_name(dtype: torch.dtype) -> str:
     return _NAME_OF[dtype]
 
 
+_ITEMSIZE = {name: torch.empty((), dtype=dt).element_size() for name, dt in DTYPES.items()}
+
+
 def _itemsize(name: str) -> int:
-    return torch.empty((), dtype=DTYPES[name]).element_size()
+    return _ITEMSIZE[name]   # looked up for every tensor of every batch: no tensor made for it
 
 
 _GRAIN = 32768   # elements: below torch's parallel grain size, so a cast runs on this thread only
@@ -137,9 +140,15 @@ def byte_view(t: torch.Tensor) -> memoryview:
 # Frames
 
 
+def frame_parts(kind: int, meta: bytes, payload: Iterable[memoryview | bytes] = ()
+                ) -> list[memoryview | bytes]:
+    """One frame as pieces to send back to back: fixed header + meta, then the payload views."""
+    return [_HEADER.pack(MAGIC, PROTOCOL_VERSION, kind, len(meta)) + meta, *payload]
+
+
 def pack_frame(kind: int, meta: bytes, payload: Iterable[memoryview | bytes] = ()) -> bytes:
     """One frame as a single bytes object (the one copy on the send side)."""
-    return b"".join([_HEADER.pack(MAGIC, PROTOCOL_VERSION, kind, len(meta)), meta, *payload])
+    return b"".join(frame_parts(kind, meta, payload))
 
 
 def unpack_frame(frame: bytes) -> tuple[int, memoryview, memoryview]:
@@ -213,6 +222,14 @@ def _wire_tensor(name: str, t: torch.Tensor, wire_dtype: str) -> tuple[pb.Tensor
 
 def encode_batch(batch: WireBatch, chunk_bytes: int, wire_dtype: str = "float32") -> Iterator[bytes]:
     """Frames of one batch: BATCH (header + first bytes), then CHUNKs of <= chunk_bytes payload."""
+    for parts in encode_batch_parts(batch, chunk_bytes, wire_dtype):
+        yield b"".join(parts)
+
+
+def encode_batch_parts(batch: WireBatch, chunk_bytes: int, wire_dtype: str = "float32",
+                       ) -> Iterator[list[memoryview | bytes]]:
+    """encode_batch's frames as `frame_parts` pieces, the payload still views of the tensors: a
+    socket's sendmsg sends them without the join's copy (client/tcp_plane.py)."""
     if wire_dtype not in WIRE_FLOATS:
         raise ConfigError(f"pipeline.wire_dtype = {wire_dtype!r}; choose one of {', '.join(WIRE_FLOATS)}")
     metas, views = [], []
@@ -235,12 +252,12 @@ def encode_batch(batch: WireBatch, chunk_bytes: int, wire_dtype: str = "float32"
             pos += take
             room -= take
             if room == 0:
-                yield pack_frame(kind, meta, pieces)
+                yield frame_parts(kind, meta, pieces)
                 offset += chunk_bytes
                 kind, pieces, room = pb.CHUNK, [], chunk_bytes
                 meta = pb.ChunkHeader(seq=batch.seq, offset=offset).SerializeToString()
     if pieces or kind == pb.BATCH:  # the rest, or an empty batch's header
-        yield pack_frame(kind, meta, pieces)
+        yield frame_parts(kind, meta, pieces)
 
 
 def _check_tensor_meta(m: pb.TensorMeta, seen: set[str]) -> None:

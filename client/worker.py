@@ -18,7 +18,7 @@ import math
 import os
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 
 import grpc
@@ -26,6 +26,7 @@ import torch
 
 from bpfree.client.admission import Admission, StateError
 from bpfree.client.compute import StageRun
+from bpfree.client.tcp_plane import FrameServer
 from bpfree.client.transport import (
     IDLE_TIMEOUT,
     RateLimitedLog,
@@ -60,8 +61,13 @@ _REJECTED = RateLimitedLog(log)   # a fuzzer or a broken peer must not flood the
 class StageWorker(pb_grpc.StageControlServicer):
     """The RPC handlers (control + raw data plane) of one stage worker."""
 
-    def __init__(self, device: str, security: Security, address: str = "", threads: int = 0):
+    def __init__(self, device: str, security: Security, address: str = "", threads: int = 0,
+                 data_listen: str = ""):
+        """`data_listen`: HOST:PORT of the TCP data plane, opened when a run asks for it ("" = the
+        host of `address`, any free port)."""
         self.default_device = device
+        self.data_listen = data_listen
+        self.frame_server: FrameServer | None = None
         self.threads = threads or torch.get_num_threads()   # the compute thread's (0 = ours now)
         self.security = security
         self.address = address
@@ -79,17 +85,7 @@ class StageWorker(pb_grpc.StageControlServicer):
 
     @staticmethod
     def _abort(context: grpc.ServicerContext, exc: Exception) -> None:
-        if isinstance(exc, StateError):
-            code = grpc.StatusCode.FAILED_PRECONDITION
-        elif isinstance(exc, LimitError):
-            code = grpc.StatusCode.RESOURCE_EXHAUSTED
-        elif isinstance(exc, ProtocolError | ConfigError):
-            code = grpc.StatusCode.INVALID_ARGUMENT
-        elif isinstance(exc, PeerUnavailableError):
-            code = grpc.StatusCode.UNAVAILABLE
-        else:
-            code = grpc.StatusCode.INTERNAL
-        context.abort(code, str(exc))
+        context.abort(status_of(exc), str(exc))
 
     # -- control plane --------------------------------------------------------------------------
     def Configure(self, request: pb.ConfigureRequest, context: grpc.ServicerContext) -> pb.ConfigureReply:
@@ -103,6 +99,11 @@ class StageWorker(pb_grpc.StageControlServicer):
                         request.run_id, lambda header: check_schema(header, run.schema))
                 if old is not None:
                     old.stop(grace=5.0)
+                if run.cfg.pipeline.data_plane == "tcp" and self.frame_server is None:
+                    self.frame_server = FrameServer(
+                        self.data_listen or f"{self.address.rpartition(':')[0] or '127.0.0.1'}:0",
+                        self.security, self.push_stream, self.pull_stream,
+                        lambda exc: status_of(exc).name)
                 run.start()
         except (BpfreeError, ValueError) as exc:
             self._abort(context, exc if isinstance(exc, BpfreeError) else ConfigError(str(exc)))
@@ -203,55 +204,81 @@ class StageWorker(pb_grpc.StageControlServicer):
             status="SERVING", host=socket.gethostname(), pid=os.getpid(),
             device=str(run.stage.device) if run else self.default_device,
             layers=list(run.stage.indices) if run else [], run_id=run.run_id if run else "",
-            protocol_version=PROTOCOL_VERSION)
+            protocol_version=PROTOCOL_VERSION,
+            data_port=self.frame_server.port if self.frame_server else 0)
 
-    # -- data plane -----------------------------------------------------------------------------
+    # -- data plane (gRPC here; client.tcp_plane calls push_stream / pull_stream directly) -------
     def push(self, frames: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
-        """Bidi Push handler: reassemble and check batches, enqueue them, ack each one."""
+        """Bidi Push handler."""
+        try:
+            yield from self.push_stream(frames, context.is_active, context.peer())
+        except BpfreeError as exc:
+            self._abort(context, exc)
+
+    def push_stream(self, frames: Iterator[bytes | memoryview], alive: Callable[[], bool],
+                    peer: str) -> Iterator[bytes]:
+        """Reassemble and check the upstream's batches, enqueue them, yield an ack for each."""
         adm = self.admission
         try:
             for item in decode_frames(self._count_in(frames), admit=adm.admit):
                 run = self._require()
                 if isinstance(item, WireBatch):
                     adm.commit(item.run_id, item.seq, item.kind, item.epoch)
-                    run.enqueue(item, context.is_active)
+                    run.enqueue(item, alive)
                     yield ack_frame(item.seq)
                 else:
-                    run.enqueue(adm.admit_end(item), context.is_active)
+                    run.enqueue(adm.admit_end(item), alive)
         except BpfreeError as exc:
-            _REJECTED.warning("rejected data stream from %s: %s", context.peer(), exc)
-            self._abort(context, exc)
+            _REJECTED.warning("rejected data stream from %s: %s", peer, exc)
+            raise
 
-    def _count_in(self, frames: Iterator[bytes]) -> Iterator[bytes]:
+    def _count_in(self, frames: Iterator[bytes | memoryview]) -> Iterator[bytes | memoryview]:
         for frame in frames:
             if self.run is not None:
                 self.run.counters.bytes_in += len(frame)
             yield frame
 
     def pull(self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
-        """Server-stream Pull handler: the last stage's eval outputs and end markers."""
+        """Server-stream Pull handler."""
         try:
-            req = parse_meta(pb.PullRequest, memoryview(request), "pull")
-            run = self._require(req.run_id)
-            if run.link is not None:
-                raise StateError(f"{self._describe()} is not the last stage; pull from the last one")
-            with self.admission.lock:
-                if run.pulling:
-                    raise StateError("another driver is already pulling this stage's output")
-                run.pulling = True
+            yield from self.pull_stream(request, context.is_active)
         except BpfreeError as exc:
             self._abort(context, exc)
+
+    def pull_stream(self, request: bytes, alive: Callable[[], bool]) -> Iterator[bytes]:
+        """The last stage's eval outputs and end markers, for the one driver that pulls."""
+        req = parse_meta(pb.PullRequest, memoryview(request), "pull")
+        run = self._require(req.run_id)
+        if run.link is not None:
+            raise StateError(f"{self._describe()} is not the last stage; pull from the last one")
+        with self.admission.lock:
+            if run.pulling:
+                raise StateError("another driver is already pulling this stage's output")
+            run.pulling = True
         try:
-            yield from run.output_frames(context.is_active)
-        except BpfreeError as exc:
-            self._abort(context, exc)
+            yield from run.output_frames(alive)
         finally:
             with self.admission.lock:
                 run.pulling = False
 
     def shutdown(self) -> None:
+        if self.frame_server is not None:
+            self.frame_server.close()
         if self.run is not None:
             self.run.stop()   # no draining: the process is going away
+
+
+def status_of(exc: BaseException) -> grpc.StatusCode:
+    """The status a stage answers a failed request with (both data planes use the names)."""
+    if isinstance(exc, StateError):
+        return grpc.StatusCode.FAILED_PRECONDITION
+    if isinstance(exc, LimitError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if isinstance(exc, ProtocolError | ConfigError):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    if isinstance(exc, PeerUnavailableError):
+        return grpc.StatusCode.UNAVAILABLE
+    return grpc.StatusCode.INTERNAL
 
 
 def build_server(worker: StageWorker, listen: str, security: Security,

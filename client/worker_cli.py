@@ -17,6 +17,9 @@ log = logging.getLogger(__name__)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--listen", default="127.0.0.1:0",
                         help="HOST:PORT to serve on (port 0 = pick a free one; see --port-file)")
+    parser.add_argument("--data-listen", default="",
+                        help="HOST:PORT of the TCP data plane, opened when a run sets "
+                             "pipeline.data_plane = tcp (default: --listen's host, any free port)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for this stage")
     parser.add_argument("--token", default=os.environ.get("BPFREE_TOKEN", ""),
@@ -54,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
     device = str(resolve_device(args.device))   # fail now, clearly, if the GPU is missing
     security = Security(token=args.token, tls_cert=args.tls_cert, tls_key=args.tls_key,
                         tls_ca=args.tls_ca)
-    worker = StageWorker(device, security, threads=max(args.threads, 0))
+    worker = StageWorker(device, security, threads=max(args.threads, 0),
+                         data_listen=args.data_listen)
     if not 0 < args.idle_timeout < float("inf"):
         from bpfree_core.errors import ConfigError
 

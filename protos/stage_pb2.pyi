@@ -239,7 +239,7 @@ class HealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HealthReply(_message.Message):
-    __slots__ = ("status", "host", "pid", "device", "layers", "run_id", "protocol_version")
+    __slots__ = ("status", "host", "pid", "device", "layers", "run_id", "protocol_version", "data_port")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
@@ -247,6 +247,7 @@ class HealthReply(_message.Message):
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DATA_PORT_FIELD_NUMBER: _ClassVar[int]
     status: str
     host: str
     pid: int
@@ -254,4 +255,5 @@ class HealthReply(_message.Message):
     layers: _containers.RepeatedScalarFieldContainer[int]
     run_id: str
     protocol_version: int
-    def __init__(self, status: _Optional[str] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ..., device: _Optional[str] = ..., layers: _Optional[_Iterable[int]] = ..., run_id: _Optional[str] = ..., protocol_version: _Optional[int] = ...) -> None: ...
+    data_port: int
+    def __init__(self, status: _Optional[str] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ..., device: _Optional[str] = ..., layers: _Optional[_Iterable[int]] = ..., run_id: _Optional[str] = ..., protocol_version: _Optional[int] = ..., data_port: _Optional[int] = ...) -> None: ...

@@ -17,6 +17,7 @@ import torch
 
 from bpfree.client.pipeline import Pipeline
 from bpfree.client.supervisor import launch_workers, stop_processes
+from bpfree.protos import stage_pb2 as pb
 from bpfree_core.batches import train_packets
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.data import load_dataset
@@ -140,6 +141,53 @@ def test_one_pass_pipeline_matches_reference_exactly(data_dir: Path, tmp_path: P
     # the two halves (views of one tensor) over the wire.
     _assert_pipeline_equals_reference(_cfg(data_dir, "model.algorithm=symba", "pipeline.stages=2",
                                            "train.epochs=1", "train.one_pass=true"), tmp_path)
+
+
+def test_tcp_data_plane_pipeline_matches_reference_exactly(data_dir: Path, tmp_path: Path) -> None:
+    # pipeline.data_plane = tcp: stage-to-stage pushes and the driver's pull on sockets beside gRPC.
+    _assert_pipeline_equals_reference(_cfg(data_dir, "pipeline.stages=3", "train.predict=both",
+                                           "pipeline.data_plane=tcp"), tmp_path)
+
+
+def test_tcp_data_plane_with_tls_and_token_across_worker_processes(data_dir: Path,
+                                                                   tmp_path: Path) -> None:
+    """`bpfree worker --tls-cert --tls-key --tls-ca --data-listen` x 2: activations cross both
+    data-plane sockets under TLS with the token checked, and the weights are the reference's."""
+    import socket
+    import subprocess
+    import sys
+
+    from bpfree.client.supervisor import REPO_ROOT, wait_port, worker_env
+    from tests.test_worker import _self_signed
+
+    cert, key = _self_signed(tmp_path)
+    with socket.socket() as probe:   # a free port for --data-listen
+        probe.bind(("127.0.0.1", 0))
+        data_port = probe.getsockname()[1]
+    env = {**worker_env(1), "BPFREE_TOKEN": "tcp-token"}
+    procs, addresses = [], []
+    try:
+        for s in range(2):
+            port_file = tmp_path / f"port{s}"
+            extra = ["--data-listen", f"127.0.0.1:{data_port}"] if s == 1 else []
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "bpfree", "worker", "--tls-cert", str(cert), "--tls-key",
+                 str(key), "--tls-ca", str(cert), "--port-file", str(port_file), *extra],
+                cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            addresses.append(f"127.0.0.1:{wait_port(procs[-1], port_file, tmp_path / 'x', 60)}")
+        cfg = _cfg(data_dir, "pipeline.stages=2", "train.epochs=1", "pipeline.data_plane=tcp",
+                   f"pipeline.tls_ca={cert}", "pipeline.token=tcp-token")
+        data = load_dataset("mnist", data_dir)
+        split = limited(data.train, cfg.train.train_limit)
+        objective = build_objective(cfg)
+        with Pipeline.connect(cfg, addresses) as pipe:
+            pipe.train_epoch(train_packets(objective, split, cfg, 0), 0, 1)
+            weights = pipe.get_weights()
+            assert pipe._stubs[1].Health(pb.HealthRequest(), timeout=5,
+                                         metadata=pipe.security.metadata()).data_port == data_port
+    finally:
+        stop_processes(procs)
+    _assert_identical(weights, reference(cfg, tmp_path)["weights"])
 
 
 def test_sffa_input_skip_pipeline_matches_reference_exactly(data_dir: Path, tmp_path: Path) -> None:

@@ -118,16 +118,10 @@ def _overflowing_shape(header: pb.BatchHeader) -> None:
     header.tensors[0].nbytes = 0
 
 
-def test_bad_streams_are_rejected_and_good_ones_still_train(served: Served, packets, data_dir) -> None:
-    cfg = _cfg(data_dir)
-    good = _batch_frames(packets[0], 0)
-    # Before Configure: nothing is accepted.
-    _expect(grpc.StatusCode.FAILED_PRECONDITION, "not configured", served.push, good)
-    served.configure(cfg, [0, 1])
-    _expect(grpc.StatusCode.FAILED_PRECONDITION, "call StartEpoch first", served.push, good)
-    served.stub.StartEpoch(pb.EpochRequest(run_id=RUN, epoch=0, total_epochs=1), timeout=5)
-
-    bad_streams = {
+def bad_streams(packets: list[dict[str, torch.Tensor]], good: list[bytes],
+                ) -> dict[str, tuple[list[bytes], grpc.StatusCode, str]]:
+    """Malformed or unwelcome Push streams: name -> (frames, the status, words of the reason)."""
+    return {
         "garbage": ([b"GET / HTTP/1.1\r\n\r\n"], grpc.StatusCode.INVALID_ARGUMENT, "does not speak"),
         "wrong dtype": (_mutated_header(good, lambda h: setattr(h.tensors[0], "dtype", 42)),
                         grpc.StatusCode.INVALID_ARGUMENT, "unknown dtype 42"),
@@ -155,7 +149,18 @@ def test_bad_streams_are_rejected_and_good_ones_still_train(served: Served, pack
         "early end": ([end_frame(RUN, 0, 3)], grpc.StatusCode.INVALID_ARGUMENT,
                       "says 3 batches were sent but 0 arrived"),
     }
-    for name, (frames, code, match) in bad_streams.items():
+
+
+def test_bad_streams_are_rejected_and_good_ones_still_train(served: Served, packets, data_dir) -> None:
+    cfg = _cfg(data_dir)
+    good = _batch_frames(packets[0], 0)
+    # Before Configure: nothing is accepted.
+    _expect(grpc.StatusCode.FAILED_PRECONDITION, "not configured", served.push, good)
+    served.configure(cfg, [0, 1])
+    _expect(grpc.StatusCode.FAILED_PRECONDITION, "call StartEpoch first", served.push, good)
+    served.stub.StartEpoch(pb.EpochRequest(run_id=RUN, epoch=0, total_epochs=1), timeout=5)
+
+    for name, (frames, code, match) in bad_streams(packets, good).items():
         try:
             _expect(code, match, served.push, frames)
         except AssertionError as exc:
