@@ -225,9 +225,10 @@ class PipelineConfig:
     wire_dtype: str = "float32"           # activations on the wire: float32 | bfloat16 | float16 | int8
     window: int = runtime(4)              # max in-flight batches per link (backpressure)
     chunk_bytes: int = runtime(1 << 20)   # tensor chunk size on the wire (bytes)
-    data_plane: str = runtime("grpc")     # how activations travel between stages: grpc (the Push
-                                          # / Pull streams) | tcp (the same frames on a socket
-                                          # beside gRPC, ~2x faster: client/tcp_plane.py)
+    data_plane: str = runtime("tcp")      # how activations travel between stages: tcp (the
+                                          # frames on a socket beside gRPC: client/tcp_plane.py;
+                                          # a second port per worker, --data-listen) | grpc (the
+                                          # Push / Pull streams on the gRPC port; ~2.5x slower)
     rpc_timeout: float = runtime(60.0)    # deadline of one RPC (seconds)
     connect_timeout: float = runtime(30.0)  # deadline to reach a peer, retries included (seconds)
     token: str = secret("")               # shared secret checked on every RPC ("" = none)

@@ -2,7 +2,7 @@
 
 The actor is only a host: it starts the same StageWorker + build_server that `bpfree worker`
 runs, on the node Ray placed it on, and reports the address it serves. Activations between
-stages still travel over the project's gRPC data plane (not Ray's object store), so a stage
+stages still travel over the project's data plane (not Ray's object store), so a stage
 behaves the same whether a shell, a SuperNode or Ray started it.
 
 The device comes from what Ray assigned to this actor, never from a fixed index: Ray narrows

@@ -42,6 +42,7 @@ _RECORD = struct.Struct("<BI")
 _HELLO = struct.Struct("<4sBH")            # magic, method, token length
 MAX_RECORD_BYTES = 64 << 20                # one frame: a chunk (<= 32 MiB) plus its headers
 HELLO_TIMEOUT = 10.0                       # seconds a new connection has to say who it is
+MAX_CONNECTIONS = 64                       # open at once per worker (a real pipeline needs 2)
 _POLL = 0.2                                # seconds between checks of the stop flag
 
 Parts = list[memoryview | bytes]
@@ -84,11 +85,14 @@ class RecordReader:
         self.sock = sock
         self._buf = bytearray(1 << 16)
         self._head = bytearray(_RECORD.size)
+        # One syscall for a whole body where the socket allows it (TLS sockets take no flags):
+        # a 1 MiB frame otherwise arrives in dozens of recv calls, each a trip through Python.
+        self._flags = 0 if isinstance(sock, ssl.SSLSocket) else socket.MSG_WAITALL
 
     def _fill(self, view: memoryview) -> bool:
         got = 0
         while got < len(view):
-            n = self.sock.recv_into(view[got:])
+            n = self.sock.recv_into(view[got:], len(view) - got, self._flags)
             if n == 0:
                 if got:
                     raise ProtocolError(f"the connection closed inside a record ({got} of "
@@ -168,7 +172,17 @@ class FrameServer:
                 continue
             except OSError:
                 return
-            threading.Thread(target=self._serve, args=(conn, f"{peer[0]}:{peer[1]}"),
+            with self._lock:
+                full = len(self._conns) >= MAX_CONNECTIONS
+                peek = None if full else conn.dup()   # the same socket; close() ends it by this
+                if peek is not None:
+                    self._conns.add(peek)
+            if peek is None:   # a flood of strangers must not become a flood of threads
+                self._rejected.warning("refused a TCP data-plane connection from %s:%s: %d are "
+                                       "open already", *peer[:2], MAX_CONNECTIONS)
+                conn.close()
+                continue
+            threading.Thread(target=self._serve, args=(conn, peek, f"{peer[0]}:{peer[1]}"),
                              name="tcp-data-conn", daemon=True).start()
 
     def _hello(self, reader: RecordReader) -> tuple[int, bytes]:
@@ -188,10 +202,9 @@ class FrameServer:
                                               "the pipeline's shared token (--token / pipeline.token)")
         return method, bytes(body[_HELLO.size + token_len:])
 
-    def _serve(self, conn: socket.socket, peer: str) -> None:
-        peek = conn.dup()   # the same socket: sees the peer's FIN under TLS, and close() ends it
-        with self._lock:
-            self._conns.add(peek)
+    def _serve(self, conn: socket.socket, peek: socket.socket, peer: str) -> None:
+        """One connection; `peek` is a second handle on its socket, which sees the peer's FIN
+        even under TLS."""
         try:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)   # acks are tiny: no Nagle
             conn.settimeout(HELLO_TIMEOUT)
@@ -218,6 +231,12 @@ class FrameServer:
                 self._conns.discard(peek)
             peek.close()
             conn.close()
+
+    @property
+    def connections(self) -> int:
+        """Connections open now."""
+        with self._lock:
+            return len(self._conns)
 
     def close(self) -> None:
         """Stop accepting and end every open connection."""

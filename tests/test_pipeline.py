@@ -143,10 +143,11 @@ def test_one_pass_pipeline_matches_reference_exactly(data_dir: Path, tmp_path: P
                                            "train.epochs=1", "train.one_pass=true"), tmp_path)
 
 
-def test_tcp_data_plane_pipeline_matches_reference_exactly(data_dir: Path, tmp_path: Path) -> None:
-    # pipeline.data_plane = tcp: stage-to-stage pushes and the driver's pull on sockets beside gRPC.
+def test_grpc_data_plane_pipeline_matches_reference_exactly(data_dir: Path, tmp_path: Path) -> None:
+    # pipeline.data_plane = grpc: the frames on the gRPC Push / Pull streams instead of the TCP
+    # plane every other pipeline test uses (the default).
     _assert_pipeline_equals_reference(_cfg(data_dir, "pipeline.stages=3", "train.predict=both",
-                                           "pipeline.data_plane=tcp"), tmp_path)
+                                           "pipeline.data_plane=grpc"), tmp_path)
 
 
 def test_tcp_data_plane_with_tls_and_token_across_worker_processes(data_dir: Path,

@@ -25,6 +25,7 @@ from bpfree_core.config import ExperimentConfig
 from bpfree_core.data import load_dataset
 from bpfree_core.errors import BpfreeError, PeerUnavailableError, ProtocolError
 from bpfree_core.model import build_objective
+from tests.support import wait_until
 from tests.test_worker import RUN, Served, _batch_frames, _cfg, _self_signed, bad_streams
 
 TCP = "pipeline.data_plane=tcp"
@@ -188,3 +189,21 @@ def test_a_worker_without_the_plane_is_named() -> None:
         port = free.getsockname()[1]
     with pytest.raises(PeerUnavailableError, match="is unreachable.*pipeline.data_plane = grpc"):
         TcpCall(f"127.0.0.1:{port}", port, Security(), PUSH, timeout=5)
+
+
+def test_connections_past_the_cap_are_closed_and_the_stage_serves_on(
+        served: Served, data_dir: Path, packets, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tcp_plane, "MAX_CONNECTIONS", 2)
+    cfg = _cfg(data_dir, TCP)
+    served.configure(cfg, [0, 1])
+    port = _port(served)
+    held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(2)]
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as third:
+            assert third.recv(1) == b""   # closed at once, no thread spent on it
+    finally:
+        for sock in held:
+            sock.close()
+    wait_until("the worker to drop the closed connections",
+               lambda: served.worker.frame_server.connections == 0, timeout=10)
+    assert set(_train(served, cfg, packets))   # the stage serves on
