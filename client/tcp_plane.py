@@ -196,7 +196,7 @@ class FrameServer:
             raise _Refused("INVALID_ARGUMENT", "HELLO of another protocol version or an unknown "
                                                "method; run the same bpfree version everywhere")
         token = bytes(body[_HELLO.size:_HELLO.size + token_len])
-        if not hmac.compare_digest(token, self._token):
+        if self._token and not hmac.compare_digest(token, self._token):   # as gRPC's interceptor
             reason = "missing" if not token else "wrong"
             raise _Refused("UNAUTHENTICATED", f"{reason} access token for the TCP data plane; pass "
                                               "the pipeline's shared token (--token / pipeline.token)")
@@ -219,10 +219,12 @@ class FrameServer:
                    else self._pull(request, alive))
             for frame in out:
                 send_record(conn, FRAME, (frame,))
-        except (_Refused, BpfreeError) as exc:
-            status = exc.status if isinstance(exc, _Refused) else self._status_of(exc)
-            self._rejected.warning("refused TCP data stream from %s: %s", peer, exc)
-            _try_send_error(conn, status, str(exc))
+        except _Refused as exc:
+            self._rejected.warning("refused a TCP data-plane connection from %s: %s", peer, exc)
+            _try_send_error(conn, exc.status, str(exc))
+            _linger(peek)
+        except BpfreeError as exc:   # the stage's own refusal (it logged it): pass it on
+            _try_send_error(conn, self._status_of(exc), str(exc))
             _linger(peek)
         except (OSError, ssl.SSLError):
             pass   # the peer went away or spoke no TLS; nothing to answer
