@@ -89,9 +89,9 @@ def split_address(address: str, what: str = "address") -> tuple[str, int]:
     return host, int(port)
 
 
-def check_port_free(listen: str) -> None:
+def check_port_free(listen: str, flag: str = "--listen") -> None:
     """Refuse, naming it, a port something else already listens on (before gRPC tries and logs)."""
-    host, port = split_address(listen, "--listen")
+    host, port = split_address(listen, flag)
     if port == 0:
         return
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

@@ -63,6 +63,10 @@ def run(args: argparse.Namespace) -> int:
         from bpfree_core.errors import ConfigError
 
         raise ConfigError(f"--idle-timeout {args.idle_timeout:g} must be a positive number of seconds")
+    if args.data_listen:   # opened at the first Configure that asks for it: check it now
+        from bpfree.client.transport import check_port_free
+
+        check_port_free(args.data_listen, "--data-listen")
     server, port = build_server(worker, args.listen, security, idle_timeout=args.idle_timeout)
     host = args.listen.rsplit(":", 1)[0]
     worker.address = f"{host}:{port}"

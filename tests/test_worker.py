@@ -380,3 +380,24 @@ def test_worker_cli_serves_tls_with_token(tmp_path: Path, data_dir: Path) -> Non
         stop_processes([proc])
     out = proc.stdout.read().decode() if proc.stdout else ""
     assert "tls on, token required" in out and "pid" in out
+
+
+def test_worker_cli_refuses_a_taken_data_port_at_start(tmp_path: Path) -> None:
+    """--data-listen opens only when a run asks for the TCP plane, but a taken or malformed one
+    is refused when the worker starts, in one sentence, before it serves anything."""
+    import subprocess
+    import sys
+
+    from bpfree.client.supervisor import REPO_ROOT, worker_env
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        for spec, words in ((f"127.0.0.1:{taken.getsockname()[1]}", "is already taken"),
+                            ("nonsense", "--data-listen 'nonsense' is not HOST:PORT")):
+            done = subprocess.run([sys.executable, "-m", "bpfree", "worker", "--data-listen", spec,
+                                   "--port-file", str(tmp_path / "port")], cwd=REPO_ROOT,
+                                  env=worker_env(1), capture_output=True, text=True, timeout=60)
+            assert done.returncode == 2 and words in done.stderr, done.stderr
+            assert len(done.stderr.strip().splitlines()) == 1
+            assert not (tmp_path / "port").exists()
