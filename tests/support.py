@@ -1,5 +1,6 @@
 """What many tests share: where real MNIST comes from, a loopback HTTP mirror, waiting on a real
-condition with a deadline, and process helpers (every process started is stopped by PID)."""
+condition with a deadline, process helpers (every process started is stopped by PID), and one
+Push call on a worker's TCP data plane."""
 
 from __future__ import annotations
 
@@ -120,3 +121,21 @@ def assert_packets_close(got: dict, want: dict, tol: float = 1e-4) -> None:
             torch.testing.assert_close(got[key], w, rtol=tol, atol=tol)
         else:
             assert torch.equal(got[key], w)
+
+
+def tcp_push(address: str, port: int, security: object, frames: list[bytes]) -> list[bytes]:
+    """Send `frames` on one TCP data-plane Push call; return the worker's ack frames, or raise
+    the project's error carrying its refusal (status and sentence)."""
+    from bpfree.client.tcp_plane import PUSH, TcpCall
+
+    call = TcpCall(address, port, security, PUSH, timeout=10)
+    try:
+        try:
+            for frame in frames:
+                call.send([frame])
+            call.send_bye()
+        except OSError:
+            pass   # refused mid-stream: its ERROR record says why
+        return [bytes(f) for f in call.frames()]
+    finally:
+        call.cancel()

@@ -28,7 +28,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bpfree.client.link import PullReader
-from bpfree.client.tcp_plane import PUSH, TcpCall
 from bpfree.client.transport import PULL_METHOD, PUSH_METHOD, Security
 from bpfree.client.wire import WireBatch, decode_state, encode_batch, end_frame, pack_frame, unpack_frame
 from bpfree.client.worker import StageWorker, build_server
@@ -39,6 +38,7 @@ from bpfree_core.config import ExperimentConfig
 from bpfree_core.data import load_dataset
 from bpfree_core.errors import BpfreeError
 from bpfree_core.model import Stage, build_layers, build_objective
+from tests.support import tcp_push
 
 RUN = "fuzz-run"
 SCALE = float(os.environ.get("BPFREE_FUZZ_EXAMPLES", "1"))
@@ -155,21 +155,11 @@ def _push(target: Target, frames: list[bytes], plane: str = "grpc") -> None:
         list(target.push_rpc(iter(frames), timeout=10))
         return
     port = target.stub.Health(pb.HealthRequest(), timeout=5).data_port
-    call = TcpCall(target.address, port, Security(), PUSH, timeout=10)
     try:
-        try:
-            for frame in frames:
-                call.send([frame])
-            call.send_bye()
-        except OSError:
-            pass   # refused mid-stream: the ERROR record says why
-        for _ in call.frames():
-            pass
+        tcp_push(target.address, port, Security(), frames)
     except BpfreeError as exc:
         status, _, details = str(exc).partition("failed: ")[2].partition(": ")
         raise TcpRefusal(status or "NO STATUS", details or str(exc)) from None
-    finally:
-        call.cancel()
 
 
 def _frames(packet: dict[str, torch.Tensor], seq: int = 0, chunk: int = 4096) -> list[bytes]:

@@ -25,7 +25,7 @@ from bpfree_core.config import ExperimentConfig
 from bpfree_core.data import load_dataset
 from bpfree_core.errors import BpfreeError, PeerUnavailableError, ProtocolError
 from bpfree_core.model import build_objective
-from tests.support import wait_until
+from tests.support import tcp_push, wait_until
 from tests.test_worker import RUN, Served, _batch_frames, _cfg, _self_signed, bad_streams
 
 TCP = "pipeline.data_plane=tcp"
@@ -50,18 +50,7 @@ def _port(served: Served) -> int:
 
 
 def _tcp_push(served: Served, frames: list[bytes], security: Security | None = None) -> list[bytes]:
-    """Send `frames` on a TCP data-plane Push call; the acks, or the worker's refusal raised."""
-    call = TcpCall(served.address, _port(served), security or served.client, PUSH, timeout=10)
-    try:
-        try:
-            for frame in frames:
-                call.send([frame])
-            call.send_bye()
-        except OSError:
-            pass   # the worker refused mid-stream: its ERROR record says why
-        return [bytes(f) for f in call.frames()]
-    finally:
-        call.cancel()
+    return tcp_push(served.address, _port(served), security or served.client, frames)
 
 
 def _train(served: Served, cfg: ExperimentConfig, packets: list) -> dict[str, torch.Tensor]:
