@@ -84,17 +84,19 @@ def step_row(algorithm: str, hidden: str, batch: int, precision: str, ceiling: f
             "tflops": flops / 1e12, "fraction": flops / ceiling}
 
 
-def pipeline_row(stages: int, batch: int, batches: int = 200) -> dict[str, Any]:
+def pipeline_row(stages: int, batch: int, plane: str = "tcp", batches: int = 200) -> dict[str, Any]:
     from bpfree.client.pipeline import Pipeline
 
-    cfg = _cfg("mono", "2x500", batch, "float32", (f"pipeline.stages={stages}",))
+    cfg = _cfg("mono", "2x500", batch, "float32", (f"pipeline.stages={stages}",
+                                                     f"pipeline.data_plane={plane}"))
     packets = _packets(cfg, batches)
     with Pipeline.launch_local(cfg, device="cuda", threads=1) as pipeline:
         pipeline.train_epoch(packets[:20], 0, 2)   # warm-up: CUDA contexts, allocator
         t0 = time.perf_counter()
         pipeline.train_epoch(packets, 1, 2)
         seconds = time.perf_counter() - t0
-    return {"stages": stages, "batch": batch, "samples_per_second": len(packets) * batch / seconds}
+    return {"stages": stages, "batch": batch, "data_plane": plane,
+            "samples_per_second": len(packets) * batch / seconds}
 
 
 def run() -> dict[str, Any]:
@@ -104,6 +106,7 @@ def run() -> dict[str, Any]:
     rows += [step_row(a, h, 100, "float32", ceilings["float32"], compiled=True)   # vs eager
              for a, h in NETS[:3]]
     pipes = [pipeline_row(s, b) for s in (1, 2) for b in (100, 1000)]
+    pipes += [pipeline_row(2, b, "grpc") for b in (100, 1000)]   # where the link shows on a GPU
     return {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
             "ceilings_tflops": {k: v / 1e12 for k, v in ceilings.items()}, "steps": rows,
             "pipelines": pipes}
@@ -122,9 +125,10 @@ def table(res: dict[str, Any]) -> str:
         out.append(f"| {r['algorithm']} | {r['hidden']} | {r['batch']} | {precision} | "
                    f"{r['samples_per_second']:.0f} | {r['ms_per_layer_batch']:.3f} | "
                    f"{r['tflops']:.2f} | {r['fraction']:.0%} |")
-    out += ["", "Stage workers on this one GPU (mono 2x500, float32, loopback gRPC between them):", "",
-            "| stages | batch | samples/s |", "|---|---|---|"]
-    out += [f"| {p['stages']} | {p['batch']} | {p['samples_per_second']:.0f} |" for p in res["pipelines"]]
+    out += ["", "Stage workers on this one GPU (mono 2x500, float32, loopback between them):", "",
+            "| stages | batch | data plane | samples/s |", "|---|---|---|---|"]
+    out += [f"| {p['stages']} | {p['batch']} | {p.get('data_plane', 'grpc')} | "
+            f"{p['samples_per_second']:.0f} |" for p in res["pipelines"]]
     out += ["", "`+ train.compile` rows: the same step with each layer's forward and loss through "
             "torch.compile (timed after its warm-up compiled them), beside the eager row above.", ""]
     return "\n".join(out)

@@ -1,12 +1,15 @@
 """One pipeline stage's gRPC service: decode requests, call the stage, map errors to status codes.
 
-A stage worker has three rooms: this service (gRPC only), its admission rules (client.admission:
-the epoch / sequence / error state machine) and its compute (client.compute: the Stage, queues,
-compute thread, downstream link and counters, rebuilt by every Configure).
+A stage worker has three rooms: this service (gRPC, and the data plane's handlers, which the TCP
+plane of client.tcp_plane calls too), its admission rules (client.admission: the epoch / sequence
+/ error state machine) and its compute (client.compute: the Stage, queues, compute thread,
+downstream link and counters, rebuilt by every Configure).
 
 Threads in a worker process:
-* gRPC handler threads: control RPCs, the upstream's Push stream (decode, check, enqueue, ack),
-  and the driver's Pull stream (last stage only).
+* gRPC handler threads: control RPCs, and on the gRPC plane the upstream's Push stream (decode,
+  check, enqueue, ack) and the driver's Pull stream (last stage only).
+* on the TCP plane (the default): an accept thread and one thread per Push or Pull connection,
+  running the same push_stream / pull_stream.
 * one compute thread: inbox -> Stage.train_step / eval_step -> downstream Link (or the outbox
   that the driver pulls when this is the last stage).
 """
