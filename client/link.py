@@ -129,6 +129,9 @@ class Link:
             for parts in self._frames():
                 self._call.send(parts)
             self._call.send_bye()
+        except BpfreeError as exc:   # a batch that cannot be framed: fail the link, not hang it
+            self._error = exc
+            self._call.cancel()
         except (OSError, ValueError):
             pass   # the connection broke: the ack reader sees it too, with the worker's reason
 
@@ -141,10 +144,10 @@ class Link:
                     with self._lock:
                         self.unacked -= 1
                     self._credit.release()
-            if not self._closed:
+            if not self._closed and self._error is None:
                 self._error = BpfreeError(f"stage worker at {self.address} ended the data stream")
         except BpfreeError as exc:
-            if not self._closed:
+            if not self._closed and self._error is None:   # the first cause is the one to name
                 self._error = exc
 
     def _check(self) -> None:

@@ -15,10 +15,11 @@ import pytest
 import torch
 
 from bpfree.client import tcp_plane
+from bpfree.client.link import Link
 from bpfree.client.pipeline import Pipeline
 from bpfree.client.tcp_plane import FRAME, PUSH, RecordReader, TcpCall, send_record
 from bpfree.client.transport import Security
-from bpfree.client.wire import byte_view, end_frame, unpack_frame
+from bpfree.client.wire import WireBatch, byte_view, end_frame, unpack_frame
 from bpfree.protos import stage_pb2 as pb
 from bpfree_core.batches import train_packets
 from bpfree_core.config import ExperimentConfig
@@ -196,3 +197,18 @@ def test_connections_past_the_cap_are_closed_and_the_stage_serves_on(
     wait_until("the worker to drop the closed connections",
                lambda: served.worker.frame_server.connections == 0, timeout=10)
     assert set(_train(served, cfg, packets))   # the stage serves on
+
+
+def test_a_batch_that_cannot_be_framed_fails_the_link_with_its_reason(served: Served,
+                                                                      data_dir: Path) -> None:
+    served.configure(_cfg(data_dir, TCP), [0, 1])
+    link = Link(served.address, served.client, window=2, chunk_bytes=8192, wire_dtype="float32",
+                timeout=10, data_plane="tcp")
+    try:
+        link.send(WireBatch(RUN, 0, pb.TRAIN, 0, {"x": torch.zeros(2, 2, dtype=torch.complex64)}))
+        wait_until("the link to fail", lambda: link.error is not None, timeout=10)
+        assert "cannot be sent" in str(link.error)
+        with pytest.raises(ProtocolError, match="cannot be sent"):   # the next send says why
+            link.send(WireBatch(RUN, 1, pb.TRAIN, 0, {"x": torch.zeros(2, 2)}))
+    finally:
+        link.close()
