@@ -302,6 +302,11 @@ class TcpCall:
             raise PeerUnavailableError(
                 f"stage worker at {address} serves no TCP data plane (it was configured without "
                 "pipeline.data_plane = tcp, or runs an older bpfree)")
+        token = security.token.encode()
+        if len(token) > 0xFFFF:
+            raise ConfigError(f"pipeline.token is {len(token)} bytes; the TCP data plane carries "
+                              "at most 65535 (use a shorter token)")
+        sock = None
         try:
             sock = socket.create_connection((host, port), timeout=timeout)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -310,10 +315,13 @@ class TcpCall:
                 sock = ctx.wrap_socket(sock, server_hostname=host)
             self.sock = sock
             self._reader = RecordReader(sock)
-            token = security.token.encode()
             send_record(sock, HELLO, (_HELLO.pack(_MAGIC, method, len(token)), token, request))
             record = self._reader.read()
-        except (OSError, ssl.SSLError) as exc:
+        except (OSError, ProtocolError) as exc:   # ssl.SSLError is an OSError
+            if sock is not None:
+                sock.close()
+            if isinstance(exc, ProtocolError):
+                raise
             raise PeerUnavailableError(
                 f"the TCP data plane of stage worker at {address} (port {port}) is unreachable "
                 f"({exc}); open that port between the machines (bpfree worker --data-listen) or "
