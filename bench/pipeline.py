@@ -158,12 +158,6 @@ def _load_avg() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def _median(fn, reps: int, *args: Any):  # noqa: ANN001, ANN202 - repeat a noisy measurement
-    runs = [fn(*args) for _ in range(reps)]
-    key = (lambda r: r["float32_bytes_per_second"]) if isinstance(runs[0], dict) else (lambda r: r)
-    return sorted(runs, key=key)[len(runs) // 2]
-
-
 # The activation streams measured beside raw TCP: key -> (wire dtype, data plane, chunk bytes).
 STREAMS = {"stream_float32": ("float32", "grpc", 1 << 20),
            "stream_bfloat16": ("bfloat16", "grpc", 1 << 20),

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 import grpc
 
 from bpfree.client.tcp_plane import PULL, PUSH, TcpCall
-from bpfree.client.transport import PULL_METHOD, PUSH_METHOD, Security, status_error
+from bpfree.client.transport import PULL_METHOD, PUSH_METHOD, Security, rpc_status, status_error
 from bpfree.client.wire import (
     WireBatch,
     decode_frames,
@@ -38,9 +38,7 @@ _POLL = 0.1   # seconds between checks of error/closed flags while waiting
 
 def rpc_exception(address: str, exc: grpc.RpcError, what: str) -> BpfreeError:
     """Turn a failed RPC into the project's error that says which peer and what happened."""
-    code = exc.code() if hasattr(exc, "code") else None
-    detail = exc.details() if hasattr(exc, "details") else str(exc)
-    return status_error(address, code.name if code else "ERROR", detail, what)
+    return status_error(address, *rpc_status(exc), what)
 
 
 def _grpc_frames(call: Iterable[bytes], address: str, what: str) -> Iterator[bytes]:

@@ -229,10 +229,14 @@ def status_error(address: str, status: str, detail: str, what: str) -> BpfreeErr
     return BpfreeError(msg)
 
 
-def describe(exc: grpc.RpcError) -> str:
+def rpc_status(exc: grpc.RpcError) -> tuple[str, str]:
+    """(status name, detail) of a failed RPC."""
     code = exc.code() if hasattr(exc, "code") else None
-    detail = exc.details() if hasattr(exc, "details") else str(exc)
-    return f"{code.name if code else 'ERROR'}: {detail}"
+    return code.name if code else "ERROR", exc.details() if hasattr(exc, "details") else str(exc)
+
+
+def describe(exc: grpc.RpcError) -> str:
+    return "{}: {}".format(*rpc_status(exc))
 
 
 def wait_for_peer(
