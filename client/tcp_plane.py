@@ -12,9 +12,13 @@ their own and gRPC keeps the control plane. Each call is one connection; on it, 
     BYE    client -> worker: no more frames (a half-close would end TLS too)
     ERROR  worker -> client: gRPC status name, a newline, one sentence; then the socket closes
 
-The token is compared in constant time before anything else is read; with TLS the socket is
-wrapped with the worker's certificate and the client verifies it against pipeline.tls_ca. Frames
-go out with sendmsg straight from the tensors' memory and come in through one reused buffer.
+The worker authenticates before it allocates: a HELLO is at most MAX_HELLO_BYTES and must arrive
+whole within HELLO_TIMEOUT; its token is compared in constant time before anything else is read.
+Connections still saying hello have a room of their own (MAX_PENDING, the oldest shed for a new
+one), so strangers cannot keep a driver out; authenticated streams have theirs (MAX_CONNECTIONS),
+and a driver refused there is told why. With TLS the socket is wrapped with the worker's
+certificate and the client verifies it against pipeline.tls_ca. Frames go out with sendmsg
+straight from the tensors' memory and come in through one reused buffer.
 """
 
 from __future__ import annotations
@@ -41,8 +45,11 @@ _MAGIC = b"BFD1"
 _RECORD = struct.Struct("<BI")
 _HELLO = struct.Struct("<4sBH")            # magic, method, token length
 MAX_RECORD_BYTES = 64 << 20                # one frame: a chunk (<= 32 MiB) plus its headers
-HELLO_TIMEOUT = 10.0                       # seconds a new connection has to say who it is
-MAX_CONNECTIONS = 64                       # open at once per worker (a real pipeline needs 2)
+MAX_HELLO_BYTES = 4096                     # a HELLO's body: magic, method, the token, a small request
+MAX_TOKEN_BYTES = MAX_HELLO_BYTES - 512    # what a token may take of it
+HELLO_TIMEOUT = 10.0                       # seconds for a new connection's whole HELLO (TLS included)
+MAX_PENDING = 32                           # connections still saying hello (the oldest is shed)
+MAX_CONNECTIONS = 64                       # authenticated streams at once (a real pipeline needs 2)
 _POLL = 0.2                                # seconds between checks of the stop flag
 
 Parts = list[memoryview | bytes]
@@ -159,6 +166,7 @@ class FrameServer:
         self._push, self._pull, self._status_of = push, pull, status_of
         self._stop = threading.Event()
         self._conns: set[socket.socket] = set()
+        self._pending: dict[socket.socket, float] = {}   # peek handle -> when it connected
         self._lock = threading.Lock()
         self._rejected = RateLimitedLog(log)
         self._thread = threading.Thread(target=self._accept, name="tcp-data", daemon=True)
@@ -173,24 +181,26 @@ class FrameServer:
             except OSError:
                 return
             with self._lock:
-                full = len(self._conns) >= MAX_CONNECTIONS
-                peek = None if full else conn.dup()   # the same socket; close() ends it by this
-                if peek is not None:
-                    self._conns.add(peek)
-            if peek is None:   # a flood of strangers must not become a flood of threads
-                self._rejected.warning("refused a TCP data-plane connection from %s:%s: %d are "
-                                       "open already", *peer[:2], MAX_CONNECTIONS)
-                conn.close()
-                continue
+                shed = None
+                if len(self._pending) >= MAX_PENDING:   # strangers saying nothing: shed the oldest
+                    shed = min(self._pending, key=self._pending.__getitem__)
+                    del self._pending[shed]
+                peek = conn.dup()   # the same socket; close() ends it by this
+                self._pending[peek] = time.monotonic()
+            if shed is not None:
+                self._rejected.warning("shed a TCP data-plane connection that had not said hello: "
+                                       "%d are waiting already", MAX_PENDING)
+                _shutdown(shed)
             threading.Thread(target=self._serve, args=(conn, peek, f"{peer[0]}:{peer[1]}"),
                              name="tcp-data-conn", daemon=True).start()
 
-    def _hello(self, reader: RecordReader) -> tuple[int, bytes]:
-        record = reader.read()
-        if record is None or record[0] != HELLO or len(record[1]) < _HELLO.size:
+    def _hello(self, conn: socket.socket, deadline: float) -> tuple[int, bytes]:
+        """The HELLO, read into at most MAX_HELLO_BYTES before the deadline, its token checked."""
+        kind, size = _RECORD.unpack(_recv_exact(conn, _RECORD.size, deadline))
+        if kind != HELLO or not _HELLO.size <= size <= MAX_HELLO_BYTES:
             raise _Refused("INVALID_ARGUMENT", "the connection did not start with a bpfree data "
-                                               "plane HELLO record")
-        body = record[1]
+                                               f"plane HELLO record (of at most {MAX_HELLO_BYTES} bytes)")
+        body = _recv_exact(conn, size, deadline)
         magic, method, token_len = _HELLO.unpack_from(body)
         if magic != _MAGIC or method not in (PUSH, PULL):
             raise _Refused("INVALID_ARGUMENT", "HELLO of another protocol version or an unknown "
@@ -202,17 +212,31 @@ class FrameServer:
                                               "the pipeline's shared token (--token / pipeline.token)")
         return method, bytes(body[_HELLO.size + token_len:])
 
+    def _admit(self, peek: socket.socket) -> None:
+        """A connection that said hello moves from the waiting room to the streams, if there is room."""
+        with self._lock:
+            if peek not in self._pending:
+                raise OSError("shed while it said hello")
+            del self._pending[peek]
+            if len(self._conns) >= MAX_CONNECTIONS:
+                raise _Refused("RESOURCE_EXHAUSTED", f"this worker serves {MAX_CONNECTIONS} data "
+                               "streams already (the most it serves at once); another driver may "
+                               "be using it, or old connections linger: retry, or restart the worker")
+            self._conns.add(peek)
+
     def _serve(self, conn: socket.socket, peek: socket.socket, peer: str) -> None:
         """One connection; `peek` is a second handle on its socket, which sees the peer's FIN
         even under TLS."""
+        deadline = time.monotonic() + HELLO_TIMEOUT
         try:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)   # acks are tiny: no Nagle
             conn.settimeout(HELLO_TIMEOUT)
             if self._tls is not None:
                 conn = self._tls.wrap_socket(conn, server_side=True)
-            reader = RecordReader(conn)
-            method, request = self._hello(reader)
+            method, request = self._hello(conn, deadline)
+            self._admit(peek)
             conn.settimeout(None)
+            reader = RecordReader(conn)   # its buffer only for a connection that said hello
             send_record(conn, OK, ())
             alive = lambda: not self._stop.is_set() and _peer_open(peek)  # noqa: E731
             out = (self._push(_frames_until_bye(reader), alive, peer) if method == PUSH
@@ -227,10 +251,11 @@ class FrameServer:
             _try_send_error(conn, self._status_of(exc), str(exc))
             _linger(peek)
         except (OSError, ssl.SSLError):
-            pass   # the peer went away or spoke no TLS; nothing to answer
+            pass   # the peer went away, said nothing in time or spoke no TLS; nothing to answer
         finally:
             with self._lock:
                 self._conns.discard(peek)
+                self._pending.pop(peek, None)
             peek.close()
             conn.close()
 
@@ -245,13 +270,34 @@ class FrameServer:
         self._stop.set()
         self._sock.close()
         with self._lock:
-            conns = list(self._conns)
+            conns = [*self._conns, *self._pending]
         for conn in conns:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            _shutdown(conn)
         self._thread.join(timeout=2.0)
+
+
+def _recv_exact(conn: socket.socket, size: int, deadline: float) -> bytes:
+    """`size` bytes before `deadline` (one deadline for all of them: a peer that drips a byte at
+    a time gets no longer); TimeoutError past it, OSError if the peer closes first."""
+    buf = bytearray(size)
+    view, got = memoryview(buf), 0
+    while got < size:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("no whole HELLO in time")
+        conn.settimeout(left)
+        n = conn.recv_into(view[got:], size - got)
+        if n == 0:
+            raise OSError("closed inside its HELLO")
+        got += n
+    return bytes(buf)
+
+
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 def _frames_until_bye(reader: RecordReader) -> Iterator[memoryview]:
@@ -291,6 +337,18 @@ def _linger(raw: socket.socket, seconds: float = 1.0, limit: int = 64 << 20) -> 
 
 # -- the sender's side ------------------------------------------------------------------------------
 
+def _unreachable(address: str, port: int, exc: OSError) -> str:
+    """Why a data-plane connection failed: a port nobody answers on, or a worker that took the
+    connection and dropped it (it sheds connections that do not say hello when strangers crowd it)."""
+    if isinstance(exc, ConnectionResetError | BrokenPipeError):
+        return (f"the TCP data plane of stage worker at {address} (port {port}) accepted the "
+                f"connection and then dropped it ({exc}): it may be crowded by other connections "
+                "(its log says so) or be stopping; retry, and check who else connects to it")
+    return (f"the TCP data plane of stage worker at {address} (port {port}) is unreachable "
+            f"({exc}); open that port between the machines (bpfree worker --data-listen) or "
+            "set pipeline.data_plane = grpc")
+
+
 class TcpCall:
     """One data-plane call (PUSH or PULL) on a connection of its own."""
 
@@ -303,9 +361,9 @@ class TcpCall:
                 f"stage worker at {address} serves no TCP data plane (it was configured without "
                 "pipeline.data_plane = tcp, or runs an older bpfree)")
         token = security.token.encode()
-        if len(token) > 0xFFFF:
+        if len(token) > MAX_TOKEN_BYTES:
             raise ConfigError(f"pipeline.token is {len(token)} bytes; the TCP data plane carries "
-                              "at most 65535 (use a shorter token)")
+                              f"at most {MAX_TOKEN_BYTES} (use a shorter token)")
         sock = None
         try:
             sock = socket.create_connection((host, port), timeout=timeout)
@@ -322,10 +380,7 @@ class TcpCall:
                 sock.close()
             if isinstance(exc, ProtocolError):
                 raise
-            raise PeerUnavailableError(
-                f"the TCP data plane of stage worker at {address} (port {port}) is unreachable "
-                f"({exc}); open that port between the machines (bpfree worker --data-listen) or "
-                "set pipeline.data_plane = grpc") from None
+            raise PeerUnavailableError(_unreachable(address, port, exc)) from None
         if record is None or record[0] != OK:
             self._raise(record)
         sock.settimeout(None)

@@ -181,22 +181,91 @@ def test_a_worker_without_the_plane_is_named() -> None:
         TcpCall(f"127.0.0.1:{port}", port, Security(), PUSH, timeout=5)
 
 
-def test_connections_past_the_cap_are_closed_and_the_stage_serves_on(
+def test_silent_strangers_past_the_waiting_room_shed_the_oldest_and_the_stage_serves_on(
         served: Served, data_dir: Path, packets, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tcp_plane, "MAX_CONNECTIONS", 2)
+    monkeypatch.setattr(tcp_plane, "MAX_PENDING", 2)
     cfg = _cfg(data_dir, TCP)
     served.configure(cfg, [0, 1])
     port = _port(served)
     held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(2)]
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as third:
-            assert third.recv(1) == b""   # closed at once, no thread spent on it
+        with socket.create_connection(("127.0.0.1", port), timeout=10):
+            assert held[0].recv(1) == b""   # the oldest silent one made room, no thread kept for it
+            assert set(_train(served, cfg, packets))   # a driver gets in beside the rest
     finally:
         for sock in held:
             sock.close()
     wait_until("the worker to drop the closed connections",
                lambda: served.worker.frame_server.connections == 0, timeout=10)
-    assert set(_train(served, cfg, packets))   # the stage serves on
+
+
+def _hello_claiming(size: int) -> bytes:
+    return tcp_plane._RECORD.pack(tcp_plane.HELLO, size) + tcp_plane._HELLO.pack(b"BFD1", PUSH, 0)
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * 4096 / 2**20
+
+
+def test_a_hello_claiming_a_huge_body_is_refused_before_anything_is_allocated(
+        data_dir: Path, packets) -> None:
+    """Issue 38, case 1: 32 strangers each claimed a 64 MiB HELLO and dripped bytes; the worker
+    grew by 2 GB before it checked a token. Now the claim is refused at once, memory stays flat,
+    and the driver with the token trains beside them."""
+    served = Served(Security(token="s3cret"), client=Security(token="s3cret"))
+    strangers: list[socket.socket] = []
+    try:
+        cfg = _cfg(data_dir, TCP, "pipeline.token=s3cret")
+        served.configure(cfg, [0, 1])
+        port, before = _port(served), _rss_mb()
+        for _ in range(32):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            sock.sendall(_hello_claiming(64 << 20) + b"x")
+            strangers.append(sock)
+        for sock in strangers:
+            assert sock.recv(1) == bytes([tcp_plane.ERROR])   # told at once, not read into memory
+        assert _rss_mb() - before < 100
+        assert set(_train(served, cfg, packets))
+    finally:
+        for sock in strangers:
+            sock.close()
+        served.close()
+
+
+def test_a_hello_dripped_a_byte_at_a_time_gets_one_deadline_for_all_of_it(
+        served: Served, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tcp_plane, "HELLO_TIMEOUT", 1.0)
+    served.configure(_cfg(data_dir, TCP), [0, 1])
+    with socket.create_connection(("127.0.0.1", _port(served)), timeout=10) as slow:
+        hello, closed = _hello_claiming(1000), False
+        for i in range(40):   # a byte every 0.1 s would take 100 s; the worker closes it in ~1 s
+            try:
+                slow.sendall(hello[i:i + 1])
+            except OSError:
+                closed = True
+                break
+            slow.settimeout(0.1)
+            try:
+                closed = slow.recv(1) == b""
+            except TimeoutError:
+                continue
+            if closed:
+                break
+        assert closed
+
+
+def test_a_driver_past_the_stream_cap_is_told_why(served: Served, data_dir: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tcp_plane, "MAX_CONNECTIONS", 1)
+    served.configure(_cfg(data_dir, TCP), [0, 1])
+    port = _port(served)
+    first = TcpCall(served.address, port, served.client, PUSH, timeout=10)   # holds the one stream
+    try:
+        with pytest.raises(BpfreeError, match="serves 1 data streams already"):
+            TcpCall(served.address, port, served.client, PUSH, timeout=10)
+    finally:
+        first.cancel()
 
 
 def test_a_batch_that_cannot_be_framed_fails_the_link_with_its_reason(served: Served,
