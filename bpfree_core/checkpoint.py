@@ -2,7 +2,9 @@
 
 A checkpoint holds only tensors and plain containers (dicts, lists, numbers, strings), and it is
 read with torch's weights-only unpickler, which builds nothing else: a run directory is shared
-between people and machines, and resuming one must never run code that was put in it.
+between people and machines, and resuming one must never run code that was put in it. Before it
+is read, every entry's CRC in torch's zip format is checked, so damaged bytes are an error naming
+the file, never weights that train from garbage; NaN or infinite values are refused too.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import json
 import os
 import pickle
 import tempfile
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +59,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     and plain values (nothing in it is ever executed)."""
     if not path.is_file():
         raise DataError(f"checkpoint {path} does not exist; check the run directory")
+    check_intact(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -68,4 +73,36 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise DataError(f"checkpoint {path} cannot be read ({exc}); it is corrupt") from None
     if not isinstance(state, dict):
         raise DataError(f"checkpoint {path} holds a {type(state).__name__}, not a bpfree checkpoint")
+    bad = first_non_finite(state)
+    if bad:
+        raise DataError(f"checkpoint {path} holds NaN or infinite values ({bad}); training from it "
+                        "would go on from garbage: resume from an earlier checkpoint or start anew")
     return state
+
+
+def check_intact(path: Path) -> None:
+    """Every entry of torch's zip container matches its CRC (torch itself does not check)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            damaged = z.testzip()
+    except zipfile.BadZipFile:
+        return   # not a zip container (an old or foreign format): torch.load says what it is
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataError(f"checkpoint {path} cannot be read ({exc}); it is damaged") from None
+    if damaged is not None:
+        raise DataError(f"checkpoint {path} is damaged: its entry {damaged} fails its checksum "
+                        "(disk or copy error); restore it from a copy or resume from an earlier one")
+
+
+def first_non_finite(state: Any, where: str = "") -> str:
+    """The key of the first floating tensor holding NaN or inf in a nested state, or ""."""
+    if isinstance(state, torch.Tensor):
+        finite = not state.is_floating_point() or bool(torch.isfinite(state).all())
+        return "" if finite else where or "a tensor"
+    items = state.items() if isinstance(state, dict) else enumerate(state) \
+        if isinstance(state, list | tuple) else ()
+    for key, value in items:
+        found = first_non_finite(value, f"{where}.{key}" if where else str(key))
+        if found:
+            return found
+    return ""

@@ -13,9 +13,9 @@ Every file is MD5-checked before use. Where the files come from, in order:
 
 A decompressed copy of each checked IDX .gz is kept in `$BPFREE_DECODED_DIR` (default
 `$BPFREE_CACHE_DIR/decoded`), named by the .gz's MD5, so the next process skips gzip (~0.5 s of
-CPU per process that loads MNIST: every ClientApp, coordinator and test). It holds raw bytes
-whose IDX header and size are checked as the .gz's are; one that fails is rebuilt, and one that
-cannot be written is skipped (the run goes on from the .gz).
+CPU per process that loads MNIST: every ClientApp, coordinator and test). It holds the raw bytes
+and their CRC-32, checked on every read with the IDX header and size; one that fails is rebuilt
+from the .gz, and one that cannot be written is skipped (the run goes on from the .gz).
 
 CIFAR batches are pickles; they are read with an unpickler that builds only plain containers
 and numpy arrays, so a tampered file cannot run code.
@@ -36,6 +36,7 @@ import tarfile
 import tempfile
 import urllib.error
 import urllib.request
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -233,8 +234,12 @@ def _decompressed(path: Path, magic: int, md5: str) -> bytearray:
     try:
         with open(cached, "rb") as fh:
             raw = bytearray(os.fstat(fh.fileno()).st_size)
-            if fh.readinto(raw) == len(raw) and _whole(raw, magic):
+            read = fh.readinto(raw)
+        if read == len(raw) >= 4 and _crc_ok(raw):
+            del raw[-4:]   # the checksum trailer (an in-place shrink, no copy)
+            if _whole(raw, magic):
                 return raw
+        log.info("the decoded copy %s is damaged; decoding %s again", cached, path.name)
     except OSError:
         pass
     try:
@@ -246,10 +251,17 @@ def _decompressed(path: Path, magic: int, md5: str) -> bytearray:
     return raw
 
 
+def _crc_ok(raw: bytearray) -> bool:
+    """The last 4 bytes are the CRC-32 of the rest (a decoded copy's own check: damaged bytes in
+    the cache must never become a run that trains on garbage)."""
+    return zlib.crc32(memoryview(raw)[:-4]) == int.from_bytes(raw[-4:], "little")
+
+
 def _keep(cached: Path, raw: bytearray) -> None:
-    """Write the decoded copy atomically; a cache that cannot be written is only skipped."""
+    """Write the decoded copy (with its CRC-32 trailer) atomically; a cache that cannot be
+    written is only skipped."""
     try:
-        atomic_write_bytes(cached, raw)
+        atomic_write_bytes(cached, bytes(raw) + zlib.crc32(raw).to_bytes(4, "little"))
     except OSError as exc:
         log.debug("decoded copy %s not kept (%s)", cached, exc)
 
