@@ -123,9 +123,10 @@ def plot(res: dict[str, Any], path: Path) -> Path:
         ax.set_ylabel("training samples / s")
         ax.set_title(f"batch {batch}: measured (solid), model (dashed)")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(title="wire dtype", fontsize=8)
+        ax.legend(title="wire dtype", fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1),
+                  frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 

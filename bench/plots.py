@@ -63,9 +63,9 @@ def plot_stages(res: dict[str, Any], path: Path) -> Path:
     ax.set_title(f"Throughput vs stages (B={b['batch_size']}, W={b['width']}, "
                  f"window {b['window']})", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1), frameon=False)   # off the data
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -132,9 +132,9 @@ def plot_bytes(res: dict[str, Any], path: Path) -> Path:
     ax.set_title(f"Link traffic vs batch size (S={b['stages']}, W={b['width']}, {b['wire']})",
                  fontsize=10)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1), frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 

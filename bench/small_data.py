@@ -30,7 +30,7 @@ What it says (validation scores only choose; the test column is scored once, for
 - The MNIST recipe's 4 epochs are a few dozen steps on small data: 77% on 8x8 digits. At least
   1000 optimiser steps (84 epochs here) reach 88.7%; 250 epochs gave 89.7% in a separate run, at 3x
   the time. The defaults stretch the epochs the user did not set to >= 1000 steps, capped at 100
-  epochs (`bpfree_core/cli_train.py: MIN_STEPS, MAX_EPOCHS`).
+  epochs (`bpfree_core/schedule.py: MIN_STEPS, MAX_EPOCHS`).
 - Jitter 1 on 8x8 images costs 3 points on validation (85.7% vs 88.7%), so the default jitter
   applies only to images at least 16 pixels tall; flat features are never shifted (refused).
 - The tabular blobs are easy for every schedule (97.7%).

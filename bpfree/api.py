@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from bpfree.cli.common import SHORTCUTS
 from bpfree_core.callbacks import Callback
-from bpfree_core.cli_train import SHORTCUTS
 from bpfree_core.config import ExperimentConfig, load_config
 from bpfree_core.data import bind_data, default_cache_dir
 from bpfree_core.errors import ConfigError
@@ -45,11 +45,12 @@ class Run:
         x = torch.from_numpy(as_features(np.asarray(x)).reshape(len(x), -1))
         return scores(ScoreModel(self.config, self.weights), x)
 
-    def export(self, path: str | Path) -> Path:
-        """A TorchScript file: torch.jit.load(path)(x) -> class scores, without bpfree."""
+    def export(self, path: str | Path, fmt: str = "pt2") -> Path:
+        """A torch.export program: torch.export.load(path).module()(x) -> class scores, without
+        bpfree (`fmt="torchscript"`: torch.jit.load instead)."""
         from bpfree_core.predict import export
 
-        return export(self.config, self.weights, Path(path))
+        return export(self.config, self.weights, Path(path), fmt=fmt)
 
 
 class EarlyStopping:

@@ -21,6 +21,9 @@ from typing import Any
 from bpfree_core.errors import ConfigError
 from bpfree_core.seeds import SEED_SPACE
 
+# the rules bpfree_core.objectives ships (one module each); plug-ins and files add to them
+BUILTIN_RULES = ("ff", "symba", "sffa", "ffcl", "uff", "bp", "cwc", "mono", "deeper")
+RULE_PLUGINS = "bpfree.objectives"   # the entry-point group of installed rules
 DATASETS = ("mnist", "fashion-mnist", "cifar10", "cifar100")   # built in; or npz: csv: folder:
 WIRE_DTYPES = ("float32", "bfloat16", "float16", "int8")
 DATA_PLANES = ("grpc", "tcp")
@@ -58,6 +61,33 @@ def _check_choice(section: str, name: str, value: Any, valid: tuple[str, ...]) -
         raise ConfigError(f"{section}.{name} = {value!r} is not valid; choose one of {', '.join(valid)}")
 
 
+def is_outside_rule(name: str) -> bool:
+    """A rule named by its code's place (pkg.module:Class or path/to/rule.py:Class), not by name."""
+    return ":" in name
+
+
+def check_rule_name(name: str) -> None:
+    """model.algorithm names a built-in rule, an installed plug-in (read from the packages'
+    metadata, nothing imported) or a rule's code by its place; else one sentence. The code itself
+    is imported where the rule is built (bpfree_core.objectives.resolve), never by a config."""
+    if name in BUILTIN_RULES:
+        return
+    if is_outside_rule(name):
+        where, _, attr = name.rpartition(":")
+        module = where.endswith(".py") or all(p.isidentifier() for p in where.split("."))
+        if where and attr.isidentifier() and module:
+            return
+        raise ConfigError(f"model.algorithm = {name!r} is not pkg.module:Class or "
+                          "path/to/rule.py:Class")
+    from importlib.metadata import entry_points
+
+    plugins = {ep.name for ep in entry_points(group=RULE_PLUGINS)}
+    if name not in plugins:
+        raise ConfigError(f"model.algorithm = {name!r} is not a known rule; valid: "
+                          f"{', '.join(sorted([*BUILTIN_RULES, *plugins]))}, or your own as "
+                          "pkg.module:Class or path/to/rule.py:Class")
+
+
 def _check_positive(section: str, name: str, value: float, allow_zero: bool = False) -> None:
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{section}.{name} = {value!r} is not a finite number; give a real value")
@@ -86,9 +116,7 @@ class ModelConfig:
         where, sep, cls = self.algorithm.rpartition(":")
         if sep and where.endswith(".py") and not Path(where).is_absolute():   # every process
             object.__setattr__(self, "algorithm", f"{Path(where).resolve()}:{cls}")
-        from bpfree_core.objectives import resolve  # the registry (it imports this module)
-
-        resolve(self.algorithm)   # an unknown or unloadable rule is one sentence, here
+        check_rule_name(self.algorithm)   # its form only: a rule's code is imported where it is used
         if self.num_classes == 1 or self.num_classes < 0:
             raise ConfigError(f"model.num_classes = {self.num_classes}: give 0 (the dataset's) or >= 2")
         if ":" in self.dataset:   # your own data: bpfree_core.readers names the sources
@@ -181,6 +209,8 @@ class TrainConfig:
     validation: int = 0            # hold out the last N training images (after train_limit):
                                    # never trained on, scored every epoch/round; choose recipes
                                    # on it, not on the test set
+    patience: int = 0              # stop after N epochs without a better validation accuracy and
+                                   # end with the best epoch's weights (0 = off; needs validation)
     eval_limit: int = runtime(0)   # per-epoch test (and train) accuracy on the first N images
                                    # only; the last epoch always scores the whole test set (0 = all)
     threads: int = runtime(0)      # torch threads (0 = torch default)
@@ -202,6 +232,7 @@ class TrainConfig:
         _check_positive("train", "test_limit", self.test_limit, allow_zero=True)
         _check_positive("train", "validation", self.validation, allow_zero=True)
         _check_positive("train", "eval_limit", self.eval_limit, allow_zero=True)
+        _check_positive("train", "patience", self.patience, allow_zero=True)
         if self.train_limit and self.validation >= self.train_limit:
             raise ConfigError(f"train.validation = {self.validation} leaves nothing of "
                               f"train.train_limit = {self.train_limit} to train on; hold out fewer")

@@ -36,6 +36,7 @@ import torch
 
 from bpfree_core.batches import train_packets
 from bpfree_core.callbacks import Callback
+from bpfree_core.clock import launch_time
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.data import Dataset, Split, bind_data, load_dataset, run_spec
 from bpfree_core.diagnostics import eval_with_units
@@ -282,7 +283,7 @@ def _stream(cfg: ExperimentConfig, executor: Executor, rd: RunDir | None, progre
     memory = ReplayMemory(c.memory, cfg.train.seed) if c.strategy in MEMORY_STRATEGIES else None
     if rd is not None:
         rd.write_config(cfg)
-    start = time.perf_counter()
+    start = launch_time()
     before = [task_accuracy(executor.eval_forward, objective, task, cfg) for task in tasks]
     matrices: dict[str, list[list[float]]] = {m: [] for m in want}
     total = len(tasks) * c.epochs_per_task
@@ -326,7 +327,7 @@ def _stream(cfg: ExperimentConfig, executor: Executor, rd: RunDir | None, progre
                          weights),
         "memory": len(memory) if memory is not None else 0,
         "fingerprint": cfg.fingerprint(), **executor.describe(),
-        "wall_seconds": time.perf_counter() - start,
+        "wall_seconds": time.time() - start,
     }
     if rd is not None:
         rd.write_json("summary.json", summary)

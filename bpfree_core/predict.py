@@ -1,15 +1,16 @@
-"""Using a trained model: load a run directory's weights, score inputs, export TorchScript.
+"""Using a trained model: load a run directory's weights, score inputs, export it.
 
 `ScoreModel(cfg, weights)` is the whole prediction path in one module: the objective's input
 encoding (label pixels, class patterns, the candidate labels of goodness prediction), every
 layer's eval step and the vote summed over layers, ending in class scores (B, C) whose argmax is
-bpfree's prediction. `export` traces it to TorchScript, which loads with plain torch
-(`torch.jit.load`) where bpfree is not installed.
+bpfree's prediction. `export` writes it as a torch.export program, which loads with plain torch
+(`torch.export.load(path).module()`) where bpfree is not installed (TorchScript where asked).
 """
 
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -23,23 +24,44 @@ from bpfree_core.evaluation import EVAL_BATCH  # batch-statistics layers (cwc) s
 from bpfree_core.layers import GOODNESS, LOGITS
 from bpfree_core.model import build_layers, build_objective
 from bpfree_core.readers import as_features
+from bpfree_core.rundir import trusted_rule
 
 
-def load_run(run_dir: Path) -> tuple[ExperimentConfig, dict[str, torch.Tensor]]:
+def load_run(run_dir: Path, rule: str | None = None) -> tuple[ExperimentConfig, dict[str, torch.Tensor]]:
     """A run directory's config and final weights (train/pipeline: checkpoint.pt or weights.pt;
-    federated: the latest round checkpoint)."""
+    federated: the latest round checkpoint). A rule the config names by its code's place is
+    built only if `rule` names the same code (rundir.trusted_rule)."""
     run_dir = Path(run_dir)
     config = run_dir / "config.json"
     if not config.is_file():
         raise DataError(f"{run_dir} has no config.json; give a run directory that `bpfree train`, "
                         "`pipeline`, `simulate` or `continual` wrote (--out)")
-    cfg = ExperimentConfig.from_dict(json.loads(config.read_text()))
+    try:
+        cfg = ExperimentConfig.from_dict(json.loads(config.read_text(encoding="utf-8")))
+    except (ValueError, TypeError, AttributeError) as exc:   # JSON, UTF-8 or shape of the tree
+        raise DataError(f"{config} is not a config bpfree wrote ({type(exc).__name__}: {exc}); "
+                        "restore it from the run, or train again") from None
+    trusted_rule(cfg, rule, config)
     rounds = sorted((run_dir / "checkpoints").glob("round-*.pt"))
     for path in [run_dir / "weights.pt", run_dir / "checkpoint.pt", *reversed(rounds)]:
         if path.is_file():
-            return cfg, load_checkpoint(path)["weights"]
+            weights = load_checkpoint(path)["weights"]
+            check_fits(cfg, weights, config, path)
+            return cfg, weights
     raise DataError(f"{run_dir} holds no weights (checkpoint.pt, weights.pt or checkpoints/); "
                     "did the run finish its first epoch?")
+
+
+def check_fits(cfg: ExperimentConfig, weights: dict[str, torch.Tensor], config: Path,
+               path: Path) -> None:
+    """The weights are the model the config describes (same layers, same shapes), or one sentence."""
+    try:
+        ScoreModel(cfg, weights)
+    except (RuntimeError, KeyError) as exc:   # torch's size mismatch / missing keys
+        first = str(exc).strip().splitlines()
+        detail = next((x.strip() for x in first if "size mismatch" in x or "Missing" in x), first[0])
+        raise DataError(f"the weights in {path} do not fit the model {config} describes ({detail}); "
+                        "was config.json edited? restore it from the run") from None
 
 
 class ScoreModel(torch.nn.Module):
@@ -72,25 +94,56 @@ def scores(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([model(x[i:i + EVAL_BATCH]) for i in range(0, len(x), EVAL_BATCH)])
 
 
-def export(cfg: ExperimentConfig, weights: dict[str, torch.Tensor], path: Path,
-           example: torch.Tensor | None = None) -> Path:
-    """Trace ScoreModel to TorchScript at `path`; checked against the eager model first."""
-    import warnings
+EXPORT_FORMATS = ("pt2", "torchscript")
 
-    model = ScoreModel(cfg, weights)
+
+def export(cfg: ExperimentConfig, weights: dict[str, torch.Tensor], path: Path,
+           example: torch.Tensor | None = None, fmt: str = "pt2") -> Path:
+    """ScoreModel as a torch.export program (.pt2: `torch.export.load(path).module()(x)`, any
+    batch size) or, where asked, TorchScript (`torch.jit.load`); checked against the eager model
+    before it is written."""
+    model = ScoreModel(cfg, weights).eval()
     c, h, w = model.objective.spec.shape
     seeded = torch.Generator().manual_seed(0)
     x = example if example is not None else torch.rand(8, c * h * w, generator=seeded)
-    with warnings.catch_warnings():   # the tracer's notes on Python ints: checked below instead
-        warnings.simplefilter("ignore")
-        traced = torch.jit.trace(model, x, check_trace=False)
+    if fmt == "pt2":
+        with torch.no_grad():   # the eval steps' own no_grad blocks are then no-ops, not graph nodes
+            program = torch.export.export(model, (x,),
+                                          dynamic_shapes=({0: torch.export.Dim("batch")},))
+        run = program.module()
+    elif fmt == "torchscript":
+        import warnings
+
+        with warnings.catch_warnings():   # the tracer's notes on Python ints: checked below instead
+            warnings.simplefilter("ignore")
+            run = program = torch.jit.trace(model, x, check_trace=False)
+    else:
+        raise DataError(f"export format {fmt!r}: give one of {', '.join(EXPORT_FORMATS)}")
     probe = torch.rand(5, c * h * w, generator=torch.Generator().manual_seed(1))
-    if not torch.allclose(traced(probe), model(probe), atol=1e-5):
-        raise DataError("the traced model does not reproduce bpfree's scores; this rule cannot be "
-                        "exported to TorchScript as it is")
+    if not torch.allclose(run(probe), model(probe), atol=1e-5):
+        raise DataError(f"the exported model does not reproduce bpfree's scores; this rule cannot be "
+                        f"exported as {fmt} as it is")
     path.parent.mkdir(parents=True, exist_ok=True)
-    traced.save(str(path))
+    if fmt == "pt2":
+        torch.export.save(program, str(path))
+    else:
+        program.save(str(path))
     return path
+
+
+def _npz_rows(p: Path) -> np.ndarray:
+    """Array x (else x_test) of an .npz, as float32 features; one sentence for anything else."""
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            key = "x" if "x" in z.files else "x_test" if "x_test" in z.files else None
+            if key is None:
+                raise DataError(f"{p} has neither an array x nor x_test to predict")
+            x = z[key]
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:   # pickled objects, bad zip
+        raise DataError(f"--input {p} is not a numeric .npz bpfree can read ({exc})") from None
+    if x.dtype.kind not in "biuf":   # strings, complex: not features
+        raise DataError(f"--input {p}: array {key} holds {x.dtype} values; give numbers")
+    return as_features(x)
 
 
 def read_inputs(source: str, cfg: ExperimentConfig) -> torch.Tensor:
@@ -100,11 +153,7 @@ def read_inputs(source: str, cfg: ExperimentConfig) -> torch.Tensor:
     p = Path(source)
     shape = run_spec(cfg).shape
     if p.suffix == ".npz":
-        with np.load(p, allow_pickle=False) as z:
-            key = "x" if "x" in z.files else "x_test" if "x_test" in z.files else None
-            if key is None:
-                raise DataError(f"{p} has neither an array x nor x_test to predict")
-            x = as_features(z[key])
+        x = _npz_rows(p)
     elif p.suffix == ".csv":
         from bpfree_core.readers.csv_table import table_for_prediction
 
@@ -116,8 +165,14 @@ def read_inputs(source: str, cfg: ExperimentConfig) -> torch.Tensor:
     else:
         raise DataError(f"--input {p}: give an .npz, a .csv or a folder of images")
     want = int(np.prod(shape))
+    if len(x) == 0:
+        raise DataError(f"--input {p} holds no rows to predict")
     x = x.reshape(len(x), -1)
     if x.shape[1] != want:
         raise DataError(f"--input {p} has {x.shape[1]} values per sample; the run was trained on "
                         f"{want} ({'x'.join(map(str, shape))})")
+    if not np.isfinite(x).all():
+        bad = int((~np.isfinite(x)).any(axis=1).sum())
+        raise DataError(f"--input {p}: {bad} of {len(x)} rows hold NaN or infinite values; their "
+                        "scores would mean nothing: clean or drop those rows")
     return torch.from_numpy(np.ascontiguousarray(x))

@@ -58,6 +58,29 @@ def os_error_sentence(exc: OSError, path: Path | str, doing: str) -> str:
                            why=exc.strerror or exc)
 
 
+def _holds_something(path: Path) -> bool:
+    """A sign of a run: a non-empty file or directory (an empty metrics.jsonl or checkpoints/ is
+    what a run that died before its first step leaves)."""
+    if path.is_dir():
+        return any(path.iterdir())
+    return path.exists() and (path.name == "config.json" or path.stat().st_size > 0)
+
+
+def trusted_rule(cfg: Any, named: str | None, source: Path) -> None:
+    """A run directory is data: the rule its config names is built only if it is bpfree's own or
+    an installed plug-in, or if the user names the same code on the command line (`named`)."""
+    from bpfree_core.config import ModelConfig, is_outside_rule
+
+    algorithm = cfg.model.algorithm
+    if not is_outside_rule(algorithm):
+        return
+    if named and ModelConfig(algorithm=named).algorithm == algorithm:   # paths made absolute alike
+        return
+    raise RunDirError(f"{source} names the rule {algorithm!r}, code from outside bpfree; a run "
+                      "directory is data, so bpfree does not run the code it names: to use that "
+                      f"rule, name it yourself with --algorithm {algorithm}")
+
+
 class RunDir:
     """A run directory held by this process: `open` it, commit steps, `close` it.
 
@@ -116,14 +139,17 @@ class RunDir:
         self._lock_fd = fd
 
     def _check_fresh(self, overwrite: bool) -> None:
-        found = [name for name in RUN_FILES if (self.path / name).exists()]
+        found = [name for name in RUN_FILES if _holds_something(self.path / name)]
         if not found or self.resume:
             return
-        if not overwrite:
+        if found == ["config.json"] and not overwrite:   # a start that never finished a step
+            log.info("%s holds a run that never finished an epoch or round: starting afresh", self.path)
+        elif not overwrite:
             raise RunDirError(
                 f"{self.path} already holds a run ({', '.join(found)}); continue it with --resume, "
                 "replace it with --overwrite, or choose another --out")
-        log.warning("--overwrite: removing the earlier run in %s", self.path)
+        else:
+            log.warning("--overwrite: removing the earlier run in %s", self.path)
         for name in RUN_FILES + OUTPUTS:
             target = self.path / name
             try:

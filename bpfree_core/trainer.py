@@ -21,9 +21,11 @@ from tqdm import tqdm
 
 from bpfree_core.batches import num_train_batches, train_packets
 from bpfree_core.callbacks import Callback, stop_asked
+from bpfree_core.clock import launch_time
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.data import Split, bind_data
 from bpfree_core.diagnostics import format_table, layer_diagnostics
+from bpfree_core.errors import ConfigError
 from bpfree_core.evaluation import evaluate, headline, prediction_modes
 from bpfree_core.executor import Executor, InProcessExecutor
 from bpfree_core.layers import Packet
@@ -119,11 +121,13 @@ def _train_loop(cfg: ExperimentConfig, executor: Executor, objective: Objective,
     resumable = hasattr(executor, "snapshot")
     rerun = resumable and hasattr(executor, "recover")
     first_epoch, snapshot = 0, None
+    best = BestEpoch(cfg, rd, resumable)
     if rd is not None:
         if rd.resume and resumable:
             first_epoch, snapshot = _resume_state(rd, cfg, executor)
+            best.resume()
         rd.write_config(cfg)   # no token on disk
-    start = time.perf_counter()
+    start = launch_time()
     acc: dict[str, float] = {}
     val: dict[str, float] = {}
     diagnostics: dict[str, dict[str, float]] = {}
@@ -151,7 +155,7 @@ def _train_loop(cfg: ExperimentConfig, executor: Executor, objective: Objective,
                   "test_images": len(test_part),
                   "warnings": warnings, "train_accuracy": train_acc, "reruns": reruns,
                   "epoch_seconds": stats["seconds"],
-                  "elapsed_seconds": time.perf_counter() - start,   # since the loop began
+                  "elapsed_seconds": time.time() - start,   # since the command started
                   "samples_per_second": stats["samples_per_second"]}
         if "stages" in stats:   # per-batch timelines stay out of the JSONL (bench sweep plots them)
             record["stages"] = [{k: v for k, v in s.items() if k != "timeline"}
@@ -164,7 +168,7 @@ def _train_loop(cfg: ExperimentConfig, executor: Executor, objective: Objective,
             executor.get_weights(), cfg, objective, held_out, DIAGNOSTIC_SAMPLES)
         _say(_epoch_line(record, stats, total, bool(len(val_split))), progress)
         # The state after this epoch: the checkpoint, and the next epoch's starting point.
-        keep = resumable and (rd is not None or rerun)
+        keep = resumable and (rd is not None or rerun or best.on)
         snapshot = executor.snapshot() if keep else None  # type: ignore[attr-defined]
         if rd is not None and snapshot is not None:   # one commit: checkpoint, then metrics
             rd.commit("checkpoint.pt", {"epoch": epoch, "config": cfg.to_dict(), **snapshot},
@@ -172,11 +176,19 @@ def _train_loop(cfg: ExperimentConfig, executor: Executor, objective: Objective,
         elif rd is not None:
             rd.log_metrics(record, step=epoch + 1)
         trained = epoch + 1
+        if best.update(record, snapshot):
+            stopped = epoch + 1 < total
+            _say(f"no better validation accuracy for {cfg.train.patience} epochs: stopping after "
+                 f"epoch {epoch + 1}/{total}, keeping epoch {best.epoch}", progress)
+            break
         if stop_asked(callbacks, record):
             stopped = epoch + 1 < total
             if stopped:
                 _say(f"stopped by a callback after epoch {epoch + 1}/{total}", progress)
             break
+    if best.restore(executor, trained):   # the best epoch's weights, scored again
+        acc = evaluate(executor.eval_forward, objective, test_split, cfg)
+        val = evaluate(executor.eval_forward, objective, val_split, cfg)
     weights = executor.get_weights()
     if stopped and cfg.train.eval_limit:   # the last epoch scored a subset: score the whole set
         acc = evaluate(executor.eval_forward, objective, test_split, cfg)
@@ -190,14 +202,57 @@ def _train_loop(cfg: ExperimentConfig, executor: Executor, objective: Objective,
                **({"val_accuracy": headline(val, cfg), "val_accuracy_by_method": val} if val else {}),
                "epochs": cfg.train.epochs, "epochs_trained": trained, "stopped_early": stopped,
                "fingerprint": cfg.fingerprint(), **executor.describe(),
-               "layer_diagnostics": diagnostics, "wall_seconds": time.perf_counter() - start}
+               **best.describe(), "layer_diagnostics": diagnostics,
+               "wall_seconds": time.time() - start}
     if progress:
         tqdm.write("per layer, on " + ("validation" if len(val_split) else "test")
-                   + " images:\n" + format_table(diagnostics))
+                   + " samples:\n" + format_table(diagnostics))
     if rd is not None:
         rd.write_json("summary.json", summary)
     summary["weights"] = weights
     return summary
+
+
+class BestEpoch:
+    """train.patience: the epoch with the best validation accuracy (its state kept in memory and,
+    with a run directory, in best.pt so that a resumed run ends as an uninterrupted one), and
+    whether `patience` epochs have passed without a better one."""
+
+    def __init__(self, cfg: ExperimentConfig, rd: RunDir | None, resumable: bool):
+        self.cfg, self.rd, self.on = cfg, rd, cfg.train.patience > 0
+        if self.on and not resumable:
+            raise ConfigError("train.patience keeps the best epoch's weights, which this executor "
+                              "cannot restore; set train.patience = 0")
+        self.epoch, self.score, self.state = 0, -1.0, None
+
+    def resume(self) -> None:
+        if self.on and self.rd is not None and (self.rd.path / "best.pt").exists():
+            saved = self.rd.load("best.pt")
+            self.epoch, self.score, self.state = saved["epoch"], saved["score"], saved["state"]
+
+    def update(self, record: dict[str, Any], state: dict[str, Any] | None) -> bool:
+        """Note this epoch; True when the run should stop."""
+        if not self.on:
+            return False
+        if "val_accuracy" not in record:
+            raise ConfigError("train.patience watches the validation accuracy: hold out a "
+                              "validation split (train.validation = N) or set train.patience = 0")
+        score = headline(record["val_accuracy"], self.cfg)
+        if score > self.score:
+            self.epoch, self.score, self.state = record["epoch"], score, state
+            if self.rd is not None:
+                self.rd.save("best.pt", {"epoch": self.epoch, "score": score, "state": state})
+        return record["epoch"] - self.epoch >= self.cfg.train.patience
+
+    def restore(self, executor: Executor, trained: int) -> bool:
+        """Back to the best epoch's state if a later epoch ended the run; True if it did."""
+        if not self.on or self.state is None or self.epoch == trained:
+            return False
+        executor.restore(self.state)  # type: ignore[attr-defined]
+        return True
+
+    def describe(self) -> dict[str, Any]:
+        return {"best_epoch": self.epoch, "patience": self.cfg.train.patience} if self.on else {}
 
 
 def _epoch_line(record: dict[str, Any], stats: dict[str, Any], total: int, has_val: bool) -> str:

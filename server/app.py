@@ -33,6 +33,7 @@ from bpfree.client.messages import (
     train_content,
 )
 from bpfree.server.coordinator import Coordinator, RoundReplies, required_replies
+from bpfree.server.flower_run import APP_DIR
 from bpfree_core.aggregate import Weights
 from bpfree_core.config import ExperimentConfig, load_config
 from bpfree_core.errors import AggregationError, ConfigError, ProtocolError
@@ -41,7 +42,6 @@ from bpfree_core.strategies import ClientTerms
 
 log = logging.getLogger(__name__)
 
-APP_DIR = Path(__file__).resolve().parents[1]
 NODE_POLL_SECONDS = 0.5
 
 
@@ -179,7 +179,7 @@ def config_from_run_config(run_config: dict[str, Any]) -> ExperimentConfig:
                               f"config ({exc})") from exc
     path = str(run_config.get("config-toml", "") or "")
     if path and not Path(path).is_absolute():
-        path = str(APP_DIR / path)
+        path = str(APP_DIR / path)   # as `flwr run` resolves it: the app's folder
     overrides = [o.strip() for o in str(run_config.get("overrides", "") or "").split(";") if o.strip()]
     return load_config(path or None, overrides)
 

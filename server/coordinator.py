@@ -27,6 +27,7 @@ from typing import Any, Protocol
 from bpfree_core.aggregate import ClientUpdate, Weights, layer_stats, validate_update
 from bpfree_core.callbacks import Callback, stop_asked
 from bpfree_core.checkpoint import load_checkpoint
+from bpfree_core.clock import launch_time
 from bpfree_core.config import ExperimentConfig, train_sample_size
 from bpfree_core.continual import TaskEvaluator, rounds_per_task
 from bpfree_core.data import Split, bind_data
@@ -151,7 +152,7 @@ class Coordinator:
         always spans federation.rounds); return the summary (with the final "weights")."""
         cfg = self.cfg
         set_threads(cfg.train.threads)
-        start = time.perf_counter()
+        start = launch_time()   # the command's launch: one clock for every printed time
         rounds = cfg.federation.rounds if rounds is None else rounds
         bar = progress_bar(total=rounds, initial=self.first_round, desc="rounds", unit="round",
                            enabled=self.progress, leave=True)
@@ -167,7 +168,7 @@ class Coordinator:
                     log.info("stopped by a callback after round %d/%d", rnd + 1, rounds)
                     self.stopped = True
                     break
-            return self._summary(time.perf_counter() - start)
+            return self._summary(time.time() - start)
         finally:
             bar.close()
             self.close()

@@ -30,7 +30,16 @@ from bpfree_core.errors import BpfreeError
 
 log = logging.getLogger(__name__)
 
-APP_DIR = Path(__file__).resolve().parents[1]
+def app_dir() -> Path:
+    """The Flower App `flwr run` submits: a checkout's root (its pyproject.toml), else the
+    installed package's own copy (bpfree/flower_app)."""
+    above = Path(__file__).resolve().parents[1]   # a checkout's root, or the installed bpfree/
+    if (above / "pyproject.toml").is_file() and (above / "bpfree").is_dir():
+        return above
+    return above / "flower_app"
+
+
+APP_DIR = app_dir()
 FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
               "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "RAY_USAGE_STATS_ENABLED": "0",
               "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0", "RAY_DEDUP_LOGS": "0"}
@@ -233,13 +242,30 @@ def last_error(log_file: Path) -> str:
     for line in reversed(lines):
         m = _EXCEPTION.match(line)
         if m:
-            return f"{m.group(1).rsplit('.', 1)[-1]}: {m.group(2)}"[:500]
+            return f"{m.group(1).rsplit('.', 1)[-1]}: {m.group(2)}"[:MAX_ERROR]
+    boxed = _last_box(lines)   # Flower's CLI prints its errors in a box
+    if boxed:
+        return boxed[:MAX_ERROR]
     for line in reversed(lines):
         if "error" in line.lower() and "Exit Code" not in line:
-            return line[:500]
-    return lines[-1][:500] if lines else "the log is empty"
+            return line[:MAX_ERROR]
+    return lines[-1][:MAX_ERROR] if lines else "the log is empty"
 
 
+def _last_box(lines: list[str]) -> str:
+    """The text inside the last `╭─ Error ─╮ │ ... │ ╰─╯` box, joined into one line."""
+    tops = [i for i, x in enumerate(lines) if x.startswith("╭") and "Error" in x]
+    if not tops:
+        return ""
+    body = []
+    for line in lines[tops[-1] + 1:]:
+        if line.startswith("╰"):
+            break
+        body.append(line.strip("│ "))
+    return " ".join(x for x in body if x)
+
+
+MAX_ERROR = 4000   # characters of an error sentence: whole sentences, not the first 500
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _EXCEPTION = re.compile(r"^([\w.]*(?:Error|Exception)): (.+)$")
 

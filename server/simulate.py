@@ -6,15 +6,13 @@ workers are local `bpfree worker` processes on loopback gRPC, started here befor
 stopped (by PID) after it. `--executor inprocess` runs every client's layers inside its ClientApp
 instead (faster; identical weights). Flower's and Ray's output goes to RUN_DIR/logs.
 
-    bpfree simulate                                   # MNIST, 3 clients x 2 stages, 5 rounds
+    bpfree simulate                                   # MNIST, 2 clients x 2 stages, 4 rounds
     bpfree simulate --partition dirichlet:0.3 --out runs/noniid
     bpfree simulate --resume runs/noniid              # after a crash: continue from the checkpoint
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -25,111 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from bpfree_core.callbacks import Callback, stop_asked
-from bpfree_core.cli_train import add_config_arguments, config_from_args, progress_from_args, report
-from bpfree_core.config import PLACEMENTS, ExperimentConfig, train_sample_size
+from bpfree_core.clock import launch_time
+from bpfree_core.config import ExperimentConfig, train_sample_size
 from bpfree_core.errors import BpfreeError, ConfigError
+from bpfree_core.paths import absolute, absolute_env_paths
 from bpfree_core.readers import is_user_dataset
 from bpfree_core.rundir import STOP
 
 log = logging.getLogger(__name__)
-
-# Without --config: a first run that shows what bpfree does in under 2 minutes on 2 cores
-# (K = 2 clients x S = 2 stages, Mono-Forward; chosen on a validation split, test accuracy
-# ~98.5%: bench/results/defaults.md). A config file starts from the plain field defaults.
-SIMULATE_DEFAULTS = ("model.algorithm=mono", "model.hidden=500,500", "objective.vote_first=true",
-                     "train.jitter=1", "optim.lr=2e-3", "train.batch_size=50",
-                     "federation.clients=2", "federation.rounds=4", "federation.local_epochs=2",
-                     "train.threads=1")
-
-SHORTCUTS = {"clients": "federation.clients", "rounds": "federation.rounds",
-             "local_epochs": "federation.local_epochs", "partition": "federation.partition",
-             "executor": "federation.executor", "min_clients": "federation.min_clients",
-             "proximal_mu": "federation.proximal_mu", "stages": "pipeline.stages",
-             "backend": "federation.backend", "address": "federation.ray_address",
-             "placement": "federation.placement", "strategy": "federation.strategy",
-             "strategy_args": "federation.strategy_args", "fraction_train": "federation.fraction_train",
-             "pool": "pipeline.pool"}
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser)
-    parser.add_argument("--clients", type=int, help="K federated clients (federation.clients)")
-    parser.add_argument("--stages", type=int, help="S stage workers per client (pipeline.stages)")
-    parser.add_argument("--pool", type=int, metavar="P",
-                        help="P pipelines (P x S workers) that the sampled clients take in turn "
-                             "(pipeline.pool; default one pipeline per client)")
-    parser.add_argument("--rounds", type=int, help="federated rounds (federation.rounds)")
-    parser.add_argument("--local-epochs", type=int, help="epochs per client per round")
-    parser.add_argument("--partition", help="iid | dirichlet:ALPHA | shards:N | natural (by your data's "
-                                            "group ids) | natural:label")
-    parser.add_argument("--executor", choices=("pipeline", "inprocess"),
-                        help="pipeline: S worker processes per client over gRPC (default); "
-                             "inprocess: all layers inside the ClientApp")
-    parser.add_argument("--min-clients", type=int, help="usable replies a round needs (0 = all sampled)")
-    parser.add_argument("--fraction-train", type=float,
-                        help="share of the clients sampled to train each round (1 = all)")
-    parser.add_argument("--strategy", help="server strategy: fedavg (default), fedprox, fedavgm, fedadam, "
-                                           "fedyogi, fedadagrad, fedmedian, fedtrimmedavg, krum, multikrum")
-    parser.add_argument("--strategy-args", metavar="K=V,K=V",
-                        help="its hyper-parameters, Flower's names (e.g. eta=0.01,beta_1=0.9)")
-    parser.add_argument("--proximal-mu", type=float, help="FedProx proximal term (0 = FedAvg)")
-    parser.add_argument("--backend", choices=("flower", "ray"),
-                        help="flower: Flower simulation engine (default); ray: every stage a Ray "
-                             "actor placed on a Ray cluster (see --address, --placement)")
-    parser.add_argument("--address", help="ray backend: auto | HEAD_IP:PORT of a running Ray "
-                                          "cluster (default: start Ray on this machine)")
-    parser.add_argument("--placement", choices=PLACEMENTS,
-                        help="ray backend: how each client's stages spread over nodes (PACK)")
-    parser.add_argument("--resume", type=Path, metavar="RUN_DIR",
-                        help="continue RUN_DIR from its last checkpoint (its config.json is used; "
-                             "--set may change only how it runs, e.g. train.threads)")
-    parser.add_argument("--no-plot", action="store_true", help="skip RUN_DIR/accuracy.png")
-
-
-def resolve(args: argparse.Namespace) -> tuple[ExperimentConfig, Path, bool]:
-    """(config, run directory, resume?) from the command line."""
-    extra = [f"{key}={getattr(args, flag)}" for flag, key in SHORTCUTS.items()
-             if getattr(args, flag, None) is not None]
-    if args.resume:
-        if args.config:
-            raise ConfigError("--resume takes the config from RUN_DIR/config.json; drop --config "
-                              "(use --set for what may change, e.g. train.threads)")
-        saved = args.resume / "config.json"
-        if not saved.is_file():
-            raise ConfigError(f"--resume {args.resume}: no config.json there; is it a run directory "
-                              "written by `bpfree simulate --out`?")
-        if args.out and args.out.resolve() != args.resume.resolve():
-            raise ConfigError("--resume RUN_DIR continues RUN_DIR in place; drop --out")
-        base = ExperimentConfig.from_dict(json.loads(saved.read_text()))
-        return env_token(base.with_overrides(extra + list(args.set))), args.resume, True
-    args.set = list(args.set) + extra
-    cfg = env_token(config_from_args(args, SIMULATE_DEFAULTS))
-    run_dir = args.out or Path("runs") / time.strftime("simulate-%Y%m%d-%H%M%S")
-    return cfg, run_dir, False
-
-
-def env_token(cfg: ExperimentConfig) -> ExperimentConfig:
-    """pipeline.token from $BPFREE_TOKEN unless --set gave one: the token is never saved in
-    RUN_DIR (config.json and checkpoints blank it), so a resumed run gets it from here."""
-    token = os.environ.get("BPFREE_TOKEN", "")
-    if token and not cfg.pipeline.token:
-        return dataclasses.replace(cfg, pipeline=dataclasses.replace(cfg.pipeline, token=token))
-    return cfg
-
-
-def run(args: argparse.Namespace) -> int:
-    cfg, run_dir, resume = resolve(args)
-    summary = simulate(cfg, run_dir, resume=resume, progress=progress_from_args(args),
-                       overwrite=args.overwrite)
-    summary.pop("weights", None)
-    plots = []
-    if not args.no_plot:
-        from bpfree.server.plot import plot_accuracy
-
-        plots.append(str(plot_accuracy(run_dir)))
-    report(args, summary, run_dir, plots)
-    return 0
-
 
 def simulate(cfg: ExperimentConfig, run_dir: Path, resume: bool = False, progress: bool = False,
              client_mods: Sequence[str] = (), overwrite: bool = False,
@@ -144,8 +45,9 @@ def simulate(cfg: ExperimentConfig, run_dir: Path, resume: bool = False, progres
     here, as this process reads it; a truthy answer asks the coordinator to stop after the round
     it is in (RUN_DIR/STOP).
     """
-    if cfg.train.data_dir:   # the ServerApp and ClientApps run elsewhere: never a relative path
-        cfg = cfg.with_overrides([f"train.data_dir={Path(cfg.train.data_dir).resolve()}"])
+    absolute_env_paths()     # the ServerApp and ClientApps run elsewhere: never a relative path
+    if cfg.train.data_dir:
+        cfg = cfg.with_overrides([f"train.data_dir={absolute(cfg.train.data_dir)}"])
     from bpfree_core.data import bind_data
 
     cfg = bind_data(cfg)   # your own data: an absolute path, its shape, classes and fingerprint
@@ -240,7 +142,7 @@ class RoundProgress:
         self.path, self.enabled, self.callbacks = run_dir / "metrics.jsonl", enabled, callbacks
         self.rounds = cfg.federation.rounds
         self.seen = len(self._lines()) if resume else 0
-        self.start = time.perf_counter()
+        self.start = launch_time()   # the command's launch, as every printed time
         self.bar = progress_bar(total=self.rounds, initial=self.seen, desc="rounds", unit="round",
                                 enabled=enabled, leave=False)
 
@@ -263,7 +165,7 @@ class RoundProgress:
             text = (f"round {record.get('round')}/{self.rounds}  test accuracy "
                     f"{record.get('test_accuracy_headline', float('nan')):.4f}  clients "
                     f"{clients.get('accepted', 0)}/{clients.get('sent', 0)}  "
-                    f"{time.perf_counter() - self.start:.0f}s")
+                    f"{time.time() - self.start:.0f}s")
             if self.enabled:
                 self.bar.write(text)
             else:

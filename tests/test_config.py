@@ -111,7 +111,7 @@ def test_small_input_errors_say_the_format():
         ExperimentConfig().with_overrides(["train.threads=-3"])
     import argparse
 
-    from bpfree_core.cli_train import add_config_arguments
+    from bpfree.cli.common import add_config_arguments
     parser = argparse.ArgumentParser()
     add_config_arguments(parser)
     assert "cwc" in parser.format_help()
@@ -120,8 +120,8 @@ def test_small_input_errors_say_the_format():
 def test_cli_defaults_apply_without_a_config_and_flags_win_over_them(tmp_path):
     import argparse
 
-    from bpfree.server import simulate
-    from bpfree_core.cli_train import TRAIN_DEFAULTS, add_config_arguments, config_from_args
+    from bpfree.cli import simulate
+    from bpfree.cli.common import SIMULATE_DEFAULTS, TRAIN_DEFAULTS, add_config_arguments, config_from_args
 
     def parse(add, *argv: str) -> argparse.Namespace:
         parser = argparse.ArgumentParser()
@@ -134,7 +134,7 @@ def test_cli_defaults_apply_without_a_config_and_flags_win_over_them(tmp_path):
     # --algorithm used to lose to the simulate default (symba) when no --config was given
     assert (cfg.model.algorithm, cfg.federation.rounds, cfg.train.epochs) == ("mono", 2, 3)
     assert simulate.resolve(parse(simulate.add_arguments))[0].model.algorithm == \
-        dict(s.split("=") for s in simulate.SIMULATE_DEFAULTS)["model.algorithm"]
+        dict(s.split("=") for s in SIMULATE_DEFAULTS)["model.algorithm"]
     train = config_from_args(parse(add_config_arguments, "--layers", "30,30"), TRAIN_DEFAULTS)
     assert train.model.hidden == (30, 30) and train.model.algorithm == "mono"
     toml = tmp_path / "c.toml"

@@ -13,7 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from bpfree.server.continual import QUICK, continual
+from bpfree.cli.continual import QUICK
+from bpfree.server.continual import continual
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.consolidation import Consolidator
 from bpfree_core.continual import ReplayMemory, cl_metrics, continual_config, split_tasks

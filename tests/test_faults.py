@@ -142,7 +142,7 @@ def test_a_continual_ewc_stream_survives_a_killed_stage_exactly(data_dir: Path) 
     """EWC on two stage workers; stage 1 is killed in task 2 (its layer then holds task 1's
     importance). The stage is respawned, the epoch's snapshot (weights, optimiser and EWC state)
     restored and the epoch rerun: the stream ends bit-identical to one process."""
-    from bpfree.server.continual import QUICK
+    from bpfree.cli.continual import QUICK
     from bpfree_core.continual import continual_config, run_continual
 
     cfg = continual_config(load_config(None, [

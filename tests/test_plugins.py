@@ -56,7 +56,7 @@ def test_the_example_is_short_and_learns(data_dir: Path) -> None:
 def test_the_example_on_a_pipeline_and_in_a_flower_simulation_equals_the_reference(
         data_dir: Path, tmp_path: Path) -> None:
     from bpfree.client.pipeline import Pipeline
-    from bpfree.client.pipeline_cli import train_pipeline
+    from bpfree.client.train import train_pipeline
     from bpfree.server.reference import federated_reference
     from bpfree.server.simulate import simulate
 

@@ -190,6 +190,22 @@ def test_a_second_run_on_a_busy_directory_is_refused_and_a_finished_one_is_kept(
     assert json.loads((run / "config.json").read_text())["train"]["epochs"] == 1
 
 
+def test_a_start_that_never_finished_a_step_does_not_block_the_retry(tmp_path) -> None:  # noqa: ANN001
+    """The Quickstart's first try failed before training (a missing data dir): the retry with the
+    same --out must not be told the directory 'already holds a run'."""
+    run = tmp_path / "run"
+    (run / "logs").mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    (run / "metrics.jsonl").write_text("")
+    (run / "checkpoints").mkdir()
+    rundir.RunDir(run).close()
+    assert not (run / "config.json").exists() and not (run / "checkpoints").exists()
+    (run / "config.json").write_text("{}")
+    (run / "metrics.jsonl").write_text('{"epoch": 1}\n')   # one finished step: a run to keep
+    with pytest.raises(RunDirError, match=r"already holds a run \(config.json, metrics.jsonl\)"):
+        rundir.RunDir(run).close()
+
+
 def _read(path: Path) -> str:
     try:
         return path.read_text()
@@ -317,3 +333,37 @@ def test_the_run_dir_error_sentences_name_the_path_and_the_fix() -> None:
         assert says in line and "/x/run" in line and "--out" in line
     with pytest.raises(RunDirError, match="is a file"):
         rundir.RunDir(Path(__file__))
+
+
+def test_damaged_or_non_finite_checkpoints_are_refused_naming_the_file(data_dir, tmp_path, capsys) -> None:  # noqa: ANN001
+    """Issue 38, case 3: 4,000 bytes overwritten inside a tensor of checkpoint.pt resumed to 0.098
+    and exited 0; NaN in Adam's exp_avg was accepted too."""
+    run = tmp_path / "run"
+    flags = _flags(data_dir, "train.epochs=1")
+    assert _cli(capsys, "train", *flags, "--out", str(run))[0] == 0
+    good = (run / "checkpoint.pt").read_bytes()
+    import zipfile
+
+    with zipfile.ZipFile(run / "checkpoint.pt") as z:   # the largest tensor's bytes in the file
+        info = max(z.infolist(), key=lambda i: i.file_size)
+    at = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra) + 100
+    damaged = bytearray(good)
+    damaged[at:at + 4000] = bytes(4000)
+    (run / "checkpoint.pt").write_bytes(bytes(damaged))
+    code, err = _cli(capsys, "train", *flags, "--out", str(run), "--resume")
+    assert code == 2 and "is damaged" in _one_sentence(err) and "checkpoint.pt" in err, err
+    (run / "checkpoint.pt").write_bytes(good)
+    state = load_checkpoint(run / "checkpoint.pt")
+    exp_avg = next(v for k, v in _walk(state["optimizer"]) if k.endswith("exp_avg"))
+    exp_avg.view(-1)[0] = float("nan")
+    torch.save(state, run / "checkpoint.pt")
+    code, err = _cli(capsys, "train", *flags, "--out", str(run), "--resume")
+    assert code == 2 and "NaN or infinite" in _one_sentence(err) and "exp_avg" in err, err
+
+
+def _walk(state, where: str = ""):  # noqa: ANN001, ANN202
+    if isinstance(state, dict):
+        for key, value in state.items():
+            yield from _walk(value, f"{where}.{key}")
+    elif isinstance(state, torch.Tensor):
+        yield where, state

@@ -19,10 +19,12 @@ import pytest
 import torch
 
 from bpfree.cli import main
-from bpfree_core.cli_train import MAX_EPOCHS, MIN_STEPS, TRAIN_DEFAULTS, config_from_args
+from bpfree.cli.common import TRAIN_DEFAULTS, config_from_args
+from bpfree_core.checkpoint import load_checkpoint
 from bpfree_core.config import load_config
 from bpfree_core.data import bind_data, load_dataset
 from bpfree_core.errors import ConfigError, DataError
+from bpfree_core.schedule import MAX_EPOCHS, MIN_STEPS, PATIENCE
 from bpfree_core.trainer import train_reference
 
 FAST = ["model.hidden=60,60", "train.batch_size=50", "train.threads=1", "optim.lr=2e-3",
@@ -265,7 +267,7 @@ def test_a_resumed_run_refuses_data_that_changed(tabular, tmp_path, capsys) -> N
 
 def test_a_pipeline_and_a_flower_simulation_on_your_data_equal_the_reference(tmp_path) -> None:  # noqa: ANN001
     from bpfree.client.pipeline import Pipeline
-    from bpfree.client.pipeline_cli import train_pipeline
+    from bpfree.client.train import train_pipeline
     from bpfree.server.reference import federated_reference
     from bpfree.server.simulate import simulate
 
@@ -297,7 +299,7 @@ def test_continual_tasks_split_your_classes(tabular) -> None:  # noqa: ANN001
 
 
 def test_the_default_recipe_stretches_its_epochs_on_small_data(tabular) -> None:  # noqa: ANN001
-    from bpfree_core.cli_train import add_config_arguments
+    from bpfree.cli.common import add_config_arguments
 
     parser = argparse.ArgumentParser()
     add_config_arguments(parser)
@@ -305,6 +307,25 @@ def test_the_default_recipe_stretches_its_epochs_on_small_data(tabular) -> None:
     steps = 600 // small.train.batch_size
     assert small.train.epochs == min(MAX_EPOCHS, -(-MIN_STEPS // steps)) > 4
     assert small.train.jitter == 0
+    # ... and stops once the validation split it holds out stops improving
+    assert (small.train.patience, small.train.validation) == (PATIENCE, 60)
     asked = config_from_args(parser.parse_args(["--dataset", f"npz:{tabular}", "--epochs", "3"]),
                              TRAIN_DEFAULTS)
-    assert asked.train.epochs == 3
+    assert (asked.train.epochs, asked.train.patience, asked.train.validation) == (3, 0, 0)
+
+
+def test_a_stretched_run_stops_after_its_patience_and_keeps_the_best_epoch(tabular, tmp_path) -> None:  # noqa: ANN001
+    cfg = _cfg(f"npz:{tabular}", "model.algorithm=mono", "train.epochs=60", "train.validation=60",
+               "train.patience=3",
+               "optim.lr=0.02")
+    summary = train_reference(cfg, tmp_path / "run", progress=False)
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    best = max(records, key=lambda r: r["val_accuracy"]["softmax"])   # the first of the best
+    assert summary["stopped_early"] and summary["best_epoch"] == best["epoch"]
+    assert summary["epochs_trained"] == len(records) == best["epoch"] + 3 < 60
+    assert summary["val_accuracy"] == best["val_accuracy"]["softmax"]
+    kept = load_checkpoint(tmp_path / "run" / "best.pt")["state"]["weights"]
+    assert all(torch.equal(kept[k], v) for k, v in summary["weights"].items())
+    with pytest.raises(ConfigError, match="train.patience watches the validation accuracy"):
+        train_reference(_cfg(f"npz:{tabular}", "model.algorithm=mono", "train.epochs=2",
+                             "train.patience=1"), progress=False)

@@ -19,13 +19,13 @@ import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from bpfree_core.config import ExperimentConfig
+from bpfree_core.config import BUILTIN_RULES, RULE_PLUGINS, ExperimentConfig
 from bpfree_core.data import DatasetSpec
 from bpfree_core.errors import ConfigError
 from bpfree_core.objectives.base import Objective
 
-BUILTIN = ("ff", "symba", "sffa", "ffcl", "uff", "bp", "cwc", "mono", "deeper")   # the paper set
-ENTRY_POINTS = "bpfree.objectives"
+BUILTIN = BUILTIN_RULES   # the paper set
+ENTRY_POINTS = RULE_PLUGINS
 _REGISTRY: dict[str, type[Objective]] = {}
 
 

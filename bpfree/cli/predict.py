@@ -8,6 +8,9 @@ from pathlib import Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", type=Path, help="a finished run directory (--out of a run)")
+    parser.add_argument("--algorithm", help="the rule's code, when the run names a file or module "
+                        "(pkg.module:Class, path/to/rule.py:Class): a run directory never runs code "
+                        "by itself")
     parser.add_argument("--input", required=True,
                         help="an .npz (array x or x_test), a .csv or a folder of images")
     parser.add_argument("--out", type=Path, help="where to write the predictions "
@@ -19,7 +22,7 @@ def run(args: argparse.Namespace) -> int:
     from bpfree_core.predict import ScoreModel, load_run, read_inputs, scores
     from bpfree_core.rundir import os_error_sentence
 
-    cfg, weights = load_run(args.run_dir)
+    cfg, weights = load_run(args.run_dir, args.algorithm)
     x = read_inputs(args.input, cfg)
     s = scores(ScoreModel(cfg, weights), x)
     out = args.out or args.run_dir / "predictions.csv"
