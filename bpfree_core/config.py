@@ -601,8 +601,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist; pass an existing --config FILE.toml")
         try:
-            data = tomllib.loads(p.read_text())
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {p} is not valid TOML: {exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file {p} is not UTF-8 text (byte {exc.object[exc.start]:#04x} "
+                              f"at offset {exc.start}); TOML files are UTF-8: save it as UTF-8") from None
         config = ExperimentConfig.from_dict(data)
     return config.with_overrides(overrides or [])

@@ -17,11 +17,11 @@ def run_splits(cfg: ExperimentConfig) -> tuple[Split, Split, Split]:
     train = limited(data.train, cfg.train.train_limit)
     if cfg.train.batch_size > len(train):
         raise ConfigError(f"train.batch_size = {cfg.train.batch_size} is larger than the "
-                          f"{len(train)} training images; give a batch size of at most {len(train)}")
+                          f"{len(train)} training samples; give a batch size of at most {len(train)}")
     n = len(train) - cfg.train.validation
     if n < cfg.train.batch_size:
         raise ConfigError(f"train.validation = {cfg.train.validation} leaves {max(n, 0)} of "
-                          f"{len(train)} training images, fewer than one batch; hold out fewer")
+                          f"{len(train)} training samples, fewer than one batch; hold out fewer")
     val = train.subset(slice(n, len(train)))
     if not cfg.train.validation and data.val is not None:   # the source's own validation split
         val = data.val

@@ -187,6 +187,34 @@ def test_image_folders_load_by_class_name_and_resize_only_when_asked(tmp_path) -
 
 # -- bad data: one sentence naming the file, nothing trained ------------------------------------------
 
+def _declare(npz: Path, entry: str, shape: tuple[int, ...]) -> None:
+    """Rewrite one array's header in `npz` to declare `shape` (its bytes stay as they were)."""
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(npz) as z:
+        parts = {n: z.read(n) for n in z.namelist()}
+    head = io.BytesIO()
+    np.lib.format.write_array_header_1_0(head, {"descr": "<f4", "fortran_order": False, "shape": shape})
+    parts[entry] = head.getvalue() + b"\0" * 64
+    with zipfile.ZipFile(npz, "w") as z:
+        for name, data in parts.items():
+            z.writestr(name, data)
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG whose header says width x height, 1 bit per pixel (its pixels are never there)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) \
+        + chunk(b"IEND", b"")
+
+
 def _bad(tmp_path: Path, kind: str) -> str:
     x, y = blobs(100)
     xt, yt = blobs(50, seed=1)
@@ -215,7 +243,19 @@ def _bad(tmp_path: Path, kind: str) -> str:
         root = _image_folder(tmp_path / "imgs", n=10)
         (root / "train" / "vertical" / "broken.png").write_bytes(b"not a png")
         return f"folder:{root}"
+    if kind == "huge-npy":   # a header declaring 500 GB in a few bytes
+        np.savez(tmp_path / "d.npz", x_train=x, y_train=y, x_test=xt, y_test=yt)
+        _declare(tmp_path / "d.npz", "x_train.npy", (125_000_000_000,))
+        return f"npz:{tmp_path / 'd.npz'}"
+    if kind == "bomb":   # a 30000 x 30000 1-bit PNG: a few bytes of header, 900 M pixels
+        root = _image_folder(tmp_path / "imgs", n=10)
+        (root / "train" / "vertical" / "bomb.png").write_bytes(_png_header(30000, 30000))
+        return f"folder:{root}@12x12"
     (tmp_path / "t").mkdir()
+    if kind == "latin-1":
+        (tmp_path / "t" / "train.csv").write_bytes("a,b,label\n1,2,0\n3,caf\u00e9,1\n".encode("latin-1"))
+        (tmp_path / "t" / "test.csv").write_text("a,b,label\n1,2,0\n")
+        return f"csv:{tmp_path / 't'}"
     (tmp_path / "t" / "train.csv").write_text("a,b,label\n1,2,0\n3,x,1\n")
     (tmp_path / "t" / "test.csv").write_text("a,b,label\n1,2,0\n")
     return f"csv:{tmp_path / 't'}"
@@ -231,6 +271,9 @@ def _bad(tmp_path: Path, kind: str) -> str:
     ("empty-class", "diagonal has no images"),
     ("unreadable", "broken.png cannot be read"),
     ("csv-text", "'x' is not a number"),
+    ("huge-npy", "declares shape (125000000000,) of float32"),
+    ("bomb", "bomb.png is 900,000,000 pixels"),
+    ("latin-1", "train.csv line 3 is not UTF-8 text (byte 0xe9)"),
 ])
 def test_bad_data_is_one_sentence_naming_the_file_and_nothing_trains(kind, says, tmp_path, capsys) -> None:  # noqa: ANN001
     dataset = _bad(tmp_path, kind)
@@ -239,8 +282,19 @@ def test_bad_data_is_one_sentence_naming_the_file_and_nothing_trains(kind, says,
     err = capsys.readouterr().err
     lines = [x for x in err.splitlines() if "error:" in x]
     assert code == 2 and len(lines) == 1 and says in lines[0] and "Traceback" not in err, err
-    assert dataset.split(":", 1)[1].split("/")[-1] in lines[0]
+    assert dataset.split(":", 1)[1].split("@")[0].split("/")[-1] in lines[0]
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_table_saved_with_a_byte_order_mark_reads_as_written(tmp_path) -> None:  # noqa: ANN001
+    folder = tmp_path / "t"
+    folder.mkdir()
+    x, y = blobs(60)
+    rows = "".join(f"{int(label)},{a:.3f},{b:.3f}\n" for label, (a, b) in zip(y, x[:, :2], strict=True))
+    for name in ("train.csv", "test.csv"):   # Excel's "CSV UTF-8": a BOM before `label`
+        (folder / name).write_bytes(("label,a,b\n" + rows).encode("utf-8-sig"))
+    data = load_dataset(f"csv:{folder}")
+    assert len(data.train) == 60 and data.train.labels.tolist() == y.tolist()
 
 
 def test_flat_features_refuse_jitter_conv_and_label_pixels(tabular) -> None:  # noqa: ANN001

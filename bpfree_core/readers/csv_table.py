@@ -22,8 +22,15 @@ Table = tuple[list[str], np.ndarray, np.ndarray, np.ndarray | None]   # header, 
 def _table(path: Path, header: list[str] | None) -> Table:
     if not path.is_file():
         raise DataError(f"{path} does not exist; csv:DIR needs DIR/train.csv and DIR/test.csv")
-    with open(path, newline="") as fh:
-        rows = list(csv.reader(fh))
+    try:   # utf-8-sig: a spreadsheet's byte-order mark is not part of the first column's name
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            rows = list(csv.reader(fh))
+    except UnicodeDecodeError as exc:
+        line = exc.object[:exc.start].count(b"\n") + 1
+        raise DataError(f"{path} line {line} is not UTF-8 text (byte {exc.object[exc.start]:#04x}); "
+                        "save the table as UTF-8 (CSV UTF-8 in a spreadsheet)") from None
+    except csv.Error as exc:
+        raise DataError(f"{path} is not a CSV table bpfree can read ({exc})") from None
     if not rows or LABEL not in [c.strip() for c in rows[0]]:
         raise DataError(f"{path}: the first row must be a header with a {LABEL!r} column "
                         f"(it is {rows[0][:6] if rows else 'empty'})")

@@ -39,13 +39,35 @@ def _load(path: Path, size: tuple[int, int] | None, mode: str) -> np.ndarray:
 
     try:
         with Image.open(path) as im:
+            _check_pixels(path, im.size)
             im = im.convert(mode)
             if size is not None:
                 im = im.resize((size[1], size[0]))
             a = np.asarray(im, dtype=np.uint8)
+    except Image.DecompressionBombError as exc:   # Pillow's own limit, past ours: the same sentence
+        raise _too_large(path, exc) from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise DataError(f"image {path} cannot be read ({exc}); replace or remove it") from None
     return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)   # (C, H, W)
+
+
+MAX_PIXELS = 8192 * 8192   # an image larger than this is refused before it is decoded
+
+
+def _check_pixels(path: Path, size: tuple[int, int]) -> None:
+    """Refuse, from the header alone, an image whose decoding would take gigabytes (a
+    decompression bomb: a few KB of PNG that unpack to 30000 x 30000 pixels)."""
+    if size[0] * size[1] > MAX_PIXELS:
+        raise _too_large(path, f"{size[0]}x{size[1]} pixels")
+
+
+def _too_large(path: Path, what: str | Exception) -> DataError:
+    if isinstance(what, Exception):   # Pillow's own refusal names the pixel count
+        found = re.search(r"\((\d+) pixels\)", str(what))
+        what = f"{int(found.group(1)):,} pixels" if found else "larger than Pillow will open"
+    return DataError(f"image {path} is {what}, over the {MAX_PIXELS:,} pixels bpfree decodes (a "
+                     "decompression bomb, or a photo far larger than training needs); resize it "
+                     "or remove it")
 
 
 def _mode(first: Path) -> str:
@@ -53,7 +75,10 @@ def _mode(first: Path) -> str:
 
     try:
         with Image.open(first) as im:
+            _check_pixels(first, im.size)
             return "L" if im.mode in ("L", "1", "I;16", "I") else "RGB"
+    except Image.DecompressionBombError as exc:
+        raise _too_large(first, exc) from None
     except OSError as exc:
         raise DataError(f"image {first} cannot be read ({exc}); replace or remove it") from None
 
