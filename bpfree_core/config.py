@@ -263,6 +263,8 @@ class PipelineConfig:
     rpc_timeout: float = runtime(60.0)    # deadline of one RPC (seconds)
     connect_timeout: float = runtime(30.0)  # deadline to reach a peer, retries included (seconds)
     token: str = secret("")               # shared secret checked on every RPC ("" = none)
+    session: str = runtime("")            # the run that drives the workers: a worker serves one
+                                          # session at a time ("" = this driver process's own)
     tls_ca: str = runtime("")             # CA (PEM) that signed the workers' TLS certificates ("" = off)
     stage_num_cpus: float = runtime(1.0)  # ray backend: CPUs each stage actor reserves
     stage_num_gpus: float = runtime(0.0)  # ray backend: GPUs each stage actor reserves (0 = CPU stage)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,6 +23,33 @@ log = logging.getLogger(__name__)
 
 class StateError(ProtocolError):
     """A well-formed message that does not fit the worker's state (FAILED_PRECONDITION)."""
+
+
+LEASE_SECONDS = 30.0   # a session that sends nothing for this long has let its workers go
+
+
+class Lease:
+    """Which session (one run's drivers) holds this worker. Another session's Configure is refused
+    while the holder was heard from in the last LEASE_SECONDS, so two runs never share a stage;
+    a crashed driver frees it by going quiet."""
+
+    def __init__(self, now: Callable[[], float] = time.monotonic) -> None:
+        self.session, self.seen, self._now = "", 0.0, now
+
+    def take(self, session: str, where: str) -> None:
+        quiet = self._now() - self.seen
+        if session and self.session and session != self.session and quiet < LEASE_SECONDS:
+            raise StateError(
+                f"{where} is in use by another run (session {self.session[:8]}, heard from {quiet:.0f} s "
+                f"ago); a worker serves one run at a time: wait for that run to end, stop it, or use "
+                f"other workers (a run that is gone frees it after {LEASE_SECONDS:g} s)")
+        if session:
+            self.session = session
+        self.seen = self._now()
+
+    def touch(self) -> None:
+        """The holder was heard from (any control call or frame of its run)."""
+        self.seen = self._now()
 
 
 @dataclass

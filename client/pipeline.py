@@ -41,6 +41,9 @@ from bpfree_core.objectives import Objective
 
 log = logging.getLogger(__name__)
 
+# A driver process's own session, when its run spans no other process (pipeline.session = "").
+PROCESS_SESSION = uuid.uuid4().hex
+
 _STATUS_POLL = 1.0   # seconds between stage health checks while waiting for an epoch to drain
 
 
@@ -127,7 +130,7 @@ class Pipeline:
             request = pb.ConfigureRequest(
                 run_id=self.run_id, layers=list(self.ranges[s]), config_json=config_json,
                 device=device, downstream=self.addresses[s + 1] if s + 1 < n else "", stage=s,
-                num_stages=n)
+                num_stages=n, session=self.cfg.pipeline.session or PROCESS_SESSION)
             self._call(s, "Configure", request,
                        timeout=self.cfg.pipeline.connect_timeout + self.cfg.pipeline.rpc_timeout)
         log.info("pipeline %s: %d stage(s) %s, layers %s", self.run_id[:8], n, self.addresses,

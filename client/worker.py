@@ -27,7 +27,7 @@ from concurrent import futures
 import grpc
 import torch
 
-from bpfree.client.admission import Admission, StateError
+from bpfree.client.admission import Admission, Lease, StateError
 from bpfree.client.compute import StageRun
 from bpfree.client.tcp_plane import FrameServer
 from bpfree.client.transport import (
@@ -75,12 +75,14 @@ class StageWorker(pb_grpc.StageControlServicer):
         self.security = security
         self.address = address
         self.admission = Admission()
+        self.lease = Lease()
         self.run: StageRun | None = None
         self._configure_lock = threading.Lock()
 
     def _require(self, run_id: str | None = None) -> StageRun:
         self.admission.require(run_id)
         assert self.run is not None
+        self.lease.touch()
         return self.run
 
     def _describe(self) -> str:
@@ -94,6 +96,7 @@ class StageWorker(pb_grpc.StageControlServicer):
     def Configure(self, request: pb.ConfigureRequest, context: grpc.ServicerContext) -> pb.ConfigureReply:
         try:
             with self._configure_lock:
+                self.lease.take(request.session, f"stage worker {self.address}")
                 run = StageRun(request, self.default_device, self.security, self.admission,
                                self.threads, self.address)
                 with self.admission.lock:
@@ -239,6 +242,7 @@ class StageWorker(pb_grpc.StageControlServicer):
         for frame in frames:
             if self.run is not None:
                 self.run.counters.bytes_in += len(frame)
+            self.lease.touch()
             yield frame
 
     def pull(self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:

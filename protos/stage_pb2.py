@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x62pfree/protos/stage.proto\x12\tbpfree.v1\"\x80\x01\n\nTensorMeta\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1f\n\x05\x64type\x18\x02 \x01(\x0e\x32\x10.bpfree.v1.DType\x12$\n\nwire_dtype\x18\x03 \x01(\x0e\x32\x10.bpfree.v1.DType\x12\r\n\x05shape\x18\x04 \x03(\x03\x12\x0e\n\x06nbytes\x18\x05 \x01(\x04\"P\n\x0bTensorChunk\x12#\n\x04meta\x18\x01 \x01(\x0b\x32\x15.bpfree.v1.TensorMeta\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x9a\x01\n\x0b\x42\x61tchHeader\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\"\n\x04kind\x18\x03 \x01(\x0e\x32\x14.bpfree.v1.BatchKind\x12\r\n\x05\x65poch\x18\x04 \x01(\x03\x12&\n\x07tensors\x18\x05 \x03(\x0b\x32\x15.bpfree.v1.TensorMeta\x12\x13\n\x0btotal_bytes\x18\x06 \x01(\x04\"*\n\x0b\x43hunkHeader\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0e\n\x06offset\x18\x02 \x01(\x04\"<\n\nEndOfEpoch\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\x0f\n\x07\x62\x61tches\x18\x03 \x01(\x04\"\x12\n\x03\x41\x63k\x12\x0b\n\x03seq\x18\x01 \x01(\x04\"\x1d\n\x0bPullRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"\x8e\x01\n\x10\x43onfigureRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06layers\x18\x02 \x03(\x05\x12\x13\n\x0b\x63onfig_json\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x12\n\ndownstream\x18\x05 \x01(\t\x12\r\n\x05stage\x18\x06 \x01(\x05\x12\x12\n\nnum_stages\x18\x07 \x01(\x05\"4\n\x0e\x43onfigureReply\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x12\n\nparameters\x18\x02 \x01(\x03\"\x1f\n\x0cWeightsReply\x12\x0f\n\x07tensors\x18\x01 \x01(\x03\"+\n\x11GetWeightsRequest\x12\x16\n\x0ewith_optimizer\x18\x01 \x01(\x08\"\x1d\n\x0fProximalRequest\x12\n\n\x02mu\x18\x01 \x01(\x01\"T\n\x0c\x45pochRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\x14\n\x0ctotal_epochs\x18\x03 \x01(\x03\x12\x0f\n\x07timeout\x18\x04 \x01(\x01\"\x0c\n\nEpochReply\"\x0e\n\x0cStatsRequest\"\xa0\x02\n\nStageStats\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0e\n\x06layers\x18\x02 \x03(\x05\x12\r\n\x05\x65poch\x18\x03 \x01(\x03\x12\x15\n\rtrain_batches\x18\x04 \x01(\x04\x12\x14\n\x0c\x65val_batches\x18\x05 \x01(\x04\x12\x14\n\x0c\x62usy_seconds\x18\x06 \x01(\x01\x12\x14\n\x0cidle_seconds\x18\x07 \x01(\x01\x12\x17\n\x0f\x62locked_seconds\x18\x08 \x01(\x01\x12\x10\n\x08\x62ytes_in\x18\t \x01(\x04\x12\x11\n\tbytes_out\x18\n \x01(\x04\x12\x1a\n\x12layer_metrics_json\x18\x0b \x01(\t\x12\r\n\x05\x65rror\x18\x0c \x01(\t\x12\x0e\n\x06rss_mb\x18\r \x01(\x01\x12\x10\n\x08timeline\x18\x0e \x03(\x01\" \n\x0e\x45ndTaskRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"1\n\x0c\x45ndTaskReply\x12\x0e\n\x06layers\x18\x01 \x03(\x05\x12\x11\n\tpenalties\x18\x02 \x03(\x01\"\x0f\n\rHealthRequest\"\x95\x01\n\x0bHealthReply\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x0e\n\x06layers\x18\x05 \x03(\x05\x12\x0e\n\x06run_id\x18\x06 \x01(\t\x12\x18\n\x10protocol_version\x18\x07 \x01(\x05\x12\x11\n\tdata_port\x18\x08 \x01(\x05*\x93\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0c\n\x08\x42\x46LOAT16\x10\x02\x12\x0b\n\x07\x46LOAT16\x10\x03\x12\x0b\n\x07\x46LOAT64\x10\x04\x12\t\n\x05INT64\x10\x05\x12\t\n\x05INT32\x10\x06\x12\t\n\x05INT16\x10\x07\x12\x08\n\x04INT8\x10\x08\x12\t\n\x05UINT8\x10\t\x12\x08\n\x04\x42OOL\x10\n*O\n\tFrameKind\x12\x1a\n\x16\x46RAME_KIND_UNSPECIFIED\x10\x00\x12\t\n\x05\x42\x41TCH\x10\x01\x12\t\n\x05\x43HUNK\x10\x02\x12\x07\n\x03\x45ND\x10\x03\x12\x07\n\x03\x41\x43K\x10\x04*<\n\tBatchKind\x12\x1a\n\x16\x42\x41TCH_KIND_UNSPECIFIED\x10\x00\x12\t\n\x05TRAIN\x10\x01\x12\x08\n\x04\x45VAL\x10\x02\x32\xd0\x04\n\x0cStageControl\x12\x43\n\tConfigure\x12\x1b.bpfree.v1.ConfigureRequest\x1a\x19.bpfree.v1.ConfigureReply\x12@\n\x0bLoadWeights\x12\x16.bpfree.v1.TensorChunk\x1a\x17.bpfree.v1.WeightsReply(\x01\x12\x44\n\nGetWeights\x12\x1c.bpfree.v1.GetWeightsRequest\x1a\x16.bpfree.v1.TensorChunk0\x01\x12\x42\n\x0bSetProximal\x12\x1a.bpfree.v1.ProximalRequest\x1a\x17.bpfree.v1.WeightsReply\x12<\n\nStartEpoch\x12\x17.bpfree.v1.EpochRequest\x1a\x15.bpfree.v1.EpochReply\x12=\n\x0b\x46inishEpoch\x12\x17.bpfree.v1.EpochRequest\x1a\x15.bpfree.v1.StageStats\x12=\n\x07\x45ndTask\x12\x19.bpfree.v1.EndTaskRequest\x1a\x17.bpfree.v1.EndTaskReply\x12\x37\n\x05Stats\x12\x17.bpfree.v1.StatsRequest\x1a\x15.bpfree.v1.StageStats\x12:\n\x06Health\x12\x18.bpfree.v1.HealthRequest\x1a\x16.bpfree.v1.HealthReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x62pfree/protos/stage.proto\x12\tbpfree.v1\"\x80\x01\n\nTensorMeta\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1f\n\x05\x64type\x18\x02 \x01(\x0e\x32\x10.bpfree.v1.DType\x12$\n\nwire_dtype\x18\x03 \x01(\x0e\x32\x10.bpfree.v1.DType\x12\r\n\x05shape\x18\x04 \x03(\x03\x12\x0e\n\x06nbytes\x18\x05 \x01(\x04\"P\n\x0bTensorChunk\x12#\n\x04meta\x18\x01 \x01(\x0b\x32\x15.bpfree.v1.TensorMeta\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x9a\x01\n\x0b\x42\x61tchHeader\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\"\n\x04kind\x18\x03 \x01(\x0e\x32\x14.bpfree.v1.BatchKind\x12\r\n\x05\x65poch\x18\x04 \x01(\x03\x12&\n\x07tensors\x18\x05 \x03(\x0b\x32\x15.bpfree.v1.TensorMeta\x12\x13\n\x0btotal_bytes\x18\x06 \x01(\x04\"*\n\x0b\x43hunkHeader\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0e\n\x06offset\x18\x02 \x01(\x04\"<\n\nEndOfEpoch\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\x0f\n\x07\x62\x61tches\x18\x03 \x01(\x04\"\x12\n\x03\x41\x63k\x12\x0b\n\x03seq\x18\x01 \x01(\x04\"\x1d\n\x0bPullRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"\x9f\x01\n\x10\x43onfigureRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06layers\x18\x02 \x03(\x05\x12\x13\n\x0b\x63onfig_json\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x12\n\ndownstream\x18\x05 \x01(\t\x12\r\n\x05stage\x18\x06 \x01(\x05\x12\x12\n\nnum_stages\x18\x07 \x01(\x05\x12\x0f\n\x07session\x18\x08 \x01(\t\"4\n\x0e\x43onfigureReply\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x12\n\nparameters\x18\x02 \x01(\x03\"\x1f\n\x0cWeightsReply\x12\x0f\n\x07tensors\x18\x01 \x01(\x03\"+\n\x11GetWeightsRequest\x12\x16\n\x0ewith_optimizer\x18\x01 \x01(\x08\"\x1d\n\x0fProximalRequest\x12\n\n\x02mu\x18\x01 \x01(\x01\"T\n\x0c\x45pochRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\x14\n\x0ctotal_epochs\x18\x03 \x01(\x03\x12\x0f\n\x07timeout\x18\x04 \x01(\x01\"\x0c\n\nEpochReply\"\x0e\n\x0cStatsRequest\"\xa0\x02\n\nStageStats\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0e\n\x06layers\x18\x02 \x03(\x05\x12\r\n\x05\x65poch\x18\x03 \x01(\x03\x12\x15\n\rtrain_batches\x18\x04 \x01(\x04\x12\x14\n\x0c\x65val_batches\x18\x05 \x01(\x04\x12\x14\n\x0c\x62usy_seconds\x18\x06 \x01(\x01\x12\x14\n\x0cidle_seconds\x18\x07 \x01(\x01\x12\x17\n\x0f\x62locked_seconds\x18\x08 \x01(\x01\x12\x10\n\x08\x62ytes_in\x18\t \x01(\x04\x12\x11\n\tbytes_out\x18\n \x01(\x04\x12\x1a\n\x12layer_metrics_json\x18\x0b \x01(\t\x12\r\n\x05\x65rror\x18\x0c \x01(\t\x12\x0e\n\x06rss_mb\x18\r \x01(\x01\x12\x10\n\x08timeline\x18\x0e \x03(\x01\" \n\x0e\x45ndTaskRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"1\n\x0c\x45ndTaskReply\x12\x0e\n\x06layers\x18\x01 \x03(\x05\x12\x11\n\tpenalties\x18\x02 \x03(\x01\"\x0f\n\rHealthRequest\"\x95\x01\n\x0bHealthReply\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x0e\n\x06layers\x18\x05 \x03(\x05\x12\x0e\n\x06run_id\x18\x06 \x01(\t\x12\x18\n\x10protocol_version\x18\x07 \x01(\x05\x12\x11\n\tdata_port\x18\x08 \x01(\x05*\x93\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0c\n\x08\x42\x46LOAT16\x10\x02\x12\x0b\n\x07\x46LOAT16\x10\x03\x12\x0b\n\x07\x46LOAT64\x10\x04\x12\t\n\x05INT64\x10\x05\x12\t\n\x05INT32\x10\x06\x12\t\n\x05INT16\x10\x07\x12\x08\n\x04INT8\x10\x08\x12\t\n\x05UINT8\x10\t\x12\x08\n\x04\x42OOL\x10\n*O\n\tFrameKind\x12\x1a\n\x16\x46RAME_KIND_UNSPECIFIED\x10\x00\x12\t\n\x05\x42\x41TCH\x10\x01\x12\t\n\x05\x43HUNK\x10\x02\x12\x07\n\x03\x45ND\x10\x03\x12\x07\n\x03\x41\x43K\x10\x04*<\n\tBatchKind\x12\x1a\n\x16\x42\x41TCH_KIND_UNSPECIFIED\x10\x00\x12\t\n\x05TRAIN\x10\x01\x12\x08\n\x04\x45VAL\x10\x02\x32\xd0\x04\n\x0cStageControl\x12\x43\n\tConfigure\x12\x1b.bpfree.v1.ConfigureRequest\x1a\x19.bpfree.v1.ConfigureReply\x12@\n\x0bLoadWeights\x12\x16.bpfree.v1.TensorChunk\x1a\x17.bpfree.v1.WeightsReply(\x01\x12\x44\n\nGetWeights\x12\x1c.bpfree.v1.GetWeightsRequest\x1a\x16.bpfree.v1.TensorChunk0\x01\x12\x42\n\x0bSetProximal\x12\x1a.bpfree.v1.ProximalRequest\x1a\x17.bpfree.v1.WeightsReply\x12<\n\nStartEpoch\x12\x17.bpfree.v1.EpochRequest\x1a\x15.bpfree.v1.EpochReply\x12=\n\x0b\x46inishEpoch\x12\x17.bpfree.v1.EpochRequest\x1a\x15.bpfree.v1.StageStats\x12=\n\x07\x45ndTask\x12\x19.bpfree.v1.EndTaskRequest\x1a\x17.bpfree.v1.EndTaskReply\x12\x37\n\x05Stats\x12\x17.bpfree.v1.StatsRequest\x1a\x15.bpfree.v1.StageStats\x12:\n\x06Health\x12\x18.bpfree.v1.HealthRequest\x1a\x16.bpfree.v1.HealthReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'bpfree.protos.stage_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=1537
-  _globals['_DTYPE']._serialized_end=1684
-  _globals['_FRAMEKIND']._serialized_start=1686
-  _globals['_FRAMEKIND']._serialized_end=1765
-  _globals['_BATCHKIND']._serialized_start=1767
-  _globals['_BATCHKIND']._serialized_end=1827
+  _globals['_DTYPE']._serialized_start=1554
+  _globals['_DTYPE']._serialized_end=1701
+  _globals['_FRAMEKIND']._serialized_start=1703
+  _globals['_FRAMEKIND']._serialized_end=1782
+  _globals['_BATCHKIND']._serialized_start=1784
+  _globals['_BATCHKIND']._serialized_end=1844
   _globals['_TENSORMETA']._serialized_start=41
   _globals['_TENSORMETA']._serialized_end=169
   _globals['_TENSORCHUNK']._serialized_start=171
@@ -52,31 +52,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PULLREQUEST']._serialized_start=536
   _globals['_PULLREQUEST']._serialized_end=565
   _globals['_CONFIGUREREQUEST']._serialized_start=568
-  _globals['_CONFIGUREREQUEST']._serialized_end=710
-  _globals['_CONFIGUREREPLY']._serialized_start=712
-  _globals['_CONFIGUREREPLY']._serialized_end=764
-  _globals['_WEIGHTSREPLY']._serialized_start=766
-  _globals['_WEIGHTSREPLY']._serialized_end=797
-  _globals['_GETWEIGHTSREQUEST']._serialized_start=799
-  _globals['_GETWEIGHTSREQUEST']._serialized_end=842
-  _globals['_PROXIMALREQUEST']._serialized_start=844
-  _globals['_PROXIMALREQUEST']._serialized_end=873
-  _globals['_EPOCHREQUEST']._serialized_start=875
-  _globals['_EPOCHREQUEST']._serialized_end=959
-  _globals['_EPOCHREPLY']._serialized_start=961
-  _globals['_EPOCHREPLY']._serialized_end=973
-  _globals['_STATSREQUEST']._serialized_start=975
-  _globals['_STATSREQUEST']._serialized_end=989
-  _globals['_STAGESTATS']._serialized_start=992
-  _globals['_STAGESTATS']._serialized_end=1280
-  _globals['_ENDTASKREQUEST']._serialized_start=1282
-  _globals['_ENDTASKREQUEST']._serialized_end=1314
-  _globals['_ENDTASKREPLY']._serialized_start=1316
-  _globals['_ENDTASKREPLY']._serialized_end=1365
-  _globals['_HEALTHREQUEST']._serialized_start=1367
-  _globals['_HEALTHREQUEST']._serialized_end=1382
-  _globals['_HEALTHREPLY']._serialized_start=1385
-  _globals['_HEALTHREPLY']._serialized_end=1534
-  _globals['_STAGECONTROL']._serialized_start=1830
-  _globals['_STAGECONTROL']._serialized_end=2422
+  _globals['_CONFIGUREREQUEST']._serialized_end=727
+  _globals['_CONFIGUREREPLY']._serialized_start=729
+  _globals['_CONFIGUREREPLY']._serialized_end=781
+  _globals['_WEIGHTSREPLY']._serialized_start=783
+  _globals['_WEIGHTSREPLY']._serialized_end=814
+  _globals['_GETWEIGHTSREQUEST']._serialized_start=816
+  _globals['_GETWEIGHTSREQUEST']._serialized_end=859
+  _globals['_PROXIMALREQUEST']._serialized_start=861
+  _globals['_PROXIMALREQUEST']._serialized_end=890
+  _globals['_EPOCHREQUEST']._serialized_start=892
+  _globals['_EPOCHREQUEST']._serialized_end=976
+  _globals['_EPOCHREPLY']._serialized_start=978
+  _globals['_EPOCHREPLY']._serialized_end=990
+  _globals['_STATSREQUEST']._serialized_start=992
+  _globals['_STATSREQUEST']._serialized_end=1006
+  _globals['_STAGESTATS']._serialized_start=1009
+  _globals['_STAGESTATS']._serialized_end=1297
+  _globals['_ENDTASKREQUEST']._serialized_start=1299
+  _globals['_ENDTASKREQUEST']._serialized_end=1331
+  _globals['_ENDTASKREPLY']._serialized_start=1333
+  _globals['_ENDTASKREPLY']._serialized_end=1382
+  _globals['_HEALTHREQUEST']._serialized_start=1384
+  _globals['_HEALTHREQUEST']._serialized_end=1399
+  _globals['_HEALTHREPLY']._serialized_start=1402
+  _globals['_HEALTHREPLY']._serialized_end=1551
+  _globals['_STAGECONTROL']._serialized_start=1847
+  _globals['_STAGECONTROL']._serialized_end=2439
 # @@protoc_insertion_point(module_scope)

@@ -125,7 +125,7 @@ class PullRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ...) -> None: ...
 
 class ConfigureRequest(_message.Message):
-    __slots__ = ("run_id", "layers", "config_json", "device", "downstream", "stage", "num_stages")
+    __slots__ = ("run_id", "layers", "config_json", "device", "downstream", "stage", "num_stages", "session")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -133,6 +133,7 @@ class ConfigureRequest(_message.Message):
     DOWNSTREAM_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
     NUM_STAGES_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     layers: _containers.RepeatedScalarFieldContainer[int]
     config_json: str
@@ -140,7 +141,8 @@ class ConfigureRequest(_message.Message):
     downstream: str
     stage: int
     num_stages: int
-    def __init__(self, run_id: _Optional[str] = ..., layers: _Optional[_Iterable[int]] = ..., config_json: _Optional[str] = ..., device: _Optional[str] = ..., downstream: _Optional[str] = ..., stage: _Optional[int] = ..., num_stages: _Optional[int] = ...) -> None: ...
+    session: str
+    def __init__(self, run_id: _Optional[str] = ..., layers: _Optional[_Iterable[int]] = ..., config_json: _Optional[str] = ..., device: _Optional[str] = ..., downstream: _Optional[str] = ..., stage: _Optional[int] = ..., num_stages: _Optional[int] = ..., session: _Optional[str] = ...) -> None: ...
 
 class ConfigureReply(_message.Message):
     __slots__ = ("device", "parameters")

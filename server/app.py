@@ -14,6 +14,7 @@ $BPFREE_RUNS_DIR/flwr-<run id>, else ./runs/flwr-<run id>.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -213,6 +214,10 @@ def main(grid: Grid, context: Context) -> None:
     _log_through_flower()
     cfg = config_from_run_config(dict(context.run_config))
     run_dir = run_dir_from_context(context)
+    if not cfg.pipeline.session:   # every client's pipelines, every round, drive as one run: the
+        # run directory's (a resumed run is the same run to the workers it left behind)
+        digest = hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:16]
+        cfg = cfg.with_overrides([f"pipeline.session=run-{digest}"])
     log.info("bpfree coordinator: %d clients x %d stages, %d rounds, run dir %s",
              cfg.federation.clients, cfg.pipeline.stages, cfg.federation.rounds, run_dir.resolve())
     summary = run_server(grid, ServerSettings(

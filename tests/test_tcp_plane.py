@@ -281,3 +281,21 @@ def test_a_batch_that_cannot_be_framed_fails_the_link_with_its_reason(served: Se
             link.send(WireBatch(RUN, 1, pb.TRAIN, 0, {"x": torch.zeros(2, 2)}))
     finally:
         link.close()
+
+
+def test_a_worker_serves_one_run_at_a_time(served: Served, data_dir: Path, packets,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 38, case 4: a second `bpfree pipeline --workers SAME` took the stage over and the
+    first driver stalled 60 s without learning why. Now it is refused, naming the holder."""
+    from bpfree.client import admission
+
+    first = _cfg(data_dir, TCP, "pipeline.session=run-a")
+    with Pipeline.connect(first, [served.address]) as pipe:
+        pipe.train_epoch(packets[:2], epoch=0, total_epochs=1)
+        with pytest.raises(BpfreeError, match=r"in use by another run \(session run-a"):
+            Pipeline.connect(_cfg(data_dir, TCP, "pipeline.session=run-b"), [served.address])
+        pipe.train_epoch(packets[:2], epoch=0, total_epochs=1)   # the holder was not disturbed
+        with Pipeline.connect(first, [served.address]):   # the same run (another client, a retry)
+            pass
+    monkeypatch.setattr(admission, "LEASE_SECONDS", 0.0)   # the holder went quiet long enough
+    assert set(_train(served, _cfg(data_dir, TCP, "pipeline.session=run-b"), packets))
