@@ -248,6 +248,7 @@ class Coordinator:
             "test_accuracy": acc,
             "test_accuracy_headline": headline(acc, cfg) if acc else float("nan"),
             "clients": counts,
+            "left_out": {**replies.failed, **rejected},   # who, and why (shown on the terminal)
             "sampled": clients,
             "layers": stats,
             "client_metrics": {str(u.client): {"num_examples": u.num_examples, **u.metrics}

@@ -166,6 +166,11 @@ class RoundProgress:
                     f"{record.get('test_accuracy_headline', float('nan')):.4f}  clients "
                     f"{clients.get('accepted', 0)}/{clients.get('sent', 0)}  "
                     f"{time.time() - self.start:.0f}s")
+            for who, why in record.get("left_out", {}).items():   # not only in RUN_DIR/logs
+                text += f"\n  round {record.get('round')}: client {who} left out: {why}"
+            if record.get("clients", {}).get("timed_out"):
+                text += (f"\n  round {record.get('round')}: {record['clients']['timed_out']} client(s) "
+                         "sent no reply within federation.round_timeout (a stopped or hung stage?)")
             if self.enabled:
                 self.bar.write(text)
             else:

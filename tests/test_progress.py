@@ -88,3 +88,22 @@ def test_simulate_on_a_terminal_shows_rounds_as_they_finish(data_dir: Path, tmp_
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["rounds"] == 2 and summary["test_accuracy"] > 0.2
     assert (tmp_path / "run" / "logs" / "flwr.log").is_file()   # Flower's own output went there
+
+
+def test_clients_left_out_of_a_round_are_named_on_the_terminal(tmp_path: Path, caplog) -> None:  # noqa: ANN001
+    """Issue 38, case 7: a stage stopped with SIGSTOP was named only in RUN_DIR/logs/flwr.log."""
+    from bpfree.server.simulate import RoundProgress
+    from bpfree_core.config import load_config
+
+    cfg = load_config(None, ["federation.rounds=2"])
+    follow = RoundProgress(tmp_path, cfg, resume=False, enabled=False)
+    record = {"round": 1, "test_accuracy_headline": 0.5, "clients": {"sent": 3, "accepted": 1,
+              "timed_out": 1}, "left_out": {"2": "stage worker at 127.0.0.1:7001 made no progress "
+                                                  "for 60 s (a stopped or hung stage?)"}}
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(record) + "\n")
+    with caplog.at_level("INFO"):
+        follow.poll()
+    follow.close()
+    said = caplog.text
+    assert "client 2 left out: stage worker at 127.0.0.1:7001 made no progress" in said
+    assert "1 client(s) sent no reply within federation.round_timeout" in said
