@@ -9,6 +9,7 @@ A failure is sticky: every stream and FinishEpoch report it until the next Start
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -50,6 +51,14 @@ class Lease:
     def touch(self) -> None:
         """The holder was heard from (any control call or frame of its run)."""
         self.seen = self._now()
+
+
+def configure_digest(request: pb.ConfigureRequest) -> str:
+    """What a stage was configured with, as a digest: the same session's next driver with the
+    same digest finds the stage ready and attaches to it instead of configuring it again."""
+    text = "\n".join([request.config_json, ",".join(map(str, request.layers)), request.downstream,
+                      request.device, request.session, str(request.stage), str(request.num_stages)])
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 @dataclass

@@ -119,7 +119,7 @@ class StageRun:
         self.stop_event = threading.Event()
         self.step_lock = threading.Lock()   # held during a train/eval step and weight transfers
         self.counters = Counters()
-        self.pulling = False                # a driver is reading this (last) stage's output
+        self.pullers = 0                    # pull streams opened; only the newest is served
         self.proximal: list = []            # FedProx gradient hooks (SetProximal)
         self.thread = threading.Thread(target=self._run, name="compute", daemon=True)
 
@@ -233,6 +233,11 @@ class StageRun:
                 item = self.outbox.get(timeout=POLL)
             except queue.Empty:
                 continue
+            if not alive():   # this reader was closed or superseded while it waited: the item
+                with self.outbox.mutex:   # goes back first in line for the reader that follows
+                    self.outbox.queue.appendleft(item)
+                    self.outbox.not_empty.notify()
+                return
             frames = ([end_frame(item.run_id, item.epoch, item.batches)]
                       if isinstance(item, EndMarker) else encode_batch(item, p.chunk_bytes, p.wire_dtype))
             for frame in frames:

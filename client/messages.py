@@ -26,6 +26,7 @@ client needs nothing from `run_config` (which `run_simulation` leaves empty anyw
 
 from __future__ import annotations
 
+import functools
 import json
 
 import torch
@@ -70,6 +71,13 @@ def train_content(rnd: int, weights: Weights, cfg: ExperimentConfig,
     })
 
 
+@functools.lru_cache(maxsize=4)
+def parse_experiment(text: str) -> ExperimentConfig:
+    """A run's config from its JSON, parsed and checked once per process per run: every round's
+    message carries the same text (the config is frozen, so sharing it is safe)."""
+    return ExperimentConfig.from_dict(json.loads(text))
+
+
 def read_train_content(content: RecordDict) -> tuple[int, Weights, ExperimentConfig]:
     """(round, global weights, config) of a train message."""
     return read_train_message(content)[:3]   # type: ignore[return-value]
@@ -81,7 +89,7 @@ def read_train_message(content: RecordDict) -> tuple[int, Weights, ExperimentCon
     try:
         config = content.config_records[CONFIG]
         weights = joined_weights(content)
-        cfg = ExperimentConfig.from_dict(json.loads(str(config["experiment"])))
+        cfg = parse_experiment(str(config["experiment"]))
         terms = {k: float(v) for k, v in config.items() if k not in ("round", "experiment")}  # type: ignore[arg-type]
         return int(config["round"]), weights, cfg, terms  # type: ignore[arg-type]
     except ConfigError:
@@ -122,7 +130,7 @@ def partition_query(cfg: ExperimentConfig) -> RecordDict:
 
 def read_partition_query(content: RecordDict) -> ExperimentConfig:
     try:
-        return ExperimentConfig.from_dict(json.loads(str(content.config_records[CONFIG]["experiment"])))
+        return parse_experiment(str(content.config_records[CONFIG]["experiment"]))
     except (KeyError, ValueError, TypeError) as exc:
         raise ProtocolError(f"malformed query message from the coordinator: {exc!r}") from exc
 

@@ -23,6 +23,7 @@ from typing import Any
 import grpc
 import torch
 
+from bpfree.client.admission import configure_digest
 from bpfree.client.link import Link, PullReader, rpc_exception
 from bpfree.client.memory import tune_malloc
 from bpfree.client.supervisor import LocalWorkers
@@ -122,19 +123,36 @@ class Pipeline:
         security = Security(token=cfg.pipeline.token, tls_ca=cfg.pipeline.tls_ca)
         return cls(cfg, addresses, security)
 
-    def _configure(self, device: str) -> None:
-        # Last stage first: each stage checks that its downstream answers when configured.
+    def _configure(self, device: str, fresh: bool = False) -> None:
+        """Configure every stage, or (unless `fresh`) attach to stages an earlier driver of this
+        session left configured exactly so (the previous round's): a run configures its stages
+        once, and again only after a failure (`recover`)."""
         config_json = _wire_config(self.cfg)
         n = len(self.addresses)
-        for s in reversed(range(n)):
-            request = pb.ConfigureRequest(
-                run_id=self.run_id, layers=list(self.ranges[s]), config_json=config_json,
-                device=device, downstream=self.addresses[s + 1] if s + 1 < n else "", stage=s,
-                num_stages=n, session=self.cfg.pipeline.session or PROCESS_SESSION)
-            self._call(s, "Configure", request,
+        requests = [pb.ConfigureRequest(
+            run_id=self.run_id, layers=list(self.ranges[s]), config_json=config_json,
+            device=device, downstream=self.addresses[s + 1] if s + 1 < n else "", stage=s,
+            num_stages=n, session=self.cfg.pipeline.session or PROCESS_SESSION) for s in range(n)]
+        if not fresh and self._attach(requests):
+            return
+        for s in reversed(range(n)):   # last stage first: each checks that its downstream answers
+            self._call(s, "Configure", requests[s],
                        timeout=self.cfg.pipeline.connect_timeout + self.cfg.pipeline.rpc_timeout)
         log.info("pipeline %s: %d stage(s) %s, layers %s", self.run_id[:8], n, self.addresses,
                  [list(r) for r in self.ranges])
+
+    def _attach(self, requests: list[pb.ConfigureRequest]) -> bool:
+        """True if every stage already runs one run of this session set up as `requests` say."""
+        health = [self._call(s, "Health", pb.HealthRequest(), timeout=self.cfg.pipeline.rpc_timeout)
+                  for s in range(len(requests))]
+        runs = {h.run_id for h in health}
+        if len(runs) != 1 or "" in runs or any(
+                h.setup != configure_digest(r) for h, r in zip(health, requests, strict=True)):
+            return False
+        self.run_id = runs.pop()
+        log.debug("pipeline %s: attached to %d configured stage(s) %s", self.run_id[:8],
+                  len(requests), self.addresses)
+        return True
 
     def _call(self, s: int, method: str, request: Any, timeout: float | None = None) -> Any:
         try:
@@ -339,7 +357,7 @@ class Pipeline:
             wait_for_peer(address, self.security, timeout, self._channels[s], refused_for=timeout)
         self.run_id = uuid.uuid4().hex
         self._eval_seq = 0
-        self._configure(self.device)
+        self._configure(self.device, fresh=True)
         return restarted
 
     def _answers(self, s: int) -> bool:

@@ -27,7 +27,7 @@ from concurrent import futures
 import grpc
 import torch
 
-from bpfree.client.admission import Admission, Lease, StateError
+from bpfree.client.admission import Admission, Lease, StateError, configure_digest
 from bpfree.client.compute import StageRun
 from bpfree.client.tcp_plane import FrameServer
 from bpfree.client.transport import (
@@ -77,6 +77,8 @@ class StageWorker(pb_grpc.StageControlServicer):
         self.admission = Admission()
         self.lease = Lease()
         self.run: StageRun | None = None
+        self.setup = ""        # what the run was configured with (configure_digest)
+        self.configures = 0    # Configure calls accepted since this worker started
         self._configure_lock = threading.Lock()
 
     def _require(self, run_id: str | None = None) -> StageRun:
@@ -111,6 +113,7 @@ class StageWorker(pb_grpc.StageControlServicer):
                         self.security, self.push_stream, self.pull_stream,
                         lambda exc: status_of(exc).name)
                 run.start()
+                self.setup, self.configures = configure_digest(request), self.configures + 1
         except (BpfreeError, ValueError) as exc:
             self._abort(context, exc if isinstance(exc, BpfreeError) else ConfigError(str(exc)))
         log.info("configured run %s: stage %d/%d, layers %s on %s, downstream %s", request.run_id,
@@ -202,7 +205,9 @@ class StageWorker(pb_grpc.StageControlServicer):
         if run is None:
             return pb.StageStats(address=self.address, epoch=self.admission.epoch,
                                  error=self.admission.error, rss_mb=rss_mb())
-        return run.stats()
+        stats = run.stats()
+        stats.configures = self.configures
+        return stats
 
     def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthReply:
         run = self.run
@@ -211,7 +216,8 @@ class StageWorker(pb_grpc.StageControlServicer):
             device=str(run.stage.device) if run else self.default_device,
             layers=list(run.stage.indices) if run else [], run_id=run.run_id if run else "",
             protocol_version=PROTOCOL_VERSION,
-            data_port=self.frame_server.port if self.frame_server else 0)
+            data_port=self.frame_server.port if self.frame_server else 0,
+            session=self.lease.session if run else "", setup=self.setup if run else "")
 
     # -- data plane (gRPC here; client.tcp_plane calls push_stream / pull_stream directly) -------
     def push(self, frames: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
@@ -258,15 +264,10 @@ class StageWorker(pb_grpc.StageControlServicer):
         run = self._require(req.run_id)
         if run.link is not None:
             raise StateError(f"{self._describe()} is not the last stage; pull from the last one")
-        with self.admission.lock:
-            if run.pulling:
-                raise StateError("another driver is already pulling this stage's output")
-            run.pulling = True
-        try:
-            yield from run.output_frames(alive)
-        finally:
-            with self.admission.lock:
-                run.pulling = False
+        with self.admission.lock:   # the newest driver of the run reads; an older stream stops
+            run.pullers += 1        # (a driver that attached right after the last one closed)
+            mine = run.pullers
+        yield from run.output_frames(lambda: alive() and run.pullers == mine)
 
     def shutdown(self) -> None:
         if self.frame_server is not None:

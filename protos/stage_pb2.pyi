@@ -191,7 +191,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StageStats(_message.Message):
-    __slots__ = ("address", "layers", "epoch", "train_batches", "eval_batches", "busy_seconds", "idle_seconds", "blocked_seconds", "bytes_in", "bytes_out", "layer_metrics_json", "error", "rss_mb", "timeline")
+    __slots__ = ("address", "layers", "epoch", "train_batches", "eval_batches", "busy_seconds", "idle_seconds", "blocked_seconds", "bytes_in", "bytes_out", "layer_metrics_json", "error", "rss_mb", "timeline", "configures")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -206,6 +206,7 @@ class StageStats(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     RSS_MB_FIELD_NUMBER: _ClassVar[int]
     TIMELINE_FIELD_NUMBER: _ClassVar[int]
+    CONFIGURES_FIELD_NUMBER: _ClassVar[int]
     address: str
     layers: _containers.RepeatedScalarFieldContainer[int]
     epoch: int
@@ -220,7 +221,8 @@ class StageStats(_message.Message):
     error: str
     rss_mb: float
     timeline: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, address: _Optional[str] = ..., layers: _Optional[_Iterable[int]] = ..., epoch: _Optional[int] = ..., train_batches: _Optional[int] = ..., eval_batches: _Optional[int] = ..., busy_seconds: _Optional[float] = ..., idle_seconds: _Optional[float] = ..., blocked_seconds: _Optional[float] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., layer_metrics_json: _Optional[str] = ..., error: _Optional[str] = ..., rss_mb: _Optional[float] = ..., timeline: _Optional[_Iterable[float]] = ...) -> None: ...
+    configures: int
+    def __init__(self, address: _Optional[str] = ..., layers: _Optional[_Iterable[int]] = ..., epoch: _Optional[int] = ..., train_batches: _Optional[int] = ..., eval_batches: _Optional[int] = ..., busy_seconds: _Optional[float] = ..., idle_seconds: _Optional[float] = ..., blocked_seconds: _Optional[float] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., layer_metrics_json: _Optional[str] = ..., error: _Optional[str] = ..., rss_mb: _Optional[float] = ..., timeline: _Optional[_Iterable[float]] = ..., configures: _Optional[int] = ...) -> None: ...
 
 class EndTaskRequest(_message.Message):
     __slots__ = ("run_id",)
@@ -241,7 +243,7 @@ class HealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HealthReply(_message.Message):
-    __slots__ = ("status", "host", "pid", "device", "layers", "run_id", "protocol_version", "data_port")
+    __slots__ = ("status", "host", "pid", "device", "layers", "run_id", "protocol_version", "data_port", "session", "setup")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
@@ -250,6 +252,8 @@ class HealthReply(_message.Message):
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     DATA_PORT_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    SETUP_FIELD_NUMBER: _ClassVar[int]
     status: str
     host: str
     pid: int
@@ -258,4 +262,6 @@ class HealthReply(_message.Message):
     run_id: str
     protocol_version: int
     data_port: int
-    def __init__(self, status: _Optional[str] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ..., device: _Optional[str] = ..., layers: _Optional[_Iterable[int]] = ..., run_id: _Optional[str] = ..., protocol_version: _Optional[int] = ..., data_port: _Optional[int] = ...) -> None: ...
+    session: str
+    setup: str
+    def __init__(self, status: _Optional[str] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ..., device: _Optional[str] = ..., layers: _Optional[_Iterable[int]] = ..., run_id: _Optional[str] = ..., protocol_version: _Optional[int] = ..., data_port: _Optional[int] = ..., session: _Optional[str] = ..., setup: _Optional[str] = ...) -> None: ...
