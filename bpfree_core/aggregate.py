@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from bpfree_core.checkpoint import all_finite
 from bpfree_core.errors import AggregationError, ProtocolError
 
 Weights = dict[str, torch.Tensor]
@@ -66,7 +67,7 @@ def validate_update(update: ClientUpdate, template: Weights) -> None:
         if tuple(got.shape) != tuple(ref.shape) or got.dtype != ref.dtype:
             raise ProtocolError(f"{who} sent {key} as {got.dtype} {tuple(got.shape)}; expected "
                                 f"{ref.dtype} {tuple(ref.shape)}")
-        if got.is_floating_point() and not bool(torch.isfinite(got).all()):
+        if not all_finite(got):
             raise ProtocolError(f"{who} sent non-finite values in {key}")
 
 
@@ -95,7 +96,9 @@ def fedavg(global_weights: Weights, updates: Sequence[ClientUpdate]) -> Weights:
 
 def layer_stats(global_weights: Weights, new_weights: Weights,
                 updates: Sequence[ClientUpdate]) -> dict[str, dict[str, float]]:
-    """Per layer: norm of the global update, and the mean distance of clients from the average."""
+    """Per layer: norm of the global update, and the mean distance of clients from the average
+    (differences in the tensors' own dtype, squares summed in float64: one scratch tensor per
+    key, not three float64 copies per client)."""
     total = sum(u.num_examples for u in updates)
     sq_update: dict[int, float] = {}
     sq_spread: dict[int, float] = {}
@@ -103,10 +106,15 @@ def layer_stats(global_weights: Weights, new_weights: Weights,
         if not new.is_floating_point():
             continue
         i = layer_of(key)
-        sq_update[i] = sq_update.get(i, 0.0) + float((new.double() - global_weights[key].double())
-                                                     .pow(2).sum())
+        scratch = torch.empty_like(new)
+        sq_update[i] = sq_update.get(i, 0.0) + _squared_distance(new, global_weights[key], scratch)
         for u in updates:
-            d = float((u.weights[key].double() - new.double()).pow(2).sum())
+            d = _squared_distance(u.weights[key], new, scratch)
             sq_spread[i] = sq_spread.get(i, 0.0) + d * u.num_examples / total
     return {str(i): {"update_norm": math.sqrt(sq_update[i]), "client_spread": math.sqrt(sq_spread[i])}
             for i in sorted(sq_update)}
+
+
+def _squared_distance(a: torch.Tensor, b: torch.Tensor, scratch: torch.Tensor) -> float:
+    torch.sub(a, b, out=scratch)
+    return float(scratch.pow_(2).sum(dtype=torch.float64))
