@@ -26,6 +26,17 @@ def build_objective(cfg: ExperimentConfig) -> Objective:
     return get_objective(cfg, spec)
 
 
+def pipelined_objective(cfg: ExperimentConfig, as_what: str = "pipeline stages") -> Objective:
+    """The run's objective, once it is known to split into stages (the one place that decides;
+    bp needs gradients across layers)."""
+    objective = build_objective(cfg)
+    if not objective.pipelinable:
+        raise ConfigError(f"model.algorithm = {cfg.model.algorithm!r} trains with gradients across "
+                          f"layers, so it cannot be split into {as_what}; use `bpfree train` or a "
+                          "backprop-free algorithm (ff, symba, sffa, mono, ...)")
+    return objective
+
+
 def build_layers(
     cfg: ExperimentConfig, indices: range | None = None, objective: Objective | None = None
 ) -> list[LocalLayer]:

@@ -29,7 +29,7 @@ from bpfree_core.errors import BpfreeError, ConfigError
 from bpfree_core.evaluation import prediction_modes
 from bpfree_core.layers import add_proximal_term
 from bpfree_core.metrics import RunningMeans
-from bpfree_core.model import OPTIMIZER, Stage, build_layers, build_objective
+from bpfree_core.model import OPTIMIZER, Stage, build_layers, pipelined_objective
 from bpfree_core.objectives import Objective
 from bpfree_core.runtime import resolve_device, rss_mb
 
@@ -89,10 +89,10 @@ class StageRun:
         if not req.run_id:
             raise ConfigError("Configure needs a run_id")
         cfg = parse_config(req.config_json)
-        objective = build_objective(cfg)
-        if not objective.pipelinable:
-            raise StateError(f"model.algorithm = {cfg.model.algorithm!r} needs gradients across "
-                             "layers and cannot run as pipeline stages; use bpfree train")
+        try:
+            objective = pipelined_objective(cfg)
+        except ConfigError as exc:   # a well-formed request this stage cannot serve
+            raise StateError(str(exc)) from None
         check_chunk_bytes(cfg.pipeline.chunk_bytes)
         n = len(objective.layer_sizes())
         layers = list(req.layers)

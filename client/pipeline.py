@@ -37,7 +37,7 @@ from bpfree_core.data import bind_data
 from bpfree_core.errors import BpfreeError, ConfigError, PeerUnavailableError, StageTimeoutError
 from bpfree_core.executor import epoch_stats
 from bpfree_core.layers import LABELS, Packet
-from bpfree_core.model import OPTIMIZER, build_objective
+from bpfree_core.model import OPTIMIZER, pipelined_objective
 from bpfree_core.objectives import Objective
 
 log = logging.getLogger(__name__)
@@ -50,11 +50,7 @@ _STATUS_POLL = 1.0   # seconds between stage health checks while waiting for an 
 
 def _check_pipelinable(cfg: ExperimentConfig) -> Objective:
     """The run's objective, once it is known to split into stages."""
-    objective = build_objective(cfg)
-    if not objective.pipelinable:
-        raise ConfigError(f"model.algorithm = {cfg.model.algorithm!r} trains with gradients across "
-                          "layers, so it cannot be split into pipeline stages; use `bpfree train` "
-                          "or a backprop-free algorithm (ff, symba, sffa, ...)")
+    objective = pipelined_objective(cfg)
     check_chunk_bytes(cfg.pipeline.chunk_bytes)
     return objective
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from bpfree.protos import stage_pb2 as pb
+from bpfree_core.config import WIRE_DTYPES
 from bpfree_core.errors import ConfigError, ProtocolError
 from bpfree_core.layers import Packet
 
@@ -44,7 +45,7 @@ _TO_PB = {"float32": pb.FLOAT32, "bfloat16": pb.BFLOAT16, "float16": pb.FLOAT16,
           "int8": pb.INT8, "uint8": pb.UINT8, "bool": pb.BOOL}
 _FROM_PB = {v: k for k, v in _TO_PB.items()}
 _NAME_OF = {v: k for k, v in DTYPES.items()}
-WIRE_FLOATS = ("float32", "bfloat16", "float16", "int8")   # encodings a float32 tensor may travel in
+WIRE_FLOATS = WIRE_DTYPES   # encodings a float32 tensor may travel in (pipeline.wire_dtype)
 # "int8": per-row scaled. A tensor of shape (rows, ...) travels as `rows` float32 scales
 # (max |x| of the row / 127) followed by one int8 per element, round(x / scale): 4x smaller
 # than float32 for rows of more than a few elements, error <= scale / 2 per element.

@@ -44,7 +44,7 @@ from bpfree_core.config import ExperimentConfig
 from bpfree_core.errors import BpfreeError, ConfigError, PeerUnavailableError
 from bpfree_core.federated import client_split, local_round, train_split
 from bpfree_core.federated_evaluation import ClientEvaluation, evaluate_partitions
-from bpfree_core.model import build_objective
+from bpfree_core.model import pipelined_objective
 from bpfree_core.splits import run_splits
 from bpfree_core.strategies import ClientTerms
 
@@ -413,10 +413,7 @@ def check_ray_config(cfg: ExperimentConfig) -> None:
     if cfg.federation.executor != "pipeline":
         raise ConfigError("federation.backend = ray runs every stage as a Ray actor, so it needs "
                           "federation.executor = pipeline; use backend flower for inprocess")
-    if not build_objective(cfg).pipelinable:
-        raise ConfigError(f"model.algorithm = {cfg.model.algorithm!r} trains with gradients across "
-                          "layers, so it cannot be split into stage actors; use a backprop-free "
-                          "algorithm (ff, symba, sffa, ...)")
+    pipelined_objective(cfg, "stage actors")
 
 
 def simulate_ray(cfg: ExperimentConfig, run_dir: Path, resume: bool = False,

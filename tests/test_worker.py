@@ -195,7 +195,7 @@ def test_bad_control_requests(served: Served, data_dir: Path) -> None:
             pb.ConfigureRequest(run_id=RUN, layers=[0], config_json='{"modle": {}}'), 10)
     _expect(grpc.StatusCode.INVALID_ARGUMENT, "contiguous", ask,
             pb.ConfigureRequest(run_id=RUN, layers=[0, 5], config_json=cfg.to_json()), 10)
-    _expect(grpc.StatusCode.FAILED_PRECONDITION, "cannot run as pipeline stages", ask,
+    _expect(grpc.StatusCode.FAILED_PRECONDITION, "cannot be split into pipeline stages", ask,
             pb.ConfigureRequest(run_id=RUN, layers=[0], config_json=_cfg(
                 data_dir, "model.algorithm=bp").to_json()), 10)
     if not torch.cuda.is_available():
