@@ -49,7 +49,7 @@ from bpfree.client.messages import (
     read_train_message,
     reply_content,
 )
-from bpfree.client.pool import lease, parse_pool
+from bpfree.client.pool import lease, parse_pool, parse_stage_map
 from bpfree.client.site_data import node_test_data, node_train_data
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.errors import ConfigError, PeerUnavailableError
@@ -92,10 +92,9 @@ def node_addresses(node_config: dict[str, Any], run_config: dict[str, Any],
     ("0=h:p,h:p;1=..."), else the node's own `stage-addresses`; none = launch them locally."""
     if pid in settings.stage_addresses:
         return list(settings.stage_addresses[pid])
-    for part in str(run_config.get("stage-addresses", "") or "").split(";"):
-        key, _, value = part.partition("=")
-        if key.strip() == str(pid):
-            return [a.strip() for a in value.split(",") if a.strip()]
+    mine = parse_stage_map(str(run_config.get("stage-addresses", "") or "")).get(pid)
+    if mine:
+        return mine
     raw = str(node_config.get("stage-addresses", "") or "")
     return [a.strip() for a in raw.split(",") if a.strip()]
 

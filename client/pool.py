@@ -3,8 +3,8 @@
 `bpfree simulate` starts P pipelines, not one per client, and passes their addresses in
 run_config `stage-pool` ("0=h:p,h:p;1=..."). A ClientApp holds one pipeline for its whole round:
 it takes an exclusive lock on the pipeline's file under `pool-dir` (flock, so a ClientApp that
-dies releases it with its process) and configures the workers for its own partition. A round
-reconfigures its workers from scratch, so which pipeline served a client never changes weights.
+dies releases it with its process) and loads the round's global weights into its workers (they are
+configured once per run, client.pipeline), so which pipeline served a client never changes weights.
 """
 
 from __future__ import annotations
@@ -18,16 +18,27 @@ from pathlib import Path
 from bpfree_core.errors import ConfigError
 
 
+def format_stage_map(pipelines: dict[int, list[str]]) -> str:
+    """{client or pool slot: stage addresses} -> run_config's "0=h:p,h:p;1=..." (the one format
+    of `stage-addresses` and `stage-pool`; parse_stage_map reads it)."""
+    return ";".join(f"{k}={','.join(addresses)}" for k, addresses in sorted(pipelines.items()))
+
+
+def parse_stage_map(raw: str, what: str = "stage-addresses") -> dict[int, list[str]]:
+    """run_config's "0=h:p,h:p;1=..." -> {client or pool slot: stage addresses in order}."""
+    out: dict[int, list[str]] = {}
+    for part in filter(None, (p.strip() for p in raw.split(";"))):
+        key, _, value = part.partition("=")
+        addresses = [a.strip() for a in value.split(",") if a.strip()]
+        if not key.strip().isdigit() or not addresses:
+            raise ConfigError(f"run_config {what} has {part!r}; give slot=host:port,host:port;...")
+        out[int(key)] = addresses
+    return out
+
+
 def parse_pool(raw: str) -> list[list[str]]:
     """run_config `stage-pool` -> the pool's pipelines, each its stage addresses in order."""
-    pipelines: list[list[str]] = []
-    for part in filter(None, (p.strip() for p in raw.split(";"))):
-        _, _, value = part.partition("=")
-        addresses = [a.strip() for a in value.split(",") if a.strip()]
-        if not addresses:
-            raise ConfigError(f"run_config stage-pool has {part!r} with no stage addresses")
-        pipelines.append(addresses)
-    return pipelines
+    return [addresses for _, addresses in sorted(parse_stage_map(raw, "stage-pool").items())]
 
 
 @contextmanager

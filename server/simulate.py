@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from bpfree.client.pool import format_stage_map
 from bpfree_core.callbacks import Callback, stop_asked
 from bpfree_core.clock import launch_time
 from bpfree_core.config import ExperimentConfig, train_sample_size
@@ -100,7 +101,7 @@ def _simulate_flower(cfg: ExperimentConfig, run_dir: Path, resume: bool, progres
             "config-json": str(experiment), "out-dir": str(run_dir.resolve()), "resume": resume,
             "log-dir": str(log_dir), "run-dir-locked": True, "pool-dir": str(engine.home / "pool"),
             "stage-pool" if cfg.pipeline.pool else "stage-addresses":
-                ";".join(f"{k}={','.join(a)}" for k, a in addresses.items())})
+                format_stage_map(addresses)})
         engine.run(run_config, f"num-supernodes={cfg.federation.clients} "
                    f"client-resources-num-cpus=1 init-args-num-cpus={client_actors(cfg)}",
                    on_poll=bar.poll)
