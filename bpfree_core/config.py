@@ -61,6 +61,17 @@ def _check_choice(section: str, name: str, value: Any, valid: tuple[str, ...]) -
         raise ConfigError(f"{section}.{name} = {value!r} is not valid; choose one of {', '.join(valid)}")
 
 
+def check_device_name(device: str, what: str = "device") -> int | None:
+    """cpu, cuda or cuda:N (N a whole number >= 0), or one sentence; the GPU index, if any. Where
+    the device exists is runtime.resolve_device's to say."""
+    kind, sep, index = str(device).partition(":")
+    if device == "cpu" or (kind == "cuda" and not sep):
+        return None
+    if kind == "cuda" and index.isdigit():
+        return int(index)
+    raise ConfigError(f"{what} = {device!r} is not a device; use cpu, cuda or cuda:N (N = 0, 1, ...)")
+
+
 def is_outside_rule(name: str) -> bool:
     """A rule named by its code's place (pkg.module:Class or path/to/rule.py:Class), not by name."""
     return ":" in name
@@ -246,8 +257,7 @@ class TrainConfig:
                               "Hinton's jitter)")
         _check_choice("train", "predict", self.predict, ("softmax", "goodness", "both"))
         _check_choice("train", "precision", self.precision, PRECISIONS)
-        if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
-            raise ConfigError(f"train.device = {self.device!r}; use cpu, cuda or cuda:N")
+        check_device_name(self.device, "train.device")
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from bpfree_core.errors import ConfigError
 from bpfree_core.layers import Packet
 from bpfree_core.model import Stage, build_layers
 from bpfree_core.objectives import Objective
+from bpfree_core.runtime import resolve_device
 
 EVAL_BATCH = 1000
 
@@ -42,7 +43,7 @@ def evaluate_weights(
     weights: dict[str, torch.Tensor], objective: Objective, split: Split, cfg: ExperimentConfig
 ) -> dict[str, float]:
     """Accuracy of a whole stack's weights (say, a federated global model) on `split`."""
-    stage = Stage(build_layers(cfg, objective=objective), cfg.train.device)
+    stage = Stage(build_layers(cfg, objective=objective), resolve_device(cfg.train.device))
     stage.load_state_dict(weights)
     return evaluate(stage.eval_step, objective, split, cfg)
 

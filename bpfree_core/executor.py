@@ -27,7 +27,7 @@ from bpfree_core.config import ExperimentConfig
 from bpfree_core.layers import LABELS, Packet, add_proximal_term
 from bpfree_core.metrics import RunningMeans
 from bpfree_core.model import OPTIMIZER, Stage, build_layers, build_objective, consolidation_only
-from bpfree_core.runtime import set_threads
+from bpfree_core.runtime import resolve_device, set_threads
 
 
 class Executor(Protocol):
@@ -56,7 +56,7 @@ class InProcessExecutor:
         # count, as the stage workers do, or the golden rule fails in the last bits.
         set_threads(cfg.train.threads)
         self.cfg = cfg
-        self.device = device
+        self.device = resolve_device(str(device))   # a missing GPU is one sentence, here
         self.objective = build_objective(cfg)
         self.stage: Stage | None = None
 

@@ -10,27 +10,29 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from bpfree_core.config import check_device_name
 from bpfree_core.errors import ConfigError
 
 
 def resolve_device(device: str) -> torch.device:
-    """`cpu`, `cuda` or `cuda:N`, checked against what this machine has."""
+    """`cpu`, `cuda` or `cuda:N`, checked against what this machine has: every entry point and
+    executor asks here, and every refusal is one sentence."""
+    index = check_device_name(device)
     if device == "cpu":
         return torch.device("cpu")
-    if not device.startswith("cuda"):
-        raise ConfigError(f"device {device!r} is not valid; use cpu, cuda or cuda:N")
+    if torch.version.cuda is None:
+        raise ConfigError(f"device {device!r} was asked for but this torch ({torch.__version__}) is "
+                          "a CPU-only build; install a CUDA build of torch, or use --device cpu")
     if not torch.cuda.is_available():
         raise ConfigError(
             f"device {device!r} was asked for but this machine has no usable CUDA GPU "
-            "(torch.cuda.is_available() is False); use --device cpu"
+            "(torch.cuda.is_available() is False: no GPU, or no driver); use --device cpu"
         )
-    dev = torch.device(device)
-    if dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ConfigError(
-            f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} "
-            "GPU(s), cuda:0 .. cuda:{torch.cuda.device_count() - 1}"
-        )
-    return dev
+    count = torch.cuda.device_count()
+    if index is not None and index >= count:
+        raise ConfigError(f"device {device!r} does not exist: this machine has {count} GPU(s), "
+                          f"cuda:0 .. cuda:{count - 1}")
+    return torch.device("cuda" if index is None else f"cuda:{index}")
 
 
 def set_threads(threads: int) -> None:

@@ -188,6 +188,10 @@ def preflight(cfg: ExperimentConfig) -> None:
     from bpfree_core.balance import split_stages
     from bpfree_core.data import dataset_dir
     from bpfree_core.model import build_objective
+    from bpfree_core.runtime import resolve_device
+
+    if cfg.federation.backend != "ray":   # on Ray the stages' devices are the cluster's
+        resolve_device(cfg.train.device)   # this machine: the coordinator and in-process clients
 
     if not is_user_dataset(cfg.model.dataset) and (cfg.train.data_dir
                                                    or os.environ.get("BPFREE_DATA_DIR")):

@@ -145,3 +145,30 @@ def test_cli_defaults_apply_without_a_config_and_flags_win_over_them(tmp_path):
     toml.write_text("[train]\nepochs = 1\n")
     plain = config_from_args(parse(add_config_arguments, "--config", str(toml)), TRAIN_DEFAULTS)
     assert plain.model == ExperimentConfig().model      # a config file starts from the plain defaults
+
+
+def test_every_device_string_is_checked_once_with_one_sentence(monkeypatch) -> None:  # noqa: ANN001
+    """Issue 40: "cuda:x" and "cuda:-1" raised torch's RuntimeError (gRPC UNKNOWN on a worker);
+    the missing-GPU sentence printed its own f-string braces."""
+    import torch
+
+    from bpfree_core.executor import InProcessExecutor
+    from bpfree_core.runtime import resolve_device
+
+    for bad in ("cuda:x", "cuda:-1", "gpu", "cuda:", "cuda:0:1"):
+        with pytest.raises(ConfigError, match="is not a device; use cpu, cuda or cuda:N"):
+            resolve_device(bad)
+        with pytest.raises(ConfigError, match="train.device"):
+            load_config(None, [f"train.device={bad}"])
+    monkeypatch.setattr(torch.version, "cuda", "12.8")   # a CUDA build on a machine with 2 GPUs
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(ConfigError, match=r"has 2 GPU\(s\), cuda:0 \.\. cuda:1$"):
+        resolve_device("cuda:2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="no usable CUDA GPU"):   # the in-process executor asks too
+        InProcessExecutor(load_config(None, ["train.device=cuda"]), "cuda")
+    monkeypatch.setattr(torch.version, "cuda", None)
+    with pytest.raises(ConfigError, match="CPU-only build"):
+        resolve_device("cuda")

@@ -199,7 +199,7 @@ def test_bad_control_requests(served: Served, data_dir: Path) -> None:
             pb.ConfigureRequest(run_id=RUN, layers=[0], config_json=_cfg(
                 data_dir, "model.algorithm=bp").to_json()), 10)
     if not torch.cuda.is_available():
-        _expect(grpc.StatusCode.FAILED_PRECONDITION, "no usable CUDA GPU", ask,
+        _expect(grpc.StatusCode.FAILED_PRECONDITION, "use --device cpu", ask,
                 pb.ConfigureRequest(run_id=RUN, layers=[0], config_json=cfg.to_json(),
                                     device="cuda:0"), 10)
     served.configure(cfg, [0, 1])
@@ -349,7 +349,8 @@ def test_worker_cli_refuses_a_missing_gpu_clearly(tmp_path: Path) -> None:
                            "--port-file", str(tmp_path / "port")], cwd=REPO_ROOT, env=worker_env(1),
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
-    assert "no usable CUDA GPU" in done.stderr and "--device cpu" in done.stderr
+    assert ("no usable CUDA GPU" in done.stderr or "CPU-only build" in done.stderr) \
+        and "--device cpu" in done.stderr
     assert not (tmp_path / "port").exists()
 
 
