@@ -63,6 +63,7 @@ E2E_TESTS = {
     "test_placement": ("test_a_pool_of", "test_clients_on"),
     "test_readme": ("test_the_readme_commands_run",),
     "test_packaging": ("test_a_wheel_in_a_fresh_venv",),
+    "test_gpu_check": ("test_the_dry_run",),
 }
 
 
