@@ -98,9 +98,10 @@ class Stage:
     def train_step(self, packet: Packet) -> tuple[Packet, dict[int, Metrics]]:
         """Train every layer on `packet`; hand on the last one's output. An A-GEM reference packet
         (REFERENCE true) only sets each layer's reference gradient and reports no metrics."""
-        packet = {k: v.to(self.device) for k, v in packet.items()}
-        marker = packet.pop(REFERENCE, None)                 # (1,) bool, agem runs only
-        reference = marker is not None and bool(marker[0])
+        packet = dict(packet)
+        marker = packet.pop(REFERENCE, None)                 # (1,) bool, agem runs only: read on
+        reference = marker is not None and bool(marker[0])   # the host, before any upload
+        packet = {k: v.to(self.device, non_blocking=True) for k, v in packet.items()}
         metrics = {}
         for layer in self.layers:
             layer.train()
@@ -114,7 +115,7 @@ class Stage:
 
     @torch.no_grad()
     def eval_step(self, packet: Packet) -> Packet:
-        packet = {k: v.to(self.device) for k, v in packet.items()}
+        packet = {k: v.to(self.device, non_blocking=True) for k, v in packet.items()}
         for layer in self.layers:
             layer.eval()
             with compute_precision(layer.cfg, self.device) as handed_on:

@@ -45,7 +45,7 @@ def embed_label(x: torch.Tensor, y: torch.Tensor, num_classes: int, channels: in
     """Hinton's label embedding: the label pixels become the one-hot of y. (B, D) -> (B, D)."""
     out, pixels = label_planes(x, num_classes, channels)
     pixels.zero_()
-    pixels[torch.arange(x.shape[0]), :, y] = 1.0
+    pixels[torch.arange(x.shape[0], device=x.device), :, y] = 1.0
     return out
 
 
@@ -55,7 +55,7 @@ def draw_hard_labels(logits: torch.Tensor, y: torch.Tensor, u: torch.Tensor) -> 
     logits (B, C), y (B,), u (B,) uniforms in (0, 1] -> (B,) labels, never equal to y.
     """
     p = torch.softmax(logits.float(), dim=1)
-    p[torch.arange(y.shape[0]), y] = 0.0
+    p[torch.arange(y.shape[0], device=p.device), y] = 0.0
     cdf = p.cumsum(dim=1)                                                   # (B, C)
     target = (u * cdf[:, -1]).unsqueeze(1)                                  # (B, 1), > 0
     drawn = torch.searchsorted(cdf, target).squeeze(1).clamp(max=logits.shape[1] - 1)

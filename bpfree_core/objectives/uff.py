@@ -78,7 +78,10 @@ class UFFCell(LocalLayer):
         std = self.cfg.objective.noise_std
         if std > 0:
             gen = noise_generator(self.cfg.train.seed, self.index, self.host_steps())
-            noisy = h + std * torch.randn(h.shape, generator=gen).to(h.device)
+            noise = torch.randn(h.shape, generator=gen)   # the host's stream: every device alike
+            if h.device.type == "cuda":   # pinned, so the upload overlaps instead of waiting
+                noise = noise.pin_memory()
+            noisy = h + std * noise.to(h.device, non_blocking=True)
         else:
             noisy = h
         z = F.relu(self.encoder(noisy))
