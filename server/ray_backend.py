@@ -414,6 +414,10 @@ def check_ray_config(cfg: ExperimentConfig) -> None:
         raise ConfigError("federation.backend = ray runs every stage as a Ray actor, so it needs "
                           "federation.executor = pipeline; use backend flower for inprocess")
     pipelined_objective(cfg, "stage actors")
+    if cfg.train.device != "cpu" and cfg.pipeline.stage_num_gpus <= 0:   # would train on the CPU
+        raise ConfigError(f"train.device = {cfg.train.device} with the ray backend: its stages use "
+                          "the GPUs Ray assigns them, and pipeline.stage_num_gpus = 0 asks for none; "
+                          "set --set pipeline.stage_num_gpus=1 (or 0.5 to share a GPU), or --device cpu")
 
 
 def simulate_ray(cfg: ExperimentConfig, run_dir: Path, resume: bool = False,

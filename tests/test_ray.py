@@ -70,6 +70,10 @@ def test_ray_config_errors() -> None:
         ExperimentConfig().with_overrides(["pipeline.stage_num_cpus=0"])
     with pytest.raises(ConfigError, match="whole number"):
         ExperimentConfig().with_overrides(["pipeline.stage_num_gpus=1.5"])
+    from bpfree.server.ray_backend import check_ray_config
+
+    with pytest.raises(ConfigError, match="stage_num_gpus = 0 asks for none"):   # was: CPU, a log line
+        check_ray_config(ExperimentConfig().with_overrides(["train.device=cuda"]))
 
 
 def test_unreachable_head_fails_fast(tmp_path: Path, data_dir: Path) -> None:
