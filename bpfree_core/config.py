@@ -220,6 +220,8 @@ class TrainConfig:
     validation: int = 0            # hold out the last N training images (after train_limit):
                                    # never trained on, scored every epoch/round; choose recipes
                                    # on it, not on the test set
+    diagnostics_every: int = runtime(1)   # per-layer diagnostics every N epochs (and the last;
+                                   # 0 = the last only): on a GPU they cost a CPU pass
     patience: int = 0              # stop after N epochs without a better validation accuracy and
                                    # end with the best epoch's weights (0 = off; needs validation)
     eval_limit: int = runtime(0)   # per-epoch test (and train) accuracy on the first N images

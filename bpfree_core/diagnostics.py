@@ -32,11 +32,12 @@ ACCUMULATORS = (LOGITS, GOODNESS)
 @torch.no_grad()
 def layer_diagnostics(weights: dict[str, torch.Tensor], cfg: ExperimentConfig,
                       objective: Objective, split: Split, samples: int = 1000,
-                      ) -> dict[str, dict[str, float]]:
-    """{layer index: {metric: value}} on the first `samples` images of `split`."""
-    stage = Stage(build_layers(cfg, objective=objective), "cpu")
+                      device: str | torch.device = "cpu") -> dict[str, dict[str, float]]:
+    """{layer index: {metric: value}} on the first `samples` images of `split`, computed on
+    `device` (the training device: on a GPU run the CPU would take longer than an epoch)."""
+    stage = Stage(build_layers(cfg, objective=objective), device)
     stage.load_state_dict(weights)
-    x, y = split.images[:samples], split.labels[:samples]
+    x, y = split.images[:samples].to(device), split.labels[:samples].to(device)
     packet = objective.encode_eval(x, objective.supports_goodness)
     table: dict[str, dict[str, float]] = {}
     for layer in stage.layers:

@@ -164,8 +164,11 @@ def _train_loop(cfg: ExperimentConfig, executor: Executor, objective: Objective,
             val = record["val_accuracy"] = evaluate(executor.eval_forward, objective, val_split,
                                                     cfg)
         # which layer learns what, on held-out images (validation if there is one)
-        diagnostics = record["layer_diagnostics"] = layer_diagnostics(
-            executor.get_weights(), cfg, objective, held_out, DIAGNOSTIC_SAMPLES)
+        every = cfg.train.diagnostics_every
+        if epoch + 1 == total or (every and (epoch + 1) % every == 0):
+            diagnostics = record["layer_diagnostics"] = layer_diagnostics(
+                executor.get_weights(), cfg, objective, held_out, DIAGNOSTIC_SAMPLES,
+                resolve_device(cfg.train.device))
         _say(_epoch_line(record, stats, total, bool(len(val_split))), progress)
         # The state after this epoch: the checkpoint, and the next epoch's starting point.
         keep = resumable and (rd is not None or rerun or best.on)

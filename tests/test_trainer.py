@@ -162,3 +162,11 @@ def test_layer_diagnostics_score_each_layer_on_its_own(data_dir, tmp_path):
     g = torch.tensor([[3.0, 1.0, 1.0], [1.0, 3.0, 1.0]])
     assert separation(g, torch.tensor([0, 1])) == pytest.approx(2.0 / float(g.std()))
     assert separation(g, torch.tensor([1, 0])) < 0
+
+
+def test_layer_diagnostics_every_n_epochs_and_always_the_last(data_dir, tmp_path) -> None:  # noqa: ANN001
+    train_reference(_cfg(data_dir, "train.epochs=3", "train.diagnostics_every=2"), tmp_path / "run",
+                    progress=False)
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert ["layer_diagnostics" in r for r in records] == [False, True, True]
+    assert set(records[-1]["layer_diagnostics"]) == {"0", "1"}
