@@ -74,6 +74,8 @@ def packet_schema(cfg: ExperimentConfig, objective: Objective, first: int) -> Sc
         train = mark_reference(train, False)
     evals = objective.encode_eval(x, prediction_modes(objective, cfg)[1])
     if first > 0:
+        if cfg.train.compile:   # names, dtypes and shapes are eager's: no CPU compile at Configure
+            cfg = cfg.with_overrides(["train.compile=false"])
         with torch.random.fork_rng(devices=[]):
             before = Stage(build_layers(cfg, range(first), objective))
             train, _ = before.train_step(train)
