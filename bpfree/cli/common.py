@@ -190,7 +190,8 @@ def report(args: argparse.Namespace, summary: dict[str, Any], run_dir: Path | No
         return
     acc = summary.get("test_accuracy", float("nan"))
     what = (f"{plural(summary['rounds'], 'round')} of {summary['clients']} clients"
-            if "rounds" in summary else plural(summary["epochs"], "epoch") if "epochs" in summary
+            if "rounds" in summary else plural(summary.get("epochs_trained", summary["epochs"]), "epoch")
+            + (f" of {summary['epochs']}" if summary.get("stopped_early") else "") if "epochs" in summary
             else "")
     head = (f"average accuracy {summary['average_accuracy']:.4f} over the tasks seen, forgetting "
             f"{summary.get('forgetting', float('nan')):.4f}" if "average_accuracy" in summary
