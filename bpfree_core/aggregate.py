@@ -1,4 +1,5 @@
-"""Layer-wise federated averaging: validate client updates, then average every layer.
+"""Client updates: their checks (validate_update), per-layer round statistics, and FedAvg in its
+plainest form (`fedavg`), the reference the server strategies are tested against.
 
 FedAvg (McMahan et al. 2017, arXiv:1602.05629), applied layer by layer: every round, every
 tensor of every layer (`layers.<i>.<name>`: weights, biases, readout heads, running-statistic
@@ -13,8 +14,9 @@ Rules, all deterministic (the same inputs give bit-identical outputs in any proc
 - Integer tensors are counters (e.g. `steps`): the new value is the old global one plus every
   client's increment.
 
-Reused by the Flower coordinator (server/app.py), the single-process reference loop
-(server/reference.py) and any later backend: aggregation lives only here.
+Rounds aggregate through a strategy (bpfree_core/strategies: fedavg and the rest, one module
+each, the same maths as Flower's classes); every coordinator (Flower, Ray, the in-process
+reference) validates replies here first.
 """
 
 from __future__ import annotations
