@@ -69,6 +69,7 @@ class Plan:
     pipeline_batches: int = 200
     ceiling_n: int = 8192
     ceiling_seconds: float = 2.0
+    compile_rows: bool = True
 
 
 PLANS = {
@@ -165,7 +166,7 @@ def rows(plan: Plan, ceilings: dict[str, float]) -> Iterator[tuple[str, Callable
         for b in plan.batches:
             for p in ("float32", "bf16"):
                 yield "steps", lambda a=a, h=h, b=b, p=p: step_row(a, h, b, p, ceilings[p], plan)
-    for a, h in plan.nets[:3]:   # vs eager
+    for a, h in plan.nets[:3] if plan.compile_rows else ():   # vs eager
         yield "steps", lambda a=a, h=h: step_row(a, h, plan.batches[0], "float32",
                                                  ceilings["float32"], plan, compiled=True)
     pipe_batches = plan.batches if plan.device == "cpu" else (100, 1000)

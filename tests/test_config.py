@@ -70,7 +70,7 @@ def test_missing_and_malformed_config_files(tmp_path):
         load_config(bad)
     latin = tmp_path / "latin.toml"
     latin.write_bytes("[train]\nepochs = 1   # caf\u00e9\n".encode("latin-1"))
-    with pytest.raises(ConfigError, match=r"latin.toml is not UTF-8 text \(byte 0xe9 at offset 27\)"):
+    with pytest.raises(ConfigError, match=r"latin.toml is not UTF-8 text \(byte 0xe9 at offset 26\)"):
         load_config(latin)
     unknown = tmp_path / "unknown.toml"
     unknown.write_text("[trian]\nepochs = 1\n")
