@@ -25,7 +25,8 @@ class PipelineExecutor:
     """The client's layers on S stage worker processes (client.pipeline.Pipeline)."""
 
     def __init__(self, cfg: ExperimentConfig, addresses: list[str] | None = None,
-                 device: str = "cpu", threads: int = 1, log_dir: str | None = None):
+                 device: str = "cpu", threads: int = 1, log_dir: str | None = None,
+                 attach: bool = False):
         from bpfree.client.pipeline import Pipeline  # gRPC is imported only when a pipeline runs
 
         if addresses:
@@ -33,7 +34,7 @@ class PipelineExecutor:
                 raise ConfigError(
                     f"got {len(addresses)} stage worker address(es) but pipeline.stages = "
                     f"{cfg.pipeline.stages}; give one address per stage, in stage order")
-            self.pipeline = Pipeline.connect(cfg, list(addresses))
+            self.pipeline = Pipeline.connect(cfg, list(addresses), attach=attach)
         else:
             self.pipeline = Pipeline.launch_local(cfg, device=device, threads=threads,
                                                   log_dir=log_dir)
@@ -93,8 +94,10 @@ class PipelineExecutor:
 
 def make_executor(cfg: ExperimentConfig, addresses: list[str] | None = None,
                   log_dir: str | None = None) -> InProcessExecutor | PipelineExecutor:
-    """The executor `federation.executor` names, on `train.device` with `train.threads`."""
+    """A federated client's executor, the one `federation.executor` names, on `train.device` with
+    `train.threads`. Every round loads the global weights first, so running stage workers are
+    attached to as the run's earlier rounds left them (configured once per run)."""
     if cfg.federation.executor == "inprocess":
         return InProcessExecutor(cfg, cfg.train.device)
     return PipelineExecutor(cfg, addresses, device=cfg.train.device,
-                            threads=max(cfg.train.threads, 1), log_dir=log_dir)
+                            threads=max(cfg.train.threads, 1), log_dir=log_dir, attach=True)

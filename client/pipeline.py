@@ -64,7 +64,10 @@ class Pipeline:
     """S stage workers, configured for one run, driven from this process."""
 
     def __init__(self, cfg: ExperimentConfig, addresses: list[str], security: Security,
-                 workers: LocalWorkers | None = None, device: str = ""):
+                 workers: LocalWorkers | None = None, device: str = "", attach: bool = False):
+        """`attach`: stages this session left configured as this driver would configure them are
+        used as they are (their layers keep their weights: for a driver that loads weights before
+        it trains, as every federated round does); else every stage is configured afresh."""
         cfg = bind_data(cfg)   # workers learn the data's shape from the config, not the files
         self.cfg = cfg
         self.addresses = list(addresses)
@@ -92,7 +95,7 @@ class Pipeline:
                 self._channels.append(channel)
                 self._stubs.append(pb_grpc.StageControlStub(channel))
                 wait_for_peer(address, security, cfg.pipeline.connect_timeout, channel)
-            self._configure(device)
+            self._configure(device, fresh=not attach)
         except BaseException:
             self.close()
             raise
@@ -114,10 +117,11 @@ class Pipeline:
         return self.workers.processes if self.workers is not None else []
 
     @classmethod
-    def connect(cls, cfg: ExperimentConfig, addresses: list[str]) -> Pipeline:
-        """Use stage workers already running at `addresses` (in stage order) and configure them."""
+    def connect(cls, cfg: ExperimentConfig, addresses: list[str], attach: bool = False) -> Pipeline:
+        """Use stage workers already running at `addresses` (in stage order) and configure them
+        (`attach`: reuse them as an earlier driver of this run left them, see __init__)."""
         security = Security(token=cfg.pipeline.token, tls_ca=cfg.pipeline.tls_ca)
-        return cls(cfg, addresses, security)
+        return cls(cfg, addresses, security, attach=attach)
 
     def _configure(self, device: str, fresh: bool = False) -> None:
         """Configure every stage, or (unless `fresh`) attach to stages an earlier driver of this
