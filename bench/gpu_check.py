@@ -98,7 +98,9 @@ def step_row(algorithm: str, hidden: str, batch: int, precision: str, ceiling: f
              plan: Plan = PLANS["full"], compiled: bool = False) -> dict[str, Any]:
     from bpfree.bench.step import step_flops
 
-    cfg = _cfg(algorithm, hidden, batch, precision, device=plan.device)
+    tf32 = ("train.tf32=true",) if precision == "tf32" else ()
+    cfg = _cfg(algorithm, hidden, batch, "float32" if precision == "tf32" else precision, tf32,
+               device=plan.device)
     packets = _packets(cfg, plan.steps)
     flops_per_step = step_flops(Stage(build_layers(cfg), plan.device), packets[0])
     if compiled:
@@ -164,7 +166,7 @@ def rows(plan: Plan, ceilings: dict[str, float]) -> Iterator[tuple[str, Callable
     """(section, measure) for every row, in order."""
     for a, h in plan.nets:
         for b in plan.batches:
-            for p in ("float32", "bf16"):
+            for p in ceilings:   # float32, bf16 (and tf32 on a GPU)
                 yield "steps", lambda a=a, h=h, b=b, p=p: step_row(a, h, b, p, ceilings[p], plan)
     for a, h in plan.nets[:3] if plan.compile_rows else ():   # vs eager
         yield "steps", lambda a=a, h=h: step_row(a, h, plan.batches[0], "float32",
@@ -184,6 +186,11 @@ def run(plan: Plan, out: Path) -> dict[str, Any]:
                                           plan.ceiling_seconds),
                 "bf16": matmul_ceiling(torch.bfloat16, plan.device, plan.ceiling_n,
                                        plan.ceiling_seconds)}
+    if plan.device != "cpu":   # train.tf32: float32 matmuls on the tensor cores
+        torch.backends.cuda.matmul.allow_tf32 = True
+        ceilings["tf32"] = matmul_ceiling(torch.float32, plan.device, plan.ceiling_n,
+                                          plan.ceiling_seconds)
+        torch.backends.cuda.matmul.allow_tf32 = False
     res: dict[str, Any] = {**machine(plan), "ceilings_tflops": {k: v / 1e12 for k, v in ceilings.items()},
                            "ceiling_n": plan.ceiling_n, "pipeline_net": _pipeline_net(plan),
                            "steps": [], "pipelines": [], "errors": []}

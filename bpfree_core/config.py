@@ -72,6 +72,13 @@ def check_device_name(device: str, what: str = "device") -> int | None:
     raise ConfigError(f"{what} = {device!r} is not a device; use cpu, cuda or cuda:N (N = 0, 1, ...)")
 
 
+def stage_device(devices: str, stage: int) -> str:
+    """Stage `stage`'s device in a comma-separated list ("cuda:0,cuda:1": stage s on entry s mod
+    the list's length; one entry: every stage on it; "" stays "", a worker's own --device)."""
+    entries = [d.strip() for d in devices.split(",") if d.strip()]
+    return entries[stage % len(entries)] if entries else ""
+
+
 def is_outside_rule(name: str) -> bool:
     """A rule named by its code's place (pkg.module:Class or path/to/rule.py:Class), not by name."""
     return ":" in name
@@ -232,6 +239,8 @@ class TrainConfig:
     jitter: int = 0                # shift training images by up to +-N pixels (Hinton: 2; 0 = off)
     precision: str = "float32"     # float32 | bf16 (autocast: matmuls in bfloat16, weights and
                                    # every tensor between layers stay float32)
+    tf32: bool = False             # CUDA float32 matmuls and convolutions on TF32 tensor cores
+                                   # (Ampere and later: ~8x the float32 rate, 10-bit mantissa)
     compile: bool = False          # torch.compile each layer's forward + loss (ff, symba, sffa,
                                    # mono): fused elementwise work, other float bits (opt-in)
     one_pass: bool = False         # ff, symba, sffa: positive and negative data through a layer
@@ -275,6 +284,8 @@ class PipelineConfig:
     rpc_timeout: float = runtime(60.0)    # deadline of one RPC (seconds)
     connect_timeout: float = runtime(30.0)  # deadline to reach a peer, retries included (seconds)
     token: str = secret("")               # shared secret checked on every RPC ("" = none)
+    devices: str = runtime("")            # launched stage workers' devices, one per stage, e.g.
+                                          # cuda:0,cuda:1 (cycled over the stages; "" = train.device)
     session: str = runtime("")            # the run that drives the workers: a worker serves one
                                           # session at a time ("" = this driver process's own)
     tls_ca: str = runtime("")             # CA (PEM) that signed the workers' TLS certificates ("" = off)
@@ -309,6 +320,8 @@ class PipelineConfig:
         _check_positive("pipeline", "rpc_timeout", self.rpc_timeout)
         _check_positive("pipeline", "connect_timeout", self.connect_timeout)
         _check_positive("pipeline", "restarts", self.restarts, allow_zero=True)
+        for device in filter(None, (d.strip() for d in self.devices.split(","))):
+            check_device_name(device, "pipeline.devices entry")
         _check_choice("pipeline", "balance", self.balance, ("flops", "layers", "measured"))
 
     def stage_counts(self) -> dict[int, int]:

@@ -86,6 +86,9 @@ class Stage:
         self.device = torch.device(device)
         for layer in layers:
             layer.place(self.device)
+        if self.device.type == "cuda" and layers:   # the run's choice, for this process's matmuls
+            tf32 = bool(layers[0].cfg.train.tf32)
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
 
     @property
     def indices(self) -> list[int]:

@@ -32,7 +32,7 @@ from bpfree.client.wire import WireBatch, decode_state, encode_state
 from bpfree.protos import stage_pb2 as pb
 from bpfree.protos import stage_pb2_grpc as pb_grpc
 from bpfree_core.balance import stage_ranges
-from bpfree_core.config import ExperimentConfig
+from bpfree_core.config import ExperimentConfig, stage_device
 from bpfree_core.data import bind_data
 from bpfree_core.errors import BpfreeError, ConfigError, PeerUnavailableError, StageTimeoutError
 from bpfree_core.executor import epoch_stats
@@ -89,7 +89,7 @@ class Pipeline:
             for address in self.addresses:
                 split_address(address, "stage worker address")
             self.ranges = stage_ranges(cfg, len(addresses), objective,
-                                       device=device or cfg.train.device)
+                                       device=stage_device(device, 0) or cfg.train.device)
             for address in self.addresses:
                 channel = security.channel(address)
                 self._channels.append(channel)
@@ -104,7 +104,9 @@ class Pipeline:
     @classmethod
     def launch_local(cls, cfg: ExperimentConfig, *, device: str = "cpu", threads: int = 1,
                      log_dir: Path | None = None) -> Pipeline:
-        """Spawn cfg.pipeline.stages `bpfree worker` processes on 127.0.0.1 and configure them."""
+        """Spawn cfg.pipeline.stages `bpfree worker` processes on 127.0.0.1 and configure them, on
+        `device` or, where set, pipeline.devices (one per stage, e.g. cuda:0,cuda:1)."""
+        device = cfg.pipeline.devices or device
         _check_pipelinable(cfg)
         security = Security(token=cfg.pipeline.token, tls_ca=cfg.pipeline.tls_ca)
         workers = LocalWorkers(cfg.pipeline.stages, device=device, threads=threads, log_dir=log_dir,
@@ -131,7 +133,8 @@ class Pipeline:
         n = len(self.addresses)
         requests = [pb.ConfigureRequest(
             run_id=self.run_id, layers=list(self.ranges[s]), config_json=config_json,
-            device=device, downstream=self.addresses[s + 1] if s + 1 < n else "", stage=s,
+            device=stage_device(device, s), downstream=self.addresses[s + 1] if s + 1 < n else "",
+            stage=s,
             num_stages=n, session=self.cfg.pipeline.session or PROCESS_SESSION) for s in range(n)]
         if not fresh and self._attach(requests):
             return

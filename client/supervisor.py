@@ -18,6 +18,7 @@ import threading
 import time
 from pathlib import Path
 
+from bpfree_core.config import stage_device
 from bpfree_core.errors import PeerUnavailableError
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,8 @@ class LocalWorkers:
 
     def __init__(self, n: int, *, device: str = "cpu", threads: int = 1,
                  log_dir: Path | None = None, token: str = "", timeout: float = 30.0):
+        """`device`: one for every stage, or a comma-separated list, one per stage
+        (config.stage_device: "cuda:0,cuda:1" puts S stages on two GPUs in turn)."""
         self.device, self.threads, self.token, self.timeout = device, threads, token, timeout
         self._tmp = tempfile.TemporaryDirectory(prefix="bpfree-pipeline-")
         self.log_dir = Path(log_dir) if log_dir else Path(self._tmp.name)
@@ -56,8 +59,8 @@ class LocalWorkers:
         port_file.unlink(missing_ok=True)   # the dead worker's port is no signal
         log_file = self.log_dir / f"stage{s}.log"
         listen = self.addresses[s] if same_port else "127.0.0.1:0"
-        proc = _spawn_worker(self.device, self.threads, port_file, log_file, self.token,
-                             scratch=True, listen=listen)
+        proc = _spawn_worker(stage_device(self.device, s) or "cpu", self.threads, port_file,
+                             log_file, self.token, scratch=True, listen=listen)
         self.processes[s] = proc
         try:
             port = wait_port(proc, port_file, log_file, self.timeout)
@@ -112,8 +115,8 @@ def launch_workers(n: int, tmp_dir: Path, *, device: str = "cpu", threads: int =
         port_files = [tmp_dir / f"stage{s}.port" for s in range(n)]
         for s in range(n):
             port_files[s].unlink(missing_ok=True)   # a stale file from an earlier run is no signal
-            procs.append(_spawn_worker(device, threads, port_files[s], logs / f"stage{s}.log", token,
-                                       scratch))
+            procs.append(_spawn_worker(stage_device(device, s) or "cpu", threads, port_files[s],
+                                       logs / f"stage{s}.log", token, scratch))
         addresses = [f"127.0.0.1:{wait_port(p, f, logs / f'stage{s}.log', timeout)}"
                      for s, (p, f) in enumerate(zip(procs, port_files, strict=True))]
     except BaseException:

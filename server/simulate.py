@@ -254,7 +254,7 @@ def launch_stage_workers(cfg: ExperimentConfig, log_dir: Path,
     name = "pool" if cfg.pipeline.pool else "client"
 
     def launch(k: int) -> Any:
-        return LocalWorkers(cfg.pipeline.stages_of(k), device=cfg.train.device,
+        return LocalWorkers(cfg.pipeline.stages_of(k), device=cfg.pipeline.devices or cfg.train.device,
                             threads=max(cfg.train.threads, 1), log_dir=log_dir / f"{name}{k}",
                             token=cfg.pipeline.token, timeout=cfg.pipeline.connect_timeout)
 

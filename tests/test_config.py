@@ -172,3 +172,14 @@ def test_every_device_string_is_checked_once_with_one_sentence(monkeypatch) -> N
     monkeypatch.setattr(torch.version, "cuda", None)
     with pytest.raises(ConfigError, match="CPU-only build"):
         resolve_device("cuda")
+
+
+def test_stages_take_their_devices_in_turn_from_pipeline_devices() -> None:
+    from bpfree_core.config import stage_device
+
+    devices = "cuda:0, cuda:1"
+    assert [stage_device(devices, s) for s in range(4)] == ["cuda:0", "cuda:1", "cuda:0", "cuda:1"]
+    assert stage_device("cuda", 3) == "cuda" and stage_device("", 1) == ""   # "": the worker's own
+    assert load_config(None, [f"pipeline.devices={devices}"]).pipeline.devices == devices
+    with pytest.raises(ConfigError, match="pipeline.devices entry = 'gpu1' is not a device"):
+        load_config(None, ["pipeline.devices=cuda:0,gpu1"])
