@@ -51,6 +51,15 @@ class Counters:
     link_base: int = 0           # the downstream link's byte count when these counters started
     means: RunningMeans = field(default_factory=RunningMeans)
     timeline: list[float] = field(default_factory=list)   # (start, end, handed off) per batch
+    gpu_steps: list = field(default_factory=list)   # (start, end) CUDA events per step on a GPU
+
+    def busy_seconds(self) -> float:
+        """Time in train/eval steps: on a GPU the device's own (CUDA events, read once here), so
+        a batch's kernels are not billed to the next batch's upload; else the host's."""
+        if not self.gpu_steps:
+            return self.busy
+        self.gpu_steps[-1][1].synchronize()
+        return sum(start.elapsed_time(end) for start, end in self.gpu_steps) / 1e3
 
 
 def parse_config(config_json: str) -> ExperimentConfig:
@@ -81,6 +90,15 @@ def packet_schema(cfg: ExperimentConfig, objective: Objective, first: int) -> Sc
             train, _ = before.train_step(train)
             evals = before.eval_step(evals)
     return {pb.TRAIN: schema_of(train), pb.EVAL: schema_of(evals)}
+
+
+def _cuda_events(device: torch.device) -> tuple | None:
+    """A (start, end) pair of CUDA events, start recorded now; None off the GPU."""
+    if device.type != "cuda":
+        return None
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    return start, end
 
 
 class StageRun:
@@ -279,6 +297,7 @@ class StageRun:
             return
         t0 = time.perf_counter()
         wall0 = time.time()   # Unix time: stages' timelines line up (bench/timeline.py)
+        events = _cuda_events(self.stage.device)
         with self.step_lock:
             if item.kind == pb.TRAIN:
                 out, metrics = self.stage.train_step(item.tensors)
@@ -287,6 +306,9 @@ class StageRun:
             else:
                 out = self.stage.eval_step(item.tensors)
                 c.eval_batches += 1
+        if events is not None:   # no wait here: read at the epoch's stats
+            events[1].record()
+            c.gpu_steps.append(events)
         busy = time.perf_counter() - t0
         c.busy += busy
         record = item.kind == pb.TRAIN and len(c.timeline) < _TIMELINE_MAX
@@ -324,7 +346,7 @@ class StageRun:
         c = self.counters
         return pb.StageStats(
             address=self.address, layers=list(self.stage.indices), epoch=self.admission.epoch,
-            train_batches=c.train_batches, eval_batches=c.eval_batches, busy_seconds=c.busy,
+            train_batches=c.train_batches, eval_batches=c.eval_batches, busy_seconds=c.busy_seconds(),
             idle_seconds=c.idle, blocked_seconds=c.blocked, bytes_in=c.bytes_in,
             bytes_out=c.bytes_out + (self.link.bytes_out - c.link_base if self.link else 0),
             layer_metrics_json=json.dumps(c.means.means()), error=self.admission.error,
