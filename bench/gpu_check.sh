@@ -8,8 +8,9 @@
 #    (default: ../bpfree-wheels beside the checkout) into a private folder;
 #  - anything else (a fresh box with a registry): its own venv (.gpu-venv) with a CUDA build of
 #    torch and this project installed (pip install -e .).
-# --dry-run runs every row on the CPU at toy sizes (what CI checks). Results are written after
-# every row, with the GPU, driver, CUDA, torch and commit; a row that fails is recorded and skipped.
+# --dry-run runs every row on the CPU at toy sizes (what CI checks). On a GPU, tests/test_gpu.py runs
+# first (OUT_DIR/gpu_tests.txt). Results are written after every row, with the GPU, driver, CUDA,
+# torch and commit; a row that fails is recorded and skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 say() { echo "bench/gpu_check.sh: $*" >&2; }
@@ -50,5 +51,10 @@ else
   py="$venv/bin/python"
   "$py" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' \
     || { say "the CUDA build of torch in $venv sees no GPU (driver too old for it?); see nvidia-smi"; exit 1; }
+fi
+mkdir -p "$out"
+if ! $dry && "$py" -c 'import pytest' 2>/dev/null; then   # first: the GPU tests, for real
+  "$py" -m pytest -q -p no:cacheprovider -o addopts="" tests/test_gpu.py 2>&1 | tee "$out/gpu_tests.txt" \
+    || say "some GPU tests failed (see $out/gpu_tests.txt); measuring anyway"
 fi
 "$py" -m bpfree.bench.gpu_check "${mode[@]}" --out "$out"

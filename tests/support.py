@@ -96,14 +96,15 @@ def synthetic_packets(cfg, n: int) -> list:
     return list(train_packets(build_objective(cfg), Split(x, y), cfg, epoch=0))
 
 
-def assert_two_stages_equal_one(cfg, packets: list) -> None:
-    """The golden rule in one process: a 2-layer stack split into two stages ends bit-identical."""
+def assert_two_stages_equal_one(cfg, packets: list, devices: tuple[str, str, str] = ("cpu",) * 3) -> None:
+    """The golden rule in one process: a 2-layer stack split into two stages ends bit-identical
+    (`devices`: the whole stack's, then each stage's)."""
     import torch
 
     from bpfree_core.model import Stage, build_layers
 
-    whole = Stage(build_layers(cfg))
-    first, second = (Stage([layer]) for layer in build_layers(cfg))
+    whole = Stage(build_layers(cfg), devices[0])
+    first, second = (Stage([layer], d) for layer, d in zip(build_layers(cfg), devices[1:], strict=True))
     for p in packets:
         whole.train_step(p)
         second.train_step(first.train_step(p)[0])
