@@ -22,7 +22,7 @@ from bpfree_core.errors import ConfigError
 from bpfree_core.seeds import SEED_SPACE
 
 # the rules bpfree_core.objectives ships (one module each); plug-ins and files add to them
-BUILTIN_RULES = ("ff", "symba", "sffa", "ffcl", "uff", "bp", "cwc", "mono", "deeper")
+BUILTIN_RULES = ("ff", "symba", "sffa", "ffcl", "uff", "bp", "cwc", "mono", "deeper", "asge")
 RULE_PLUGINS = "bpfree.objectives"   # the entry-point group of installed rules
 DATASETS = ("mnist", "fashion-mnist", "cifar10", "cifar100")   # built in; or npz: csv: folder:
 WIRE_DTYPES = ("float32", "bfloat16", "float16", "int8")
@@ -176,6 +176,7 @@ class ObjectiveConfig:
     input_skip: bool = False       # sffa: layers after the first also get the image and the
                                    # class code beside the last layer's output (the authors' residual)
     input_norm: str = "rms"        # ff/symba/sffa: rms-normalise each layer's input | none (SFFA's code)
+    patch_alpha: float = 1.0       # asge: P = round(sqrt(C_last / C) ^ alpha) patches per side
 
     def __post_init__(self) -> None:
         _check_choice("objective", "goodness", self.goodness, ("sum", "mean"))
@@ -184,6 +185,7 @@ class ObjectiveConfig:
         _check_positive("objective", "top_k", self.top_k, allow_zero=True)
         _check_choice("objective", "input_norm", self.input_norm, ("rms", "none"))
         _check_positive("objective", "alpha", self.alpha)
+        _check_positive("objective", "patch_alpha", self.patch_alpha, allow_zero=True)
         _check_positive("objective", "temperature", self.temperature)
         _check_positive("objective", "peer_weight", self.peer_weight, allow_zero=True)
         _check_positive("objective", "pattern_bits", self.pattern_bits)

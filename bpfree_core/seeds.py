@@ -14,7 +14,8 @@ order of an epoch), "batch" (the draws of one (epoch, batch)), "noise" (a UFF ce
 noise at a step), "pattern" (the fixed class patterns), "partition" (who holds which samples),
 "tasks" (the continual class order), "memory" (which samples of a task replay keeps), "sample"
 (which clients train in a round, under federation.fraction_train), "dp" (a round's central DP
-noise), "evaluate" (which clients score the global model after a round).
+noise), "evaluate" (which clients score the global model after a round), "projection" (asge's
+fixed class projection of layer i).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ _STEPS: dict[str, tuple[tuple[int, int, int], ...]] = {
     "sample": ((1_000_303, 104_723, 104_723),),            # part: round whose training clients are drawn
     "dp": ((1_000_333, 7_907, 7_907), (1_000_357, 1, 0)),  # parts: round, stream (0 weights, 1 count)
     "evaluate": ((1_000_363, 104_707, 104_707),),          # part: round whose evaluating clients are drawn
+    "projection": ((1_000_381, 104_711, 104_711),),        # part: layer index (asge's class projection)
 }
 PURPOSES = tuple(_STEPS)
 

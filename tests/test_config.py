@@ -29,7 +29,7 @@ def test_toml_round_trip(tmp_path):
 @pytest.mark.parametrize(
     ("override", "words"),
     [
-        ("model.algorithm=nope", ["model.algorithm = 'nope'", "bp, cwc, deeper, ff, ffcl, mono",
+        ("model.algorithm=nope", ["model.algorithm = 'nope'", "asge, bp, cwc, deeper, ff, ffcl, mono",
                                   "pkg.module:Class"]),
         ("train.epochs=two", ["train.epochs", "int"]),
         ("train.epochs=0", ["train.epochs", "> 0"]),

@@ -36,6 +36,8 @@ CASES = [
     (("model.algorithm=mono",), {"softmax": 0.88}),
     (("model.algorithm=deeper", "model.conv=10,20,40,80", "model.hidden=[]", "optim.lr=1e-2"),
      {"goodness": 0.6, "softmax": 0.85}),
+    # asge's goodness starts slowly (a fixed random projection of patch energies): 2 epochs of 6000
+    (("model.algorithm=asge", "model.conv=16,32", "model.hidden=[]"), {"goodness": 0.3, "softmax": 0.85}),
 ]
 
 

@@ -25,7 +25,8 @@ from bpfree_core.trainer import train_reference
 RULES = [("ff", []), ("ff", ["train.predict=goodness"]), ("symba", ["train.predict=goodness"]),
          ("sffa", []), ("ffcl", []), ("uff", []), ("bp", []), ("mono", []),
          ("cwc", ["model.conv=10,20", "model.hidden=[]", "optim.lr=1e-2"]),
-         ("deeper", ["model.conv=10,10", "model.hidden=[]", "optim.lr=1e-2"])]
+         ("deeper", ["model.conv=10,10", "model.hidden=[]", "optim.lr=1e-2"]),
+         ("asge", ["model.conv=8,16", "model.hidden=[]", "train.predict=goodness"])]
 BASE = ["model.hidden=40,40", "train.train_limit=1000", "train.test_limit=300", "train.epochs=1",
         "train.threads=1", "train.batch_size=100"]
 

@@ -406,5 +406,5 @@ def test_unknown_algorithm_lists_the_valid_ones():
         assert name in str(err.value)
     cfg = cfg_for("ff")
     object.__setattr__(cfg.model, "algorithm", "nope")  # bypass validation: registry checks too
-    with pytest.raises(ConfigError, match="'nope' is not a known rule; valid: bp, cwc, deeper, ff"):
+    with pytest.raises(ConfigError, match="'nope' is not a known rule; valid: asge, bp, cwc, deeper, ff"):
         get_objective(cfg, SPECS["mnist"])
