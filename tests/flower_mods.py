@@ -59,6 +59,14 @@ def kill_client_1_in_round_1(msg, context, call_next):  # noqa: ANN001, ANN201 -
     return call_next(msg, context)
 
 
+def hold_round_2(msg, context, call_next):  # noqa: ANN001, ANN201 - a Flower client mod
+    """Round 2's training waits (deadline 120 s) for the test to kill the run: a run killed
+    "mid-run" must not finish its last round first, however fast rounds are."""
+    if int(msg.content.config_records["config"]["round"]) == 1:
+        threading.Event().wait(120)   # the test SIGKILLs the run meanwhile
+    return call_next(msg, context)
+
+
 def local_dp(msg, context, call_next):  # noqa: ANN001, ANN201 - a Flower client mod
     """Flower's own LocalDpMod (clip each client's update, add Gaussian noise to its weights)."""
     from flwr.clientapp.mod import LocalDpMod

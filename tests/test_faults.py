@@ -294,7 +294,8 @@ def test_coordinator_killed_mid_run_workers_exit_and_resume_matches(data_dir: Pa
     flags = ["--data-dir", str(data_dir), *sum((["--set", s] for s in FED), []), "--rounds", "2",
              "--partition", "dirichlet:0.5", "--executor", "pipeline", "--no-progress"]
     token = {"BPFREE_TOKEN": "tok-7d1-never-on-disk"}   # the stage workers require it
-    crashed = _bpfree("simulate", *flags, "--out", str(run), env=token)
+    crashed = _bpfree("simulate", *flags, "--out", str(run),   # round 2 waits to be killed
+                      env={**token, "BPFREE_CLIENT_MODS": "tests.flower_mods:hold_round_2"})
     first = run / "checkpoints" / "round-0001.pt"
     try:
         _wait_until("round 1's checkpoint", lambda: first.exists() or crashed.poll() is not None, 300)

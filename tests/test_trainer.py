@@ -66,7 +66,7 @@ def test_killed_run_resumes_to_the_same_weights(data_dir, tmp_path):
 
 def test_cli_errors_are_one_clear_sentence(tmp_path):
     cases = [
-        (["train", "--algorithm", "nope"], "is not a known rule; valid: bp, cwc, deeper, ff"),
+        (["train", "--algorithm", "nope"], "is not a known rule; valid: asge, bp, cwc, deeper, ff"),
         (["train", "--layers", "100,1"], "model.hidden[1]"),
         (["train", "--data-dir", str(tmp_path / "missing")], "does not exist"),
     ]
