@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +63,8 @@ def _same(a: str, b: str) -> bool:
 
 
 def _plain(key: str) -> str:
-    """The field's declared default, read without building a config (which checks the rule)."""
+    """The field's declared default, read without building a config (building one imports the
+    server strategies, and torch with them: --help would no longer be instant)."""
     section, name = key.split(".", 1)
     sections = {f.name: f for f in dataclasses.fields(ExperimentConfig)}
     kind = sections[section].default_factory   # type: ignore[misc]
@@ -88,30 +90,24 @@ def add_config_arguments(parser: argparse.ArgumentParser, recipe: tuple[str, ...
     """The flags every job shares: a TOML config, overrides and the common shortcuts. `recipe`:
     the job's defaults without --config (shown in --help); `epochs`: offer --epochs (a
     federated run has --rounds and --local-epochs instead)."""
-    def d(key: str) -> str:
-        return f" (default: {field_default(key, recipe)})"
-
     parser.add_argument("--config", help="TOML config file (sections as in deploy/*.toml); without "
                         "it the job starts from its recipe")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value, e.g. --set train.threads=2 (repeatable)")
     parser.add_argument("--algorithm", help=" | ".join(BUILTIN_RULES) + " | an installed plug-in | "
-                        "your own: pkg.module:Class or path/to/rule.py:Class" + d("model.algorithm"))
+                        "your own: pkg.module:Class or path/to/rule.py:Class")
     parser.add_argument("--dataset", help=" | ".join(DATASETS) + " | your own: npz:PATH | csv:DIR | "
-                        "folder:PATH[@HxW] (docs/data.md)" + d("model.dataset"))
-    parser.add_argument("--layers", help="hidden layer sizes, e.g. 500,500 or 3x1000" + d("model.hidden"))
+                        "folder:PATH[@HxW] (docs/data.md)")
+    parser.add_argument("--layers", help="hidden layer sizes, e.g. 500,500 or 3x1000")
     if epochs:
-        parser.add_argument("--epochs", type=int, help="passes over the training data"
-                            + d("train.epochs"))
-    parser.add_argument("--batch-size", type=int, help="samples per optimiser step"
-                        + d("train.batch_size"))
-    parser.add_argument("--lr", type=float, help="learning rate of every layer's optimiser"
-                        + d("optim.lr"))
+        parser.add_argument("--epochs", type=int, help="passes over the training data")
+    parser.add_argument("--batch-size", type=int, help="samples per optimiser step")
+    parser.add_argument("--lr", type=float, help="learning rate of every layer's optimiser")
     parser.add_argument("--seed", type=int, help="seed of every random draw: the same seed, the "
-                        "same weights on any launcher" + d("train.seed"))
+                        "same weights on any launcher")
     parser.add_argument("--data-dir", help="directory with the dataset's files (default: "
                         "$BPFREE_DATA_DIR, else download into $BPFREE_CACHE_DIR)")
-    parser.add_argument("--device", help="cpu | cuda | cuda:N" + d("train.device"))
+    parser.add_argument("--device", help="cpu | cuda | cuda:N")
     parser.add_argument("--out", type=Path, help="run directory for metrics, checkpoints, summary "
                         "and plots")
     parser.add_argument("--overwrite", action="store_true",
@@ -122,6 +118,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, recipe: tuple[str, ...
                         help="print only the final summary (and errors)")
     parser.add_argument("--json", action="store_true",
                         help="end with the whole summary as JSON (for scripts) instead of a few lines")
+    show_defaults(parser, SHORTCUTS, recipe)
 
 
 def progress_from_args(args: argparse.Namespace) -> bool:
@@ -137,16 +134,16 @@ SET_ENV = "BPFREE_SET"   # "section.key=value;...": applied after every flag, e.
 
 def env_overrides() -> list[str]:
     """$BPFREE_SET's overrides, which win over the command line's."""
-    import os
-
     return [s.strip() for s in os.environ.get(SET_ENV, "").split(";") if s.strip()]
 
 
-def shortcut_overrides(args: argparse.Namespace) -> list[str]:
-    """--flag values as config overrides; --data-dir made absolute where it was typed."""
-    if getattr(args, "data_dir", None):
+def shortcut_overrides(args: argparse.Namespace,
+                       shortcuts: dict[str, str] = SHORTCUTS) -> list[str]:
+    """The flags (argparse dest -> config key) the user gave, as overrides in `shortcuts`' order;
+    --data-dir made absolute where it was typed."""
+    if "data_dir" in shortcuts and getattr(args, "data_dir", None):
         args.data_dir = absolute(args.data_dir)
-    return [f"{key}={getattr(args, flag)}" for flag, key in SHORTCUTS.items()
+    return [f"{key}={getattr(args, flag)}" for flag, key in shortcuts.items()
             if getattr(args, flag, None) is not None]
 
 
@@ -170,8 +167,6 @@ def config_from_args(args: argparse.Namespace, defaults: tuple[str, ...] = ()) -
 
 def wall_seconds(summary: dict[str, Any]) -> float:
     """Seconds since the command was launched (the run's own count where no command set it)."""
-    import os
-
     from bpfree_core.clock import LAUNCHED_ENV, seconds_since_launch
 
     return seconds_since_launch() if LAUNCHED_ENV in os.environ else summary.get("wall_seconds", 0.0)

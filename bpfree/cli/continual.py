@@ -36,6 +36,11 @@ QUICK = ("train.train_limit=600", "train.test_limit=200", "train.batch_size=50",
          "model.hidden=[200,200]", "continual.memory=100")
 
 
+CONTINUAL_FLAGS = {"scenario": "continual.scenario", "strategy": "continual.strategy",
+                   "tasks": "continual.tasks", "epochs_per_task": "continual.epochs_per_task",
+                   "memory": "continual.memory", "stages": "pipeline.stages"}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
     parser.add_argument("--scenario", choices=SCENARIOS, help="class | domain | task "
@@ -57,11 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def resolve(args: argparse.Namespace) -> ExperimentConfig:
     from bpfree_core.continual import continual_config
 
-    flags = [f"continual.{key}={value}" for key, value in (
-        ("scenario", args.scenario), ("strategy", args.strategy), ("tasks", args.tasks),
-        ("epochs_per_task", args.epochs_per_task), ("memory", args.memory)) if value is not None]
-    if args.stages is not None:
-        flags.append(f"pipeline.stages={args.stages}")
+    flags = shortcut_overrides(args, CONTINUAL_FLAGS)
     if args.clients:
         flags.append(f"federation.clients={args.clients}")
     shortcuts = shortcut_overrides(args)

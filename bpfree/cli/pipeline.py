@@ -15,6 +15,9 @@ from pathlib import Path
 from bpfree.cli.common import TRAIN_DEFAULTS, add_config_arguments
 from bpfree.cli.train import layer_plots
 
+PIPELINE_FLAGS = {"stages": "pipeline.stages", "wire_dtype": "pipeline.wire_dtype",
+                  "token": "pipeline.token", "tls_ca": "pipeline.tls_ca"}
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, TRAIN_DEFAULTS)
@@ -38,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bpfree.cli.common import config_from_args, progress_from_args, report
+    from bpfree.cli.common import config_from_args, progress_from_args, report, shortcut_overrides
     from bpfree.client.pipeline import Pipeline
     from bpfree.client.train import train_pipeline
     from bpfree_core.errors import ConfigError
@@ -46,10 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from bpfree_core.runtime import set_threads
 
     cfg = config_from_args(args, TRAIN_DEFAULTS)
-    extra = [f"pipeline.{key}={value}" for key, value in (
-        ("stages", args.stages), ("wire_dtype", args.wire_dtype), ("token", args.token),
-        ("tls_ca", args.tls_ca)) if value is not None]
-    cfg = cfg.with_overrides(extra)
+    cfg = cfg.with_overrides(shortcut_overrides(args, PIPELINE_FLAGS))
     if args.resume and not args.out:
         raise ConfigError("--resume continues a run directory: give it with --out RUN_DIR")
     if args.out:   # a bad, busy or taken --out is refused before any worker starts

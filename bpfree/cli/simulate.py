@@ -72,12 +72,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def resolve(args: argparse.Namespace) -> tuple[ExperimentConfig, Path, bool]:
     """(config, run directory, resume?) from the command line."""
-    from bpfree.cli.common import config_from_args, env_overrides
+    from bpfree.cli.common import config_from_args, env_overrides, shortcut_overrides
     from bpfree_core.errors import ConfigError
     from bpfree_core.rundir import trusted_rule
 
-    extra = [f"{key}={getattr(args, flag)}" for flag, key in SHORTCUTS.items()
-             if getattr(args, flag, None) is not None]
+    extra = shortcut_overrides(args, SHORTCUTS)
     if args.resume:
         if args.config:
             raise ConfigError("--resume takes the config from RUN_DIR/config.json; drop --config "
