@@ -77,6 +77,12 @@ def layer_seed(base_seed: int, index: int) -> int:
     return derive(base_seed, "layer", index)
 
 
+def add_vote(packet: Packet, key: str, vote: torch.Tensor) -> None:
+    """Sum a layer's (B, C) vote into the packet's prediction accumulator `key` (LOGITS or
+    GOODNESS), which the first voting layer starts."""
+    packet[key] = packet[key] + vote if key in packet else vote
+
+
 class LocalLayer(nn.Module):
     """Base class: one layer, its optimiser, its local objective and its readout head.
 
@@ -291,8 +297,7 @@ class LocalLayer(nn.Module):
 
     def add_logits(self, packet: Packet, features: torch.Tensor) -> None:
         if self.head is not None and self.votes():
-            logp = F.log_softmax(self.head(features), dim=1)
-            packet[LOGITS] = packet[LOGITS] + logp if LOGITS in packet else logp
+            add_vote(packet, LOGITS, F.log_softmax(self.head(features), dim=1))
 
     # -- to implement -------------------------------------------------------------------------
     def train_step(self, packet: Packet) -> tuple[Packet, Metrics]:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bpfree_core.config import ExperimentConfig
-from bpfree_core.layers import GOODNESS, LABELS, LOGITS, LocalLayer, Metrics, Packet, rms_normalize
+from bpfree_core.layers import GOODNESS, LABELS, LOGITS, LocalLayer, Metrics, Packet, add_vote, rms_normalize
 from bpfree_core.objectives import register
 from bpfree_core.objectives.base import Shape, ShapedObjective, numel
 from bpfree_core.seeds import generator
@@ -111,8 +111,7 @@ class AsgeLayer(LocalLayer):
         acc: Packet = {k: v for k, v in packet.items() if k in (LOGITS, GOODNESS)}
         self.add_logits(acc, rms_normalize(out.flatten(1)))
         if self.votes():
-            vote = F.log_softmax(self.scores(a), dim=1)
-            acc[GOODNESS] = acc[GOODNESS] + vote if GOODNESS in acc else vote
+            add_vote(acc, GOODNESS, F.log_softmax(self.scores(a), dim=1))
         acc["x"] = out
         return acc
 

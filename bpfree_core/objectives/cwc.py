@@ -42,6 +42,7 @@ from bpfree_core.layers import (
     LocalLayer,
     Metrics,
     Packet,
+    add_vote,
     relu,
     rms_all,
     rms_normalize,
@@ -108,8 +109,7 @@ class CwCLayer(LocalLayer):
         acc: Packet = {k: v for k, v in packet.items() if k in ("logits", GOODNESS)}
         self.add_logits(acc, rms_normalize(out.flatten(1)))
         # each layer's softmax(g) is trained as a class posterior: sum their logs (all layers)
-        g = F.log_softmax(self.goodness(out), dim=1)
-        acc[GOODNESS] = acc[GOODNESS] + g if GOODNESS in acc else g
+        add_vote(acc, GOODNESS, F.log_softmax(self.goodness(out), dim=1))
         acc["x"] = out
         return acc
 

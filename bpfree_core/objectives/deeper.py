@@ -31,7 +31,7 @@ from torch import nn
 
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.errors import ConfigError
-from bpfree_core.layers import GOODNESS, LABELS, LOGITS, LocalLayer, Metrics, Packet, rms_normalize
+from bpfree_core.layers import GOODNESS, LABELS, LOGITS, LocalLayer, Metrics, Packet, add_vote, rms_normalize
 from bpfree_core.objectives import register
 from bpfree_core.objectives.base import Shape, ShapedObjective, numel
 
@@ -98,8 +98,7 @@ class DeeperLayer(LocalLayer):
         acc: Packet = {k: v for k, v in packet.items() if k in (LOGITS, GOODNESS)}
         self.add_logits(acc, rms_normalize(out.flatten(1)))
         if self.votes():
-            g = self.goodness(a)
-            acc[GOODNESS] = acc[GOODNESS] + g if GOODNESS in acc else g
+            add_vote(acc, GOODNESS, self.goodness(a))
         acc["x"] = out
         return acc
 

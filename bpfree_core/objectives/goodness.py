@@ -23,7 +23,7 @@ from torch import nn
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.data import DatasetSpec, run_spec
 from bpfree_core.errors import ConfigError
-from bpfree_core.layers import GOODNESS, LABELS, LocalLayer, Metrics, Packet, relu, rms_normalize
+from bpfree_core.layers import GOODNESS, LABELS, LocalLayer, Metrics, Packet, add_vote, relu, rms_normalize
 from bpfree_core.objectives.base import Objective
 from bpfree_core.seeds import generator
 
@@ -209,8 +209,7 @@ class GoodnessLayer(LocalLayer):
                 self.num_classes, dim=0)
             cand = self.forward_role(x, self.codes(packet, "y_cand", x.shape[0]))  # (B*C, D)
             if self.votes():
-                g = self.goodness(cand).view(-1, self.num_classes)                # (B, C)
-                out[GOODNESS] = out[GOODNESS] + g if GOODNESS in out else g
+                add_vote(out, GOODNESS, self.goodness(cand).view(-1, self.num_classes))   # (B, C)
             out["cand"] = cand
         return self.handed_on(packet, out)
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bpfree_core.config import ExperimentConfig
-from bpfree_core.layers import LABELS, LOGITS, LocalLayer, Metrics, Packet
+from bpfree_core.layers import LABELS, LOGITS, LocalLayer, Metrics, Packet, add_vote
 from bpfree_core.objectives import register
 from bpfree_core.objectives.base import Shape, ShapedObjective, numel
 
@@ -65,8 +65,7 @@ class MonoLayer(LocalLayer):
         a = self.forward_body(packet["x"])
         out: Packet = {k: v for k, v in packet.items() if k == LOGITS}
         if self.votes():
-            logp = F.log_softmax(self.proj(a), dim=1)
-            out[LOGITS] = out[LOGITS] + logp if LOGITS in out else logp
+            add_vote(out, LOGITS, F.log_softmax(self.proj(a), dim=1))
         out["x"] = a
         return out
 
