@@ -30,11 +30,12 @@ log = logging.getLogger(__name__)
 LOCK = ".lock"
 METRICS = "metrics.jsonl"
 # What a run leaves behind; any of these means the directory holds a run.
-RUN_FILES = ("config.json", METRICS, "summary.json", "checkpoint.pt", "checkpoints", "weights.pt")
+RUN_FILES = ("config.json", METRICS, "summary.json", "checkpoint.pt", "checkpoints", "weights.pt",
+             "best.pt")   # best.pt: train.patience's best epoch, which a resume of this run reads
 # Also removed by `overwrite` (outputs of the run that are not a sign of one by themselves).
 STOP = "STOP"   # a file a launcher leaves to end a federated run after the round in flight
-OUTPUTS = ("tb", "logs", "accuracy.png", "accuracy_matrix.png", "task_accuracy.png", "ray_stages.json",
-           STOP)
+OUTPUTS = ("tb", "logs", "accuracy.png", "layers.png", "accuracy_matrix.png", "task_accuracy.png",
+           "ray_stages.json", STOP)
 
 
 # errno -> what went wrong and the fix; {path}, {doing} and {fix} are filled in

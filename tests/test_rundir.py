@@ -204,6 +204,9 @@ def test_a_start_that_never_finished_a_step_does_not_block_the_retry(tmp_path) -
     (run / "metrics.jsonl").write_text('{"epoch": 1}\n')   # one finished step: a run to keep
     with pytest.raises(RunDirError, match=r"already holds a run \(config.json, metrics.jsonl\)"):
         rundir.RunDir(run).close()
+    (run / "best.pt").write_bytes(b"x")   # train.patience's best epoch belongs to the run too
+    rundir.RunDir(run, overwrite=True).close()
+    assert not (run / "best.pt").exists() and not (run / "metrics.jsonl").exists()
 
 
 def _read(path: Path) -> str:
