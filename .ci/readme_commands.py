@@ -1,6 +1,8 @@
-"""Print the shell commands of one README section's code blocks, one per line, as printed there.
+"""Print the shell commands of one README section's code blocks, one per line, as printed there;
+with --in FILE, check instead that FILE runs each of them as a line of its own.
 
-    python3 .ci/readme_commands.py "Install and test"      # what .ci/run installs and tests with
+    python3 .ci/readme_commands.py "Install and test"
+    python3 .ci/readme_commands.py --in .ci/run "Install and test"   # .ci/run's first step
 
 Comment lines and blank lines are left out; a `console` block (illustrative, with prompts) is not
 a command block. tests/test_readme.py runs the Quickstart's blocks through this same reader.
@@ -28,5 +30,16 @@ def commands(title: str, readme: Path = README) -> list[str]:
             if line.strip() and not line.lstrip().startswith("#")]
 
 
+def missing_from(script: Path, title: str) -> list[str]:
+    """The section's commands that `script` does not run as a line of its own (comments aside)."""
+    lines = {line.split("  #")[0].strip() for line in script.read_text().splitlines()}
+    return [c for c in commands(title) if c.strip() not in lines]
+
+
 if __name__ == "__main__":
-    print("\n".join(commands(sys.argv[1])))
+    if sys.argv[1] == "--in":
+        missing = missing_from(Path(sys.argv[2]), sys.argv[3])
+        if missing:
+            raise SystemExit(f"{sys.argv[2]} does not run README's {missing}; make them the same")
+    else:
+        print("\n".join(commands(sys.argv[1])))

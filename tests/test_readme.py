@@ -30,13 +30,16 @@ def _reader():  # noqa: ANN202 - the module CI itself runs
 
 
 def test_ci_installs_and_tests_with_the_readme_commands() -> None:
-    install, test = _reader().commands("Install and test")
+    reader = _reader()
+    install, test = reader.commands("Install and test")
     assert install == 'pip install torch==2.13.0 -e ".[dev]"' and test.split()[0] == "pytest"
-    ci = (REPO / ".ci" / "run").read_text()
-    assert 'readme_commands.py "Install and test"' in ci
-    assert 'eval "${readme[0]}"' in ci and 'eval "${readme[1]}"' in ci
-    body = [x.split("#")[0] for x in ci.splitlines()]
-    assert not any("pip install" in x or "pytest" in x for x in body)   # nothing of its own
+    ci = REPO / ".ci" / "run"
+    assert reader.missing_from(ci, "Install and test") == []
+    body = [x.split("  #")[0].strip() for x in ci.read_text().splitlines()]
+    assert body.index(install) < body.index(test)
+    own = [x for x in body if ("pip install" in x or "pytest" in x) and x not in (install, test)]
+    assert own == []   # no install or test command of CI's own
+    assert 'readme_commands.py --in .ci/run "Install and test"' in ci.read_text()
 
 
 def test_the_readme_links_point_at_pages_and_headings_that_exist() -> None:
