@@ -25,30 +25,36 @@ class GradientProjector:
 
     def __init__(self) -> None:
         self.reference: list[torch.Tensor | None] | None = None
-        self.projected = 0      # training steps whose gradient was projected (diagnostics)
+        self._projected: torch.Tensor | int = 0   # a device counter: no sync per step
         self.steps = 0
 
     def remember(self, params: list[nn.Parameter]) -> None:
         """After backward on a reference batch: keep its gradient (the caller does not step)."""
         self.reference = [None if p.grad is None else p.grad.detach().clone() for p in params]
 
-    def project(self, params: list[nn.Parameter]) -> bool:
+    def project(self, params: list[nn.Parameter]) -> torch.Tensor | None:
         """After backward on a training batch: project the gradient in place where it conflicts
-        with the last reference gradient (used once). True when it did."""
+        with the last reference gradient (used once). Returns a 0-d bool tensor, true when it
+        projected (None without a reference). No host sync: the conflict test is a tensor, the
+        scale min(dot, 0) / norm is zero where the gradients agree, so g is left as it was."""
         reference, self.reference = self.reference, None
         if reference is None:
-            return False
+            return None
         self.steps += 1
         pairs = [(p.grad, r) for p, r in zip(params, reference, strict=True)
                  if p.grad is not None and r is not None]
         if not pairs:
-            return False
+            return None
         dot = sum((g * r).sum() for g, r in pairs)
-        if float(dot) >= 0:
-            return False
         norm = sum((r * r).sum() for _, r in pairs)
-        scale = float(dot / norm)
+        conflict = dot < 0
+        scale = torch.where(conflict, dot / norm, torch.zeros_like(dot))
         for g, r in pairs:
-            g.sub_(r, alpha=scale)
-        self.projected += 1
-        return True
+            g.sub_(r * scale)
+        self._projected = self._projected + conflict.to(torch.int64)
+        return conflict
+
+    @property
+    def projected(self) -> int:
+        """Training steps whose gradient was projected (diagnostics: reading it syncs)."""
+        return int(self._projected)

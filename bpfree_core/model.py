@@ -103,7 +103,7 @@ class Stage:
         (REFERENCE true) only sets each layer's reference gradient and reports no metrics."""
         packet = dict(packet)
         marker = packet.pop(REFERENCE, None)                 # (1,) bool, agem runs only: read on
-        reference = marker is not None and bool(marker[0])   # the host, before any upload
+        reference = marker is not None and marker.tolist()[0]   # the host, before any upload
         packet = {k: v.to(self.device, non_blocking=True) for k, v in packet.items()}
         metrics = {}
         for layer in self.layers:

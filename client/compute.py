@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from bpfree.client import staging
 from bpfree.client.admission import Admission, EndMarker, StateError
 from bpfree.client.link import Link
 from bpfree.client.transport import Security, check_chunk_bytes, wait_for_peer
@@ -299,6 +300,7 @@ class StageRun:
         wall0 = time.time()   # Unix time: stages' timelines line up (bench/timeline.py)
         events = _cuda_events(self.stage.device)
         with self.step_lock:
+            staging.wait_ready(item.tensors, item.ready, self.stage.device)
             if item.kind == pb.TRAIN:
                 out, metrics = self.stage.train_step(item.tensors)
                 c.means.add(metrics)
@@ -316,7 +318,8 @@ class StageRun:
             if record:
                 c.timeline += (wall0, wall0 + busy, wall0 + busy)
             return   # the last stage's training output is not needed by anyone
-        self._forward(WireBatch(item.run_id, item.seq, item.kind, item.epoch, out), c)
+        self._forward(WireBatch(item.run_id, item.seq, item.kind, item.epoch, out,
+                                staging.mark_ready(self.stage.device)), c)
         if record:
             c.timeline += (wall0, wall0 + busy, time.time())
 

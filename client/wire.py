@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from bpfree.client import staging
 from bpfree.protos import stage_pb2 as pb
 from bpfree_core.config import WIRE_DTYPES
 from bpfree_core.errors import ConfigError, ProtocolError
-from bpfree_core.layers import Packet
+from bpfree_core.layers import REFERENCE, Packet
 
 PROTOCOL_VERSION = 1
 MAGIC = b"BF"
@@ -52,6 +53,8 @@ WIRE_FLOATS = WIRE_DTYPES   # encodings a float32 tensor may travel in (pipeline
 
 # Prediction accumulators stay float32 whatever the wire dtype: rounding them could flip argmax.
 EXACT_KEYS = frozenset({"logits", "goodness"})
+# Read on the host before a step (the A-GEM marker): never uploaded to a stage's device.
+HOST_KEYS = frozenset({REFERENCE})
 
 
 class LimitError(ProtocolError):
@@ -80,6 +83,8 @@ def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     Casting runs on gRPC threads next to training: a pool of spinning OpenMP threads there
     tripled the sender's CPU per GiB in bf16 (measured 1.5 s/GiB instead of 0.5 s/GiB).
     """
+    if t.device.type != "cpu":   # one kernel on an accelerator
+        return t.to(dtype)
     out = torch.empty(t.shape, dtype=dtype)
     src, dst = t.reshape(-1), out.view(-1)
     for i in range(0, src.numel(), _GRAIN):
@@ -104,10 +109,12 @@ def quantize_rows(t: torch.Tensor) -> torch.Tensor:
     """float32 -> the int8 wire's bytes (uint8): per-row float32 scales, then int8 values."""
     rows = _rows(t.shape)
     x = t.reshape(rows, -1)
-    out = torch.empty(rows * 4 + x.numel(), dtype=torch.uint8)
+    out = torch.empty(rows * 4 + x.numel(), dtype=torch.uint8, device=t.device)
     scales = out[:rows * 4].view(torch.float32)
     q = out[rows * 4:].view(torch.int8).view(rows, -1)
     step = max(1, _GRAIN // max(x.shape[1], 1))   # row slices small enough for this thread only
+    if t.device.type != "cpu":
+        step = rows                                # an accelerator takes every row at once
     for i in range(0, rows, step):
         xs = x[i:i + step]
         s = xs.abs().amax(dim=1) / 127.0
@@ -122,8 +129,8 @@ def dequantize_rows(raw: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     rows = _rows(shape)
     scales = raw[:rows * 4].view(torch.float32)
     q = raw[rows * 4:].view(torch.int8).view(rows, -1)
-    out = torch.empty(q.shape, dtype=torch.float32)
-    step = max(1, _GRAIN // max(q.shape[1], 1))
+    out = torch.empty(q.shape, dtype=torch.float32, device=raw.device)
+    step = max(1, _GRAIN // max(q.shape[1], 1)) if raw.device.type == "cpu" else rows
     for i in range(0, rows, step):
         torch.mul(q[i:i + step], scales[i:i + step, None], out=out[i:i + step])
     return out.view(shape)
@@ -202,20 +209,38 @@ class WireBatch:
     kind: int                       # pb.TRAIN | pb.EVAL
     epoch: int
     tensors: Packet = field(default_factory=dict)
+    # CUDA only (client/staging.py): when `tensors`, on the device, are ready to be read
+    ready: torch.cuda.Event | None = field(default=None, compare=False, repr=False)
 
 
-def _wire_tensor(name: str, t: torch.Tensor, wire_dtype: str) -> tuple[pb.TensorMeta, torch.Tensor]:
+def _encode(t: torch.Tensor, logical: str, wire: str) -> torch.Tensor:
+    """A tensor's wire form, on its own device."""
+    t = t.contiguous()
+    if wire == "int8" and logical == "float32":
+        return quantize_rows(t) if t.numel() else torch.empty(0, dtype=torch.uint8, device=t.device)
+    return cast(t, DTYPES[wire]) if wire != logical else t
+
+
+def _decode(m: pb.TensorMeta, t: torch.Tensor) -> torch.Tensor:
+    """A received tensor's wire form -> its own dtype, on its own device."""
+    if _is_int8_wire(m):
+        shape = tuple(m.shape)
+        return dequantize_rows(t, shape) if t.numel() else torch.empty(shape, device=t.device)
+    return cast(t, DTYPES[_FROM_PB[m.dtype]]) if m.wire_dtype != m.dtype else t
+
+
+def _wire_tensor(name: str, t: torch.Tensor, wire_dtype: str,
+                 ready: torch.cuda.Event | None = None) -> tuple[pb.TensorMeta, torch.Tensor]:
+    """A tensor's meta and its wire form on the host. A device tensor is encoded on its device
+    before it comes down (client/staging.py), after `ready`."""
     t = t.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
     logical = dtype_name(t.dtype)
     wire = wire_dtype if (logical == "float32" and name not in EXACT_KEYS) else logical
-    t = t.contiguous()
     shape = list(t.shape)
-    if wire == "int8" and logical == "float32":
-        t = quantize_rows(t) if t.numel() else torch.empty(0, dtype=torch.uint8)
-    elif wire != logical:
-        t = cast(t, DTYPES[wire])
+    if t.device.type == "cpu":
+        t = _encode(t, logical, wire)
+    else:
+        t = staging.download(t, ready, lambda d: _encode(d, logical, wire))
     meta = pb.TensorMeta(name=name, dtype=_TO_PB[logical], wire_dtype=_TO_PB[wire],
                          shape=shape, nbytes=t.numel() * t.element_size())
     return meta, t
@@ -235,7 +260,7 @@ def encode_batch_parts(batch: WireBatch, chunk_bytes: int, wire_dtype: str = "fl
         raise ConfigError(f"pipeline.wire_dtype = {wire_dtype!r}; choose one of {', '.join(WIRE_FLOATS)}")
     metas, views = [], []
     for name, t in batch.tensors.items():
-        meta, wt = _wire_tensor(name, t, wire_dtype)
+        meta, wt = _wire_tensor(name, t, wire_dtype, batch.ready)
         metas.append(meta)
         views.append(byte_view(wt))
     total = sum(m.nbytes for m in metas)
@@ -340,13 +365,18 @@ def _is_int8_wire(m: pb.TensorMeta) -> bool:
 class BatchAssembler:
     """Rebuilds one batch from its BATCH frame and CHUNK frames, checking every step."""
 
-    def __init__(self, header: pb.BatchHeader, checked: bool = False):
+    def __init__(self, header: pb.BatchHeader, checked: bool = False,
+                 device: torch.device | None = None):
         if not checked:   # decode_frames checks before it asks the receiver to admit the batch
             check_header(header)
         self.header = header
         self.received = 0
-        self._tensors = [torch.empty(m.nbytes, dtype=torch.uint8) if _is_int8_wire(m)
-                         else torch.empty(tuple(m.shape), dtype=DTYPES[_FROM_PB[m.wire_dtype]])
+        # Where the batch is going: a CUDA device gets pinned buffers, uploaded asynchronously.
+        self.device = device if staging.overlaps(device) else None
+        pin = self.device is not None
+        self._tensors = [torch.empty(m.nbytes, dtype=torch.uint8, pin_memory=pin) if _is_int8_wire(m)
+                         else torch.empty(tuple(m.shape), dtype=DTYPES[_FROM_PB[m.wire_dtype]],
+                                          pin_memory=pin)
                          for m in header.tensors]
         self._views = [t.reshape(-1).view(torch.uint8).numpy() if t.numel() else None
                        for t in self._tensors]
@@ -382,22 +412,28 @@ class BatchAssembler:
         if not self.complete:
             raise ProtocolError(f"batch {self.header.seq} ended after {self.received} of "
                                 f"{self.header.total_bytes} bytes; chunks are missing")
-        tensors: Packet = {}
-        for m, t in zip(self.header.tensors, self._tensors, strict=True):
-            if _is_int8_wire(m):
-                t = dequantize_rows(t, tuple(m.shape)) if t.numel() else torch.empty(tuple(m.shape))
-            elif m.wire_dtype != m.dtype:
-                t = cast(t, DTYPES[_FROM_PB[m.dtype]])
-            tensors[m.name] = t
-        h = self.header
-        return WireBatch(run_id=h.run_id, seq=h.seq, kind=h.kind, epoch=h.epoch, tensors=tensors)
+        h, ready = self.header, None
+        metas = list(h.tensors)
+        up = [i for i, m in enumerate(metas) if self.device is not None and m.name not in HOST_KEYS]
+        decoded = [_decode(m, t) for m, t in zip(metas, self._tensors, strict=True)
+                   if self.device is None or m.name in HOST_KEYS]
+        if up:
+            on_device, ready = staging.upload([self._tensors[i] for i in up], self.device,
+                                              lambda j, t: _decode(metas[up[j]], t))
+        host, device_side = iter(decoded), iter(on_device if up else [])
+        tensors: Packet = {m.name: next(device_side) if i in up else next(host)
+                           for i, m in enumerate(metas)}
+        return WireBatch(run_id=h.run_id, seq=h.seq, kind=h.kind, epoch=h.epoch, tensors=tensors,
+                         ready=ready)
 
 
 def decode_frames(frames: Iterable[bytes], admit: Callable[[pb.BatchHeader], None] | None = None,
+                  place: Callable[[], torch.device | None] | None = None,
                   ) -> Iterator[WireBatch | pb.EndOfEpoch]:
     """Batches and end markers from a frame stream: the one frame reader (the stage worker's Push
     handler, the driver's Pull reader, tests). `admit(header)` may refuse a batch (raise) before
-    any of its bytes are copied."""
+    any of its bytes are copied; `place()` names the device a batch goes to (a stage's), where a
+    CUDA device gets it uploaded as it completes (client/staging.py)."""
     asm: BatchAssembler | None = None
     for frame in frames:
         kind, meta, payload = unpack_frame(frame)
@@ -417,7 +453,7 @@ def decode_frames(frames: Iterable[bytes], admit: Callable[[pb.BatchHeader], Non
                 check_header(header)   # structure and limits first, then the receiver's say
                 if admit is not None:
                     admit(header)
-                asm = BatchAssembler(header, checked=True)
+                asm = BatchAssembler(header, checked=True, device=place() if place else None)
                 asm.add(0, payload)
             else:
                 yield parse_meta(pb.EndOfEpoch, meta, "end-of-epoch")

@@ -232,7 +232,8 @@ class StageWorker(pb_grpc.StageControlServicer):
         """Reassemble and check the upstream's batches, enqueue them, yield an ack for each."""
         adm = self.admission
         try:
-            for item in decode_frames(self._count_in(frames), admit=adm.admit):
+            for item in decode_frames(self._count_in(frames), admit=adm.admit,
+                                      place=self._stage_device):
                 run = self._require()
                 if isinstance(item, WireBatch):
                     adm.commit(item.run_id, item.seq, item.kind, item.epoch)
@@ -243,6 +244,11 @@ class StageWorker(pb_grpc.StageControlServicer):
         except BpfreeError as exc:
             _REJECTED.warning("rejected data stream from %s: %s", peer, exc)
             raise
+
+    def _stage_device(self) -> torch.device | None:
+        """Where received batches go: a CUDA stage has them uploaded as they complete."""
+        run = self.run
+        return run.stage.device if run is not None else None
 
     def _count_in(self, frames: Iterator[bytes | memoryview]) -> Iterator[bytes | memoryview]:
         for frame in frames:

@@ -43,7 +43,7 @@ def test_the_projection_removes_only_a_conflicting_component() -> None:
     params = _grads([1.0, 0.0], [2.0])                          # g . g_ref = -1 < 0
     assert proj.project(params)
     assert torch.allclose(params[0].grad, torch.tensor([0.5, 0.5])) and params[1].grad.item() == 2.0
-    assert proj.reference is None and not proj.project(params)   # a reference is used once
+    assert proj.reference is None and proj.project(params) is None   # a reference is used once
     proj.remember(_grads([1.0, 1.0], [0.0]))
     same = _grads([1.0, 0.0], [2.0])                            # g . g_ref = 1 >= 0: untouched
     assert not proj.project(same) and same[0].grad.tolist() == [1.0, 0.0]

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from bpfree.server.reference import federated_reference
 from bpfree_core.config import load_config
 from bpfree_core.errors import ConfigError
-from bpfree_core.seeds import PURPOSES, SEED_SPACE, derive, generator
+from bpfree_core.seeds import _STEPS, PURPOSES, SEED_SPACE, derive, generator
 
 TINY = ["train.train_limit=600", "train.test_limit=200", "model.hidden=40,40", "train.threads=1",
         "federation.clients=2", "federation.rounds=1", "federation.executor=inprocess",
@@ -40,10 +40,7 @@ def test_the_rule_reproduces_the_formulas_every_committed_run_used(seed: int):
 @given(seed=st.integers(0, SEED_SPACE - 1), purpose=st.sampled_from(PURPOSES),
        parts=st.lists(st.integers(0, 10**9), max_size=2))
 def test_every_seed_gives_a_valid_torch_seed(seed: int, purpose: str, parts: list[int]):
-    if purpose in ("pattern", "partition"):
-        parts = []
-    elif purpose in ("layer", "client", "epoch", "tasks", "memory", "sample", "evaluate"):
-        parts = parts[:1]
+    parts = parts[:len(_STEPS[purpose])]   # as many parts as the purpose takes (a new one too)
     value = derive(seed, purpose, *parts)
     assert 0 <= value < SEED_SPACE
     generator(seed, purpose, *parts)   # torch accepts it

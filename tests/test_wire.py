@@ -175,3 +175,16 @@ def test_garbage_frames_are_rejected() -> None:
         unpack_frame(truncated)
     with pytest.raises(ProtocolError, match="not a valid BatchHeader"):
         _decode([pack_frame(pb.BATCH, b"\xff\xff\xff")])
+
+
+@pytest.mark.parametrize("wire", ["float32", "bfloat16", "int8"])
+def test_a_cpu_stage_takes_the_plain_path(wire: str) -> None:
+    """client/staging.py runs only for CUDA: a batch placed on the CPU decodes exactly as one
+    with no place, with no event to wait on and the A-GEM marker left as it came."""
+    tensors = {"x": _tensor(torch.float32, (6, 40)), "reference": torch.tensor([True])}
+    frames = list(encode_batch(WireBatch("r", 1, pb.TRAIN, 0, tensors), 128, wire))
+    plain = next(iter(decode_frames(frames)))
+    placed = next(iter(decode_frames(frames, place=lambda: torch.device("cpu"))))
+    assert placed.ready is None and placed.tensors.keys() == plain.tensors.keys()
+    for k, t in plain.tensors.items():
+        assert torch.equal(placed.tensors[k], t) and placed.tensors[k].device.type == "cpu"
