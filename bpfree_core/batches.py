@@ -13,7 +13,8 @@ import torch
 
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.data import Split, epoch_batches
-from bpfree_core.layers import REFERENCE, Packet
+from bpfree_core.frozen import caches
+from bpfree_core.layers import INDEX, REFERENCE, Packet
 from bpfree_core.objectives import Objective
 from bpfree_core.seeds import generator
 
@@ -30,6 +31,7 @@ def train_packets(
     learning's memory, drawn from each batch's generator: strategy `replay` appends n old samples
     to each batch of n; `agem` sends n of them first, as a reference packet (bpfree_core.agem)."""
     agem = cfg.continual.strategy == "agem"
+    keyed = replay is None and caches(cfg, objective)   # frozen layers' outputs kept by sample
     for b, idx in enumerate(epoch_batches(len(split), cfg.train.batch_size, cfg.train.seed, epoch)):
         gen = batch_generator(cfg.train.seed, epoch, b)
         x, y = split.images[idx], split.labels[idx]
@@ -40,6 +42,8 @@ def train_packets(
             old = replay(len(idx), gen)
             x, y = torch.cat([x, old.images]), torch.cat([y, old.labels])
         packet = _encode(objective, x, y, cfg, gen)
+        if keyed:
+            packet[INDEX] = idx
         yield mark_reference(packet, False) if agem else packet
 
 

@@ -219,6 +219,15 @@ class OptimConfig:
             raise ConfigError(f"optim.momentum = {self.momentum:g} must be below 1 (0.9 is usual)")
 
 
+def _check_layer_epochs(stops: tuple[int, ...], epochs: int) -> None:
+    if any(not isinstance(n, int) or not 1 <= n <= epochs for n in stops):
+        raise ConfigError(f"train.layer_epochs = {list(stops)}: give each layer a whole number of "
+                          f"epochs in 1..train.epochs ({epochs})")
+    if list(stops) != sorted(stops):
+        raise ConfigError(f"train.layer_epochs = {list(stops)} must not decrease: a layer trains at "
+                          "least as long as the layers before it (its input must be settled first)")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 2
@@ -245,6 +254,11 @@ class TrainConfig:
                                    # (Ampere and later: ~8x the float32 rate, 10-bit mantissa)
     compile: bool = False          # torch.compile each layer's forward + loss (ff, symba, sffa,
                                    # mono): fused elementwise work, other float bits (opt-in)
+    layer_epochs: tuple[int, ...] = ()   # staged schedule (CwComp): layer l trains for the first
+                                   # N_l epochs, then freezes (no step, hands on its output);
+                                   # one count per layer, non-decreasing (() = all, every epoch)
+    cache_frozen: bool = runtime(True)   # frozen layers' per-sample outputs are kept, not
+                                   # recomputed each epoch (same weights; bpfree_core.frozen)
     one_pass: bool = False         # ff, symba, sffa: positive and negative data through a layer
                                    # as one batch (one matmul each way, not two), other float bits
     data_dir: str = runtime("")    # local dataset dir; "" = $BPFREE_DATA_DIR, else download cache
@@ -270,6 +284,7 @@ class TrainConfig:
                               "Hinton's jitter)")
         _check_choice("train", "predict", self.predict, ("softmax", "goodness", "both"))
         _check_choice("train", "precision", self.precision, PRECISIONS)
+        _check_layer_epochs(self.layer_epochs, self.epochs)
         check_device_name(self.device, "train.device")
 
 

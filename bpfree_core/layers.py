@@ -34,6 +34,8 @@ LOGITS = "logits"       # (B, C) accumulated head log-probabilities (eval)
 GOODNESS = "goodness"   # (B, C) accumulated goodness per candidate label (eval)
 REFERENCE = "reference" # (1,) bool, continual.strategy = agem: True on a memory batch that only
                         # sets each layer's reference gradient (bpfree_core.agem), no step
+INDEX = "index"         # (B,) int64, train.layer_epochs runs that cache: each sample's row in
+                        # the training split, the key of frozen layers' outputs (bpfree_core.frozen)
 
 
 def rms_normalize(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -306,6 +308,13 @@ class LocalLayer(nn.Module):
     @torch.no_grad()
     def eval_step(self, packet: Packet) -> Packet:
         raise NotImplementedError
+
+    @torch.no_grad()
+    def frozen_step(self, packet: Packet) -> Packet:
+        """A frozen layer's train step (train.layer_epochs): no step, the train packet with x
+        replaced by the layer's evaluation output (rules whose train packets are x and y)."""
+        self.eval()
+        return {**packet, "x": self.eval_step({"x": packet["x"]})["x"]}
 
     # -- state ----------------------------------------------------------------------------------
     def optimizer_state(self) -> dict[str, object]:

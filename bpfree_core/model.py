@@ -12,7 +12,8 @@ import torch
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.data import run_spec
 from bpfree_core.errors import ConfigError
-from bpfree_core.layers import REFERENCE, LocalLayer, Metrics, Packet, layer_seed, seeded
+from bpfree_core.frozen import FrozenOutputs, check_layer_epochs, frozen_layers
+from bpfree_core.layers import INDEX, REFERENCE, LocalLayer, Metrics, Packet, layer_seed, seeded
 from bpfree_core.objectives import Objective, get_objective
 
 OPTIMIZER = "optimizer."   # key prefix of optimiser-state tensors (Stage.optimizer_tensors)
@@ -47,6 +48,7 @@ def build_layers(
     """
     objective = objective or build_objective(cfg)
     sizes = objective.layer_sizes()
+    check_layer_epochs(cfg, len(sizes))
     dims = [objective.input_dim, *sizes]
     indices = indices if indices is not None else range(len(sizes))
     layers = []
@@ -84,6 +86,8 @@ class Stage:
     def __init__(self, layers: list[LocalLayer], device: str | torch.device = "cpu"):
         self.layers = layers
         self.device = torch.device(device)
+        self.frozen = 0                        # leading layers frozen this epoch (train.layer_epochs)
+        self.frozen_outputs = FrozenOutputs()  # their per-sample outputs, where the run caches
         for layer in layers:
             layer.place(self.device)
         if self.device.type == "cuda" and layers:   # the run's choice, for this process's matmuls
@@ -97,6 +101,8 @@ class Stage:
     def set_epoch(self, epoch: int, total_epochs: int) -> None:
         for layer in self.layers:
             layer.set_epoch(epoch, total_epochs)
+        if self.layers:
+            self.frozen = frozen_layers(self.layers[0].cfg, self.indices, epoch)
 
     def train_step(self, packet: Packet) -> tuple[Packet, dict[int, Metrics]]:
         """Train every layer on `packet`; hand on the last one's output. An A-GEM reference packet
@@ -104,9 +110,17 @@ class Stage:
         packet = dict(packet)
         marker = packet.pop(REFERENCE, None)                 # (1,) bool, agem runs only: read on
         reference = marker is not None and marker.tolist()[0]   # the host, before any upload
+        index = packet.pop(INDEX, None)                      # (B,) on the host, runs that cache
         packet = {k: v.to(self.device, non_blocking=True) for k, v in packet.items()}
+        start, packet = self._from_frozen(packet, index)
         metrics = {}
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers[start:], start):
+            if i < self.frozen:   # frozen (train.layer_epochs): hand on, no step, no metrics
+                with compute_precision(layer.cfg, self.device) as handed_on:
+                    packet = handed_on(layer.frozen_step(packet))
+                if i + 1 == self.frozen and index is not None:
+                    self.frozen_outputs.store(index, self.frozen, packet["x"])
+                continue
             layer.train()
             with (layer.reference_pass() if reference else contextlib.nullcontext(),
                   compute_precision(layer.cfg, self.device) as handed_on):
@@ -114,7 +128,19 @@ class Stage:
             packet = handed_on(packet)
         if marker is not None:
             packet[REFERENCE] = marker
+        if index is not None:
+            packet[INDEX] = index
         return packet, {} if reference else metrics
+
+    def _from_frozen(self, packet: Packet, index: torch.Tensor | None) -> tuple[int, Packet]:
+        """(first layer to run, its packet): past the frozen layers whose outputs are kept."""
+        if index is None or not self.frozen:
+            return 0, packet
+        hit = self.frozen_outputs.lookup(index, self.frozen)
+        if hit is None:
+            return 0, packet
+        depth, x = hit
+        return depth, {**{k: v for k, v in packet.items() if k != "x"}, "x": x}
 
     @torch.no_grad()
     def eval_step(self, packet: Packet) -> Packet:
@@ -143,6 +169,7 @@ class Stage:
                     f"unexpected {sorted(extra)}"
                 )
             layer.load_state_dict(own)
+        self.frozen_outputs.clear()   # other weights: other outputs
 
     def optimizer_tensors(self) -> dict[str, torch.Tensor]:
         """Every layer's optimiser state as plain tensors, keyed

@@ -28,7 +28,8 @@ from bpfree_core.batches import mark_reference
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.errors import BpfreeError, ConfigError
 from bpfree_core.evaluation import prediction_modes
-from bpfree_core.layers import add_proximal_term
+from bpfree_core.frozen import caches
+from bpfree_core.layers import INDEX, add_proximal_term
 from bpfree_core.metrics import RunningMeans
 from bpfree_core.model import OPTIMIZER, Stage, build_layers, pipelined_objective
 from bpfree_core.objectives import Objective
@@ -82,6 +83,8 @@ def packet_schema(cfg: ExperimentConfig, objective: Objective, first: int) -> Sc
     train = objective.encode_train(x, y, gen)
     if cfg.continual.strategy == "agem":   # its train packets carry the reference marker
         train = mark_reference(train, False)
+    if caches(cfg, objective):   # a staged run's batches carry each sample's index
+        train[INDEX] = torch.tensor([0, 1])
     evals = objective.encode_eval(x, prediction_modes(objective, cfg)[1])
     if first > 0:
         if cfg.train.compile:   # names, dtypes and shapes are eager's: no CPU compile at Configure

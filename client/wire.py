@@ -23,7 +23,7 @@ from bpfree.client import staging
 from bpfree.protos import stage_pb2 as pb
 from bpfree_core.config import WIRE_DTYPES
 from bpfree_core.errors import ConfigError, ProtocolError
-from bpfree_core.layers import REFERENCE, Packet
+from bpfree_core.layers import INDEX, REFERENCE, Packet
 
 PROTOCOL_VERSION = 1
 MAGIC = b"BF"
@@ -53,8 +53,9 @@ WIRE_FLOATS = WIRE_DTYPES   # encodings a float32 tensor may travel in (pipeline
 
 # Prediction accumulators stay float32 whatever the wire dtype: rounding them could flip argmax.
 EXACT_KEYS = frozenset({"logits", "goodness"})
-# Read on the host before a step (the A-GEM marker): never uploaded to a stage's device.
-HOST_KEYS = frozenset({REFERENCE})
+# Read on the host before a step (the A-GEM marker, the sample index of a staged run's frozen
+# outputs): never uploaded to a stage's device.
+HOST_KEYS = frozenset({REFERENCE, INDEX})
 
 
 class LimitError(ProtocolError):

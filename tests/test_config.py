@@ -57,7 +57,7 @@ def test_a_validation_split_must_leave_images_to_train_on():
         ExperimentConfig().with_overrides(["train.train_limit=1000", "train.validation=1000"])
     from bpfree_core.model import build_objective  # the objective's own check
 
-    with pytest.raises(ConfigError, match=r"builds no conv layers \(uff, bp, cwc and deeper do\)"):
+    with pytest.raises(ConfigError, match=r"builds no conv layers \(uff, bp, cwc, deeper and asge do\)"):
         build_objective(ExperimentConfig().with_overrides(["model.algorithm=mono", "model.conv=8"]))
 
 

@@ -118,6 +118,7 @@ class AsgeLayer(LocalLayer):
 
 @register("asge")
 class Asge(ShapedObjective):
+    supports_staged = True
     supports_conv = True
     supports_goodness = True
     layer_cls = AsgeLayer

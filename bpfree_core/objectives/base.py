@@ -24,6 +24,10 @@ class Objective:
     supports_conv: ClassVar[bool] = False       # builds conv layers from model.conv
     supports_input_skip: ClassVar[bool] = False # objective.input_skip: the image into every layer
     supports_compile: ClassVar[bool] = False    # train.compile: its layers have a forward_loss
+    supports_staged: ClassVar[bool] = False     # train.layer_epochs: train packets are x and y,
+                                                # so a frozen layer hands on its eval output
+    batch_coupled: ClassVar[bool] = False       # a layer's output for a sample depends on the
+                                                # rest of its batch (BatchNorm): nothing to cache
 
     def __init__(self, cfg: ExperimentConfig, spec: DatasetSpec):
         self._refuse_unsupported(cfg)
@@ -46,13 +50,16 @@ class Objective:
              "'uniform' (it applies to ff, symba and sffa)"),
             (bool(cfg.model.conv) and not self.supports_conv,
              f"model.conv is set but model.algorithm = {self.name!r} builds no conv layers (uff, "
-             "bp, cwc and deeper do); use model.hidden"),
+             "bp, cwc, deeper and asge do); use model.hidden"),
             (cfg.objective.input_skip and not self.supports_input_skip,
              f"objective.input_skip = true but {self.name} does not feed the image to later "
              "layers (sffa does); turn it off"),
             (cfg.train.one_pass and not self.uses_negatives,
              f"train.one_pass = true but {self.name} has no positive and negative passes to join "
              "(ff, symba and sffa do); turn it off"),
+            (bool(cfg.train.layer_epochs) and not self.supports_staged,
+             f"train.layer_epochs is set but {self.name}'s layers do not hand on one tensor per "
+             "sample (cwc, deeper, asge and mono do); leave it empty"),
             (cfg.train.compile and not self.supports_compile,
              f"train.compile = true but {self.name} has no compiled step (ff, symba, sffa and "
              "mono do); turn it off"),

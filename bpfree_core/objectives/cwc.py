@@ -116,6 +116,8 @@ class CwCLayer(LocalLayer):
 
 @register("cwc")
 class ChannelWiseCompetitive(ShapedObjective):
+    supports_staged = True
+    batch_coupled = True   # BatchNorm with batch statistics, in evaluation too
     supports_conv = True
     layer_cls = CwCLayer
 

@@ -105,6 +105,7 @@ class DeeperLayer(LocalLayer):
 
 @register("deeper")
 class DeeperForward(ShapedObjective):
+    supports_staged = True
     supports_conv = True
     layer_cls = DeeperLayer
 

@@ -72,6 +72,7 @@ class MonoLayer(LocalLayer):
 
 @register("mono")
 class MonoForward(ShapedObjective):
+    supports_staged = True
     layer_cls = MonoLayer
     supports_compile = True
 
