@@ -177,6 +177,10 @@ class ObjectiveConfig:
                                    # class code beside the last layer's output (the authors' residual)
     input_norm: str = "rms"        # ff/symba/sffa: rms-normalise each layer's input | none (SFFA's code)
     patch_alpha: float = 1.0       # asge: P = round(sqrt(C_last / C) ^ alpha) patches per side
+    vote_layers: tuple[int, ...] = ()   # exactly these layers vote in prediction (DeeperForward's
+                                   # chosen range, e.g. 2,3,4,5); () = the rule's own choice
+    shortcut: str = "add"          # deeper: add (residual where shapes agree) | pad (also where
+                                   # they change: 2x2 mean pool + zero channels) | none
 
     def __post_init__(self) -> None:
         _check_choice("objective", "goodness", self.goodness, ("sum", "mean"))
@@ -184,6 +188,10 @@ class ObjectiveConfig:
         _check_choice("objective", "activation", self.activation, ("relu", "sigmoid"))
         _check_positive("objective", "top_k", self.top_k, allow_zero=True)
         _check_choice("objective", "input_norm", self.input_norm, ("rms", "none"))
+        _check_choice("objective", "shortcut", self.shortcut, ("add", "pad", "none"))
+        if any(not isinstance(i, int) or i < 0 for i in self.vote_layers):
+            raise ConfigError(f"objective.vote_layers = {list(self.vote_layers)}: give layer "
+                              "indices (0 = the first layer), e.g. 2,3,4")
         _check_positive("objective", "alpha", self.alpha)
         _check_positive("objective", "patch_alpha", self.patch_alpha, allow_zero=True)
         _check_positive("objective", "temperature", self.temperature)

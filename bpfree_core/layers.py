@@ -293,7 +293,11 @@ class LocalLayer(nn.Module):
 
         All but the first, as Hinton, unless `objective.vote_first`: with hard negatives the first
         layer is the best-trained one (it sees the label directly) and adds 0.1-0.3 points.
+        `objective.vote_layers` names the voters outright (DeeperForward's chosen layer range).
         """
+        chosen = self.cfg.objective.vote_layers
+        if chosen:
+            return self.index in chosen
         return (self.index > 0 or self.num_layers == 1 or self.cfg.objective.vote_first
                 or self.always_vote)
 

@@ -49,6 +49,10 @@ def build_layers(
     objective = objective or build_objective(cfg)
     sizes = objective.layer_sizes()
     check_layer_epochs(cfg, len(sizes))
+    outside = [i for i in cfg.objective.vote_layers if i >= len(sizes)]
+    if outside:
+        raise ConfigError(f"objective.vote_layers names layer(s) {outside}, but the model has "
+                          f"{len(sizes)} layers (0..{len(sizes) - 1})")
     dims = [objective.input_dim, *sizes]
     indices = indices if indices is not None else range(len(sizes))
     layers = []

@@ -57,6 +57,9 @@ class Objective:
             (cfg.train.one_pass and not self.uses_negatives,
              f"train.one_pass = true but {self.name} has no positive and negative passes to join "
              "(ff, symba and sffa do); turn it off"),
+            (cfg.objective.shortcut != "add" and self.name != "deeper",
+             f"objective.shortcut = {cfg.objective.shortcut!r} but {self.name} has no residual "
+             "shortcuts (deeper does); leave it at 'add'"),
             (bool(cfg.train.layer_epochs) and not self.supports_staged,
              f"train.layer_epochs is set but {self.name}'s layers do not hand on one tensor per "
              "sample (cwc, deeper, asge and mono do); leave it empty"),

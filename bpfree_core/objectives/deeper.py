@@ -50,7 +50,12 @@ class DeeperLayer(LocalLayer):
             nn.init.kaiming_normal_(self.body.weight, mode="fan_out", nonlinearity="relu")
         else:
             self.body = nn.Linear(numel(in_shape), out_shape[0], bias=False)
-        self.residual = tuple(in_shape) == tuple(out_shape)
+        same = tuple(in_shape) == tuple(out_shape)
+        shortcut = cfg.objective.shortcut
+        # pad: ResNet's parameter-free shortcut where the map halves and channels grow
+        self.padded = (shortcut == "pad" and not same and len(out_shape) == 3
+                       and out_shape[0] >= in_shape[0] and out_shape[1] < in_shape[1])
+        self.residual = shortcut != "none" and same
         self.relu = nn.ReLU()   # a module, so diagnostics can read the activity before the norm
         self.make_head(numel(out_shape))
         self.finish_init()
@@ -72,6 +77,9 @@ class DeeperLayer(LocalLayer):
         """What the next layer gets: a normalised per class group (g removed), plus h."""
         groups = a.reshape(a.shape[0], self.num_classes, -1)
         out = F.layer_norm(groups, groups.shape[2:]).reshape_as(a)
+        if self.padded:   # h pooled to the new map, zero channels to the new width
+            pooled = F.avg_pool2d(h, 2, ceil_mode=True)
+            return out + F.pad(pooled, (0, 0, 0, 0, 0, out.shape[1] - pooled.shape[1]))
         return out + h if self.residual else out
 
     def loss(self, a: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
