@@ -10,7 +10,9 @@ dataset. Rows: for each objective and net, the training step of the whole net in
 batch 100 and 1000, float32 and train.precision = bf16: samples/s, ms per layer per batch, matmul
 TFLOP/s (torch.utils.flop_counter) and its fraction of the matmul ceiling of that precision,
 measured here; ff, symba and mono again with train.compile (compile vs eager). Then real stage
-workers (`bpfree worker` processes on this GPU) for S = 1 and 2.
+workers (`bpfree worker` processes on this GPU) for S = 1 and 2. Last, the paper-scale recipes
+(deploy/recipes/*-gpu.toml: ASGE and DeeperForward on CIFAR-10 and Fashion-MNIST), a few
+batches each at their own batch size: samples/s and what a whole run of them would take.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import torch
 from bpfree_core.batches import train_packets
 from bpfree_core.checkpoint import atomic_write_bytes, atomic_write_json
 from bpfree_core.config import load_config
-from bpfree_core.data import Split
+from bpfree_core.data import Split, run_spec
 from bpfree_core.model import Stage, build_layers, build_objective
 
 NETS = (("mono", "2x500"), ("ff", "2x1000"), ("symba", "2x1000"), ("deeper", "2x1000"),
@@ -70,13 +72,17 @@ class Plan:
     ceiling_n: int = 8192
     ceiling_seconds: float = 2.0
     compile_rows: bool = True
+    recipe_steps: int = 20          # timed batches of each GPU recipe (after 3 of warm-up)
+    recipe_batch: int = 0           # 0 = the recipe's own batch size
 
 
 PLANS = {
     "full": Plan(),
-    "quick": Plan(nets=NETS[:3], batches=(1000,), steps=30, pipeline_batches=100, ceiling_seconds=1.0),
+    "quick": Plan(nets=NETS[:3], batches=(1000,), steps=30, pipeline_batches=100, ceiling_seconds=1.0,
+                  recipe_steps=8),
     "dry-run": Plan(device="cpu", nets=(("mono", "2x64"), ("ff", "2x64")), batches=(32,), steps=3,
-                    pipeline_batches=6, ceiling_n=256, ceiling_seconds=0.1),
+                    pipeline_batches=6, ceiling_n=256, ceiling_seconds=0.1, recipe_steps=1,
+                    recipe_batch=2),
 }
 
 
@@ -138,6 +144,36 @@ def pipeline_row(stages: int, batch: int, plane: str = "tcp",
             "samples_per_second": len(packets) * batch / seconds}
 
 
+RECIPES = Path(__file__).resolve().parent.parent / "deploy" / "recipes"
+
+
+def recipe_row(recipe: Path, plan: Plan = PLANS["full"]) -> dict[str, Any]:
+    """A few batches of a paper-scale recipe on random images of its dataset's shape: samples/s
+    and the wall of its whole schedule at that rate (training only, no evaluation)."""
+    cfg = load_config(recipe, [f"train.device={plan.device}", "train.validation=0",
+                               *([f"train.batch_size={plan.recipe_batch}"] if plan.recipe_batch else [])])
+    c, h, w = run_spec(cfg).shape
+    n = cfg.train.batch_size * (plan.recipe_steps + 3)
+    gen = torch.Generator().manual_seed(0)
+    split = Split(torch.rand(n, c * h * w, generator=gen), torch.randint(0, 10, (n,), generator=gen))
+    objective = build_objective(cfg)
+    packets = list(train_packets(objective, split, cfg, 0))
+    stage = Stage(build_layers(cfg, objective=objective), plan.device)
+    stage.set_epoch(0, cfg.train.epochs)
+    for p in packets[:3]:
+        stage.train_step(p)
+    _sync(plan.device)
+    t0 = time.perf_counter()
+    for p in packets[3:]:
+        stage.train_step(p)
+    _sync(plan.device)
+    rate = (len(packets) - 3) * cfg.train.batch_size / (time.perf_counter() - t0)
+    train_images = {"cifar10": 50000, "cifar100": 50000}.get(cfg.model.dataset, 60000)
+    return {"recipe": recipe.stem, "algorithm": cfg.model.algorithm, "batch": cfg.train.batch_size,
+            "layers": len(stage.layers), "epochs": cfg.train.epochs, "samples_per_second": rate,
+            "hours_for_the_run": train_images * cfg.train.epochs / rate / 3600}
+
+
 def _pipeline_net(plan: Plan) -> str:
     return plan.nets[0][1] if plan.device == "cpu" else "2x500"
 
@@ -177,6 +213,8 @@ def rows(plan: Plan, ceilings: dict[str, float]) -> Iterator[tuple[str, Callable
             yield "pipelines", lambda s=s, b=b: pipeline_row(s, b, "tcp", plan)
     for b in pipe_batches:   # where the link shows on a GPU
         yield "pipelines", lambda b=b: pipeline_row(2, b, "grpc", plan)
+    for recipe in sorted(RECIPES.glob("*-gpu.toml")):
+        yield "recipes", lambda recipe=recipe: recipe_row(recipe, plan)
 
 
 def run(plan: Plan, out: Path) -> dict[str, Any]:
@@ -193,7 +231,7 @@ def run(plan: Plan, out: Path) -> dict[str, Any]:
         torch.backends.cuda.matmul.allow_tf32 = False
     res: dict[str, Any] = {**machine(plan), "ceilings_tflops": {k: v / 1e12 for k, v in ceilings.items()},
                            "ceiling_n": plan.ceiling_n, "pipeline_net": _pipeline_net(plan),
-                           "steps": [], "pipelines": [], "errors": []}
+                           "steps": [], "pipelines": [], "recipes": [], "errors": []}
     for section, measure in rows(plan, ceilings):
         try:
             res[section].append(measure())
@@ -230,6 +268,13 @@ def table(res: dict[str, Any]) -> str:
             "| stages | batch | data plane | samples/s |", "|---|---|---|---|"]
     out += [f"| {p['stages']} | {p['batch']} | {p.get('data_plane', 'grpc')} | "
             f"{p['samples_per_second']:.0f} |" for p in res["pipelines"]]
+    out += ["", "Paper-scale recipes (deploy/recipes/*-gpu.toml), training steps only, random "
+            "images of the dataset's shape:", "",
+            "| recipe | rule | layers | batch | samples/s | the whole run (epochs) at this rate |",
+            "|---|---|---|---|---|---|"]
+    out += [f"| {r['recipe']} | {r['algorithm']} | {r['layers']} | {r['batch']} | "
+            f"{r['samples_per_second']:.0f} | {r['hours_for_the_run']:.2f} h ({r['epochs']}) |"
+            for r in res.get("recipes", [])]
     out += ["", "`+ train.compile` rows: the same step with each layer's forward and loss through "
             "torch.compile (timed after its warm-up compiled them), beside the eager row above.", ""]
     out += [f"Row lost: {e}" for e in res.get("errors", [])]

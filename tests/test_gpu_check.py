@@ -37,7 +37,8 @@ def test_the_dry_run_measures_every_row_on_the_cpu_and_writes_as_it_goes(tmp_pat
     res = json.loads((tmp_path / "gpu_check.json").read_text())
     assert res["errors"] == [] and res["torch"] == torch.__version__ and res["commit"] != ""
     assert len(res["steps"]) == 2 * 2 + 2 and len(res["pipelines"]) == 3   # every row of the plan
-    assert all(r["samples_per_second"] > 0 for r in res["steps"] + res["pipelines"])
+    assert len(res["recipes"]) == len(list((ROOT / "deploy" / "recipes").glob("*-gpu.toml"))) >= 4
+    assert all(r["samples_per_second"] > 0 for r in res["steps"] + res["pipelines"] + res["recipes"])
     assert "| mono | 2x64 | 32 | float32 |" in (tmp_path / "gpu_check.md").read_text()
 
 

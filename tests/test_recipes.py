@@ -1,0 +1,45 @@
+"""Every committed recipe (deploy/recipes/*.toml) loads, builds and takes a few training and
+evaluation steps on the CPU (random images of its dataset's shape, small batches): the smoke
+test of configs whose full runs need a GPU (bench/gpu_check.sh times them there) or 20 CPU
+minutes (bench/fashion.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from bpfree_core.batches import train_packets
+from bpfree_core.config import load_config
+from bpfree_core.data import Split, run_spec
+from bpfree_core.evaluation import prediction_modes
+from bpfree_core.model import Stage, build_layers, build_objective
+
+RECIPES = sorted((Path(__file__).parent.parent / "deploy" / "recipes").glob("*.toml"))
+
+
+def test_there_are_recipes() -> None:
+    names = {r.stem for r in RECIPES}
+    assert {"fashion-cpu", "asge-cifar10-gpu", "deeper-cifar10-gpu"} <= names, names
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
+def test_a_recipe_trains_a_few_batches(recipe: Path) -> None:
+    cfg = load_config(recipe, ["train.batch_size=4", "train.validation=0"])
+    if cfg.model.dataset.startswith("npz:"):   # a recipe on your own data: its shape, not its file
+        cfg = cfg.with_overrides(["model.dataset=fashion-mnist"])
+    c, h, w = run_spec(cfg).shape
+    gen = torch.Generator().manual_seed(0)
+    split = Split(torch.rand(8, c * h * w, generator=gen), torch.randint(0, 10, (8,), generator=gen))
+    objective = build_objective(cfg)
+    stage = Stage(build_layers(cfg, objective=objective))
+    before = stage.state_dict()
+    for epoch in range(2):   # a staged recipe freezes its first layers after epoch 1
+        stage.set_epoch(epoch, cfg.train.epochs)
+        for packet in train_packets(objective, split, cfg, epoch):
+            stage.train_step(packet)
+    assert any(not torch.equal(before[k], v) for k, v in stage.state_dict().items())
+    out = stage.eval_step(objective.encode_eval(split.images[:4], prediction_modes(objective, cfg)[1]))
+    scores = out.get("logits", out.get("goodness"))
+    assert scores is not None and scores.shape == (4, 10) and torch.isfinite(scores).all()
