@@ -12,6 +12,7 @@
     bpfree bench step --ceiling --data-dir ../shared/datasets # each objective vs the matmul ceiling
     bpfree bench precision --data-dir ../shared/datasets     # train.precision = bf16 vs float32
     bpfree bench gpu-check                                   # on a CUDA machine: bench/gpu_check.sh
+    bpfree bench fashion --data FILE.npz deploy/recipes/fashion-cpu.toml  # recipes on F-MNIST dev
 
 `sweep` (bench/sweep.py) measures throughput, per-stage timelines and the machine's ceilings and
 prints the model's prediction beside every measurement; the other subcommands run the existing
@@ -41,6 +42,7 @@ FORWARDED = {
     "links": ("bpfree.bench.links", "a pipeline across separate hosts (namespaces) on shaped links"),
     "overhead": ("bpfree.bench.overhead", "bpfree simulate's wall outside training, beside plain Flower"),
     "precision": ("bpfree.bench.precision", "train.precision = bf16 beside float32: accuracy, samples/s"),
+    "fashion": ("bpfree.bench.fashion", "recipes and variants on F-MNIST dev (deploy/recipes/*.toml)"),
     "gpu-check": ("bpfree.bench.gpu_check", "the GPU rows: step vs the GPU's roofline, S = 1, 2 on one GPU"),
 }
 

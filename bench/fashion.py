@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ from typing import Any
 from bpfree.bench.accuracy import machine, net_of
 from bpfree_core.checkpoint import atomic_write_json
 from bpfree_core.config import load_config
+from bpfree_core.errors import BpfreeError, ConfigError
+from bpfree_core.model import build_objective
 from bpfree_core.trainer import train_reference
 
 PUBLISHED = [  # F-MNIST test accuracy, best forward-only results (../shared/research/algorithms.md)
@@ -86,6 +89,16 @@ def main(argv: list[str] | None = None) -> int:
     for v in args.variant:
         name, _, sets = v.partition(":")
         variants.append((name, [s for s in re.split(r",(?=\w+\.\w+=)", sets) if s]))
+    try:   # every recipe and variant is checked before the first one trains for minutes
+        if not args.data.is_file():
+            raise ConfigError(f"--data {args.data}: no such file; give fashion-mnist-dev.npz")
+        for recipe in args.recipes:
+            for _, overrides in variants:
+                cfg = load_config(recipe, [f"model.dataset=npz:{args.data}", *overrides])
+                build_objective(cfg).layer_sizes()
+    except BpfreeError as exc:
+        print(f"bench.fashion: error: {exc}", file=sys.stderr)
+        return 2
     store = args.out / "fashion_dev.json"
     rows = json.loads(store.read_text()) if store.exists() else []
     for recipe in args.recipes:

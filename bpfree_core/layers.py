@@ -177,13 +177,17 @@ class LocalLayer(nn.Module):
 
     # -- schedule -----------------------------------------------------------------------------
     def set_epoch(self, epoch: int, total_epochs: int) -> None:
-        """Linear cool-down of the learning rates over the second half of training (loeweX)."""
+        """Linear cool-down of the learning rates over the second half of training (loeweX);
+        under a staged schedule over the second half of this layer's own epochs, so it settles
+        before it freezes."""
         o = self.cfg.optim
+        stops = self.cfg.train.layer_epochs
+        span = stops[self.index] if stops else total_epochs
         scale = 1.0
-        if o.cooldown and total_epochs > 1:
-            half = total_epochs // 2
+        if o.cooldown and span > 1:
+            half = span // 2
             if epoch >= half:
-                scale = 1.0 - (epoch - half) / (total_epochs - half + 1)
+                scale = max(0.0, 1.0 - (epoch - half) / (span - half + 1))
         for opt, lr in ((self.optimizer, o.lr), (self.head_optimizer, o.head_lr)):
             if opt is not None:
                 for group in opt.param_groups:

@@ -109,3 +109,17 @@ def test_a_staged_cached_pipeline_matches_the_reference_exactly(data_dir: Path,
         data_dir, "model.algorithm=deeper", "model.conv=10,10,20,20", "model.hidden=[]",
         "optim.lr=1e-2", "pipeline.stages=2", "train.epochs=3", "train.layer_epochs=1,2,2,3",
         "train.predict=both"), tmp_path)
+
+
+def test_each_staged_layer_cools_down_over_its_own_epochs() -> None:
+    """A layer that freezes after 4 of 8 epochs anneals within those 4, not over the run's 8."""
+    cfg = load_config(None, ["model.algorithm=mono", "model.hidden=8,8", "train.epochs=8",
+                             "train.layer_epochs=4,8", "optim.lr=0.01"])
+    early, late = build_layers(cfg)
+    rates = []
+    for epoch in range(8):
+        early.set_epoch(epoch, 8)
+        late.set_epoch(epoch, 8)
+        rates.append((early.optimizer.param_groups[0]["lr"], late.optimizer.param_groups[0]["lr"]))
+    assert [round(e, 5) for e, _ in rates[:4]] == [0.01, 0.01, 0.01, 0.00667]
+    assert [round(t, 5) for _, t in rates[4:]] == [0.01, 0.008, 0.006, 0.004]
