@@ -10,16 +10,41 @@ them; a stage whose layers are all frozen only gathers. The cache is filled by t
 batches, so a cached run computes each frozen output once, with the same batch as the run that
 recomputes it every epoch (train.cache_frozen = false) would have, and ends with the same
 weights where a layer's per-sample output does not depend on the rest of its batch (every rule
-but cwc, whose BatchNorm uses the batch's statistics: it runs the schedule uncached).
+but cwc, whose BatchNorm uses the batch's statistics: it runs the schedule uncached). The cache
+holds a row per training sample, allocated once at the split's size; one that would take over
+half the memory free is declined with a warning, and the run recomputes (same weights, slower).
 """
 
 from __future__ import annotations
+
+import logging
+import os
 
 import torch
 
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.errors import ConfigError
 from bpfree_core.objectives import Objective
+
+log = logging.getLogger(__name__)
+SHARE_OF_FREE = 0.5   # a cache takes at most this share of the memory free when it is allocated
+
+
+def free_bytes(device: torch.device) -> int:
+    """Memory free for a new cache on `device`: CUDA's free memory, else the host's MemAvailable."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62   # unknown: trust it
 
 
 def frozen_layers(cfg: ExperimentConfig, indices: list[int], epoch: int) -> int:
@@ -54,6 +79,18 @@ class FrozenOutputs:
     def __init__(self) -> None:
         self._by_depth: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}   # depth -> (values, have)
         self._layout: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {}   # shape, strides
+        self.samples = 0   # rows seen so far (1 + the largest index): a cache is sized once
+        self.declined = False   # a cache did not fit in memory: this run recomputes instead
+
+    def saw(self, index: torch.Tensor) -> None:
+        """Note a training batch's indices (every epoch, before anything freezes), so the cache
+        is allocated at its final size, not doubled as it fills (it can be gigabytes)."""
+        self.samples = max(self.samples, int(index.max()) + 1)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the kept outputs hold (one row per training sample per kept depth)."""
+        return sum(values.nbytes for values, _ in self._by_depth.values())
 
     def clear(self) -> None:
         self._by_depth.clear()
@@ -77,8 +114,11 @@ class FrozenOutputs:
         return torch.empty_strided(shape, strides, dtype=x.dtype, device=x.device).copy_(x)
 
     def store(self, index: torch.Tensor, depth: int, out: torch.Tensor) -> None:
-        """Keep the outputs of the first `depth` layers for the samples `index`."""
-        values, have = self._grown(depth, int(index.max()) + 1, out)
+        """Keep the outputs of the first `depth` layers for the samples `index` (where they fit)."""
+        grown = None if self.declined else self._grown(depth, int(index.max()) + 1, out)
+        if grown is None:
+            return
+        values, have = grown
         values[index.to(values.device, non_blocking=True)] = out.detach()
         have[index] = True
         self._layout[depth] = (tuple(out.shape), out.stride())
@@ -87,11 +127,21 @@ class FrozenOutputs:
             if done >= int(self._by_depth[d][1].sum()):      # the deeper one holds as many
                 del self._by_depth[d]
 
-    def _grown(self, depth: int, size: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _grown(self, depth: int, size: int,
+               like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         values, have = self._by_depth.get(depth, (like.new_empty((0, *like.shape[1:])),
                                                   torch.zeros(0, dtype=torch.bool)))
         if size > len(have):
-            grow = max(size, 2 * len(have))
+            grow = max(size, self.samples, 2 * len(have))
+            need = (grow - len(have)) * like[0].nbytes
+            free = free_bytes(like.device)
+            if need > SHARE_OF_FREE * free:   # recomputing gives the same bits, only slower
+                log.warning("frozen layers' outputs not kept: %.1f GB would take over half of "
+                            "the %.1f GB free on %s; recomputing them each epoch (same weights)",
+                            need / 1e9, free / 1e9, like.device)
+                self.declined = True
+                self.clear()
+                return None
             values = torch.cat([values, like.new_empty((grow - len(values), *like.shape[1:]))])
             have = torch.cat([have, torch.zeros(grow - len(have), dtype=torch.bool)])
             self._by_depth[depth] = (values, have)

@@ -115,6 +115,8 @@ class Stage:
         marker = packet.pop(REFERENCE, None)                 # (1,) bool, agem runs only: read on
         reference = marker is not None and marker.tolist()[0]   # the host, before any upload
         index = packet.pop(INDEX, None)                      # (B,) on the host, runs that cache
+        if index is not None:
+            self.frozen_outputs.saw(index)
         packet = {k: v.to(self.device, non_blocking=True) for k, v in packet.items()}
         start, packet = self._from_frozen(packet, index)
         metrics = {}

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bpfree_core import frozen
 from bpfree_core.batches import train_packets
 from bpfree_core.config import load_config
 from bpfree_core.data import Split
@@ -123,3 +124,22 @@ def test_each_staged_layer_cools_down_over_its_own_epochs() -> None:
         rates.append((early.optimizer.param_groups[0]["lr"], late.optimizer.param_groups[0]["lr"]))
     assert [round(e, 5) for e, _ in rates[:4]] == [0.01, 0.01, 0.01, 0.00667]
     assert [round(t, 5) for _, t in rates[4:]] == [0.01, 0.008, 0.006, 0.004]
+
+
+def test_the_cache_is_sized_to_the_split_not_doubled_as_it_fills() -> None:
+    """160 samples; in the last epoch layers 0-1 are frozen and their c20 28x28 outputs kept:
+    exactly 160 rows (256 had it doubled as it filled), the depth-1 cache gone once spent."""
+    stage, _ = _train(*RULES[0])
+    assert stage.frozen_outputs.nbytes == 160 * 20 * 28 * 28 * 4
+
+
+def test_a_cache_that_does_not_fit_is_declined_and_the_run_recomputes(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """With 1 MB free, the 2 MB cache is not kept: a warning, no memory held, the same weights."""
+    _, recomputed = _train(*RULES[0], "train.cache_frozen=false")
+    monkeypatch.setattr(frozen, "free_bytes", lambda device: 1_000_000)
+    stage, cached = _train(*RULES[0])
+    assert stage.frozen_outputs.nbytes == 0 and stage.frozen_outputs.declined
+    assert "not kept" in caplog.text and "recomputing" in caplog.text
+    for k, v in recomputed[-1].items():
+        assert torch.equal(v, cached[-1][k]), k
