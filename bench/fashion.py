@@ -69,9 +69,10 @@ def write_table(rows: list[dict[str, Any]], out: Path) -> None:
     lines += ["", "Published Fashion-MNIST *test* numbers and what they cost:", "",
               "| method | test accuracy | budget |", "|---|---|---|"]
     lines += [f"| {m} | {a} | {b} |" for m, a, b in PUBLISHED]
-    lines += ["", "Per-epoch dev accuracy:", ""]
+    lines += ["", "Per-epoch dev accuracy (with `train.eval_limit`, every epoch but the last on "
+              "its first N dev images) and each variant's overrides:", ""]
     lines += [f"- {r['recipe']} {r['variant']}: " + " ".join(f"{100 * c:.1f}" for c in r["curve"])
-              for r in rows]
+              + (f" (`{','.join(r['overrides'])}`)" if r["overrides"] else "") for r in rows]
     (out / "fashion_dev.md").write_text("\n".join(lines) + "\n")
 
 
