@@ -309,6 +309,17 @@ class LocalLayer(nn.Module):
         if self.head is not None and self.votes():
             add_vote(packet, LOGITS, F.log_softmax(self.head(features), dim=1))
 
+    def voted(self, packet: Packet, out: torch.Tensor,
+              scores: Callable[[], torch.Tensor]) -> Packet:
+        """A one-pass rule's eval packet: the votes so far, this layer's head on its normalised
+        output and, where it votes, its class `scores()` as goodness; x = `out`."""
+        acc: Packet = {k: v for k, v in packet.items() if k in (LOGITS, GOODNESS)}
+        self.add_logits(acc, rms_normalize(out.flatten(1)))
+        if self.votes():
+            add_vote(acc, GOODNESS, scores())
+        acc["x"] = out
+        return acc
+
     # -- to implement -------------------------------------------------------------------------
     def train_step(self, packet: Packet) -> tuple[Packet, Metrics]:
         raise NotImplementedError

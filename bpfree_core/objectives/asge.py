@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bpfree_core.config import ExperimentConfig
-from bpfree_core.layers import GOODNESS, LABELS, LOGITS, LocalLayer, Metrics, Packet, add_vote, rms_normalize
+from bpfree_core.layers import LABELS, LocalLayer, Metrics, Packet, rms_normalize
 from bpfree_core.objectives import register
 from bpfree_core.objectives.base import Shape, ShapedObjective, numel
 from bpfree_core.seeds import generator
@@ -107,13 +107,7 @@ class AsgeLayer(LocalLayer):
     @torch.no_grad()
     def eval_step(self, packet: Packet) -> Packet:
         a = self.activity(packet["x"])
-        out = self.hand_on(a)
-        acc: Packet = {k: v for k, v in packet.items() if k in (LOGITS, GOODNESS)}
-        self.add_logits(acc, rms_normalize(out.flatten(1)))
-        if self.votes():
-            add_vote(acc, GOODNESS, F.log_softmax(self.scores(a), dim=1))
-        acc["x"] = out
-        return acc
+        return self.voted(packet, self.hand_on(a), lambda: F.log_softmax(self.scores(a), dim=1))
 
 
 @register("asge")

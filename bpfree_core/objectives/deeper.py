@@ -31,7 +31,7 @@ from torch import nn
 
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.errors import ConfigError
-from bpfree_core.layers import GOODNESS, LABELS, LOGITS, LocalLayer, Metrics, Packet, add_vote, rms_normalize
+from bpfree_core.layers import LABELS, LocalLayer, Metrics, Packet, rms_normalize
 from bpfree_core.objectives import register
 from bpfree_core.objectives.base import Shape, ShapedObjective, numel
 
@@ -102,13 +102,7 @@ class DeeperLayer(LocalLayer):
     @torch.no_grad()
     def eval_step(self, packet: Packet) -> Packet:
         h, a = self.activity(packet["x"])
-        out = self.hand_on(h, a)
-        acc: Packet = {k: v for k, v in packet.items() if k in (LOGITS, GOODNESS)}
-        self.add_logits(acc, rms_normalize(out.flatten(1)))
-        if self.votes():
-            add_vote(acc, GOODNESS, self.goodness(a))
-        acc["x"] = out
-        return acc
+        return self.voted(packet, self.hand_on(h, a), lambda: self.goodness(a))
 
 
 @register("deeper")
