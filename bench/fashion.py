@@ -23,7 +23,7 @@ from typing import Any
 
 from bpfree.bench.accuracy import machine, net_of
 from bpfree_core.checkpoint import atomic_write_json
-from bpfree_core.config import load_config
+from bpfree_core.config import ExperimentConfig, load_config
 from bpfree_core.errors import BpfreeError, ConfigError
 from bpfree_core.model import build_objective
 from bpfree_core.trainer import train_reference
@@ -36,8 +36,8 @@ PUBLISHED = [  # F-MNIST test accuracy, best forward-only results (../shared/res
 ]
 
 
-def run(recipe: Path, variant: str, overrides: list[str], data: Path, runs: Path) -> dict[str, Any]:
-    cfg = load_config(recipe, [f"model.dataset=npz:{data}", *overrides])
+def run(recipe: Path, variant: str, overrides: list[str], cfg: ExperimentConfig,
+        runs: Path) -> dict[str, Any]:
     run_dir = runs / f"{recipe.stem}-{variant}"
     t0 = time.perf_counter()
     summary = train_reference(cfg, run_dir, progress=False, overwrite=True)
@@ -90,26 +90,26 @@ def main(argv: list[str] | None = None) -> int:
     for v in args.variant:
         name, _, sets = v.partition(":")
         variants.append((name, [s for s in re.split(r",(?=\w+\.\w+=)", sets) if s]))
-    try:   # every recipe and variant is checked before the first one trains for minutes
+    try:   # every recipe and variant is built before the first one trains for minutes
         if not args.data.is_file():
             raise ConfigError(f"--data {args.data}: no such file; give fashion-mnist-dev.npz")
-        for recipe in args.recipes:
-            for _, overrides in variants:
-                cfg = load_config(recipe, [f"model.dataset=npz:{args.data}", *overrides])
-                build_objective(cfg).layer_sizes()
+        dataset = f"model.dataset=npz:{args.data.resolve()}"
+        plans = [(recipe, name, overrides, load_config(recipe, [dataset, *overrides]))
+                 for recipe in args.recipes for name, overrides in variants]
+        for *_, cfg in plans:
+            build_objective(cfg).layer_sizes()
     except BpfreeError as exc:
         print(f"bench.fashion: error: {exc}", file=sys.stderr)
         return 2
     store = args.out / "fashion_dev.json"
     rows = json.loads(store.read_text()) if store.exists() else []
-    for recipe in args.recipes:
-        for name, overrides in variants:
-            row = run(recipe, name, overrides, args.data.resolve(), args.runs_dir)
-            rows = [r for r in rows if (r["recipe"], r["variant"]) != (row["recipe"], name)] + [row]
-            atomic_write_json(store, rows)
-            write_table(rows, args.out)
-            print(f"[bench.fashion] {recipe.stem} {name}: F-MNIST dev "
-                  f"{100 * row['dev_accuracy']:.2f}% in {row['wall_seconds'] / 60:.1f} min", flush=True)
+    for recipe, name, overrides, cfg in plans:
+        row = run(recipe, name, overrides, cfg, args.runs_dir)
+        rows = [r for r in rows if (r["recipe"], r["variant"]) != (row["recipe"], name)] + [row]
+        atomic_write_json(store, rows)
+        write_table(rows, args.out)
+        print(f"[bench.fashion] {recipe.stem} {name}: F-MNIST dev "
+              f"{100 * row['dev_accuracy']:.2f}% in {row['wall_seconds'] / 60:.1f} min", flush=True)
     return 0
 
 
