@@ -184,7 +184,7 @@ def federated(run: GridRun, rounds: int, data_dir: str, runs_dir: str,
     curve: list[dict[str, float]] = []
     t0 = time.perf_counter()
 
-    def on_round(rnd: int, weights: dict, updates: list) -> None:
+    def on_round(rnd: int, weights: dict) -> None:
         curve.append(evaluate_weights(weights, objective, test, cfg))
 
     federated_reference(cfg, on_round=on_round)

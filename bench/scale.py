@@ -7,9 +7,11 @@ For each K in --clients and each fraction in --fractions: `bpfree simulate` (in-
 Flower's simulation runtime, SymBa 2x500) for --rounds rounds, and the Flower floor
 (bench/flower_floor: Flower's FedAvg, ClientApps that reply with what they got, float32 arrays
 of the model's sizes) with the same K, fraction and rounds. Steady rounds are rounds 2..R
-(round 1 also starts the ClientApp actors); bpfree's overhead per round is its steady round
-minus the slowest client's training minus the floor's round; the columns after it say where it
-goes (the coordinator's aggregation and evaluation, and the client time that is not training).
+(round 1 also starts the ClientApp actors). The floor trains nothing, so bpfree's round is
+compared with it after taking out its training: the clients' summed training seconds over the
+ClientApp actors that run at once (simulate.client_actors: one per core for in-process clients),
+or the slowest client's if that is longer. The columns after it say where the rest goes (the
+coordinator's aggregation and evaluation, the ClientApp handlers' time outside training).
 """
 
 from __future__ import annotations
@@ -48,11 +50,21 @@ def bpfree_row(k: int, fraction: float, rounds: int, data_dir: str, extra: list[
         summary = simulate(cfg, Path(tmp) / "run")
         wall = time.perf_counter() - t0
         lines = [json.loads(x) for x in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
+    from bpfree.server.simulate import client_actors
+
+    actors = client_actors(cfg)
     secs = [x["seconds"] for x in lines]
+    clients = [list(x["client_metrics"].values()) for x in lines]
     per_round = [sum(v for key, v in s.items() if key != "slowest_client_training") for s in secs]
     return {"wall_s": wall, "round_s": [round(x, 3) for x in per_round],
             "steady_round_s": _steady(per_round),
-            "training_s": _steady([s["slowest_client_training"] for s in secs]),
+            "slowest_training_s": _steady([s["slowest_client_training"] for s in secs]),
+            "training_s": _steady([max(s["slowest_client_training"],
+                                       sum(m.get("train_seconds", 0.0) for m in c) / min(actors, len(c)))
+                                   for s, c in zip(secs, clients, strict=True)]),
+            "handlers_s": _steady([sum(m.get("handler_seconds", 0.0) - m.get("train_seconds", 0.0)
+                                       for m in c) / min(actors, len(c)) for c in clients]),
+            "actors": actors,
             "aggregate_s": _steady([s["aggregate"] for s in secs]),
             "evaluate_s": _steady([s["evaluate"] + s.get("checkpoint", 0.0) for s in secs]),
             "clients_s": _steady([s["clients"] for s in secs]),
@@ -112,18 +124,20 @@ def table(res: dict[str, Any], command: str) -> str:
     out = [f"# Federation at scale: bpfree beside plain Flower\n\n`{command}`\n\n{res['machine']}; "
            f"{res['rounds']} rounds, steady = mean of rounds 2..{res['rounds']}; model "
            f"{res['model_floats'] / 1e6:.2f} M floats; settings `{' '.join(res['settings'])}`.\n",
-           "| K | fraction | sampled | bpfree round s | of which training s | Flower floor round s | "
-           "overhead s | aggregate s | evaluate+checkpoint s | clients - training s | bpfree wall s | "
-           "floor wall s | coordinator RSS MB (per round) | floor RSS MB | MB moved / round | accuracy |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| K | fraction | sampled | bpfree round s | training s (summed / actors) | round - training s | "
+           "Flower floor round s | (round - training) / floor | aggregate s | evaluate+checkpoint s | "
+           "handlers - training s | bpfree wall s | floor wall s | coordinator RSS MB (per round) | "
+           "floor RSS MB | MB moved / round | accuracy |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         b, f = r["bpfree"], r["flower"]
-        overhead = b["steady_round_s"] - b["training_s"] - f["steady_round_s"]
+        rest = b["steady_round_s"] - b["training_s"]
         rss_b, rss_f = (" / ".join(map(str, x["rss_mb"])) for x in (b, f))
         out.append(
             f"| {r['clients']} | {r['fraction']:g} | {b['sampled']} | {b['steady_round_s']:.2f} | "
-            f"{b['training_s']:.2f} | {f['steady_round_s']:.2f} | {overhead:.2f} | {b['aggregate_s']:.2f} | "
-            f"{b['evaluate_s']:.2f} | {b['clients_s'] - b['training_s']:.2f} | {b['wall_s']:.0f} | "
+            f"{b['training_s']:.2f} ({b.get('actors', '?')}) | {rest:.2f} | {f['steady_round_s']:.2f} | "
+            f"{rest / f['steady_round_s']:.2f}x | {b['aggregate_s']:.2f} | {b['evaluate_s']:.2f} | "
+            f"{b.get('handlers_s', float('nan')):.2f} | {b['wall_s']:.0f} | "
             f"{f['wall_s']:.0f} | {rss_b} | {rss_f} | "
             f"{b['bytes_per_round'] / 2**20:.0f} | {b['accuracy']:.4f} |")
     return "\n".join(out) + "\n"

@@ -1,5 +1,6 @@
-"""Client updates: their checks (validate_update), per-layer round statistics, and FedAvg in its
-plainest form (`fedavg`), the reference the server strategies are tested against.
+"""Client updates: their checks (validate_update), and FedAvg and the per-layer round statistics
+in their plainest form over a list of updates (`fedavg`, `layer_stats`): the references that the
+running fold (bpfree_core.round_fold, which never holds the list) is tested against.
 
 FedAvg (McMahan et al. 2017, arXiv:1602.05629), applied layer by layer: every round, every
 tensor of every layer (`layers.<i>.<name>`: weights, biases, readout heads, running-statistic
@@ -8,15 +9,16 @@ independently, so a later backend can aggregate a layer as soon as its owners re
 
 Rules, all deterministic (the same inputs give bit-identical outputs in any process):
 - Updates are taken in client (partition id) order, whatever order the replies arrived in.
-- Floating tensors: sum_k (n_k / N) * w_k, accumulated in float64, cast back to the dtype.
+- Floating tensors: (sum_k n_k * w_k) / N, accumulated in float64 in client order, divided
+  once, cast back to the dtype (each n_k * w_k is exact, so identical copies average to the copy).
 - A tensor that every client sent back bit-identical (fixed buffers, e.g. class patterns) is
   kept as is, so rounding never perturbs a constant.
 - Integer tensors are counters (e.g. `steps`): the new value is the old global one plus every
   client's increment.
 
 Rounds aggregate through a strategy (bpfree_core/strategies: fedavg and the rest, one module
-each, the same maths as Flower's classes); every coordinator (Flower, Ray, the in-process
-reference) validates replies here first.
+each, the same maths as Flower's classes), folding each reply as it arrives; every coordinator
+(Flower, Ray, the in-process reference) validates replies here first.
 """
 
 from __future__ import annotations
@@ -79,7 +81,6 @@ def fedavg(global_weights: Weights, updates: Sequence[ClientUpdate]) -> Weights:
         raise AggregationError("no client updates to aggregate")
     ordered = sorted(updates, key=lambda u: u.client)
     total = sum(u.num_examples for u in ordered)
-    shares = [u.num_examples / total for u in ordered]  # python floats: exact float64 ratios
     out: Weights = {}
     for key, old in global_weights.items():
         copies = [u.weights[key] for u in ordered]
@@ -88,9 +89,9 @@ def fedavg(global_weights: Weights, updates: Sequence[ClientUpdate]) -> Weights:
             out[key] = copies[0].clone()
         elif old.is_floating_point():
             acc = torch.zeros(old.shape, dtype=torch.float64)
-            for share, c in zip(shares, copies, strict=True):
-                acc += share * c.to(torch.float64)
-            out[key] = acc.to(old.dtype)
+            for u, c in zip(ordered, copies, strict=True):
+                acc += u.num_examples * c.to(torch.float64)
+            out[key] = (acc / total).to(old.dtype)
         else:  # integer counters: add up every client's increment
             out[key] = old + sum((c - old for c in copies), torch.zeros_like(old))
     return out

@@ -1,6 +1,6 @@
 """The Flower ServerApp: the federated coordinator behind `flwr run .` and `bpfree simulate`.
 
-A custom round loop on `grid.send_and_receive` (server.coordinator) rather than a stock Strategy,
+A custom round loop on the Grid's push and pull (server.coordinator) rather than a stock Strategy,
 so the coordinator decides what a failed, late or malformed reply means: each is left out of that
 round's aggregate, counted and logged, and the run continues while at least
 `federation.min_clients` replies are usable.
@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from bpfree.client.messages import (
     read_reply,
     train_content,
 )
-from bpfree.server.coordinator import Coordinator, RoundReplies, required_replies
+from bpfree.server.coordinator import Coordinator, Receive, RoundReplies, required_replies
 from bpfree.server.flower_run import APP_DIR
 from bpfree_core.aggregate import Weights
 from bpfree_core.config import ExperimentConfig, load_config
@@ -44,6 +45,7 @@ from bpfree_core.strategies import ClientTerms
 log = logging.getLogger(__name__)
 
 NODE_POLL_SECONDS = 0.5
+PULL_FIRST, PULL_MOST = 0.01, 0.1   # seconds between pulls for replies: doubling from/up to
 
 
 class FlowerTransport:
@@ -58,6 +60,7 @@ class FlowerTransport:
         self.grid = grid
         self.cfg = cfg
         self.partition_of: dict[int, int] = {}   # node id -> partition id
+        self.unanswered = 0   # of the last exchange: sent but not answered in time
 
     def nodes(self) -> list[int]:
         """The connected nodes, waiting (up to federation.round_timeout) for all K to register."""
@@ -84,7 +87,7 @@ class FlowerTransport:
             return
         query = partition_query(self.cfg)
         messages = [Message(query, dst_node_id=node, message_type=MessageType.QUERY) for node in new]
-        for reply in self.grid.send_and_receive(messages, timeout=self.cfg.federation.round_timeout):
+        for reply in self.exchange(messages):
             if reply.has_error():
                 log.warning("node %d did not say its partition: %s", reply.metadata.src_node_id,
                             reply.error.reason)
@@ -113,7 +116,7 @@ class FlowerTransport:
         messages = [Message(content, dst_node_id=node, message_type=MessageType.EVALUATE,
                             group_id=str(rnd + 1)) for node in nodes]
         results = []
-        for reply in self.grid.send_and_receive(messages, timeout=self.cfg.federation.round_timeout):
+        for reply in self.exchange(messages):
             try:
                 if reply.has_error():
                     raise ProtocolError(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
@@ -122,29 +125,47 @@ class FlowerTransport:
                 log.warning("round %d: an evaluation is left out: %s", rnd + 1, exc)
         return results
 
+    def exchange(self, messages: list[Message]) -> Iterator[Message]:
+        """Push `messages`, then yield each reply as soon as it is pulled, until all have replied
+        or federation.round_timeout has passed (`self.unanswered` counts the rest). Our own loop
+        rather than Grid.send_and_receive: that returns only when every reply is in, all at once
+        (the coordinator would hold K replies; a deployment's grid pulls every 3 s)."""
+        waiting = {i for i in self.grid.push_messages(messages) if i}
+        self.unanswered = len(messages) - len(waiting)   # refused by the SuperLink
+        deadline = time.monotonic() + self.cfg.federation.round_timeout
+        pause = PULL_FIRST
+        while waiting and time.monotonic() < deadline:
+            replies = list(self.grid.pull_messages(waiting))
+            for reply in replies:
+                waiting.discard(reply.metadata.reply_to_message_id)
+            pause = PULL_FIRST if replies else min(pause * 2, PULL_MOST)
+            while replies:
+                yield replies.pop(0)   # dropped here: the caller keeps what it folds, not the message
+            if waiting:   # the Grid offers no blocking wait: poll, backing off while nothing comes
+                time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+        self.unanswered += len(waiting)
+
     def train_round(self, rnd: int, weights: Weights, clients: list[int],
-                    terms: ClientTerms) -> RoundReplies:
+                    terms: ClientTerms, receive: Receive) -> RoundReplies:
         nodes, missing = self._targets(clients)
         content = train_content(rnd, weights, self.cfg, terms)
         messages = [Message(content, dst_node_id=node, message_type=MessageType.TRAIN,
                             group_id=str(rnd + 1)) for node in nodes]
-        t0 = time.perf_counter()
-        replies = list(self.grid.send_and_receive(messages,
-                                                  timeout=self.cfg.federation.round_timeout))
-        out = RoundReplies(sent=len(messages) + len(missing),
-                           timed_out=len(messages) - len(replies),
-                           client_wall=time.perf_counter() - t0)
+        out = RoundReplies(sent=len(messages) + len(missing))
         for k in missing:
             out.failed[f"client {k}"] = f"client {k}: no connected node holds partition {k}"
-        for reply in replies:
+        for reply in self.exchange(messages):
             node = f"node {reply.metadata.src_node_id}"
             if reply.has_error():
                 out.failed[node] = f"{node}: {reply.error.reason}"
                 continue
             try:
-                out.updates.append(read_reply(reply))
+                update = read_reply(reply)
             except ProtocolError as exc:
                 out.rejected[node] = str(exc)
+                continue
+            receive(update)
+        out.timed_out = self.unanswered
         return out
 
 

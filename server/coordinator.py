@@ -2,8 +2,9 @@
 
 Each round: draw the clients that train (all K, or federation.fraction_train of them:
 bpfree_core.federated.sampled_clients), send them the global weights (through a `RoundTransport`),
-keep the replies that validate, aggregate them with federation.strategy (bpfree_core.strategies:
-FedAvg, FedAdam, FedMedian, Krum, ...), evaluate the global
+fold each reply that validates into federation.strategy's running aggregate as it arrives
+(bpfree_core.strategies: FedAvg, FedAdam, FedMedian, Krum, ...; bpfree_core.round_fold: no reply
+is held once folded, for the strategies that only need the mean), evaluate the global
 model on the test set in this process, append a metrics line, write a checkpoint. A round needs
 at least `federation.min_clients` accepted replies (0 = every sampled client); clients that fail,
 time out or send a malformed reply are left out of that round, counted and logged.
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from bpfree_core.aggregate import ClientUpdate, Weights, layer_stats, validate_update
+from bpfree_core.aggregate import ClientUpdate, Weights, validate_update
 from bpfree_core.callbacks import Callback, stop_asked
 from bpfree_core.checkpoint import load_checkpoint
 from bpfree_core.clock import launch_time
@@ -37,6 +38,7 @@ from bpfree_core.evaluation import evaluate_weights, headline
 from bpfree_core.federated import sampled_clients, stack_template
 from bpfree_core.federated_evaluation import sampled_evaluators, summarize
 from bpfree_core.model import build_objective
+from bpfree_core.round_fold import RoundFold
 from bpfree_core.rundir import STOP, RunDir, check_resumable
 from bpfree_core.runtime import progress_bar, rss_mb, set_threads
 from bpfree_core.splits import limited, run_splits
@@ -49,14 +51,15 @@ CHECKPOINTS = "checkpoints"
 
 @dataclass
 class RoundReplies:
-    """What came back for one round, before validation."""
+    """What else happened in a round (each readable reply went to `receive` as it arrived)."""
 
-    updates: list[ClientUpdate] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)     # node -> reason (errors)
     rejected: dict[str, str] = field(default_factory=dict)   # node -> reason (unreadable replies)
     timed_out: int = 0                                       # sent but no reply in time
     sent: int = 0
-    client_wall: float = 0.0                                 # seconds until the last reply
+
+
+Receive = Callable[[ClientUpdate], None]
 
 
 def weights_bytes(weights: Weights) -> int:
@@ -65,14 +68,46 @@ def weights_bytes(weights: Weights) -> int:
 
 
 class RoundTransport(Protocol):
-    """Delivers the global weights to `clients` (partition ids) for round `rnd` and collects
-    their updates."""
+    """Delivers the global weights to `clients` (partition ids) for round `rnd` and hands each
+    update to `receive` as it arrives (in this thread; the transport then drops it)."""
 
     def train_round(self, rnd: int, weights: Weights, clients: list[int],
-                    terms: ClientTerms) -> RoundReplies: ...
+                    terms: ClientTerms, receive: Receive) -> RoundReplies: ...
 
     # Transports that run federated evaluation (federation.fraction_evaluate > 0) also have
     # evaluate_round(rnd, weights, clients) -> list[ClientEvaluation].
+
+
+class ReplyIntake:
+    """A round's replies as they arrive: each is checked, folded into the strategy's running
+    aggregate and then remembered only by its example count and metrics."""
+
+    def __init__(self, fold: RoundFold, template: Weights, clients: int, sampled: set[int]):
+        self.fold, self.template, self.clients, self.sampled = fold, template, clients, sampled
+        self.accepted: dict[int, dict[str, float]] = {}   # partition -> num_examples and metrics
+        self.rejected: dict[str, str] = {}
+        self.received_bytes = 0
+        self.seconds = 0.0   # spent checking and folding, inside the transport's wait
+
+    def __call__(self, update: ClientUpdate) -> None:
+        t0 = time.perf_counter()
+        try:
+            validate_update(update, self.template)
+            if not 0 <= update.client < self.clients:
+                raise ProtocolError(f"reply names partition {update.client}, outside 0.."
+                                    f"{self.clients - 1}")
+            if update.client not in self.sampled:
+                raise ProtocolError(f"a reply for partition {update.client}, which was not "
+                                    "sampled to train this round")
+            if update.client in self.accepted:
+                raise ProtocolError(f"a second reply for partition {update.client}")
+        except ProtocolError as exc:
+            self.rejected[f"client {update.client}"] = str(exc)
+        else:
+            self.accepted[update.client] = {"num_examples": update.num_examples, **update.metrics}
+            self.received_bytes += weights_bytes(update.weights)
+            self.fold.add(update)
+        self.seconds += time.perf_counter() - t0
 
 
 def required_replies(cfg: ExperimentConfig) -> int:
@@ -86,12 +121,12 @@ class Coordinator:
 
     def __init__(self, cfg: ExperimentConfig, run_dir: Path | None = None, resume: bool = False,
                  progress: bool = False, evaluate: bool = True,
-                 on_round: Callable[[int, Weights, list[ClientUpdate]], None] | None = None,
+                 on_round: Callable[[int, Weights], None] | None = None,
                  overwrite: bool = False, lock: bool = True,
                  callbacks: Sequence[Callback] = ()):
         """`evaluate = False` skips the per-round test evaluation (the in-process reference's
-        callers only want weights); `on_round(round, new weights, accepted updates)` runs after
-        each round's aggregation. RUN_DIR is a bpfree_core.rundir.RunDir (`overwrite`, `lock`:
+        callers only want weights); `on_round(round, new weights)` runs after each round's
+        aggregation. RUN_DIR is a bpfree_core.rundir.RunDir (`overwrite`, `lock`:
         see there), held until `run` ends. Each callback gets every round's record once it is
         committed; a truthy answer, or a file RUN_DIR/STOP (what `bpfree simulate`'s callbacks
         leave: they run in the launcher), ends the run after that round."""
@@ -194,55 +229,41 @@ class Coordinator:
         cfg = self.cfg
         t0 = time.perf_counter()
         clients = sampled_clients(cfg, rnd)
-        replies = transport.train_round(rnd, self.weights, clients, self.client_terms(rnd))
-        t_clients = time.perf_counter() - t0
+        intake = ReplyIntake(self.strategy.fold(rnd, self.weights, clients), self.template,
+                             cfg.federation.clients, set(clients))
+        replies = transport.train_round(rnd, self.weights, clients, self.client_terms(rnd), intake)
+        t_clients = time.perf_counter() - t0 - intake.seconds
 
         t1 = time.perf_counter()
-        accepted, rejected = self._validate(replies, set(clients))
-        counts = {"sent": replies.sent, "accepted": len(accepted), "failed": len(replies.failed),
+        rejected = {**replies.rejected, **intake.rejected}
+        counts = {"sent": replies.sent, "accepted": len(intake.accepted), "failed": len(replies.failed),
                   "timed_out": replies.timed_out, "rejected": len(rejected)}
-        for reason in replies.failed.values():
-            log.warning("round %d: a client failed and is left out: %s", rnd + 1, reason)
-        for reason in rejected.values():
-            log.warning("round %d: reply rejected and left out: %s", rnd + 1, reason)
-        if replies.timed_out:
-            log.warning("round %d: %d client(s) did not reply within federation.round_timeout = "
-                        "%ss", rnd + 1, replies.timed_out, cfg.federation.round_timeout)
+        self._log_left_out(rnd, replies, rejected)
         need = required_replies(cfg)
-        if len(accepted) < need:
+        if len(intake.accepted) < need:
             raise AggregationError(
-                f"round {rnd + 1}: only {len(accepted)} usable replies of {replies.sent} sent "
+                f"round {rnd + 1}: only {len(intake.accepted)} usable replies of {replies.sent} sent "
                 f"({counts['failed']} failed, {counts['timed_out']} timed out, {counts['rejected']} "
                 f"rejected) but {need} are needed (federation.min_clients = "
                 f"{cfg.federation.min_clients}, 0 = all {len(clients)} sampled); the last "
                 "checkpoint is kept: fix the clients and --resume")
-        new = self.strategy.aggregate(rnd, self.weights, accepted)
-        stats = layer_stats(self.weights, new, accepted)
+        new = intake.fold.result()
+        stats = intake.fold.stats(new)
+        sent = weights_bytes(self.weights) * len(clients)
         self.weights = new
-        t_aggregate = time.perf_counter() - t1
+        t_aggregate = time.perf_counter() - t1 + intake.seconds
         for key in ("accepted", "failed", "timed_out", "rejected"):
             self.totals[key] += counts[key]
 
         if self.on_round is not None:
-            self.on_round(rnd, new, accepted)
+            self.on_round(rnd, new)
         t2 = time.perf_counter()
-        # rounds before the last score eval_limit test images (cheap); the last the whole set
-        part = cfg.train.eval_limit if rnd + 1 < cfg.federation.rounds else 0
-        acc = self.evaluate(new, limited(self.test, part)) if self.evaluate_rounds else {}
-        extra: dict[str, Any] = {}
-        if self.evaluate_rounds and len(self.val):
-            extra["val_accuracy"] = self.evaluate(new, self.val)
-        evaluators = sampled_evaluators(cfg, rnd)
-        if evaluators:   # the clients score the new weights on their own test data
-            extra["federated_evaluation"] = summarize(
-                transport.evaluate_round(rnd, new, evaluators), cfg)   # type: ignore[attr-defined]
-        if self.tasks is not None and (rnd + 1) % rounds_per_task(cfg) == 0:
-            extra["continual"] = {"task": (rnd + 1) // rounds_per_task(cfg), "accuracy": self.tasks.row(new)}
+        extra = self._scores(transport, rnd, new)
         t_eval = time.perf_counter() - t2
-        slowest = max((u.metrics.get("train_seconds", 0.0) for u in accepted), default=0.0)
-        received = sum(weights_bytes(u.weights) for u in accepted)
+        acc = extra.pop("test_accuracy")
+        metrics = dict(sorted(intake.accepted.items()))
         return {**extra,
-            "bytes": {"sent": weights_bytes(self.weights) * len(clients), "received": received},
+            "bytes": {"sent": sent, "received": intake.received_bytes},
             "rss_mb": rss_mb(),
             "round": rnd + 1,
             "test_accuracy": acc,
@@ -251,32 +272,38 @@ class Coordinator:
             "left_out": {**replies.failed, **rejected},   # who, and why (shown on the terminal)
             "sampled": clients,
             "layers": stats,
-            "client_metrics": {str(u.client): {"num_examples": u.num_examples, **u.metrics}
-                               for u in sorted(accepted, key=lambda u: u.client)},
-            "seconds": {"clients": t_clients, "slowest_client_training": slowest,
+            "client_metrics": {str(k): m for k, m in metrics.items()},
+            "seconds": {"clients": t_clients,
+                        "slowest_client_training": max((m.get("train_seconds", 0.0)
+                                                        for m in metrics.values()), default=0.0),
                         "aggregate": t_aggregate, "evaluate": t_eval},
         }
 
-    def _validate(self, replies: RoundReplies,
-                  sampled: set[int]) -> tuple[list[ClientUpdate], dict[str, str]]:
-        rejected = dict(replies.rejected)
-        accepted: dict[int, ClientUpdate] = {}
-        for update in replies.updates:
-            try:
-                validate_update(update, self.template)
-                if not 0 <= update.client < self.cfg.federation.clients:
-                    raise ProtocolError(f"reply names partition {update.client}, outside 0.."
-                                        f"{self.cfg.federation.clients - 1}")
-                if update.client not in sampled:
-                    raise ProtocolError(f"a reply for partition {update.client}, which was not "
-                                        "sampled to train this round")
-                if update.client in accepted:
-                    raise ProtocolError(f"a second reply for partition {update.client}")
-            except ProtocolError as exc:
-                rejected[f"client {update.client}"] = str(exc)
-                continue
-            accepted[update.client] = update
-        return list(accepted.values()), rejected
+    def _log_left_out(self, rnd: int, replies: RoundReplies, rejected: dict[str, str]) -> None:
+        for reason in replies.failed.values():
+            log.warning("round %d: a client failed and is left out: %s", rnd + 1, reason)
+        for reason in rejected.values():
+            log.warning("round %d: reply rejected and left out: %s", rnd + 1, reason)
+        if replies.timed_out:
+            log.warning("round %d: %d client(s) did not reply within federation.round_timeout = "
+                        "%ss", rnd + 1, replies.timed_out, self.cfg.federation.round_timeout)
+
+    def _scores(self, transport: RoundTransport, rnd: int, new: Weights) -> dict[str, Any]:
+        """The new weights' test accuracy (rounds before the last score eval_limit test images,
+        the last the whole set), validation accuracy, the clients' own scores, the task stream."""
+        cfg = self.cfg
+        part = cfg.train.eval_limit if rnd + 1 < cfg.federation.rounds else 0
+        out: dict[str, Any] = {"test_accuracy": self.evaluate(new, limited(self.test, part))
+                               if self.evaluate_rounds else {}}
+        if self.evaluate_rounds and len(self.val):
+            out["val_accuracy"] = self.evaluate(new, self.val)
+        evaluators = sampled_evaluators(cfg, rnd)
+        if evaluators:   # the clients score the new weights on their own test data
+            out["federated_evaluation"] = summarize(
+                transport.evaluate_round(rnd, new, evaluators), cfg)   # type: ignore[attr-defined]
+        if self.tasks is not None and (rnd + 1) % rounds_per_task(cfg) == 0:
+            out["continual"] = {"task": (rnd + 1) // rounds_per_task(cfg), "accuracy": self.tasks.row(new)}
+        return out
 
     def evaluate(self, weights: Weights, split: Split | None = None) -> dict[str, float]:
         """Accuracy of `weights` on `split` (default: the test set), evaluated in this process."""

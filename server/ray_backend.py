@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import queue
 import shutil
 import socket
 import tempfile
@@ -37,8 +38,8 @@ from typing import Any
 
 from bpfree.client.executor import PipelineExecutor
 from bpfree.client.ray_stage import RAY_ENV, StageActor
-from bpfree.server.coordinator import Coordinator, RoundReplies
-from bpfree_core.aggregate import Weights
+from bpfree.server.coordinator import Coordinator, Receive, RoundReplies
+from bpfree_core.aggregate import ClientUpdate, Weights
 from bpfree_core.callbacks import Callback
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.errors import BpfreeError, ConfigError, PeerUnavailableError
@@ -381,26 +382,39 @@ class RayTransport:
         return evaluate_partitions(self.cfg, run_splits(self.cfg)[2], weights, clients)
 
     def train_round(self, rnd: int, weights: Weights, clients: list[int],
-                    terms: ClientTerms) -> RoundReplies:
+                    terms: ClientTerms, receive: Receive) -> RoundReplies:
+        """Every sampled client in its own thread; each update goes to `receive` (in this
+        thread) as soon as its client finishes, and is not kept (a queue, not futures' results)."""
         out = RoundReplies(sent=len(clients))
         executors: dict[int, Any] = {}
-        t0 = time.perf_counter()
+        finished: queue.Queue[tuple[int, ClientUpdate | BaseException]] = queue.Queue()
+
+        def client(k: int) -> None:
+            try:
+                finished.put((k, self._client(k, rnd, weights, executors, terms)))
+            except BaseException as exc:   # reported, as a failed client, by the round
+                finished.put((k, exc))
+
         pool = futures.ThreadPoolExecutor(max_workers=len(clients), thread_name_prefix="client")
-        jobs = {pool.submit(self._client, k, rnd, weights, executors, terms): k for k in clients}
-        done, late = futures.wait(jobs, timeout=self.cfg.federation.round_timeout)
-        for job in late:
-            k = jobs[job]
-            out.timed_out += 1
+        for k in clients:
+            pool.submit(client, k)
+        late, deadline = set(clients), time.monotonic() + self.cfg.federation.round_timeout
+        while late:
+            try:
+                k, result = finished.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            late.discard(k)
+            if isinstance(result, BaseException):
+                out.failed[f"client {k}"] = f"client {k}: {type(result).__name__}: {result}"
+            else:
+                receive(result)
+            del result
+        out.timed_out = len(late)
+        for k in late:
             if k in executors:
                 executors[k].close()   # aborts its streams: the client's thread ends with an error
         pool.shutdown(wait=not late, cancel_futures=True)
-        out.client_wall = time.perf_counter() - t0
-        for job in sorted(done, key=lambda j: jobs[j]):
-            k, exc = jobs[job], job.exception()
-            if exc is not None:
-                out.failed[f"client {k}"] = f"client {k}: {type(exc).__name__}: {exc}"
-            else:
-                out.updates.append(job.result())
         return out
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from bpfree.server.coordinator import Coordinator, RoundReplies
-from bpfree_core.aggregate import ClientUpdate, Weights
+from bpfree.server.coordinator import Coordinator, Receive, RoundReplies
+from bpfree_core.aggregate import Weights
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.federated import InProcessExecutor, client_split, local_round, train_split
 from bpfree_core.federated_evaluation import ClientEvaluation, evaluate_partitions
@@ -32,25 +32,24 @@ class InProcessTransport:
         return evaluate_partitions(self.cfg, run_splits(self.cfg)[2], weights, clients)
 
     def train_round(self, rnd: int, weights: Weights, clients: list[int],
-                    terms: ClientTerms) -> RoundReplies:
-        updates = []
+                    terms: ClientTerms, receive: Receive) -> RoundReplies:
         for k in clients:
             with InProcessExecutor(self.cfg, self.cfg.train.device) as executor:
                 update = local_round(executor, self.cfg, self.parts[k], k, rnd, weights, terms,
                                      self.client_state.get(k))
-                self.client_state[k] = update.state   # the client's own, kept with it
-                updates.append(update)
-        return RoundReplies(updates=updates, sent=len(updates))
+            self.client_state[k] = update.state   # the client's own, kept with it
+            receive(update)
+        return RoundReplies(sent=len(clients))
 
 
 def federated_reference(
     cfg: ExperimentConfig,
     rounds: int | None = None,
-    on_round: Callable[[int, Weights, list[ClientUpdate]], None] | None = None,
+    on_round: Callable[[int, Weights], None] | None = None,
 ) -> Weights:
     """Train `rounds` (default federation.rounds) rounds of K in-process clients; return weights.
 
-    `on_round(round, new_weights, updates)` is called after each round's aggregation.
+    `on_round(round, new_weights)` is called after each round's aggregation.
     """
     coordinator = Coordinator(cfg, evaluate=False, on_round=on_round)
     return coordinator.run(InProcessTransport(cfg), rounds=rounds)["weights"]

@@ -73,8 +73,10 @@ class _Replies:
     def __init__(self, updates: list[ClientUpdate]):
         self.updates = updates
 
-    def train_round(self, rnd, weights, clients, terms):
-        return RoundReplies(updates=self.updates, failed={"node 7": "boom"}, sent=3, timed_out=1)
+    def train_round(self, rnd, weights, clients, terms, receive):
+        for update in self.updates:
+            receive(update)
+        return RoundReplies(failed={"node 7": "boom"}, sent=3, timed_out=1)
 
 
 def test_too_few_usable_replies_stops_the_run_and_names_the_setting(data_dir, tmp_path):
@@ -104,12 +106,12 @@ class _InProcess:
         train = train_split(cfg)
         self.parts = [client_split(cfg, train, k) for k in range(cfg.federation.clients)]
 
-    def train_round(self, rnd, weights, clients, terms):
+    def train_round(self, rnd, weights, clients, terms, receive):
         from bpfree_core.federated import InProcessExecutor, local_round
 
-        updates = [local_round(InProcessExecutor(self.cfg), self.cfg, self.parts[k], k, rnd, weights, terms)
-                   for k in clients]
-        return RoundReplies(updates=updates, sent=len(updates))
+        for k in clients:
+            receive(local_round(InProcessExecutor(self.cfg), self.cfg, self.parts[k], k, rnd, weights, terms))
+        return RoundReplies(sent=len(clients))
 
 
 def test_fedprox_pulls_toward_the_global_weights_and_pipelines_match_the_reference(data_dir):

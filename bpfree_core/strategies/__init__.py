@@ -9,8 +9,8 @@ given as `federation.strategy_args = "eta=0.01,beta_1=0.9"`. `federation.dp = fi
 wraps any of them in Flower's server-side DP clipping (`federation.dp_args`, Flower's names).
 
 Every strategy shares two rules with FedAvg (bpfree_core.aggregate): integer tensors are
-counters (old value plus every client's increment) and a tensor every client sent back
-bit-identical is kept as is; the strategy's own maths sees the floating tensors.
+counters (old value plus every client's increment) and a tensor no client changed is kept as
+is; the strategy's own maths sees the other floating tensors.
 """
 
 from __future__ import annotations
@@ -18,12 +18,14 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import pkgutil
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import torch
 
 from bpfree_core.aggregate import ClientUpdate, Weights
-from bpfree_core.errors import AggregationError, ConfigError
+from bpfree_core.errors import ConfigError
+from bpfree_core.round_fold import RoundFold
 
 _REGISTRY: dict[str, type[Strategy]] = {}
 _DP: dict[str, type[Strategy]] = {}   # federation.dp: wrappers around any strategy
@@ -37,38 +39,47 @@ class Params:
 
 
 class Strategy:
-    """The next global weights from one round's updates; state survives rounds and resumes."""
+    """The next global weights from one round's updates; state survives rounds and resumes.
+
+    A strategy whose maths needs only the example-weighted mean of the replies (FedAvg, FedProx,
+    FedAvgM, FedOpt's family) sets `streams` and writes `from_mean`: the coordinator then folds
+    replies into running sums as they arrive (bpfree_core.round_fold) and holds none of them. One
+    that needs every reply (median, trimmed mean, Krum) writes `combine` and keeps them."""
 
     name: ClassVar[str] = ""
     Params: ClassVar[type] = Params
+    streams: ClassVar[bool] = False
 
     def __init__(self, params: Any):
         self.params = params
 
+    def fold(self, rnd: int, global_weights: Weights, expected: Iterable[int] = ()) -> RoundFold:
+        """Round `rnd`'s (0-based) aggregate, fed one reply at a time: `add(update)`, `result()`.
+        `expected`: the partitions asked to reply (their order is the order replies are folded in)."""
+        return RoundFold(self, rnd, global_weights, expected)
+
     def aggregate(self, rnd: int, global_weights: Weights, updates: list[ClientUpdate]) -> Weights:
-        """Round `rnd` (0-based): counters and unchanged constants by the shared rules, every
-        other floating tensor by `combine`."""
-        if not updates:
-            raise AggregationError("no client updates to aggregate")
-        ordered = sorted(updates, key=lambda u: u.client)
-        out: Weights = {}
-        floats: list[str] = []
-        for key, old in global_weights.items():
-            copies = [u.weights[key] for u in ordered]
-            if not old.is_floating_point():   # counters: add up every client's increment
-                out[key] = old + sum((c - old for c in copies), torch.zeros_like(old))
-            elif all(torch.equal(old, c) for c in copies):
-                out[key] = old.clone()
-            else:
-                floats.append(key)
-        if floats:
-            out.update(self.combine(rnd, {k: global_weights[k] for k in floats},
-                                    [(u.num_examples, {k: u.weights[k] for k in floats}) for u in ordered]))
-        return {k: out[k] for k in global_weights}
+        """Round `rnd`'s aggregate of `updates`, in any order (see `fold`)."""
+        fold = self.fold(rnd, global_weights, [u.client for u in updates])
+        for update in updates:
+            fold.add(update)
+        return fold.result()
+
+    def begin(self, rnd: int) -> None:
+        """A round's first reply is about to arrive (per-round counters start here)."""
+
+    def arrived(self, current: Weights, weights: Weights) -> Weights:
+        """A reply's weights as the strategy aggregates them (a DP wrapper clips them here)."""
+        return weights
+
+    def from_mean(self, rnd: int, current: Weights, mean: Weights) -> Weights:
+        """A streaming strategy's new floating tensors from the current ones and the replies'
+        example-weighted mean."""
+        raise NotImplementedError
 
     def combine(self, rnd: int, current: Weights, replies: list[tuple[int, Weights]]) -> Weights:
         """The new floating tensors from the current ones and (num_examples, weights) replies in
-        partition order."""
+        partition order (strategies that do not stream)."""
         raise NotImplementedError
 
     def client_terms(self, rnd: int) -> ClientTerms:
@@ -169,13 +180,18 @@ def build_strategy(name: str, args: str = "", dp: str = "", dp_args: str = "", s
         raise ConfigError(f"federation.dp_args for {dp}: {exc}") from None
 
 
-def weighted_mean(replies: list[tuple[int, Weights]], key: str, like: torch.Tensor) -> torch.Tensor:
-    """FedAvg of one tensor: shares n_k / N as exact float64 ratios, accumulated in float64."""
+def weighted_mean(replies: list[tuple[int, Weights]], current: Weights) -> Weights:
+    """FedAvg of every tensor of `current` over `replies`, as RoundFold computes it: sum_k n_k w_k
+    accumulated in float64 in the replies' order, divided by N once (a mean of identical float32
+    copies is that copy: each n_k w_k and their sum are exact)."""
     total = sum(n for n, _ in replies)
-    acc = torch.zeros(like.shape, dtype=torch.float64)
-    for n, w in replies:
-        acc += (n / total) * w[key].to(torch.float64)
-    return acc.to(like.dtype)
+    out: Weights = {}
+    for key, like in current.items():
+        acc = torch.zeros(like.shape, dtype=torch.float64)
+        for n, w in replies:
+            acc.add_(w[key].to(torch.float64), alpha=n)
+        out[key] = (acc / total).to(like.dtype)
+    return out
 
 
 __all__ = ["ClientTerms", "Params", "State", "Strategy", "build_strategy", "parse_params", "register",

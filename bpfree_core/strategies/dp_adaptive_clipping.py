@@ -17,7 +17,7 @@ import torch
 from bpfree_core.aggregate import Weights
 from bpfree_core.seeds import generator
 from bpfree_core.strategies import State, Strategy, register_dp
-from bpfree_core.strategies.dp_fixed_clipping import DPWrapper, clipped, noised
+from bpfree_core.strategies.dp_fixed_clipping import DPWrapper
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,20 +53,33 @@ class AdaptiveClipping(DPWrapper):
     def __init__(self, params: AdaptiveClippingParams, inner: Strategy, seed: int, num_sampled_clients: int):
         super().__init__(params, inner, seed, num_sampled_clients)
         self.clipping_norm = params.initial_clipping_norm
+        self.replies, self.clipped_count = 0, 0   # this round's, as they arrive
         self.count_std, self.noise_multiplier = adaptive_noise(
             params.noise_multiplier, num_sampled_clients, params.clipped_count_stddev)
 
-    def combine(self, rnd: int, current: Weights, replies: list[tuple[int, Weights]]) -> Weights:
+    def clipping_norm_now(self) -> float:
+        return self.clipping_norm
+
+    def begin(self, rnd: int) -> None:
+        super().begin(rnd)
+        self.replies, self.clipped_count = 0, 0
+
+    def arrived(self, current: Weights, weights: Weights) -> Weights:
+        moved, was_clipped = self.clipped_reply(current, weights)
+        self.replies += 1
+        self.clipped_count += was_clipped
+        return self.inner.arrived(current, moved)
+
+    def noise_std(self, rnd: int) -> float:
+        """Moves the clipping norm by this round's clipped fraction first (Flower's order)."""
         p = self.params
-        results = [(n, *clipped(w, current, self.clipping_norm)) for n, w in replies]
-        count = sum(bit for _, _, bit in results)
+        count = float(self.clipped_count)
         if self.count_std > 0:
             count += self.count_std * float(torch.randn((), generator=generator(self.seed, "dp", rnd, 1),
                                                         dtype=torch.float64))
-        fraction = count / len(replies)
+        fraction = count / self.replies
         self.clipping_norm *= math.exp(-p.clip_norm_lr * (fraction - p.target_clipped_quantile))
-        out = self.inner.combine(rnd, current, [(n, w) for n, w, _ in results])
-        return noised(out, self.noise_multiplier * self.clipping_norm / self.num_sampled, self.seed, rnd)
+        return self.noise_multiplier * self.clipping_norm / self.num_sampled
 
     def state_dict(self) -> State:
         return {**super().state_dict(), "clipping_norm": self.clipping_norm}

@@ -49,11 +49,39 @@ def noised(weights: Weights, std: float, seed: int, rnd: int) -> Weights:
 
 
 class DPWrapper(Strategy):
-    """Clips the replies for an inner strategy and noises its aggregate."""
+    """Clips each reply as it arrives for an inner strategy and noises its aggregate; it streams
+    when the inner strategy does."""
 
     def __init__(self, params: object, inner: Strategy, seed: int, num_sampled_clients: int):
         super().__init__(params)
         self.inner, self.seed, self.num_sampled = inner, seed, num_sampled_clients
+        self.streams = inner.streams   # type: ignore[misc]
+
+    def clipping_norm_now(self) -> float:
+        raise NotImplementedError
+
+    def clipped_reply(self, current: Weights, weights: Weights) -> tuple[Weights, bool]:
+        floats = {k: v for k, v in current.items() if v.is_floating_point()}
+        moved, was_clipped = clipped(weights, floats, self.clipping_norm_now())
+        return {**weights, **moved}, was_clipped
+
+    def begin(self, rnd: int) -> None:
+        self.inner.begin(rnd)
+
+    def arrived(self, current: Weights, weights: Weights) -> Weights:
+        return self.inner.arrived(current, self.clipped_reply(current, weights)[0])
+
+    def noise_std(self, rnd: int) -> float:
+        """The aggregate's noise (called once per round, after every reply arrived)."""
+        raise NotImplementedError
+
+    def from_mean(self, rnd: int, current: Weights, mean: Weights) -> Weights:
+        std = self.noise_std(rnd)
+        return noised(self.inner.from_mean(rnd, current, mean), std, self.seed, rnd)
+
+    def combine(self, rnd: int, current: Weights, replies: list[tuple[int, Weights]]) -> Weights:
+        std = self.noise_std(rnd)
+        return noised(self.inner.combine(rnd, current, replies), std, self.seed, rnd)
 
     def client_terms(self, rnd: int) -> ClientTerms:
         return self.inner.client_terms(rnd)   # clipping is server-side; FedProx's term still travels
@@ -69,8 +97,8 @@ class DPWrapper(Strategy):
 class FixedClipping(DPWrapper):
     Params = FixedClippingParams
 
-    def combine(self, rnd: int, current: Weights, replies: list[tuple[int, Weights]]) -> Weights:
-        p = self.params
-        clipped_replies = [(n, clipped(w, current, p.clipping_norm)[0]) for n, w in replies]
-        out = self.inner.combine(rnd, current, clipped_replies)
-        return noised(out, p.noise_multiplier * p.clipping_norm / self.num_sampled, self.seed, rnd)
+    def clipping_norm_now(self) -> float:
+        return self.params.clipping_norm
+
+    def noise_std(self, rnd: int) -> float:
+        return self.params.noise_multiplier * self.params.clipping_norm / self.num_sampled

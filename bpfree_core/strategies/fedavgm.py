@@ -10,7 +10,6 @@ import dataclasses
 
 from bpfree_core.aggregate import Weights
 from bpfree_core.strategies import State, Strategy, register
-from bpfree_core.strategies.fedavg import mean_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,14 +25,14 @@ class FedAvgMParams:
 @register("fedavgm")
 class FedAvgM(Strategy):
     Params = FedAvgMParams
+    streams = True
 
     def __init__(self, params: FedAvgMParams):
         super().__init__(params)
         self.momentum: Weights = {}
 
-    def combine(self, rnd: int, current: Weights, replies: list[tuple[int, Weights]]) -> Weights:
+    def from_mean(self, rnd: int, current: Weights, mean: Weights) -> Weights:
         p = self.params
-        mean = mean_of(replies, current)
         out: Weights = {}
         for key, old in current.items():
             g = old - mean[key]

@@ -12,7 +12,6 @@ import torch
 
 from bpfree_core.aggregate import Weights
 from bpfree_core.strategies import State, Strategy
-from bpfree_core.strategies.fedavg import mean_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +34,7 @@ def check_fedopt(p: object) -> None:
 
 class FedOpt(Strategy):
     Params = FedOptParams
+    streams = True
 
     def __init__(self, params: FedOptParams):
         super().__init__(params)
@@ -47,9 +47,8 @@ class FedOpt(Strategy):
     def step_size(self, rnd: int) -> float:
         return self.params.eta
 
-    def combine(self, rnd: int, current: Weights, replies: list[tuple[int, Weights]]) -> Weights:
+    def from_mean(self, rnd: int, current: Weights, mean: Weights) -> Weights:
         p = self.params
-        mean = mean_of(replies, current)
         eta = self.step_size(rnd)
         beta_1 = getattr(p, "beta_1", 0.0)   # FedAdagrad has none: its m is delta
         out: Weights = {}

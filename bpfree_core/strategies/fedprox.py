@@ -8,7 +8,6 @@ import dataclasses
 
 from bpfree_core.aggregate import Weights
 from bpfree_core.strategies import ClientTerms, Strategy, register
-from bpfree_core.strategies.fedavg import mean_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,9 +22,10 @@ class FedProxParams:
 @register("fedprox")
 class FedProx(Strategy):
     Params = FedProxParams
+    streams = True
 
-    def combine(self, rnd: int, current: Weights, replies: list[tuple[int, Weights]]) -> Weights:
-        return mean_of(replies, current)
+    def from_mean(self, rnd: int, current: Weights, mean: Weights) -> Weights:
+        return mean
 
     def client_terms(self, rnd: int) -> ClientTerms:
         return {"proximal-mu": float(self.params.proximal_mu)}

@@ -9,8 +9,7 @@ import dataclasses
 import torch
 
 from bpfree_core.aggregate import Weights
-from bpfree_core.strategies import Strategy, register
-from bpfree_core.strategies.fedavg import mean_of
+from bpfree_core.strategies import Strategy, register, weighted_mean
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,4 +39,4 @@ class MultiKrum(Strategy):
     def combine(self, rnd: int, current: Weights, replies: list[tuple[int, Weights]]) -> Weights:
         p = self.params
         chosen = krum_selection(replies, p.num_malicious_nodes, p.num_nodes_to_select)
-        return mean_of([replies[i] for i in sorted(chosen)], current)
+        return weighted_mean([replies[i] for i in sorted(chosen)], current)
