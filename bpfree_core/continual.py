@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,6 @@ import torch
 
 from bpfree_core.batches import train_packets
 from bpfree_core.callbacks import Callback
-from bpfree_core.clock import launch_time
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.data import Dataset, Split, bind_data, load_dataset, run_spec
 from bpfree_core.diagnostics import eval_with_units
@@ -48,6 +46,7 @@ from bpfree_core.model import Stage, build_layers, build_objective
 from bpfree_core.objectives import Objective
 from bpfree_core.restarts import with_restarts
 from bpfree_core.rundir import RunDir, open_run_dir
+from bpfree_core.runlog import RunLog
 from bpfree_core.runtime import progress_bar
 from bpfree_core.seeds import generator
 
@@ -241,16 +240,16 @@ def _epoch_with_restarts(executor: Executor, packets: Callable[[], Iterator[Pack
     times: the stages are recovered, the epoch's starting snapshot (weights, optimiser and EWC /
     SI state) restored, and the epoch rerun, ending as an undisturbed one would."""
     total = cfg.continual.epochs_per_task
-    if not hasattr(executor, "recover") or cfg.pipeline.restarts == 0:
+    if not executor.recovers or cfg.pipeline.restarts == 0:
         return executor.train_epoch(packets(), k, total)
-    start = executor.snapshot()  # type: ignore[attr-defined]
+    start = executor.snapshot()
     attempts = 0
 
     def attempt() -> dict[str, Any]:
         nonlocal attempts
         attempts += 1
         if attempts > 1:   # recovered stages start fresh: back to the epoch's start
-            executor.restore(start)  # type: ignore[attr-defined]
+            executor.restore(start)
         return executor.train_epoch(packets(), k, total)
 
     stats, events = with_restarts(executor, cfg.pipeline.restarts, attempt, what)
@@ -281,9 +280,7 @@ def _stream(cfg: ExperimentConfig, executor: Executor, rd: RunDir | None, progre
     headline = headline_method(want)
     c = cfg.continual
     memory = ReplayMemory(c.memory, cfg.train.seed) if c.strategy in MEMORY_STRATEGIES else None
-    if rd is not None:
-        rd.write_config(cfg)
-    start = launch_time()
+    runlog = RunLog(cfg, rd, callbacks)
     before = [task_accuracy(executor.eval_forward, objective, task, cfg) for task in tasks]
     matrices: dict[str, list[list[float]]] = {m: [] for m in want}
     total = len(tasks) * c.epochs_per_task
@@ -315,24 +312,13 @@ def _stream(cfg: ExperimentConfig, executor: Executor, rd: RunDir | None, progre
                              for e in epochs],
                   "memory": len(memory) if memory is not None else 0,
                   "penalty": penalty}
-        if rd is not None:
-            rd.log_metrics(record, step=task.index + 1)
-        for cb in callbacks:
-            cb(record)
+        runlog.commit(task.index + 1, record)   # callbacks observe: the matrix needs every task
     bar.close()
     weights = executor.get_weights()
-    summary = {
-        "algorithm": cfg.model.algorithm, "dataset": cfg.model.dataset,
+    return runlog.finish({
         **stream_summary(cfg, objective, tasks, matrices, {m: [b[m] for b in before] for m in want},
                          weights),
-        "memory": len(memory) if memory is not None else 0,
-        "fingerprint": cfg.fingerprint(), **executor.describe(),
-        "wall_seconds": time.time() - start,
-    }
-    if rd is not None:
-        rd.write_json("summary.json", summary)
-    summary["weights"] = weights
-    return summary
+        "memory": len(memory) if memory is not None else 0, **executor.describe()}, weights)
 
 
 # -- federated continual learning: every client sees the task stream --------------------------

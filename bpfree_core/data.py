@@ -123,6 +123,11 @@ class Split:
         groups = None if self.groups is None else self.groups[index]
         return Split(self.images[index], self.labels[index], groups)
 
+    def copy(self) -> Split:
+        """Its own storage (a subset is a view that keeps the whole source alive)."""
+        return Split(self.images.clone(), self.labels.clone(),
+                     None if self.groups is None else self.groups.clone())
+
 
 @dataclass(frozen=True)
 class Dataset:
@@ -315,6 +320,11 @@ def builtin_spec(name: str) -> DatasetSpec:
 
 
 _CACHE: dict[tuple[str, str], Dataset] = {}
+
+
+def release_datasets() -> None:
+    """Forget every memoised dataset (the next load_dataset reads the files again)."""
+    _CACHE.clear()
 
 
 def load_dataset(name: str, data_dir: str | Path | None = None, fingerprint: str = "") -> Dataset:

@@ -1,7 +1,8 @@
 """What runs a stack's layers for the epoch loop: the Executor protocol and its in-process form.
 
-Executors that can also `snapshot()` / `restore()` their whole state (weights and optimiser) get
-checkpoints and `--resume`; those that can `recover()` after a stage failure get epoch reruns.
+Every executor can `snapshot()` / `restore()` its whole state (weights and optimiser): checkpoints
+and `--resume`. One that declares `recovers` can `recover()` its stages after a stage failure:
+epoch and round reruns (bpfree_core.restarts). Abilities are declared, never probed for.
 
 Every job drives its layers through this protocol, whoever holds them: `InProcessExecutor` (one
 Stage with every layer, in this process: the reference) or client.executor.PipelineExecutor
@@ -33,7 +34,12 @@ from bpfree_core.runtime import resolve_device, set_threads
 class Executor(Protocol):
     """Runs a stack's layers: the in-process Stage or a pipeline of stage workers."""
 
+    recovers: bool   # recover() restarts or reconnects failed stages (pipelines)
+
     def load_weights(self, state: Weights, proximal_mu: float = 0.0) -> None: ...
+    def snapshot(self) -> dict[str, Any]: ...
+    def restore(self, snapshot: dict[str, Any]) -> None: ...
+    def recover(self) -> list[int]: ...
     def get_weights(self) -> Weights: ...
     def train_epoch(self, packets: Iterable[Packet], epoch: int, total_epochs: int) -> dict: ...
     def eval_forward(self, packet: Packet) -> Packet: ...
@@ -50,6 +56,8 @@ def epoch_stats(layers: dict[str, dict[str, float]], batches: int, samples: int,
 
 class InProcessExecutor:
     """Every layer in this process, in one Stage: the reference executor."""
+
+    recovers = False   # nothing to restart: an error here is the run's
 
     def __init__(self, cfg: ExperimentConfig, device: str | torch.device = "cpu"):
         # GEMM summation order depends on the torch thread count: train with the configured
@@ -107,6 +115,9 @@ class InProcessExecutor:
 
     def describe(self) -> dict[str, Any]:
         return {}
+
+    def recover(self) -> list[int]:
+        raise NotImplementedError("an in-process executor has no stages to recover (recovers = False)")
 
     def close(self) -> None:
         self.stage = None

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from bpfree_core.errors import BpfreeError, ConfigError, DataError
+from bpfree_core.errors import BpfreeError, ConfigError, DataError, PeerUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +33,8 @@ def with_restarts(executor: Any, restarts: int, attempt: Callable[[], T],
     """Run `attempt()`; after a stage failure call `executor.recover()` and run it again.
 
     At most `restarts` reruns. Returns the result and one record per recovery (error, restarted
-    stages, seconds to recover). Executors without `recover` (in-process) are never retried.
+    stages, seconds to recover). Executors that do not recover (in-process) are never retried.
     """
-    recover = getattr(executor, "recover", None)
     events: list[dict[str, Any]] = []
     while True:
         try:
@@ -43,7 +42,7 @@ def with_restarts(executor: Any, restarts: int, attempt: Callable[[], T],
         except NOT_RETRIED:
             raise
         except BpfreeError as exc:
-            if recover is None:
+            if not executor.recovers:
                 raise
             if len(events) >= restarts:
                 raise RoundFailedError(
@@ -54,9 +53,23 @@ def with_restarts(executor: Any, restarts: int, attempt: Callable[[], T],
                         "from its starting weights", what, len(events) + 1, exc)
             t0 = time.perf_counter()
             try:
-                restarted = recover()
+                restarted = executor.recover()
             except BpfreeError as rexc:
                 raise RoundFailedError(f"{what} failed ({exc}) and its stages could not be "
                                        f"recovered: {rexc}") from rexc
             events.append({"error": str(exc), "restarted_stages": list(restarted or []),
                            "recover_seconds": time.perf_counter() - t0})
+
+
+def reconnecting(restarts: int, connect: Callable[[], T], what: str) -> tuple[T, int]:
+    """`connect()`, tried again while a stage is unavailable (its supervisor respawns it on its
+    port), up to `restarts` more times: the same pipeline.restarts budget a round's reruns have.
+    Returns the result and how many retries it took."""
+    for attempt in range(restarts + 1):
+        try:
+            return connect(), attempt
+        except PeerUnavailableError as exc:
+            if attempt == restarts:
+                raise
+            log.warning("%s failed (%s); trying again (%d/%d)", what, exc, attempt + 1, restarts)
+    raise AssertionError("unreachable")

@@ -11,7 +11,6 @@ initialised from its own seed, so a pipeline fed the same packets reproduces the
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,8 +19,7 @@ import torch
 from tqdm import tqdm
 
 from bpfree_core.batches import num_train_batches, train_packets
-from bpfree_core.callbacks import Callback, stop_asked
-from bpfree_core.clock import launch_time
+from bpfree_core.callbacks import Callback
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.data import Split, bind_data
 from bpfree_core.diagnostics import format_table, layer_diagnostics
@@ -33,6 +31,7 @@ from bpfree_core.model import build_objective
 from bpfree_core.objectives import Objective
 from bpfree_core.restarts import with_restarts
 from bpfree_core.rundir import RunDir, check_resumable, open_run_dir
+from bpfree_core.runlog import RunLog
 from bpfree_core.runtime import progress_bar, resolve_device
 from bpfree_core.splits import limited, run_splits
 
@@ -83,8 +82,8 @@ def train_epochs(cfg: ExperimentConfig, executor: Executor, run_dir: Path | None
     (in process) and `bpfree pipeline` (stage workers) both run this loop.
 
     RUN_DIR (bpfree_core.rundir: locked while this runs; a finished run in it is refused unless
-    `overwrite`) gets config.json, and per epoch checkpoint.pt (when the executor can `snapshot()`
-    its state) then a metrics.jsonl line, and summary.json at the end; `resume` continues from
+    `overwrite`) gets config.json, and per epoch checkpoint.pt then a metrics.jsonl line, and
+    summary.json at the end (bpfree_core.runlog); `resume` continues from
     the checkpoint. An executor that can `recover()` (a pipeline) survives a stage failure: the
     stages are recovered, the epoch's starting snapshot restored and the epoch rerun (at most
     pipeline.restarts times), ending exactly as an undisturbed epoch would. Each callback gets
@@ -108,7 +107,7 @@ def _resume_state(rd: RunDir, cfg: ExperimentConfig, executor: Executor) -> tupl
     state = rd.load("checkpoint.pt")
     check_resumable(ExperimentConfig.from_dict(state["config"]), cfg, rd.path)
     snapshot = {"weights": state["weights"], "optimizer": state["optimizer"]}
-    executor.restore(snapshot)  # type: ignore[attr-defined]
+    executor.restore(snapshot)
     rd.rewind_metrics("epoch", state["epoch"] + 1, state.get("record"))
     return state["epoch"] + 1, snapshot
 
@@ -118,16 +117,13 @@ def _train_loop(cfg: ExperimentConfig, executor: Executor, objective: Objective,
                 progress: bool, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     train_split, val_split, test_split = splits
     held_out = val_split if len(val_split) else test_split   # what diagnostics score
-    resumable = hasattr(executor, "snapshot")
-    rerun = resumable and hasattr(executor, "recover")
+    rerun = executor.recovers
     first_epoch, snapshot = 0, None
-    best = BestEpoch(cfg, rd, resumable)
-    if rd is not None:
-        if rd.resume and resumable:
-            first_epoch, snapshot = _resume_state(rd, cfg, executor)
-            best.resume()
-        rd.write_config(cfg)   # no token on disk
-    start = launch_time()
+    best = BestEpoch(cfg, rd)
+    if rd is not None and rd.resume:
+        first_epoch, snapshot = _resume_state(rd, cfg, executor)
+        best.resume()
+    runlog = RunLog(cfg, rd, callbacks)
     acc: dict[str, float] = {}
     val: dict[str, float] = {}
     diagnostics: dict[str, dict[str, float]] = {}
@@ -136,7 +132,7 @@ def _train_loop(cfg: ExperimentConfig, executor: Executor, objective: Objective,
     trained, stopped = first_epoch, False
     for epoch in range(first_epoch, total):
         if rerun and snapshot is None:
-            snapshot = executor.snapshot()  # type: ignore[attr-defined]   # the epoch's start
+            snapshot = executor.snapshot()   # the epoch's start
         stats, reruns = _epoch_with_reruns(executor, snapshot if rerun else None, objective,
                                            train_split, cfg, epoch, total, progress)
         # cheap per-epoch scores on eval_limit images; the last epoch scores the whole test set
@@ -155,7 +151,7 @@ def _train_loop(cfg: ExperimentConfig, executor: Executor, objective: Objective,
                   "test_images": len(test_part),
                   "warnings": warnings, "train_accuracy": train_acc, "reruns": reruns,
                   "epoch_seconds": stats["seconds"],
-                  "elapsed_seconds": time.time() - start,   # since the command started
+                  "elapsed_seconds": runlog.elapsed(),   # since the command started
                   "samples_per_second": stats["samples_per_second"]}
         if "stages" in stats:   # per-batch timelines stay out of the JSONL (bench sweep plots them)
             record["stages"] = [{k: v for k, v in s.items() if k != "timeline"}
@@ -171,20 +167,17 @@ def _train_loop(cfg: ExperimentConfig, executor: Executor, objective: Objective,
                 resolve_device(cfg.train.device))
         _say(_epoch_line(record, stats, total, bool(len(val_split))), progress)
         # The state after this epoch: the checkpoint, and the next epoch's starting point.
-        keep = resumable and (rd is not None or rerun or best.on)
-        snapshot = executor.snapshot() if keep else None  # type: ignore[attr-defined]
-        if rd is not None and snapshot is not None:   # one commit: checkpoint, then metrics
-            rd.commit("checkpoint.pt", {"epoch": epoch, "config": cfg.to_dict(), **snapshot},
-                      record, step=epoch + 1)
-        elif rd is not None:
-            rd.log_metrics(record, step=epoch + 1)
+        keep = rd is not None or rerun or best.on
+        snapshot = executor.snapshot() if keep else None
+        asked = runlog.commit(epoch + 1, record, ("checkpoint.pt", {
+            "epoch": epoch, "config": cfg.to_dict(), **snapshot}) if snapshot is not None else None)
         trained = epoch + 1
         if best.update(record, snapshot):
             stopped = epoch + 1 < total
             _say(f"no better validation accuracy for {cfg.train.patience} epochs: stopping after "
                  f"epoch {epoch + 1}/{total}, keeping epoch {best.epoch}", progress)
             break
-        if stop_asked(callbacks, record):
+        if asked:
             stopped = epoch + 1 < total
             if stopped:
                 _say(f"stopped by a callback after epoch {epoch + 1}/{total}", progress)
@@ -200,20 +193,14 @@ def _train_loop(cfg: ExperimentConfig, executor: Executor, objective: Objective,
         if len(val_split):
             val = evaluate(executor.eval_forward, objective, val_split, cfg)
         diagnostics = layer_diagnostics(weights, cfg, objective, held_out, DIAGNOSTIC_SAMPLES)
-    summary = {"algorithm": cfg.model.algorithm, "dataset": cfg.model.dataset,
-               "test_accuracy": headline(acc, cfg), "test_accuracy_by_method": acc,
+    summary = {"test_accuracy": headline(acc, cfg), "test_accuracy_by_method": acc,
                **({"val_accuracy": headline(val, cfg), "val_accuracy_by_method": val} if val else {}),
                "epochs": cfg.train.epochs, "epochs_trained": trained, "stopped_early": stopped,
-               "fingerprint": cfg.fingerprint(), **executor.describe(),
-               **best.describe(), "layer_diagnostics": diagnostics,
-               "wall_seconds": time.time() - start}
+               **executor.describe(), **best.describe(), "layer_diagnostics": diagnostics}
     if progress:
         tqdm.write("per layer, on " + ("validation" if len(val_split) else "test")
                    + " samples:\n" + format_table(diagnostics))
-    if rd is not None:
-        rd.write_json("summary.json", summary)
-    summary["weights"] = weights
-    return summary
+    return runlog.finish(summary, weights)
 
 
 class BestEpoch:
@@ -221,11 +208,8 @@ class BestEpoch:
     with a run directory, in best.pt so that a resumed run ends as an uninterrupted one), and
     whether `patience` epochs have passed without a better one."""
 
-    def __init__(self, cfg: ExperimentConfig, rd: RunDir | None, resumable: bool):
+    def __init__(self, cfg: ExperimentConfig, rd: RunDir | None):
         self.cfg, self.rd, self.on = cfg, rd, cfg.train.patience > 0
-        if self.on and not resumable:
-            raise ConfigError("train.patience keeps the best epoch's weights, which this executor "
-                              "cannot restore; set train.patience = 0")
         self.epoch, self.score, self.state = 0, -1.0, None
 
     def resume(self) -> None:
@@ -251,7 +235,7 @@ class BestEpoch:
         """Back to the best epoch's state if a later epoch ended the run; True if it did."""
         if not self.on or self.state is None or self.epoch == trained:
             return False
-        executor.restore(self.state)  # type: ignore[attr-defined]
+        executor.restore(self.state)
         return True
 
     def describe(self) -> dict[str, Any]:
@@ -287,7 +271,7 @@ def _epoch_with_reruns(executor: Executor, start: dict[str, Any] | None, objecti
         nonlocal attempts
         attempts += 1
         if attempts > 1:   # the stages were recovered with fresh state: back to the epoch start
-            executor.restore(start)  # type: ignore[attr-defined]
+            executor.restore(start)
         return run_epoch(executor, objective, split, cfg, epoch, total, progress)
 
     return with_restarts(executor, cfg.pipeline.restarts, attempt, f"epoch {epoch + 1}")

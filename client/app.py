@@ -52,10 +52,11 @@ from bpfree.client.messages import (
 from bpfree.client.pool import lease, parse_pool, parse_stage_map
 from bpfree.client.site_data import node_test_data, node_train_data
 from bpfree_core.config import ExperimentConfig
-from bpfree_core.errors import ConfigError, PeerUnavailableError
+from bpfree_core.errors import ConfigError
 from bpfree_core.executor import InProcessExecutor
 from bpfree_core.federated import local_round
 from bpfree_core.federated_evaluation import local_evaluate
+from bpfree_core.restarts import reconnecting
 from bpfree_core.runtime import set_threads
 
 log = logging.getLogger(__name__)
@@ -193,16 +194,9 @@ def connect(cfg: ExperimentConfig, addresses: list[str] | None,
             log_dir: str | None) -> tuple[InProcessExecutor | PipelineExecutor, int]:
     """The executor, and how many times its stages had to be reached again: a stage that dies
     while being configured is respawned by its supervisor (on its port), so Configure is tried
-    again, up to pipeline.restarts times, as a stage dying mid-round is."""
-    for attempt in range(cfg.pipeline.restarts + 1):
-        try:
-            return make_executor(cfg, addresses, log_dir), attempt
-        except PeerUnavailableError as exc:
-            if attempt == cfg.pipeline.restarts:
-                raise
-            log.warning("configuring the stages failed (%s); trying again (%d/%d)", exc,
-                        attempt + 1, cfg.pipeline.restarts)
-    raise AssertionError("unreachable")
+    again within pipeline.restarts, as a stage dying mid-round is (bpfree_core.restarts)."""
+    return reconnecting(cfg.pipeline.restarts, lambda: make_executor(cfg, addresses, log_dir),
+                        "configuring the stages")
 
 
 def handle_evaluate(msg: Message, context: Context) -> Message:

@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 class PipelineExecutor:
     """The client's layers on S stage worker processes (client.pipeline.Pipeline)."""
 
+    recovers = True   # a dead stage is respawned (local) or waited for (remote): Pipeline.recover
+
     def __init__(self, cfg: ExperimentConfig, addresses: list[str] | None = None,
                  device: str = "cpu", threads: int = 1, log_dir: str | None = None,
                  attach: bool = False):

@@ -186,6 +186,7 @@ def run_server(grid: Grid, settings: ServerSettings) -> dict[str, Any]:
     coordinator = Coordinator(settings.cfg, settings.run_dir, resume=settings.resume,
                               progress=settings.progress, lock=settings.lock,
                               overwrite=settings.overwrite)
+    coordinator.release_training_data()   # the ClientApps train, in their own processes
     return coordinator.run(FlowerTransport(grid, settings.cfg))
 
 

@@ -26,12 +26,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from bpfree_core.aggregate import ClientUpdate, Weights, validate_update
-from bpfree_core.callbacks import Callback, stop_asked
+from bpfree_core.callbacks import Callback
 from bpfree_core.checkpoint import load_checkpoint
-from bpfree_core.clock import launch_time
 from bpfree_core.config import ExperimentConfig, train_sample_size
 from bpfree_core.continual import TaskEvaluator, rounds_per_task
-from bpfree_core.data import Split, bind_data
+from bpfree_core.data import Split, bind_data, release_datasets
 from bpfree_core.diagnostics import layer_diagnostics
 from bpfree_core.errors import AggregationError, DataError, ProtocolError
 from bpfree_core.evaluation import evaluate_weights, headline
@@ -40,6 +39,7 @@ from bpfree_core.federated_evaluation import sampled_evaluators, summarize
 from bpfree_core.model import build_objective
 from bpfree_core.round_fold import RoundFold
 from bpfree_core.rundir import STOP, RunDir, check_resumable
+from bpfree_core.runlog import RunLog
 from bpfree_core.runtime import progress_bar, rss_mb, set_threads
 from bpfree_core.splits import limited, run_splits
 from bpfree_core.strategies import ClientTerms, build_strategy
@@ -132,7 +132,6 @@ class Coordinator:
         leave: they run in the launcher), ends the run after that round."""
         cfg = bind_data(cfg)
         self.cfg = cfg
-        self.callbacks = list(callbacks)
         self.stopped = False
         self.run_dir = run_dir
         self.progress = progress
@@ -153,10 +152,12 @@ class Coordinator:
                 (self.rd.path / STOP).unlink(missing_ok=True)   # a stop asked of an earlier run
                 if resume:
                     self._resume(self.rd)
-                self.rd.write_config(cfg)  # no token on disk
+                self.runlog = RunLog(cfg, self.rd, callbacks)
             except BaseException:
                 self.rd.close()
                 raise
+        else:
+            self.runlog = RunLog(cfg, None, callbacks)
         objective = build_objective(cfg)
         self.objective = objective
         _, self.val, self.test = run_splits(cfg)
@@ -187,33 +188,35 @@ class Coordinator:
         always spans federation.rounds); return the summary (with the final "weights")."""
         cfg = self.cfg
         set_threads(cfg.train.threads)
-        start = launch_time()   # the command's launch: one clock for every printed time
         rounds = cfg.federation.rounds if rounds is None else rounds
         bar = progress_bar(total=rounds, initial=self.first_round, desc="rounds", unit="round",
                            enabled=self.progress, leave=True)
         try:
             for rnd in range(self.first_round, rounds):
                 record = self._round(transport, rnd)
-                self._commit(rnd, record)
+                asked = self.runlog.commit(rnd + 1, record, (checkpoint_name(rnd + 1), {
+                    "round": rnd + 1, "config": self.cfg.to_dict(), "weights": self.weights,
+                    "totals": self.totals, "strategy": self.strategy.state_dict()}))
                 self.history.append(record)
                 bar.update(1)
                 bar.set_postfix(acc=f"{record['test_accuracy_headline']:.4f}",
                                 clients=f"{record['clients']['accepted']}/{record['clients']['sent']}")
-                if self._stop_asked(record) and rnd + 1 < rounds:
+                if asked and rnd + 1 < rounds:
                     log.info("stopped by a callback after round %d/%d", rnd + 1, rounds)
                     self.stopped = True
                     break
-            return self._summary(time.time() - start)
+            return self._summary()
         finally:
             bar.close()
             self.close()
 
-    def _stop_asked(self, record: dict[str, Any]) -> bool:
-        asked = stop_asked(self.callbacks, record)
-        if self.rd is not None and (self.rd.path / STOP).exists():
-            (self.rd.path / STOP).unlink(missing_ok=True)
-            asked = True
-        return asked
+    def release_training_data(self) -> None:
+        """Keep copies of the validation and test images only and forget this process's datasets:
+        a coordinator whose clients train in their own processes (Flower) never reads the
+        training images (~190 MB of float32 for MNIST)."""
+        if self.tasks is None:   # a task stream's evaluator holds views of the test images
+            self.val, self.test = self.val.copy(), self.test.copy()
+            release_datasets()
 
     def close(self) -> None:
         """Release the run directory (its lock); `run` does this when it ends."""
@@ -310,26 +313,13 @@ class Coordinator:
         return evaluate_weights(weights, self.objective, self.test if split is None else split,
                                 self.cfg)
 
-    def _commit(self, rnd: int, record: dict[str, Any]) -> None:
-        """Checkpoint first (it carries this round's record), then the metrics line: a crash in
-        between leaves a line that resume restores from the checkpoint."""
-        if self.rd is None:
-            return
-        t0 = time.perf_counter()
-        self.rd.save(checkpoint_name(rnd + 1), {"round": rnd + 1, "config": self.cfg.to_dict(),
-                                 "weights": self.weights, "totals": self.totals, "record": record,
-                                 "strategy": self.strategy.state_dict()})
-        record["seconds"]["checkpoint"] = time.perf_counter() - t0
-        self.rd.log_metrics(record, step=rnd + 1)
-
-    def _summary(self, wall: float) -> dict[str, Any]:
+    def _summary(self) -> dict[str, Any]:
         cfg = self.cfg
         acc = self.history[-1]["test_accuracy"] if self.history else {}
         if self.stopped and cfg.train.eval_limit and self.evaluate_rounds:   # scored a subset
             acc = self.evaluate(self.weights)
         acc = acc or (self.evaluate(self.weights) if self.evaluate_rounds else {})
         summary = {
-            "algorithm": cfg.model.algorithm, "dataset": cfg.model.dataset,
             "test_accuracy": headline(acc, cfg) if acc else float("nan"),
             "test_accuracy_by_method": acc,
             **({"val_accuracy_by_method": self.history[-1]["val_accuracy"]}
@@ -343,8 +333,6 @@ class Coordinator:
             "partition": cfg.federation.partition, "strategy": cfg.federation.strategy,
             "dp": cfg.federation.dp,
             "replies": self.totals,
-            "fingerprint": cfg.fingerprint(),
-            "wall_seconds": wall,
         }
         if self.evaluate_rounds:   # which layer of the global model learns what
             summary["layer_diagnostics"] = layer_diagnostics(
@@ -352,9 +340,7 @@ class Coordinator:
         rows = [r["continual"]["accuracy"] for r in self.history if "continual" in r]
         if self.tasks is not None and rows:
             summary["continual"] = self.tasks.summary(rows, self.before_tasks, self.weights)
-        if self.rd is not None:
-            self.rd.write_json("summary.json", summary)
-        return {**summary, "weights": self.weights}
+        return self.runlog.finish(summary, self.weights)
 
 
 def checkpoint_name(rnd: int) -> str:

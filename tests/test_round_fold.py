@@ -152,3 +152,22 @@ def test_a_coordinator_fed_replies_in_reverse_ends_with_the_references_weights(d
     ordered = Coordinator(cfg, evaluate=False).run(InProcessTransport(cfg))["weights"]
     backwards = Coordinator(cfg, evaluate=False).run(_ReversedReplies(cfg))["weights"]
     assert [k for k in ordered if not torch.equal(ordered[k], backwards[k])] == []
+
+
+def test_a_flower_coordinator_keeps_the_held_out_images_only(data_dir: Path) -> None:
+    """What the ServerApp does: copies of validation and test, the dataset memo forgotten (the
+    training images' storage freed), and the same scores from the copies."""
+    from bpfree_core import data
+
+    cfg = load_config(None, [f"train.data_dir={data_dir}", "train.test_limit=300", "train.validation=200",
+                             "model.hidden=20", "train.threads=1", "federation.clients=2"])
+    coordinator = Coordinator(cfg)
+    before = coordinator.evaluate(coordinator.weights), coordinator.evaluate(coordinator.weights,
+                                                                              coordinator.val)
+    source = weakref.ref(coordinator.test.images.untyped_storage())
+    coordinator.release_training_data()
+    gc.collect()
+    assert data._CACHE == {} and source() is None
+    assert (len(coordinator.val), len(coordinator.test)) == (200, 300)
+    assert (coordinator.evaluate(coordinator.weights),
+            coordinator.evaluate(coordinator.weights, coordinator.val)) == before
