@@ -28,10 +28,10 @@ from typing import Any
 
 import torch
 
-from bpfree_core.checkpoint import atomic_write_json
 from bpfree_core.config import ExperimentConfig, load_config
 from bpfree_core.errors import ConfigError
-from bpfree_core.trainer import train_reference
+from bpfree_core.run.checkpoint import atomic_write_json
+from bpfree_core.run.trainer import train_reference
 
 
 @dataclass(frozen=True)

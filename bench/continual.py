@@ -28,9 +28,9 @@ from typing import Any
 import torch
 
 from bpfree.bench.accuracy import machine_summary
-from bpfree_core.checkpoint import atomic_write_json
 from bpfree_core.config import ExperimentConfig
-from bpfree_core.continual import continual_config
+from bpfree_core.continual.stream import continual_config
+from bpfree_core.run.checkpoint import atomic_write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PAPER = ("model.hidden=1400,1400", "optim.lr=1e-3", "optim.cooldown=false", "train.batch_size=512",

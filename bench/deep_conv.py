@@ -28,11 +28,11 @@ import torch
 
 from bpfree.bench.accuracy import machine_summary
 from bpfree_core.balance import measure_layer_costs, split_stages, stage_ranges
-from bpfree_core.checkpoint import atomic_write_json
 from bpfree_core.config import ExperimentConfig, load_config
+from bpfree_core.data.splits import limited, run_splits
 from bpfree_core.model import build_objective
-from bpfree_core.splits import limited, run_splits
-from bpfree_core.trainer import run_epoch
+from bpfree_core.run.checkpoint import atomic_write_json
+from bpfree_core.run.trainer import run_epoch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NET = ("model.algorithm=deeper", "model.conv=20,20,40,40,80,80,160,160", "model.hidden=[]",

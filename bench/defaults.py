@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bpfree.bench.accuracy import machine_summary
-from bpfree_core.checkpoint import atomic_write_json
+from bpfree_core.run.checkpoint import atomic_write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MONO = ("--algorithm", "mono", "--set", "objective.vote_first=true", "--set", "train.jitter=1")

@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from bpfree.bench.accuracy import machine, net_of
-from bpfree_core.checkpoint import atomic_write_json
 from bpfree_core.config import ExperimentConfig, load_config
 from bpfree_core.errors import BpfreeError, ConfigError
 from bpfree_core.model import build_objective
-from bpfree_core.trainer import train_reference
+from bpfree_core.run.checkpoint import atomic_write_json
+from bpfree_core.run.trainer import train_reference
 
 PUBLISHED = [  # F-MNIST test accuracy, best forward-only results (../shared/research/algorithms.md)
     ("ASGE (arXiv 2509.12394)", "93.41%", "VGG-style blocks, GPU, paper-length schedule"),

@@ -28,11 +28,11 @@ from typing import Any
 import torch
 
 from bpfree_core.config import ExperimentConfig, load_config
-from bpfree_core.data import load_dataset
+from bpfree_core.data.datasets import load_dataset
+from bpfree_core.data.splits import limited
 from bpfree_core.errors import BpfreeError
 from bpfree_core.evaluation import evaluate, headline
 from bpfree_core.model import Stage, build_layers, build_objective
-from bpfree_core.splits import limited
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -105,14 +105,14 @@ def _accuracy(cfg: ExperimentConfig, weights: dict[str, torch.Tensor]) -> float:
 
 def stage_faults(data_dir: Path) -> list[dict[str, Any]]:
     from bpfree.client.executor import PipelineExecutor
-    from bpfree_core.federated import (
+    from bpfree_core.federation.client import (
         InProcessExecutor,
         client_split,
         local_round,
         stack_template,
         train_split,
     )
-    from bpfree_core.restarts import RoundFailedError
+    from bpfree_core.run.restarts import RoundFailedError
 
     torch.set_num_threads(1)   # the reference runs on one thread, as each stage does
     cfg = load_config(None, [f"train.data_dir={data_dir}", *CASES])

@@ -7,7 +7,7 @@ Four runs of the same model, data and epoch budget (rounds x local epochs):
    stages over loopback gRPC);
 2. federated, in process: server.reference.federated_reference (no Flower, no gRPC): the golden
    reference, whose final weights run 1 must equal bit for bit;
-3. centralised, one process: bpfree_core.trainer.train_reference on the whole training set;
+3. centralised, one process: bpfree_core.run.trainer.train_reference on the whole training set;
 4. centralised backprop (model.algorithm = bp), same layers and epochs.
 
 Coordinator overhead per round, from run 1's metrics.jsonl:
@@ -36,11 +36,11 @@ import torch
 
 from bpfree.server.simulate import client_actors
 from bpfree_core.config import ExperimentConfig
-from bpfree_core.data import load_dataset
+from bpfree_core.data.datasets import load_dataset
+from bpfree_core.data.splits import limited
 from bpfree_core.evaluation import evaluate_weights, headline
 from bpfree_core.model import build_objective
-from bpfree_core.splits import limited
-from bpfree_core.trainer import train_reference
+from bpfree_core.run.trainer import train_reference
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

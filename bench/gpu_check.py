@@ -30,11 +30,11 @@ from typing import Any
 
 import torch
 
-from bpfree_core.batches import train_packets
-from bpfree_core.checkpoint import atomic_write_bytes, atomic_write_json
 from bpfree_core.config import load_config
-from bpfree_core.data import Split, run_spec
+from bpfree_core.data.batches import train_packets
+from bpfree_core.data.datasets import Split, run_spec
 from bpfree_core.model import Stage, build_layers, build_objective
+from bpfree_core.run.checkpoint import atomic_write_bytes, atomic_write_json
 
 NETS = (("mono", "2x500"), ("ff", "2x1000"), ("symba", "2x1000"), ("deeper", "2x1000"),
         ("mono", "4x2000"))

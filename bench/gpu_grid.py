@@ -129,7 +129,7 @@ def log(msg: str) -> None:
 def probe(run: GridRun, data_dir: str, device: str) -> float:
     """Seconds one full epoch (train + eval) should take under the current contention."""
     from bpfree_core.config import load_config
-    from bpfree_core.trainer import train_reference
+    from bpfree_core.run.trainer import train_reference
 
     base = [o for o in run.overrides if not o.startswith("federation.")] + [
         f"train.data_dir={data_dir}", f"train.device={device}", "train.threads=1", "train.epochs=1"]
@@ -172,7 +172,7 @@ def federated(run: GridRun, rounds: int, data_dir: str, runs_dir: str,
     from bpfree.bench.accuracy import machine, net_of
     from bpfree.server.reference import federated_reference
     from bpfree_core.config import load_config
-    from bpfree_core.data import load_dataset
+    from bpfree_core.data.datasets import load_dataset
     from bpfree_core.evaluation import evaluate_weights
     from bpfree_core.model import build_objective
 

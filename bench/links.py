@@ -127,12 +127,12 @@ def drive(spec: dict[str, Any], rows_path: Path) -> None:
     """Measure every point of `spec`; append one JSON row per point to `rows_path`."""
     from bpfree.bench.sweep import cpu_seconds
     from bpfree.client.pipeline import Pipeline
-    from bpfree_core.batches import train_packets
     from bpfree_core.config import ExperimentConfig
-    from bpfree_core.data import load_dataset
+    from bpfree_core.data.batches import train_packets
+    from bpfree_core.data.datasets import load_dataset
+    from bpfree_core.data.splits import limited
     from bpfree_core.model import build_objective
     from bpfree_core.runtime import set_threads
-    from bpfree_core.splits import limited
 
     set_threads(1)
     plan = LinkPlan(**{**spec["plan"], "rates": tuple(spec["plan"]["rates"]),
@@ -231,7 +231,7 @@ def steady_rate(timeline: list[list[float]], bytes_per_batch: float) -> float | 
 def run_links(plan: LinkPlan, data_dir: str, out: Path, *, sets: list[str], progress: bool = True,
               command: str = "") -> dict[str, Any]:
     from bpfree.bench.links_report import write_outputs
-    from bpfree_core.data import load_dataset
+    from bpfree_core.data.datasets import load_dataset
     from bpfree_core.runtime import progress_bar
 
     reason = unavailable()
@@ -297,7 +297,7 @@ def wire_accuracy(data_dir: str, wires: list[str], epochs: int, seeds: list[int]
     from bpfree.client.executor import PipelineExecutor
     from bpfree.client.pipeline import Pipeline
     from bpfree_core.config import ExperimentConfig
-    from bpfree_core.trainer import train_epochs
+    from bpfree_core.run.trainer import train_epochs
 
     rows = []
     for seed in seeds:

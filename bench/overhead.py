@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from bpfree.bench.accuracy import machine_summary
-from bpfree_core.checkpoint import atomic_write_json
+from bpfree_core.run.checkpoint import atomic_write_json
 
 CASES = {"default": [], "1 round, 1000 images": ["federation.rounds=1", "train.train_limit=1000"]}
 
@@ -52,7 +52,7 @@ def bpfree_case(data_dir: str, extra: list[str]) -> dict[str, Any]:
 
 def model_sizes(config: dict[str, Any]) -> list[int]:
     from bpfree_core.config import ExperimentConfig
-    from bpfree_core.federated import stack_template
+    from bpfree_core.federation.client import stack_template
 
     weights = stack_template(ExperimentConfig.from_dict(config))
     return [t.numel() for t in weights.values() if t.is_floating_point()]

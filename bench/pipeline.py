@@ -32,11 +32,11 @@ from bpfree.client.transport import Security, wait_for_peer
 from bpfree.client.wire import WireBatch
 from bpfree.protos import stage_pb2 as pb
 from bpfree.protos import stage_pb2_grpc as pb_grpc
-from bpfree_core.batches import train_packets
 from bpfree_core.config import ExperimentConfig
-from bpfree_core.data import load_dataset
+from bpfree_core.data.batches import train_packets
+from bpfree_core.data.datasets import load_dataset
+from bpfree_core.data.splits import limited
 from bpfree_core.model import Stage, build_layers, build_objective
-from bpfree_core.splits import limited
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

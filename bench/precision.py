@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bpfree.bench.accuracy import machine_summary
-from bpfree_core.checkpoint import atomic_write_json
+from bpfree_core.run.checkpoint import atomic_write_json
 
 RECIPES = {
     "ff": ("model.algorithm=ff", "model.hidden=2x500"),
@@ -34,7 +34,7 @@ RECIPES = {
 
 def train_one(algorithm: str, precision: str, data_dir: str, epochs: int) -> dict[str, Any]:
     from bpfree_core.config import load_config
-    from bpfree_core.trainer import train_reference
+    from bpfree_core.run.trainer import train_reference
 
     cfg = load_config(None, [*RECIPES[algorithm], f"train.epochs={epochs}", "train.threads=1",
                              f"train.precision={precision}", f"train.data_dir={data_dir}"])

@@ -100,7 +100,7 @@ def floor_row(k: int, fraction: float, rounds: int, sizes: list[int]) -> dict[st
 
 def model_sizes(data_dir: str, extra: list[str]) -> list[int]:
     from bpfree_core.config import load_config
-    from bpfree_core.federated import stack_template
+    from bpfree_core.federation.client import stack_template
 
     cfg = load_config(None, [f"train.data_dir={data_dir}", *BASE, *extra])
     return [t.numel() for t in stack_template(cfg).values() if t.is_floating_point()]

@@ -45,7 +45,7 @@ CANDIDATES = [("4 epochs (the MNIST recipe as is), no jitter", ["--epochs", "4",
 
 
 def write_sets(data_dir: str, folder: Path) -> dict[str, Path]:
-    from bpfree_core.data import load_dataset
+    from bpfree_core.data.datasets import load_dataset
 
     mnist = load_dataset("mnist", data_dir)
 

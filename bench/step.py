@@ -31,13 +31,13 @@ from typing import Any
 
 import torch
 
-from bpfree_core.batches import train_packets
-from bpfree_core.checkpoint import atomic_write_json
 from bpfree_core.config import load_config
-from bpfree_core.data import load_dataset
+from bpfree_core.data.batches import train_packets
+from bpfree_core.data.datasets import load_dataset
 from bpfree_core.metrics import RunningMeans
 from bpfree_core.model import Stage, build_layers, build_objective
 from bpfree_core.objectives import registered
+from bpfree_core.run.checkpoint import atomic_write_json
 from bpfree_core.runtime import set_threads
 
 CEILING_OBJECTIVES = ("ff", "symba", "mono", "sffa", "ffcl", "uff", "deeper", "bp")

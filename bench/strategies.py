@@ -7,7 +7,7 @@ process: what a Flower simulation ends on, bit for bit) with K clients on a Diri
 a fraction of them sampled each round. Each strategy's server step size is chosen from a small
 grid on a validation split (train.validation samples held out of training); the test set is
 scored once, for each strategy's chosen setting. The DP rows measure what privacy costs on the
-same split: central DP (bpfree_core/strategies/dp_*.py) and Flower's client-side LocalDpMod, the
+same split: central DP (bpfree_core/federation/strategies/dp_*.py) and Flower's client-side LocalDpMod, the
 latter in a real Flower simulation (its noise is Flower's, unseeded).
 """
 

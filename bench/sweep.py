@@ -164,10 +164,10 @@ def stage_flops(cfg: ExperimentConfig) -> list[float]:
     from torch.utils.flop_counter import FlopCounterMode
 
     from bpfree_core.balance import stage_ranges
-    from bpfree_core.batches import train_packets
-    from bpfree_core.data import load_dataset
+    from bpfree_core.data.batches import train_packets
+    from bpfree_core.data.datasets import load_dataset
+    from bpfree_core.data.splits import limited
     from bpfree_core.model import Stage, build_layers, build_objective
-    from bpfree_core.splits import limited
 
     objective = build_objective(cfg)
     split = limited(load_dataset(cfg.model.dataset, cfg.train.data_dir or None).train,
@@ -199,10 +199,10 @@ class WorkerPool:
 def run_pipeline_point(cfg: ExperimentConfig, pool: WorkerPool, epochs: int) -> dict[str, Any]:
     """One warm-up epoch, then `epochs` measured ones; the fastest is kept (least disturbed)."""
     from bpfree.client.pipeline import Pipeline
-    from bpfree_core.batches import train_packets
-    from bpfree_core.data import load_dataset
+    from bpfree_core.data.batches import train_packets
+    from bpfree_core.data.datasets import load_dataset
+    from bpfree_core.data.splits import limited
     from bpfree_core.model import build_objective
-    from bpfree_core.splits import limited
 
     objective = build_objective(cfg)
     split = limited(load_dataset(cfg.model.dataset, cfg.train.data_dir or None).train,

@@ -103,7 +103,7 @@ def analyse_federated(p: Point, cfg: ExperimentConfig, fed: dict[str, Any], flop
     r = min(rows, key=lambda x: x["round_wall"])
     rec = next(x for x in fed["records"] if x["round"] == r["round"])
     examples = sum(c["num_examples"] for c in rec["client_metrics"].values())
-    from bpfree_core.federated import stack_template  # torch: imported only when it runs
+    from bpfree_core.federation.client import stack_template  # torch: imported only when it runs
 
     params = sum(v.numel() for v in stack_template(cfg).values())
     weight_bytes = 2 * cfg.federation.clients * params * 4            # down + up, float32

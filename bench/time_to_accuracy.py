@@ -31,10 +31,10 @@ from pathlib import Path
 from typing import Any
 
 from bpfree.bench.accuracy import machine_summary
-from bpfree_core.checkpoint import atomic_write_json
 from bpfree_core.config import load_config
-from bpfree_core.executor import InProcessExecutor
-from bpfree_core.trainer import train_epochs
+from bpfree_core.run.checkpoint import atomic_write_json
+from bpfree_core.run.executor import InProcessExecutor
+from bpfree_core.run.trainer import train_epochs
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NET = ("model.hidden=1000,1000,1000", "train.batch_size=100", "train.epochs=10")

@@ -9,7 +9,7 @@
 Each entry point takes a config (None for the plain field defaults, a TOML path, a dict or an
 ExperimentConfig), keyword shortcuts (algorithm, dataset, layers, epochs, batch_size, lr, seed,
 data_dir, device) and `set=["section.key=value", ...]`, in that order of precedence, and
-returns a `Run`. `data` is anything bpfree_core.readers takes by name ("npz:PATH", "csv:DIR",
+returns a `Run`. `data` is anything bpfree_core.data.readers takes by name ("npz:PATH", "csv:DIR",
 "folder:PATH"), numpy arrays (x_train, y_train, x_test, y_test[, x_val, y_val]) or a pair of
 torch Datasets (train, test); arrays are written once to a content-addressed npz in the cache.
 """

@@ -1,6 +1,6 @@
 """The Python entry points behind `import bpfree` (see its docstring): one config rule, one data
-rule, one `Run` for every loop. The loops themselves are bpfree_core.trainer (train, pipeline),
-server.coordinator via server.simulate (federated) and bpfree_core.continual."""
+rule, one `Run` for every loop. The loops themselves are bpfree_core.run.trainer (train, pipeline),
+server.coordinator via server.simulate (federated) and bpfree_core.continual.stream."""
 
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ import numpy as np
 import torch
 
 from bpfree.cli.common import SHORTCUTS
-from bpfree_core.callbacks import Callback
 from bpfree_core.config import ExperimentConfig, load_config
-from bpfree_core.data import bind_data, default_cache_dir
+from bpfree_core.data.datasets import bind_data, default_cache_dir
 from bpfree_core.errors import ConfigError
-from bpfree_core.rundir import read_records
+from bpfree_core.run.callbacks import Callback
+from bpfree_core.run.rundir import read_records
 
 
 @dataclass
@@ -39,8 +39,8 @@ class Run:
 
     def scores(self, x: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Class scores (N, C): what bpfree predicts by (bpfree_core.predict.ScoreModel)."""
+        from bpfree_core.data.readers import as_features
         from bpfree_core.predict import ScoreModel, scores
-        from bpfree_core.readers import as_features
 
         x = torch.from_numpy(as_features(np.asarray(x)).reshape(len(x), -1))
         return scores(ScoreModel(self.config, self.weights), x)
@@ -123,7 +123,7 @@ def dataset_reference(data: Any) -> str:
     raw = buf.getvalue()
     path = default_cache_dir() / "arrays" / f"{hashlib.sha256(raw).hexdigest()[:20]}.npz"
     if not path.is_file():
-        from bpfree_core.checkpoint import atomic_write_bytes
+        from bpfree_core.run.checkpoint import atomic_write_bytes
 
         atomic_write_bytes(path, raw)
     return f"npz:{path}"
@@ -142,7 +142,7 @@ def train(config: Any = None, *, data: Any = None, out: str | Path | None = None
           callbacks: Sequence[Callback] = (), resume: bool = False, overwrite: bool = False,
           progress: bool = False, set: Sequence[str] = (), **shortcuts: Any) -> Run:  # noqa: A002
     """The single-process reference trainer (`bpfree train`)."""
-    from bpfree_core.trainer import train_reference
+    from bpfree_core.run.trainer import train_reference
 
     cfg = resolve_config(config, data, set, **shortcuts)
     return _run(cfg, out, lambda rd, cbs: train_reference(cfg, rd, resume, progress, overwrite, cbs),
@@ -157,7 +157,7 @@ def pipeline(config: Any = None, *, data: Any = None, out: str | Path | None = N
     or at `workers` (HOST:PORT in stage order)."""
     from bpfree.client.executor import PipelineExecutor
     from bpfree.client.pipeline import Pipeline
-    from bpfree_core.trainer import train_epochs
+    from bpfree_core.run.trainer import train_epochs
 
     extra = [f"pipeline.stages={stages}"] if stages else []
     cfg = resolve_config(config, data, [*extra, *set], **shortcuts)
@@ -191,7 +191,7 @@ def continual(config: Any = None, *, data: Any = None, out: str | Path | None = 
               **shortcuts: Any) -> Run:
     """A task stream (`bpfree continual`); callbacks see each task's record."""
     from bpfree.server.continual import continual as run_stream
-    from bpfree_core.continual import continual_config
+    from bpfree_core.continual.stream import continual_config
 
     cfg = continual_config(resolve_config(config, data, set, **shortcuts))
     return _run(cfg, out, lambda rd, cbs: run_stream(cfg, executor, rd, progress, overwrite, cbs),

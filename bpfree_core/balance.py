@@ -16,13 +16,13 @@ import time
 
 import torch
 
-from bpfree_core.batches import train_packets
 from bpfree_core.config import ExperimentConfig
+from bpfree_core.data.batches import train_packets
+from bpfree_core.data.splits import limited, run_splits
 from bpfree_core.errors import ConfigError
 from bpfree_core.model import Stage, build_layers, build_objective
 from bpfree_core.objectives import Objective
 from bpfree_core.objectives.base import numel
-from bpfree_core.splits import limited, run_splits
 
 log = logging.getLogger(__name__)
 

@@ -126,7 +126,7 @@ class ModelConfig:
     num_classes: int = 0                           # labels the model tells apart (0 = the dataset's;
                                                    # domain-incremental continual learning sets 2)
     # your own data (model.dataset = npz:PATH | csv:DIR | folder:PATH): filled in when the run
-    # starts (bpfree_core.data.bind_data), so every process agrees without reading the files
+    # starts (bpfree_core.data.datasets.bind_data), so every process agrees without reading the files
     input_shape: tuple[int, ...] = ()              # per-sample (C, H, W); (1, 1, D) for features
     data_classes: int = 0                          # classes in the data
     data_fingerprint: str = ""                     # content hash: a resumed run refuses new data
@@ -138,8 +138,8 @@ class ModelConfig:
         check_rule_name(self.algorithm)   # its form only: a rule's code is imported where it is used
         if self.num_classes == 1 or self.num_classes < 0:
             raise ConfigError(f"model.num_classes = {self.num_classes}: give 0 (the dataset's) or >= 2")
-        if ":" in self.dataset:   # your own data: bpfree_core.readers names the sources
-            from bpfree_core.readers import reader
+        if ":" in self.dataset:   # your own data: bpfree_core.data.readers names the sources
+            from bpfree_core.data.readers import reader
 
             reader(self.dataset)   # a known source and a path, or one sentence
         else:
@@ -389,7 +389,7 @@ class FederationConfig:
     fraction_evaluate: float = runtime(0.0)  # share of clients scoring the global model on their test data
     min_evaluate_clients: int = runtime(2)   # at least this many of them (at most K)
     proximal_mu: float = 0.0              # FedProx proximal term on the clients (0 = none)
-    strategy: str = "fedavg"              # server strategy: bpfree_core/strategies/ (Flower's maths)
+    strategy: str = "fedavg"              # server strategy: federation/strategies/ (Flower's maths)
     strategy_args: str = ""               # its hyper-parameters, Flower's names: "eta=0.01,beta_1=0.9"
     dp: str = ""                          # "" | fixed | adaptive: Flower's server-side DP clipping
     dp_args: str = ""                     # its parameters: "noise_multiplier=0.5,clipping_norm=5"
@@ -430,8 +430,8 @@ class FederationConfig:
         _check_choice("federation", "executor", self.executor, ("pipeline", "inprocess"))
         _check_choice("federation", "backend", self.backend, ("flower", "ray"))
         _check_choice("federation", "placement", self.placement, PLACEMENTS)
-        from bpfree_core.partition import parse_partition  # local: partition imports config-free
-        from bpfree_core.strategies import build_strategy
+        from bpfree_core.data.partition import parse_partition  # local: partition imports config-free
+        from bpfree_core.federation.strategies import build_strategy
 
         parse_partition(self.partition)
         build_strategy(self.strategy, self.strategy_args, self.dp, self.dp_args,

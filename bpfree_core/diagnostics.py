@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from bpfree_core.config import ExperimentConfig
-from bpfree_core.data import Split
+from bpfree_core.data.datasets import Split
 from bpfree_core.layers import GOODNESS, LOGITS, LocalLayer, Packet
 from bpfree_core.model import Stage, build_layers
 from bpfree_core.objectives import Objective

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 
 from bpfree_core.config import ExperimentConfig
-from bpfree_core.data import Split
+from bpfree_core.data.datasets import Split
 from bpfree_core.errors import ConfigError
 from bpfree_core.layers import Packet
 from bpfree_core.model import Stage, build_layers

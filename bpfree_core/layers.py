@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from bpfree_core.agem import GradientProjector
 from bpfree_core.config import ExperimentConfig
-from bpfree_core.consolidation import Consolidator
+from bpfree_core.continual.agem import GradientProjector
+from bpfree_core.continual.consolidation import Consolidator
 from bpfree_core.errors import ConfigError, ProtocolError
 from bpfree_core.optim import LayerOptimizer, set_kernels
 from bpfree_core.seeds import derive
@@ -33,7 +33,7 @@ LABELS = "y"            # (B,) int64 true labels
 LOGITS = "logits"       # (B, C) accumulated head log-probabilities (eval)
 GOODNESS = "goodness"   # (B, C) accumulated goodness per candidate label (eval)
 REFERENCE = "reference" # (1,) bool, continual.strategy = agem: True on a memory batch that only
-                        # sets each layer's reference gradient (bpfree_core.agem), no step
+                        # sets each layer's reference gradient (bpfree_core.continual.agem), no step
 INDEX = "index"         # (B,) int64, train.layer_epochs runs that cache: each sample's row in
                         # the training split, the key of frozen layers' outputs (bpfree_core.frozen)
 

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from bpfree_core.config import ExperimentConfig
-from bpfree_core.data import run_spec
+from bpfree_core.data.datasets import run_spec
 from bpfree_core.errors import ConfigError
 from bpfree_core.frozen import FrozenOutputs, check_layer_epochs, frozen_layers
 from bpfree_core.layers import INDEX, REFERENCE, LocalLayer, Metrics, Packet, layer_seed, seeded

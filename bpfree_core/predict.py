@@ -16,15 +16,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bpfree_core.checkpoint import load_checkpoint
 from bpfree_core.config import ExperimentConfig
-from bpfree_core.data import run_spec
+from bpfree_core.data.datasets import run_spec
+from bpfree_core.data.readers import as_features
 from bpfree_core.errors import DataError
 from bpfree_core.evaluation import EVAL_BATCH  # batch-statistics layers (cwc) see what evaluate saw
 from bpfree_core.layers import GOODNESS, LOGITS
 from bpfree_core.model import build_layers, build_objective
-from bpfree_core.readers import as_features
-from bpfree_core.rundir import trusted_rule
+from bpfree_core.run.checkpoint import load_checkpoint
+from bpfree_core.run.rundir import trusted_rule
 
 
 def load_run(run_dir: Path, rule: str | None = None) -> tuple[ExperimentConfig, dict[str, torch.Tensor]]:
@@ -155,11 +155,11 @@ def read_inputs(source: str, cfg: ExperimentConfig) -> torch.Tensor:
     if p.suffix == ".npz":
         x = _npz_rows(p)
     elif p.suffix == ".csv":
-        from bpfree_core.readers.csv_table import table_for_prediction
+        from bpfree_core.data.readers.csv_table import table_for_prediction
 
         x = table_for_prediction(p, cfg.model.dataset)
     elif p.is_dir():
-        from bpfree_core.readers.image_folder import images_for_prediction
+        from bpfree_core.data.readers.image_folder import images_for_prediction
 
         x = images_for_prediction(p, shape)
     else:

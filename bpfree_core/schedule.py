@@ -24,7 +24,7 @@ def small_data_schedule(cfg: ExperimentConfig, asked: set[str], federated: bool)
     """Stretch the epochs (a federated run: the local epochs) the user did not set so that
     training takes at least MIN_STEPS steps (a client: its own steps), at most MAX_EPOCHS epochs in
     all. A stretched single-process run also stops early on a validation split (train.patience)."""
-    from bpfree_core.data import load_dataset
+    from bpfree_core.data.datasets import load_dataset
 
     data = load_dataset(cfg.model.dataset, None, cfg.model.data_fingerprint)
     n = min(cfg.train.train_limit or len(data.train), len(data.train)) - cfg.train.validation

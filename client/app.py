@@ -2,7 +2,7 @@
 
 Each "train" message carries the global weights, the round and the resolved experiment config
 (client.messages). The client loads the weights into its executor, runs its local round
-(bpfree_core.federated.local_round) and replies with its weights, example count and metrics.
+(bpfree_core.federation.client.local_round) and replies with its weights, example count and metrics.
 
 Per-node settings come from `node_config` (`--node-config` of flower-supernode; filled in by the
 simulation engine for partition-id/num-partitions):
@@ -53,10 +53,10 @@ from bpfree.client.pool import lease, parse_pool, parse_stage_map
 from bpfree.client.site_data import node_test_data, node_train_data
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.errors import ConfigError
-from bpfree_core.executor import InProcessExecutor
-from bpfree_core.federated import local_round
-from bpfree_core.federated_evaluation import local_evaluate
-from bpfree_core.restarts import reconnecting
+from bpfree_core.federation.client import local_round
+from bpfree_core.federation.client_evaluation import local_evaluate
+from bpfree_core.run.executor import InProcessExecutor
+from bpfree_core.run.restarts import reconnecting
 from bpfree_core.runtime import set_threads
 
 log = logging.getLogger(__name__)
@@ -194,7 +194,7 @@ def connect(cfg: ExperimentConfig, addresses: list[str] | None,
             log_dir: str | None) -> tuple[InProcessExecutor | PipelineExecutor, int]:
     """The executor, and how many times its stages had to be reached again: a stage that dies
     while being configured is respawned by its supervisor (on its port), so Configure is tried
-    again within pipeline.restarts, as a stage dying mid-round is (bpfree_core.restarts)."""
+    again within pipeline.restarts, as a stage dying mid-round is (bpfree_core.run.restarts)."""
     return reconnecting(cfg.pipeline.restarts, lambda: make_executor(cfg, addresses, log_dir),
                         "configuring the stages")
 

@@ -24,8 +24,8 @@ from bpfree.client.link import Link
 from bpfree.client.transport import Security, check_chunk_bytes, wait_for_peer
 from bpfree.client.wire import Schema, WireBatch, encode_batch, end_frame, schema_of
 from bpfree.protos import stage_pb2 as pb
-from bpfree_core.batches import mark_reference
 from bpfree_core.config import ExperimentConfig
+from bpfree_core.data.batches import mark_reference
 from bpfree_core.errors import BpfreeError, ConfigError
 from bpfree_core.evaluation import prediction_modes
 from bpfree_core.frozen import caches

@@ -1,8 +1,8 @@
 """Executors that run a client's layers on stage worker processes, and the executor factory.
 
 `PipelineExecutor` drives a client.pipeline.Pipeline (S `bpfree worker` processes joined by the
-project's gRPC stream) behind bpfree_core.federated's Executor protocol, so a federated round
-(bpfree_core.federated.local_round) runs on it exactly as on the in-process reference.
+project's gRPC stream) behind bpfree_core.federation.client's Executor protocol, so a federated round
+(bpfree_core.federation.client.local_round) runs on it exactly as on the in-process reference.
 """
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from bpfree_core.aggregate import Weights
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.errors import ConfigError
-from bpfree_core.federated import InProcessExecutor
+from bpfree_core.federation.aggregate import Weights
+from bpfree_core.federation.client import InProcessExecutor
 from bpfree_core.layers import Packet
 from bpfree_core.model import OPTIMIZER, consolidation_only
 

@@ -32,10 +32,10 @@ import json
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from bpfree_core.aggregate import ClientUpdate, Weights
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.errors import ConfigError, ProtocolError
-from bpfree_core.federated_evaluation import ClientEvaluation
+from bpfree_core.federation.aggregate import ClientUpdate, Weights
+from bpfree_core.federation.client_evaluation import ClientEvaluation
 
 ARRAYS, CONFIG, METRICS, COUNTERS = "arrays", "config", "metrics", "counters"
 NUM_EXAMPLES, PARTITION_ID = "num-examples", "partition-id"

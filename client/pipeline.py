@@ -33,12 +33,12 @@ from bpfree.protos import stage_pb2 as pb
 from bpfree.protos import stage_pb2_grpc as pb_grpc
 from bpfree_core.balance import stage_ranges
 from bpfree_core.config import ExperimentConfig, stage_device
-from bpfree_core.data import bind_data
+from bpfree_core.data.datasets import bind_data
 from bpfree_core.errors import BpfreeError, ConfigError, PeerUnavailableError, StageTimeoutError
-from bpfree_core.executor import epoch_stats
 from bpfree_core.layers import LABELS, Packet
 from bpfree_core.model import OPTIMIZER, pipelined_objective
 from bpfree_core.objectives import Objective
+from bpfree_core.run.executor import epoch_stats
 
 log = logging.getLogger(__name__)
 

@@ -13,11 +13,11 @@ import dataclasses
 from typing import Any
 
 from bpfree_core.config import ExperimentConfig
-from bpfree_core.data import Split, bind_data, run_spec
+from bpfree_core.data.datasets import Split, bind_data, run_spec
+from bpfree_core.data.splits import run_splits
 from bpfree_core.errors import ConfigError
-from bpfree_core.federated import client_split, train_split
-from bpfree_core.federated_evaluation import client_test_split
-from bpfree_core.splits import run_splits
+from bpfree_core.federation.client import client_split, train_split
+from bpfree_core.federation.client_evaluation import client_test_split
 
 
 def site_source(node_config: dict[str, Any]) -> str:

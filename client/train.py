@@ -1,5 +1,5 @@
 """A client's stack trained through a pipeline of stage workers: the reference's epoch loop
-(bpfree_core.trainer) over a PipelineExecutor, and the final weights kept in RUN_DIR."""
+(bpfree_core.run.trainer) over a PipelineExecutor, and the final weights kept in RUN_DIR."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from typing import Any
 
 from bpfree.client.executor import PipelineExecutor
 from bpfree.client.pipeline import Pipeline
-from bpfree_core.checkpoint import save_checkpoint
 from bpfree_core.config import ExperimentConfig
 from bpfree_core.errors import RunDirError
-from bpfree_core.rundir import os_error_sentence
-from bpfree_core.trainer import train_epochs
+from bpfree_core.run.checkpoint import save_checkpoint
+from bpfree_core.run.rundir import os_error_sentence
+from bpfree_core.run.trainer import train_epochs
 
 
 def train_pipeline(cfg: ExperimentConfig, pipe: Pipeline, run_dir: Path | None = None,

@@ -36,11 +36,11 @@ from bpfree.client.messages import (
 )
 from bpfree.server.coordinator import Coordinator, Receive, RoundReplies, required_replies
 from bpfree.server.flower_run import APP_DIR
-from bpfree_core.aggregate import Weights
 from bpfree_core.config import ExperimentConfig, load_config
 from bpfree_core.errors import AggregationError, ConfigError, ProtocolError
-from bpfree_core.federated_evaluation import ClientEvaluation
-from bpfree_core.strategies import ClientTerms
+from bpfree_core.federation.aggregate import Weights
+from bpfree_core.federation.client_evaluation import ClientEvaluation
+from bpfree_core.federation.strategies import ClientTerms
 
 log = logging.getLogger(__name__)
 

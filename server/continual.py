@@ -7,11 +7,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bpfree_core.callbacks import Callback
 from bpfree_core.config import ExperimentConfig
-from bpfree_core.continual import run_continual
+from bpfree_core.continual.stream import run_continual
 from bpfree_core.errors import ConfigError
-from bpfree_core.executor import InProcessExecutor
+from bpfree_core.run.callbacks import Callback
+from bpfree_core.run.executor import InProcessExecutor
 from bpfree_core.runtime import resolve_device, set_threads
 
 

@@ -1,10 +1,11 @@
 """The federated round loop, independent of how replies arrive (Flower today, Ray later).
 
 Each round: draw the clients that train (all K, or federation.fraction_train of them:
-bpfree_core.federated.sampled_clients), send them the global weights (through a `RoundTransport`),
+bpfree_core.federation.client.sampled_clients), send them the global weights (through a `RoundTransport`),
 fold each reply that validates into federation.strategy's running aggregate as it arrives
-(bpfree_core.strategies: FedAvg, FedAdam, FedMedian, Krum, ...; bpfree_core.round_fold: no reply
-is held once folded, for the strategies that only need the mean), evaluate the global
+(bpfree_core.federation.strategies: FedAvg, FedAdam, FedMedian, Krum, ...;
+bpfree_core.federation.round_fold: no reply is held once folded, for the strategies that only
+need the mean), evaluate the global
 model on the test set in this process, append a metrics line, write a checkpoint. A round needs
 at least `federation.min_clients` accepted replies (0 = every sampled client); clients that fail,
 time out or send a malformed reply are left out of that round, counted and logged.
@@ -25,24 +26,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from bpfree_core.aggregate import ClientUpdate, Weights, validate_update
-from bpfree_core.callbacks import Callback
-from bpfree_core.checkpoint import load_checkpoint
 from bpfree_core.config import ExperimentConfig, train_sample_size
-from bpfree_core.continual import TaskEvaluator, rounds_per_task
-from bpfree_core.data import Split, bind_data, release_datasets
+from bpfree_core.continual.stream import TaskEvaluator, rounds_per_task
+from bpfree_core.data.datasets import Split, bind_data, release_datasets
+from bpfree_core.data.splits import limited, run_splits
 from bpfree_core.diagnostics import layer_diagnostics
 from bpfree_core.errors import AggregationError, DataError, ProtocolError
 from bpfree_core.evaluation import evaluate_weights, headline
-from bpfree_core.federated import sampled_clients, stack_template
-from bpfree_core.federated_evaluation import sampled_evaluators, summarize
+from bpfree_core.federation.aggregate import ClientUpdate, Weights, validate_update
+from bpfree_core.federation.client import sampled_clients, stack_template
+from bpfree_core.federation.client_evaluation import sampled_evaluators, summarize
+from bpfree_core.federation.round_fold import RoundFold
+from bpfree_core.federation.strategies import ClientTerms, build_strategy
 from bpfree_core.model import build_objective
-from bpfree_core.round_fold import RoundFold
-from bpfree_core.rundir import STOP, RunDir, check_resumable
-from bpfree_core.runlog import RunLog
+from bpfree_core.run.callbacks import Callback
+from bpfree_core.run.checkpoint import load_checkpoint
+from bpfree_core.run.rundir import STOP, RunDir, check_resumable
+from bpfree_core.run.runlog import RunLog
 from bpfree_core.runtime import progress_bar, rss_mb, set_threads
-from bpfree_core.splits import limited, run_splits
-from bpfree_core.strategies import ClientTerms, build_strategy
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ class Coordinator:
                  callbacks: Sequence[Callback] = ()):
         """`evaluate = False` skips the per-round test evaluation (the in-process reference's
         callers only want weights); `on_round(round, new weights)` runs after each round's
-        aggregation. RUN_DIR is a bpfree_core.rundir.RunDir (`overwrite`, `lock`:
+        aggregation. RUN_DIR is a bpfree_core.run.rundir.RunDir (`overwrite`, `lock`:
         see there), held until `run` ends. Each callback gets every round's record once it is
         committed; a truthy answer, or a file RUN_DIR/STOP (what `bpfree simulate`'s callbacks
         leave: they run in the launcher), ends the run after that round."""

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bpfree_core.rundir import read_records
+from bpfree_core.run.rundir import read_records
 
 
 def plot_accuracy(run_dir: Path, out: Path | None = None) -> Path:

@@ -9,8 +9,9 @@ GPU: stage_num_gpus}; federation.placement (PACK, SPREAD, STRICT_PACK, STRICT_SP
 that group spreads over nodes (PACK keeps a client's activations on one node when it fits;
 SPREAD puts its stages on different machines). Each actor serves its stage's gRPC service
 (client.ray_stage) and reports its address; the coordinator here drives each client's pipeline
-over gRPC (bpfree_core.federated.local_round on a PipelineExecutor) and averages with bpfree_core.aggregate
-through the same Coordinator as the Flower backend: one round loop, one aggregation.
+over gRPC (bpfree_core.federation.client.local_round on a PipelineExecutor) and aggregates
+(bpfree_core.federation.round_fold) through the same Coordinator as the Flower backend: one
+round loop, one aggregation.
 
 Start-up is bounded: a request the cluster can never hold (e.g. a GPU stage on a GPU-less
 cluster) fails before anything is created, naming what is missing; a request that does not fit
@@ -39,15 +40,15 @@ from typing import Any
 from bpfree.client.executor import PipelineExecutor
 from bpfree.client.ray_stage import RAY_ENV, StageActor
 from bpfree.server.coordinator import Coordinator, Receive, RoundReplies
-from bpfree_core.aggregate import ClientUpdate, Weights
-from bpfree_core.callbacks import Callback
 from bpfree_core.config import ExperimentConfig
+from bpfree_core.data.splits import run_splits
 from bpfree_core.errors import BpfreeError, ConfigError, PeerUnavailableError
-from bpfree_core.federated import client_split, local_round, train_split
-from bpfree_core.federated_evaluation import ClientEvaluation, evaluate_partitions
+from bpfree_core.federation.aggregate import ClientUpdate, Weights
+from bpfree_core.federation.client import client_split, local_round, train_split
+from bpfree_core.federation.client_evaluation import ClientEvaluation, evaluate_partitions
+from bpfree_core.federation.strategies import ClientTerms
 from bpfree_core.model import pipelined_objective
-from bpfree_core.splits import run_splits
-from bpfree_core.strategies import ClientTerms
+from bpfree_core.run.callbacks import Callback
 
 log = logging.getLogger(__name__)
 

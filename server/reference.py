@@ -2,7 +2,7 @@
 
 No Flower, no gRPC: the Coordinator (the one round loop every backend uses) driven by an
 `InProcessTransport`, which trains each client in this process from the global weights
-(bpfree_core.federated.local_round on an InProcessExecutor). A Flower, `flwr run`, deployment or
+(bpfree_core.federation.client.local_round on an InProcessExecutor). A Flower, `flwr run`, deployment or
 Ray run with pipeline clients must end with identical weights on CPU.
 """
 
@@ -11,12 +11,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from bpfree.server.coordinator import Coordinator, Receive, RoundReplies
-from bpfree_core.aggregate import Weights
 from bpfree_core.config import ExperimentConfig
-from bpfree_core.federated import InProcessExecutor, client_split, local_round, train_split
-from bpfree_core.federated_evaluation import ClientEvaluation, evaluate_partitions
-from bpfree_core.splits import run_splits
-from bpfree_core.strategies import ClientTerms
+from bpfree_core.data.splits import run_splits
+from bpfree_core.federation.aggregate import Weights
+from bpfree_core.federation.client import InProcessExecutor, client_split, local_round, train_split
+from bpfree_core.federation.client_evaluation import ClientEvaluation, evaluate_partitions
+from bpfree_core.federation.strategies import ClientTerms
 
 
 class InProcessTransport:

@@ -23,13 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from bpfree.client.pool import format_stage_map
-from bpfree_core.callbacks import Callback, stop_asked
-from bpfree_core.clock import launch_time
 from bpfree_core.config import ExperimentConfig, train_sample_size
+from bpfree_core.data.readers import is_user_dataset
 from bpfree_core.errors import BpfreeError, ConfigError
 from bpfree_core.paths import absolute, absolute_env_paths
-from bpfree_core.readers import is_user_dataset
-from bpfree_core.rundir import STOP
+from bpfree_core.run.callbacks import Callback, stop_asked
+from bpfree_core.run.clock import launch_time
+from bpfree_core.run.rundir import STOP
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def simulate(cfg: ExperimentConfig, run_dir: Path, resume: bool = False, progres
     """Run the federation on Flower's simulation runtime; return the summary with "weights".
 
     Flower's supported path (server.flower_run): a SuperLink of our own and `flwr run` of this
-    app; the coordinator writes RUN_DIR, which this process locks (bpfree_core.rundir; a run
+    app; the coordinator writes RUN_DIR, which this process locks (bpfree_core.run.rundir; a run
     already in it is refused unless `resume` or `overwrite`), follows for progress and reads back.
     `client_mods` ("module:function") are Flower client mods every ClientApp wraps itself in
     (tests use them to corrupt or kill a client on the way). `callbacks` get each round's record
@@ -49,7 +49,7 @@ def simulate(cfg: ExperimentConfig, run_dir: Path, resume: bool = False, progres
     absolute_env_paths()     # the ServerApp and ClientApps run elsewhere: never a relative path
     if cfg.train.data_dir:
         cfg = cfg.with_overrides([f"train.data_dir={absolute(cfg.train.data_dir)}"])
-    from bpfree_core.data import bind_data
+    from bpfree_core.data.datasets import bind_data
 
     cfg = bind_data(cfg)   # your own data: an absolute path, its shape, classes and fingerprint
     preflight(cfg)
@@ -58,7 +58,7 @@ def simulate(cfg: ExperimentConfig, run_dir: Path, resume: bool = False, progres
 
         return simulate_ray(cfg, run_dir, resume=resume, progress=progress, overwrite=overwrite,
                             callbacks=callbacks)
-    from bpfree_core.rundir import RunDir
+    from bpfree_core.run.rundir import RunDir
 
     with RunDir(run_dir, resume=resume, overwrite=overwrite):
         _simulate_flower(cfg, run_dir, resume, progress, client_mods, callbacks)
@@ -123,7 +123,7 @@ def finished_run(run_dir: Path) -> dict[str, Any]:
     """The summary a finished run left in RUN_DIR, with its final weights."""
     from bpfree.server.coordinator import latest_checkpoint
     from bpfree.server.flower_run import last_error
-    from bpfree_core.checkpoint import load_checkpoint
+    from bpfree_core.run.checkpoint import load_checkpoint
 
     summary_file, latest = run_dir / "summary.json", latest_checkpoint(run_dir)
     if not summary_file.is_file() or latest is None:
@@ -186,7 +186,7 @@ class RoundProgress:
 def preflight(cfg: ExperimentConfig) -> None:
     """Refuse in a second what would otherwise fail after Ray, Flower and the workers started."""
     from bpfree_core.balance import split_stages
-    from bpfree_core.data import dataset_dir
+    from bpfree_core.data.datasets import dataset_dir
     from bpfree_core.model import build_objective
     from bpfree_core.runtime import resolve_device
 
@@ -199,7 +199,7 @@ def preflight(cfg: ExperimentConfig) -> None:
     objective = build_objective(cfg)
     check_pipelines(cfg)
     if cfg.federation.partition.startswith("natural"):   # the ids fix K: check them here
-        from bpfree_core.federated import partitions, train_split
+        from bpfree_core.federation.client import partitions, train_split
 
         partitions(cfg, train_split(cfg))
     if cfg.federation.executor == "pipeline" and objective.pipelinable:   # enough layers?
@@ -210,7 +210,7 @@ def preflight(cfg: ExperimentConfig) -> None:
                                   f"the model has only {len(objective.layer_sizes())} layer(s); give "
                                   "it fewer stages or add layers to model.hidden")
     if cfg.continual.federated:
-        from bpfree_core.continual import check_federated
+        from bpfree_core.continual.stream import check_federated
 
         check_federated(cfg)
 

@@ -16,7 +16,7 @@ os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # Caches every process the suite starts shares, in one directory removed when it ends: decoded
-# MNIST (bpfree_core.data) and torch.compile's kernels (train.compile; torch's default is /tmp).
+# MNIST (bpfree_core.data.datasets) and torch.compile's kernels (train.compile; torch's default is /tmp).
 _CACHES = tempfile.mkdtemp(prefix="bpfree-test-caches-")
 os.environ.setdefault("BPFREE_DECODED_DIR", os.path.join(_CACHES, "decoded"))
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(_CACHES, "inductor"))

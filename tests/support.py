@@ -24,7 +24,7 @@ def mnist_dir(shared: Path | None = None) -> Path:
     ../shared/datasets beside the checkout, else the project's own download into its cache
     ($BPFREE_CACHE_DIR, default ~/.cache/bpfree; $BPFREE_MIRROR replaces the mirrors), the way
     a user gets it on a connected machine."""
-    from bpfree_core.data import SPECS, default_cache_dir, download
+    from bpfree_core.data.datasets import SPECS, default_cache_dir, download
 
     env = os.environ.get("BPFREE_TEST_DATA_DIR")
     for candidate in filter(None, [Path(env) if env else None,
@@ -86,8 +86,8 @@ def synthetic_packets(cfg, n: int) -> list:
     """`n` training packets of random MNIST-shaped images for `cfg` (seeded: the same each call)."""
     import torch
 
-    from bpfree_core.batches import train_packets
-    from bpfree_core.data import Split
+    from bpfree_core.data.batches import train_packets
+    from bpfree_core.data.datasets import Split
     from bpfree_core.model import build_objective
 
     gen = torch.Generator().manual_seed(0)

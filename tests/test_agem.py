@@ -1,4 +1,4 @@
-"""A-GEM, local to each layer (bpfree_core.agem): the projection's maths, a reference packet that
+"""A-GEM, local to each layer (bpfree_core.continual.agem): the projection's maths, a reference packet that
 changes nothing but the reference gradient on every objective, the bp baseline's standard A-GEM
 checked against torch.optim by hand, and the marker on the wire. The real SplitMNIST runs, the
 pipeline and Flower golden rules are in test_continual.py."""
@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bpfree_core.agem import GradientProjector
-from bpfree_core.batches import train_packets
 from bpfree_core.config import load_config
-from bpfree_core.data import Split
+from bpfree_core.continual.agem import GradientProjector
+from bpfree_core.data.batches import train_packets
+from bpfree_core.data.datasets import Split
 from bpfree_core.errors import ProtocolError
 from bpfree_core.layers import REFERENCE
 from bpfree_core.model import Stage, build_layers, build_objective

@@ -7,10 +7,10 @@ import random
 import pytest
 import torch
 
-from bpfree_core.aggregate import ClientUpdate, fedavg, layer_of, layer_stats, validate_update
 from bpfree_core.config import load_config
 from bpfree_core.errors import AggregationError, ProtocolError
-from bpfree_core.federated import stack_template
+from bpfree_core.federation.aggregate import ClientUpdate, fedavg, layer_of, layer_stats, validate_update
+from bpfree_core.federation.client import stack_template
 
 
 def _template() -> dict[str, torch.Tensor]:

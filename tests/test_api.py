@@ -73,7 +73,7 @@ def test_arrays_and_torch_datasets_become_the_same_cached_file(tmp_path: Path, m
 
 def test_a_python_run_equals_the_command_line_run(data_dir: Path, tmp_path: Path) -> None:
     from bpfree.cli import main
-    from bpfree_core.checkpoint import load_checkpoint
+    from bpfree_core.run.checkpoint import load_checkpoint
 
     flags = ["model.algorithm=mono", "model.hidden=60", "train.train_limit=1000",
              "train.test_limit=200", "train.epochs=2", "train.threads=1", f"train.data_dir={data_dir}"]

@@ -100,7 +100,7 @@ def test_the_fingerprint_follows_what_is_computed_only():
 
 
 def test_resume_refuses_a_changed_computation_and_accepts_a_moved_run(tmp_path):
-    from bpfree_core.rundir import check_resumable
+    from bpfree_core.run.rundir import check_resumable
 
     saved = ExperimentConfig()
     check_resumable(saved, saved.with_overrides(["train.threads=3", "train.device=cpu"]), tmp_path)
@@ -152,7 +152,7 @@ def test_every_device_string_is_checked_once_with_one_sentence(monkeypatch) -> N
     the missing-GPU sentence printed its own f-string braces."""
     import torch
 
-    from bpfree_core.executor import InProcessExecutor
+    from bpfree_core.run.executor import InProcessExecutor
     from bpfree_core.runtime import resolve_device
 
     for bad in ("cuda:x", "cuda:-1", "gpu", "cuda:", "cuda:0:1"):

@@ -16,9 +16,9 @@ from torch import nn
 from bpfree.cli.continual import QUICK
 from bpfree.server.continual import continual
 from bpfree_core.config import ExperimentConfig
-from bpfree_core.consolidation import Consolidator
-from bpfree_core.continual import ReplayMemory, cl_metrics, continual_config, split_tasks
-from bpfree_core.data import Split, load_dataset
+from bpfree_core.continual.consolidation import Consolidator
+from bpfree_core.continual.stream import ReplayMemory, cl_metrics, continual_config, split_tasks
+from bpfree_core.data.datasets import Split, load_dataset
 from bpfree_core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -164,7 +164,7 @@ def test_naive_forgets_and_replay_forgets_less(runs: dict[str, dict]) -> None:
 def test_task_incremental_masks_to_the_tasks_classes(data_dir: Path, runs: dict[str, dict]) -> None:
     """The naive run's weights scored with the task id known: the same net, far higher accuracy
     (the scenario changes only the test)."""
-    from bpfree_core.continual import task_accuracy
+    from bpfree_core.continual.stream import task_accuracy
     from bpfree_core.model import Stage, build_layers, build_objective
 
     cfg = _cfg(data_dir, "continual.scenario=task")
@@ -259,7 +259,7 @@ def test_cli_quick_writes_everything_and_refuses_a_memoryless_agem(data_dir: Pat
 # -- federated continual learning -------------------------------------------------------------------
 
 def test_client_task_orders(data_dir: Path) -> None:
-    from bpfree_core.continual import client_tasks
+    from bpfree_core.continual.stream import client_tasks
 
     same = _cfg(data_dir, "continual.federated=true", "federation.clients=4", "federation.rounds=5")
     assert {tuple(client_tasks(same, k, 10)) for k in range(4)} == {((0, 1), (2, 3), (4, 5), (6, 7), (8, 9))}
@@ -269,7 +269,7 @@ def test_client_task_orders(data_dir: Path) -> None:
     assert len({tuple(o) for o in orders}) > 1                     # ... in each client's own order
     assert orders == [client_tasks(own, k, 10) for k in range(4)]  # fixed by the seed
     with pytest.raises(ConfigError, match="multiple of the tasks"):
-        from bpfree_core.continual import check_federated
+        from bpfree_core.continual.stream import check_federated
 
         check_federated(same.with_overrides(["federation.rounds=7"]))
 
@@ -281,7 +281,7 @@ def test_federated_continual_on_flower_pipelines_equals_the_reference(data_dir: 
     first); the global weights equal the in-process federated reference, and the summary carries
     the accuracy matrix."""
     from bpfree.server.reference import federated_reference
-    from bpfree_core.checkpoint import load_checkpoint
+    from bpfree_core.run.checkpoint import load_checkpoint
 
     run = tmp_path / "fed"
     done = subprocess.run(
@@ -312,7 +312,7 @@ def test_federated_agem_and_ewc_on_flower_equal_the_reference(strategy: str, dat
     coordinator aggregates weights only, and the global weights equal the in-process federated
     reference."""
     from bpfree.server.reference import federated_reference
-    from bpfree_core.checkpoint import load_checkpoint
+    from bpfree_core.run.checkpoint import load_checkpoint
 
     run = tmp_path / "fed"
     done = subprocess.run(

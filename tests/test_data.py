@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from bpfree_core import data
+from bpfree_core.data import datasets as data
 from bpfree_core.errors import DataError
 from tests.support import REPO, serve
 
@@ -179,7 +179,7 @@ def test_a_cifar_batch_that_would_run_code_is_refused(tmp_path, monkeypatch):
                                    ("model.algorithm=bp", "model.conv=8", "model.hidden=20")])
 def test_colour_images_train_every_family(extra, tmp_path, monkeypatch):
     from bpfree_core.config import load_config
-    from bpfree_core.trainer import train_reference
+    from bpfree_core.run.trainer import train_reference
 
     archive, _ = make_cifar(tmp_path, "cifar10", per_batch=40)
     monkeypatch.setitem(data.SPECS, "cifar10", dataclasses.replace(

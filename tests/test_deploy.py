@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from bpfree.server.reference import federated_reference
-from bpfree_core.checkpoint import load_checkpoint
 from bpfree_core.config import load_config
+from bpfree_core.run.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 SETS = ["train.train_limit=2000", "train.test_limit=1000", "model.hidden=200,200",

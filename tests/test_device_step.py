@@ -10,9 +10,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from bpfree_core.batches import REFERENCE, train_packets
 from bpfree_core.config import load_config
-from bpfree_core.data import Split
+from bpfree_core.data.batches import REFERENCE, train_packets
+from bpfree_core.data.datasets import Split
 from bpfree_core.model import Stage, build_layers, build_objective
 
 RULES = [("ff", ["objective.negatives=hard"]), ("symba", ["objective.negatives=hard"]),

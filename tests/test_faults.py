@@ -32,17 +32,17 @@ import torch
 from bpfree.client.executor import PipelineExecutor
 from bpfree.client.supervisor import REPO_ROOT, worker_env
 from bpfree.server.coordinator import latest_checkpoint
-from bpfree_core.checkpoint import load_checkpoint, save_checkpoint
 from bpfree_core.config import ExperimentConfig, load_config
 from bpfree_core.errors import BpfreeError
-from bpfree_core.federated import (
+from bpfree_core.federation.client import (
     InProcessExecutor,
     client_split,
     local_round,
     stack_template,
     train_split,
 )
-from bpfree_core.restarts import RoundFailedError
+from bpfree_core.run.checkpoint import load_checkpoint, save_checkpoint
+from bpfree_core.run.restarts import RoundFailedError
 
 ROUND = ["model.hidden=100,100", "train.batch_size=100", "train.train_limit=1000",
          "train.test_limit=500", "train.threads=1", "train.seed=5", "federation.clients=1",
@@ -143,7 +143,7 @@ def test_a_continual_ewc_stream_survives_a_killed_stage_exactly(data_dir: Path) 
     importance). The stage is respawned, the epoch's snapshot (weights, optimiser and EWC state)
     restored and the epoch rerun: the stream ends bit-identical to one process."""
     from bpfree.cli.continual import QUICK
-    from bpfree_core.continual import continual_config, run_continual
+    from bpfree_core.continual.stream import continual_config, run_continual
 
     cfg = continual_config(load_config(None, [
         *QUICK, f"train.data_dir={data_dir}", "model.algorithm=sffa", "train.threads=1",
@@ -175,7 +175,7 @@ def test_restarts_are_bounded_and_exhaustion_says_which_setting(data_dir: Path) 
 _WRITER = """
 import resource, signal, sys, torch
 from pathlib import Path
-from bpfree_core.checkpoint import save_checkpoint
+from bpfree_core.run.checkpoint import save_checkpoint
 # The kernel kills this process (SIGXFSZ) once a file it writes passes 16 MB: a crash in the
 # middle of writing the 40 MB checkpoint, at a point that never depends on timing.
 resource.setrlimit(resource.RLIMIT_FSIZE, (16 << 20, 16 << 20))
@@ -203,7 +203,7 @@ def test_a_checkpoint_write_killed_part_way_leaves_the_old_one_intact(tmp_path: 
 
 
 def test_a_failing_write_raises_and_leaves_nothing_behind(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
-    import bpfree_core.checkpoint as ck
+    import bpfree_core.run.checkpoint as ck
 
     path = tmp_path / "round-0001.pt"
     save_checkpoint(path, {"round": 1})
@@ -491,7 +491,7 @@ PIPE = ["train.train_limit=10000", "train.test_limit=500", "model.hidden=200,200
 
 @functools.cache   # two tests compare with it
 def _pipeline_reference(data_dir: Path) -> dict:
-    from bpfree_core.trainer import train_reference
+    from bpfree_core.run.trainer import train_reference
 
     return train_reference(load_config(None, [f"train.data_dir={data_dir}", *PIPE]),
                            progress=False)["weights"]

@@ -12,7 +12,7 @@ from bpfree.server.coordinator import Coordinator
 from bpfree.server.reference import InProcessTransport
 from bpfree_core.config import load_config
 from bpfree_core.errors import ConfigError
-from bpfree_core.federated_evaluation import sampled_evaluators
+from bpfree_core.federation.client_evaluation import sampled_evaluators
 
 SMALL = ["train.train_limit=2000", "train.test_limit=600", "model.hidden=100,100",
          "model.algorithm=symba", "train.threads=1", "federation.clients=4", "federation.rounds=2",

@@ -15,10 +15,10 @@ import torch
 from bpfree.server.coordinator import Coordinator, RoundReplies
 from bpfree.server.reference import federated_reference
 from bpfree.server.simulate import simulate
-from bpfree_core.aggregate import ClientUpdate
-from bpfree_core.checkpoint import load_checkpoint
 from bpfree_core.config import load_config
 from bpfree_core.errors import AggregationError, ProtocolError
+from bpfree_core.federation.aggregate import ClientUpdate
+from bpfree_core.run.checkpoint import load_checkpoint
 
 RECORD = "tests.flower_mods:record_replies"   # client mods run in the simulation's processes
 SMALL = ["train.train_limit=3000", "train.test_limit=1000", "model.hidden=200,200",
@@ -100,14 +100,14 @@ class _InProcess:
     """Clients trained in this process (the reference executor), without Flower."""
 
     def __init__(self, cfg):
-        from bpfree_core.federated import client_split, train_split
+        from bpfree_core.federation.client import client_split, train_split
 
         self.cfg = cfg
         train = train_split(cfg)
         self.parts = [client_split(cfg, train, k) for k in range(cfg.federation.clients)]
 
     def train_round(self, rnd, weights, clients, terms, receive):
-        from bpfree_core.federated import InProcessExecutor, local_round
+        from bpfree_core.federation.client import InProcessExecutor, local_round
 
         for k in clients:
             receive(local_round(InProcessExecutor(self.cfg), self.cfg, self.parts[k], k, rnd, weights, terms))
@@ -119,7 +119,7 @@ def test_fedprox_pulls_toward_the_global_weights_and_pipelines_match_the_referen
 
     from bpfree.client.executor import PipelineExecutor
     from bpfree.protos import stage_pb2 as pb
-    from bpfree_core.federated import (
+    from bpfree_core.federation.client import (
         InProcessExecutor,
         client_split,
         local_round,

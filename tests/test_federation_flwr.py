@@ -12,8 +12,8 @@ import torch
 
 from bpfree.server.flower_run import stop_pids
 from bpfree.server.reference import federated_reference
-from bpfree_core.checkpoint import load_checkpoint
 from bpfree_core.config import load_config
+from bpfree_core.run.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 OVERRIDES = ["train.train_limit=3000", "train.test_limit=1000", "model.hidden=200,200",

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from bpfree_core import frozen
-from bpfree_core.batches import train_packets
 from bpfree_core.config import load_config
-from bpfree_core.data import Split
+from bpfree_core.data.batches import train_packets
+from bpfree_core.data.datasets import Split
 from bpfree_core.errors import ConfigError
 from bpfree_core.frozen import caches
 from bpfree_core.layers import LocalLayer

@@ -33,9 +33,9 @@ from bpfree.client.wire import WireBatch, decode_state, encode_batch, end_frame,
 from bpfree.client.worker import StageWorker, build_server
 from bpfree.protos import stage_pb2 as pb
 from bpfree.protos import stage_pb2_grpc as pb_grpc
-from bpfree_core.batches import train_packets
 from bpfree_core.config import ExperimentConfig
-from bpfree_core.data import load_dataset
+from bpfree_core.data.batches import train_packets
+from bpfree_core.data.datasets import load_dataset
 from bpfree_core.errors import BpfreeError
 from bpfree_core.model import Stage, build_layers, build_objective
 from tests.support import tcp_push

@@ -11,7 +11,7 @@ import json
 import pytest
 
 from bpfree_core.config import load_config
-from bpfree_core.trainer import train_reference
+from bpfree_core.run.trainer import train_reference
 
 SMALL = ("train.train_limit=6000", "train.test_limit=1000", "train.epochs=2", "train.threads=1",
          "model.hidden=200,200")

@@ -17,10 +17,10 @@ import torch
 
 from bpfree.cli import main
 from bpfree_core.config import load_config
-from bpfree_core.data import load_dataset
+from bpfree_core.data.datasets import load_dataset
 from bpfree_core.evaluation import EVAL_BATCH, prediction_modes
 from bpfree_core.model import Stage, build_layers, build_objective
-from bpfree_core.trainer import train_reference
+from bpfree_core.run.trainer import train_reference
 
 RULES = [("ff", []), ("ff", ["train.predict=goodness"]), ("symba", ["train.predict=goodness"]),
          ("sffa", []), ("ffcl", []), ("uff", []), ("bp", []), ("mono", []),

@@ -27,9 +27,9 @@ import torch
 from bpfree.bench.links import host_certs, qdisc_bytes, start_workers
 from bpfree.bench.testbed import Testbed, namespaces, unavailable
 from bpfree.client.supervisor import worker_env
-from bpfree_core.checkpoint import load_checkpoint
 from bpfree_core.config import load_config
-from bpfree_core.trainer import train_reference
+from bpfree_core.run.checkpoint import load_checkpoint
+from bpfree_core.run.trainer import train_reference
 
 REPO = Path(__file__).resolve().parents[1]
 REASON = unavailable()
@@ -178,7 +178,7 @@ def test_each_supernode_trains_and_evaluates_its_own_data(data_dir: Path, tmp_pa
     reports their own test sets, and the weights equal the in-process run on the sites' data."""
     from bpfree.server.coordinator import Coordinator
     from bpfree.server.reference import InProcessTransport
-    from bpfree_core.data import load_dataset
+    from bpfree_core.data.datasets import load_dataset
 
     mnist = load_dataset("mnist", str(data_dir))
     server = _write_npz(tmp_path / "server.npz", mnist.train.subset(slice(5000, 5200)),

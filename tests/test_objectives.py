@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bpfree_core.config import ExperimentConfig, load_config
-from bpfree_core.data import SPECS
+from bpfree_core.data.datasets import SPECS
 from bpfree_core.errors import ConfigError
 from bpfree_core.model import build_layers, build_objective
 from bpfree_core.objectives import BUILTIN as ALGORITHMS

@@ -80,8 +80,8 @@ def test_a_wheel_in_a_fresh_venv_runs_a_federated_round_outside_the_checkout(
     outside.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env['PATH']}"
-    where = subprocess.run([str(py), "-c", "import bpfree_core.strategies, bpfree.server.app as a; "
-                            "print(a.__file__, bpfree_core.strategies.__file__)"], cwd=outside,
+    where = subprocess.run([str(py), "-c", "import bpfree_core.federation.strategies as s, "
+                            "bpfree.server.app as a; print(a.__file__, s.__file__)"], cwd=outside,
                            env=env, capture_output=True, text=True, timeout=120)
     assert where.returncode == 0 and str(REPO) not in where.stdout, (where.stdout, where.stderr)
     done = subprocess.run(["bpfree", "simulate", "--executor", "inprocess", "--rounds", "1",

@@ -5,8 +5,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bpfree_core.data.partition import partition_indices
 from bpfree_core.errors import ConfigError
-from bpfree_core.partition import partition_indices
 
 
 @settings(max_examples=60, deadline=None)

@@ -18,14 +18,14 @@ import torch
 from bpfree.client.pipeline import Pipeline
 from bpfree.client.supervisor import launch_workers, stop_processes
 from bpfree.protos import stage_pb2 as pb
-from bpfree_core.batches import train_packets
 from bpfree_core.config import ExperimentConfig
-from bpfree_core.data import load_dataset
+from bpfree_core.data.batches import train_packets
+from bpfree_core.data.datasets import load_dataset
+from bpfree_core.data.splits import limited
 from bpfree_core.errors import BpfreeError, ConfigError
 from bpfree_core.evaluation import evaluate
 from bpfree_core.model import build_layers, build_objective
-from bpfree_core.splits import limited
-from bpfree_core.trainer import train_reference
+from bpfree_core.run.trainer import train_reference
 
 # 3 layers so that S = 1, 2, 3 all split it; 1000 real MNIST images, 2 epochs (lr cool-down on).
 BASE = ["model.hidden=3x120", "train.batch_size=100", "train.train_limit=1000",

@@ -21,7 +21,7 @@ from bpfree.client.supervisor import REPO_ROOT
 from bpfree_core.config import load_config
 from bpfree_core.errors import BpfreeError, ConfigError
 from bpfree_core.objectives import registered
-from bpfree_core.trainer import train_reference
+from bpfree_core.run.trainer import train_reference
 
 EXAMPLE = REPO_ROOT / "examples" / "fixed_random_classifier.py"
 RULE = f"{EXAMPLE}:FixedRandomClassifier"

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from bpfree.bench.fashion import main as fashion_bench
-from bpfree_core.batches import train_packets
 from bpfree_core.config import load_config
-from bpfree_core.data import Split, run_spec
+from bpfree_core.data.batches import train_packets
+from bpfree_core.data.datasets import Split, run_spec
 from bpfree_core.evaluation import prediction_modes
 from bpfree_core.model import Stage, build_layers, build_objective
 

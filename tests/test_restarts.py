@@ -1,4 +1,4 @@
-"""pipeline.restarts, the one retry budget (bpfree_core.restarts): a round or epoch is rerun only
+"""pipeline.restarts, the one retry budget (bpfree_core.run.restarts): a round or epoch is rerun only
 by an executor that declares it `recovers`, at most `restarts` times; reaching the stages again
 (Configure after a respawn) gets the same budget. Real stage kills are in test_faults.py."""
 
@@ -8,8 +8,8 @@ import pytest
 
 from bpfree_core.config import load_config
 from bpfree_core.errors import BpfreeError, PeerUnavailableError
-from bpfree_core.executor import InProcessExecutor
-from bpfree_core.restarts import RoundFailedError, reconnecting, with_restarts
+from bpfree_core.run.executor import InProcessExecutor
+from bpfree_core.run.restarts import RoundFailedError, reconnecting, with_restarts
 
 
 class _Recovering:

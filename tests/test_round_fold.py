@@ -1,4 +1,4 @@
-"""Aggregation as replies arrive (bpfree_core.round_fold): whatever order replies come in, every
+"""Aggregation as replies arrive (bpfree_core.federation.round_fold): whatever order replies come in, every
 strategy's aggregate is the one over the whole list, bit for bit (FedAvg's is the plain reference
 `aggregate.fedavg`); a streaming strategy holds no reply once folded (the coordinator's memory
 does not grow with K); the per-layer statistics from the running sums match the direct ones."""
@@ -15,9 +15,9 @@ import torch
 
 from bpfree.server.coordinator import Coordinator, RoundReplies
 from bpfree.server.reference import InProcessTransport
-from bpfree_core.aggregate import ClientUpdate, fedavg, layer_stats
 from bpfree_core.config import load_config
-from bpfree_core.strategies import build_strategy, registered
+from bpfree_core.federation.aggregate import ClientUpdate, fedavg, layer_stats
+from bpfree_core.federation.strategies import build_strategy, registered
 
 CLIENTS = 7
 STREAMING = {"fedavg", "fedprox", "fedavgm", "fedadam", "fedadagrad", "fedyogi"}
@@ -157,7 +157,7 @@ def test_a_coordinator_fed_replies_in_reverse_ends_with_the_references_weights(d
 def test_a_flower_coordinator_keeps_the_held_out_images_only(data_dir: Path) -> None:
     """What the ServerApp does: copies of validation and test, the dataset memo forgotten (the
     training images' storage freed), and the same scores from the copies."""
-    from bpfree_core import data
+    from bpfree_core.data import datasets as data
 
     cfg = load_config(None, [f"train.data_dir={data_dir}", "train.test_limit=300", "train.validation=200",
                              "model.hidden=20", "train.threads=1", "federation.clients=2"])

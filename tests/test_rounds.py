@@ -14,8 +14,8 @@ import torch
 from bpfree.client.executor import make_executor
 from bpfree.protos import stage_pb2 as pb
 from bpfree_core.config import load_config
-from bpfree_core.executor import InProcessExecutor
-from bpfree_core.federated import client_split, local_round, stack_template, train_split
+from bpfree_core.federation.client import client_split, local_round, stack_template, train_split
+from bpfree_core.run.executor import InProcessExecutor
 from tests.test_worker import Served
 
 ROUNDS = 3

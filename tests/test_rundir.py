@@ -28,13 +28,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import bpfree_core.rundir as rundir
+import bpfree_core.run.rundir as rundir
 from bpfree.cli import main
 from bpfree.client.supervisor import REPO_ROOT
-from bpfree_core.checkpoint import load_checkpoint
 from bpfree_core.config import load_config
 from bpfree_core.errors import DataError, RunDirError
-from bpfree_core.trainer import train_reference
+from bpfree_core.run.checkpoint import load_checkpoint
+from bpfree_core.run.trainer import train_reference
 
 TINY = ["model.algorithm=ff", "model.hidden=40,40", "train.train_limit=600", "train.test_limit=200",
         "train.batch_size=100", "train.threads=1", "train.jitter=0", "objective.vote_first=false",

@@ -1,4 +1,4 @@
-"""The record keeping every run loop shares (bpfree_core.runlog): a step's checkpoint carries its
+"""The record keeping every run loop shares (bpfree_core.run.runlog): a step's checkpoint carries its
 record and lands before its metrics line, every callback sees every record, RUN_DIR/STOP stops
 any loop (a train run here, as it stops a federation), and the summary has the common fields."""
 
@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 
 from bpfree_core.config import ExperimentConfig, load_config
-from bpfree_core.rundir import STOP, RunDir
-from bpfree_core.runlog import RunLog
-from bpfree_core.trainer import train_reference
+from bpfree_core.run.rundir import STOP, RunDir
+from bpfree_core.run.runlog import RunLog
+from bpfree_core.run.trainer import train_reference
 
 
 def test_a_step_is_checkpoint_then_metrics_then_every_callback(tmp_path: Path) -> None:

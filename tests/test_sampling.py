@@ -13,9 +13,9 @@ from bpfree.server.coordinator import Coordinator
 from bpfree.server.reference import InProcessTransport, federated_reference
 from bpfree.server.simulate import simulate
 from bpfree_core.config import load_config, train_sample_size
+from bpfree_core.data.partition import partition_indices
 from bpfree_core.errors import ConfigError
-from bpfree_core.federated import sampled_clients
-from bpfree_core.partition import partition_indices
+from bpfree_core.federation.client import sampled_clients
 
 SMALL = ["train.train_limit=2000", "train.test_limit=500", "model.hidden=100,100",
          "model.algorithm=symba", "train.threads=1", "federation.clients=5", "federation.rounds=3",
@@ -80,7 +80,7 @@ def test_a_thousand_clients_split_once_and_small_ones_train_on_what_they_hold(
         data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """K = 1000 on a Dirichlet split: most clients hold fewer samples than a batch; they train
     on batches of their own size, the split is drawn once, and 10 clients train per round."""
-    from bpfree_core import federated
+    from bpfree_core.federation import client as federated
 
     drawn = []
     monkeypatch.setattr(federated, "partition_indices",

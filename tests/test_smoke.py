@@ -1,7 +1,7 @@
 """The reference trainer learns on real MNIST (a few thousand images)."""
 
 from bpfree_core.config import load_config
-from bpfree_core.trainer import train_reference
+from bpfree_core.run.trainer import train_reference
 
 
 def test_ff_reference_trainer_learns_and_writes_run_dir(data_dir, tmp_path):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bpfree_core.batches import train_packets
 from bpfree_core.config import load_config
+from bpfree_core.data.batches import train_packets
 from bpfree_core.metrics import RunningMeans
 from bpfree_core.model import Stage, build_layers, build_objective
 
@@ -19,7 +19,7 @@ def _packets(cfg, n: int):
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(n * cfg.train.batch_size, 784, generator=gen)
     y = torch.randint(0, 10, (x.shape[0],), generator=gen)
-    from bpfree_core.data import Split
+    from bpfree_core.data.datasets import Split
 
     return objective, list(train_packets(objective, Split(x, y), cfg, epoch=0))
 

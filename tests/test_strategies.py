@@ -15,10 +15,10 @@ from flwr.serverapp import strategy as flwr_strategy
 
 from bpfree.server.coordinator import Coordinator
 from bpfree.server.reference import InProcessTransport
-from bpfree_core.aggregate import ClientUpdate, fedavg
 from bpfree_core.config import load_config
 from bpfree_core.errors import ConfigError
-from bpfree_core.strategies import build_strategy, registered
+from bpfree_core.federation.aggregate import ClientUpdate, fedavg
+from bpfree_core.federation.strategies import build_strategy, registered
 
 # bpfree name, Flower class, hyper-parameters (Flower's names, given to both)
 CASES = [

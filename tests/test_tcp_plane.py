@@ -21,9 +21,9 @@ from bpfree.client.tcp_plane import FRAME, PUSH, RecordReader, TcpCall, send_rec
 from bpfree.client.transport import Security
 from bpfree.client.wire import WireBatch, byte_view, end_frame, unpack_frame
 from bpfree.protos import stage_pb2 as pb
-from bpfree_core.batches import train_packets
 from bpfree_core.config import ExperimentConfig
-from bpfree_core.data import load_dataset
+from bpfree_core.data.batches import train_packets
+from bpfree_core.data.datasets import load_dataset
 from bpfree_core.errors import BpfreeError, PeerUnavailableError, ProtocolError
 from bpfree_core.model import build_objective
 from tests.support import tcp_push, wait_until

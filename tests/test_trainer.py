@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bpfree_core.checkpoint import load_checkpoint
 from bpfree_core.config import load_config
-from bpfree_core.trainer import train_reference
+from bpfree_core.run.checkpoint import load_checkpoint
+from bpfree_core.run.trainer import train_reference
 
 SMALL = ["train.train_limit=2000", "train.test_limit=500", "model.hidden=64,64",
          "train.threads=1", "train.batch_size=100"]
@@ -80,7 +80,7 @@ def test_cli_errors_are_one_clear_sentence(tmp_path):
 def test_jitter_shifts_each_image_within_bounds_and_is_reproducible():
     import pytest
 
-    from bpfree_core.batches import batch_generator, jitter
+    from bpfree_core.data.batches import batch_generator, jitter
     from bpfree_core.errors import ConfigError
 
     x = torch.zeros(400, 28 * 28)
@@ -141,9 +141,9 @@ def test_eval_limit_scores_a_subset_per_epoch_and_the_whole_test_set_at_the_end(
 
 
 def test_layer_diagnostics_score_each_layer_on_its_own(data_dir, tmp_path):
+    from bpfree_core.data.splits import run_splits
     from bpfree_core.diagnostics import layer_diagnostics, separation
     from bpfree_core.model import build_objective
-    from bpfree_core.splits import run_splits
 
     cfg = load_config(None, [*SMALL, f"train.data_dir={data_dir}", "model.algorithm=mono",
                              "train.validation=500"])

@@ -20,12 +20,12 @@ import torch
 
 from bpfree.cli import main
 from bpfree.cli.common import TRAIN_DEFAULTS, config_from_args
-from bpfree_core.checkpoint import load_checkpoint
 from bpfree_core.config import load_config
-from bpfree_core.data import bind_data, load_dataset
+from bpfree_core.data.datasets import bind_data, load_dataset
 from bpfree_core.errors import ConfigError, DataError
+from bpfree_core.run.checkpoint import load_checkpoint
+from bpfree_core.run.trainer import train_reference
 from bpfree_core.schedule import MAX_EPOCHS, MIN_STEPS, PATIENCE
-from bpfree_core.trainer import train_reference
 
 FAST = ["model.hidden=60,60", "train.batch_size=50", "train.threads=1", "optim.lr=2e-3",
         "train.jitter=0", "objective.vote_first=false"]
@@ -342,8 +342,8 @@ def test_a_pipeline_and_a_flower_simulation_on_your_data_equal_the_reference(tmp
 
 
 def test_continual_tasks_split_your_classes(tabular) -> None:  # noqa: ANN001
-    from bpfree_core.continual import run_continual
-    from bpfree_core.executor import InProcessExecutor
+    from bpfree_core.continual.stream import run_continual
+    from bpfree_core.run.executor import InProcessExecutor
 
     cfg = _cfg(f"npz:{tabular}", "model.algorithm=mono", "continual.tasks=2",
                "continual.epochs_per_task=2", "continual.strategy=replay", "continual.memory=100")

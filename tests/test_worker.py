@@ -24,9 +24,9 @@ from bpfree.client.wire import WireBatch, encode_batch, end_frame, pack_frame, u
 from bpfree.client.worker import StageWorker, build_server
 from bpfree.protos import stage_pb2 as pb
 from bpfree.protos import stage_pb2_grpc as pb_grpc
-from bpfree_core.batches import train_packets
 from bpfree_core.config import ExperimentConfig
-from bpfree_core.data import load_dataset
+from bpfree_core.data.batches import train_packets
+from bpfree_core.data.datasets import load_dataset
 from bpfree_core.errors import PeerUnavailableError, ProtocolError
 from bpfree_core.model import Stage, build_layers, build_objective
 

@@ -15,9 +15,9 @@ import sys
 import time
 
 from bpfree.cli.common import HelpFormatter
-from bpfree_core.clock import LAUNCHED_ENV
 from bpfree_core.errors import BpfreeError
 from bpfree_core.paths import absolute_env_paths
+from bpfree_core.run.clock import LAUNCHED_ENV
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {

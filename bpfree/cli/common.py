@@ -149,8 +149,8 @@ def shortcut_overrides(args: argparse.Namespace,
 
 def config_from_args(args: argparse.Namespace, defaults: tuple[str, ...] = ()) -> ExperimentConfig:
     """The config: `defaults` (only without --config), the file, the shortcuts, then --set."""
-    from bpfree_core.data import bind_data, run_spec
-    from bpfree_core.readers import is_user_dataset
+    from bpfree_core.data.datasets import bind_data, run_spec
+    from bpfree_core.data.readers import is_user_dataset
     from bpfree_core.schedule import JITTER_MIN, small_data_schedule
 
     overrides = shortcut_overrides(args) + list(args.set) + env_overrides()
@@ -167,7 +167,7 @@ def config_from_args(args: argparse.Namespace, defaults: tuple[str, ...] = ()) -
 
 def wall_seconds(summary: dict[str, Any]) -> float:
     """Seconds since the command was launched (the run's own count where no command set it)."""
-    from bpfree_core.clock import LAUNCHED_ENV, seconds_since_launch
+    from bpfree_core.run.clock import LAUNCHED_ENV, seconds_since_launch
 
     return seconds_since_launch() if LAUNCHED_ENV in os.environ else summary.get("wall_seconds", 0.0)
 

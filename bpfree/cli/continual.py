@@ -60,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve(args: argparse.Namespace) -> ExperimentConfig:
-    from bpfree_core.continual import continual_config
+    from bpfree_core.continual.stream import continual_config
 
     flags = shortcut_overrides(args, CONTINUAL_FLAGS)
     if args.clients:

@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bpfree_core.data import load_dataset
+    from bpfree_core.data.datasets import load_dataset
     from bpfree_core.errors import DataError
     from bpfree_core.predict import ScoreModel, load_run, scores
 

@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from bpfree_core.errors import RunDirError
     from bpfree_core.predict import export, load_run
-    from bpfree_core.rundir import os_error_sentence
+    from bpfree_core.run.rundir import os_error_sentence
 
     cfg, weights = load_run(args.run_dir, args.algorithm)
     try:
@@ -39,14 +39,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def row_size(cfg) -> int:  # noqa: ANN001
-    from bpfree_core.data import run_spec
+    from bpfree_core.data.datasets import run_spec
 
     c, h, w = run_spec(cfg).shape
     return c * h * w
 
 
 def image_note(cfg) -> str:  # noqa: ANN001
-    from bpfree_core.data import run_spec
+    from bpfree_core.data.datasets import run_spec
 
     c, h, w = run_spec(cfg).shape
     return f" (images of {c}x{h}x{w}, flattened)" if h > 1 else " (feature rows)"

@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     from bpfree.client.pipeline import Pipeline
     from bpfree.client.train import train_pipeline
     from bpfree_core.errors import ConfigError
-    from bpfree_core.rundir import RunDir
+    from bpfree_core.run.rundir import RunDir
     from bpfree_core.runtime import set_threads
 
     cfg = config_from_args(args, TRAIN_DEFAULTS)

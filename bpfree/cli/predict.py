@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from bpfree_core.errors import RunDirError
     from bpfree_core.predict import ScoreModel, load_run, read_inputs, scores
-    from bpfree_core.rundir import os_error_sentence
+    from bpfree_core.run.rundir import os_error_sentence
 
     cfg, weights = load_run(args.run_dir, args.algorithm)
     x = read_inputs(args.input, cfg)

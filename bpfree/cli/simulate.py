@@ -74,7 +74,7 @@ def resolve(args: argparse.Namespace) -> tuple[ExperimentConfig, Path, bool]:
     """(config, run directory, resume?) from the command line."""
     from bpfree.cli.common import config_from_args, env_overrides, shortcut_overrides
     from bpfree_core.errors import ConfigError
-    from bpfree_core.rundir import trusted_rule
+    from bpfree_core.run.rundir import trusted_rule
 
     extra = shortcut_overrides(args, SHORTCUTS)
     if args.resume:

@@ -17,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from bpfree.cli.common import config_from_args, progress_from_args, report
     from bpfree_core.errors import ConfigError
-    from bpfree_core.trainer import train_reference
+    from bpfree_core.run.trainer import train_reference
 
     cfg = config_from_args(args, TRAIN_DEFAULTS)
     if args.resume and not args.out:

@@ -20,7 +20,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 from bpfree_core.config import BUILTIN_RULES, RULE_PLUGINS, ExperimentConfig
-from bpfree_core.data import DatasetSpec
+from bpfree_core.data.datasets import DatasetSpec
 from bpfree_core.errors import ConfigError
 from bpfree_core.objectives.base import Objective
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from bpfree_core.config import ExperimentConfig
-from bpfree_core.data import DatasetSpec, run_spec
+from bpfree_core.data.datasets import DatasetSpec, run_spec
 from bpfree_core.errors import ConfigError
 from bpfree_core.layers import GOODNESS, LABELS, LocalLayer, Metrics, Packet, add_vote, relu, rms_normalize
 from bpfree_core.objectives.base import Objective

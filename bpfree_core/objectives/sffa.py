@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from bpfree_core.config import ExperimentConfig
-from bpfree_core.data import DatasetSpec
+from bpfree_core.data.datasets import DatasetSpec
 from bpfree_core.errors import ConfigError
 from bpfree_core.layers import LABELS, Metrics, Packet, rms_normalize
 from bpfree_core.objectives import register
