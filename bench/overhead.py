@@ -43,10 +43,14 @@ def bpfree_case(data_dir: str, extra: list[str]) -> dict[str, Any]:
                              f"{(done.stderr or done.stdout).strip().splitlines()[-1:]}")
         rounds = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
         config = json.loads((run_dir / "config.json").read_text())
+        # every stage worker logs one line per Configure it serves (client.worker)
+        configures = sum(log.read_text().count("configured run")
+                         for log in (run_dir / "logs").glob("client*/stage*.log"))
     secs = [r["seconds"] for r in rounds]
     round_s = [sum(v for k, v in s.items() if k != "slowest_client_training") for s in secs]
     return {"wall_s": wall, "round_s": round_s, "training_s": [s["slowest_client_training"] for s in secs],
             "clients": config["federation"]["clients"], "rounds": len(rounds),
+            "stages": config["pipeline"]["stages"], "configures": configures,
             "accuracy": rounds[-1]["test_accuracy_headline"], "config": config}
 
 
@@ -80,24 +84,29 @@ def summarise(row: dict[str, Any]) -> dict[str, float]:
             "first": beyond[0], "steady": sum(beyond[1:]) / max(len(beyond) - 1, 1),
             "floor_first": f["round_s"][0],
             "floor_steady": sum(f["round_s"][1:]) / max(len(f["round_s"]) - 1, 1),
-            "floor_wall": f["wall_s"], "accuracy": b["accuracy"]}
+            "floor_wall": f["wall_s"], "accuracy": b["accuracy"],
+            "configures": b.get("configures", -1), "stage_workers": b["clients"] * b.get("stages", 0)}
 
 
 def table(res: dict[str, Any], command: str) -> str:
     out = [f"# Fixed costs: bpfree simulate beside plain Flower\n\n`{command}`\n\n{res['machine']}. "
            "training = the slowest client's training summed over rounds; outside rounds = wall "
            "minus every round (start-up and shutdown); beyond training = a round minus its "
-           "training (round 1 also waits for Ray and the ClientApp actors to start).\n",
+           "training (round 1 also waits for Ray and the ClientApp actors to start); Configure calls "
+           "= what the stage workers served over the whole run (one per worker: configured once "
+           "per run, rounds 2..N attach).\n",
            "| case | wall s | training s | training share | outside rounds s | Flower floor "
            "outside rounds s | round 1 beyond training s | Flower floor round 1 s | later rounds "
-           "beyond training s | Flower floor later round s | Flower floor wall s | accuracy |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "beyond training s | Flower floor later round s | Flower floor wall s | Configure calls "
+           "(stage workers) | accuracy |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in res["rows"]:
         s = summarise(row)
         out.append(f"| {row['case']} | {s['wall']:.1f} | {s['training']:.1f} | {s['share']:.0%} | "
                    f"{s['run']:.1f} | {s['floor_run']:.1f} | {s['first']:.1f} | "
                    f"{s['floor_first']:.2f} | {s['steady']:.2f} | {s['floor_steady']:.2f} | "
-                   f"{s['floor_wall']:.1f} | {s['accuracy']:.4f} |")
+                   f"{s['floor_wall']:.1f} | {s['configures']} ({s['stage_workers']}) | "
+                   f"{s['accuracy']:.4f} |")
     return "\n".join(out) + "\n"
 
 
