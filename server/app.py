@@ -60,7 +60,6 @@ class FlowerTransport:
         self.grid = grid
         self.cfg = cfg
         self.partition_of: dict[int, int] = {}   # node id -> partition id
-        self.unanswered = 0   # of the last exchange: sent but not answered in time
 
     def nodes(self) -> list[int]:
         """The connected nodes, waiting (up to federation.round_timeout) for all K to register."""
@@ -127,11 +126,10 @@ class FlowerTransport:
 
     def exchange(self, messages: list[Message]) -> Iterator[Message]:
         """Push `messages`, then yield each reply as soon as it is pulled, until all have replied
-        or federation.round_timeout has passed (`self.unanswered` counts the rest). Our own loop
+        or federation.round_timeout has passed (what is not yielded timed out). Our own loop
         rather than Grid.send_and_receive: that returns only when every reply is in, all at once
         (the coordinator would hold K replies; a deployment's grid pulls every 3 s)."""
-        waiting = {i for i in self.grid.push_messages(messages) if i}
-        self.unanswered = len(messages) - len(waiting)   # refused by the SuperLink
+        waiting = {i for i in self.grid.push_messages(messages) if i}   # "": refused by the SuperLink
         deadline = time.monotonic() + self.cfg.federation.round_timeout
         pause = PULL_FIRST
         while waiting and time.monotonic() < deadline:
@@ -143,7 +141,6 @@ class FlowerTransport:
                 yield replies.pop(0)   # dropped here: the caller keeps what it folds, not the message
             if waiting:   # the Grid offers no blocking wait: poll, backing off while nothing comes
                 time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
-        self.unanswered += len(waiting)
 
     def train_round(self, rnd: int, weights: Weights, clients: list[int],
                     terms: ClientTerms, receive: Receive) -> RoundReplies:
@@ -151,10 +148,11 @@ class FlowerTransport:
         content = train_content(rnd, weights, self.cfg, terms)
         messages = [Message(content, dst_node_id=node, message_type=MessageType.TRAIN,
                             group_id=str(rnd + 1)) for node in nodes]
-        out = RoundReplies(sent=len(messages) + len(missing))
+        out = RoundReplies(sent=len(messages) + len(missing), timed_out=len(messages))
         for k in missing:
             out.failed[f"client {k}"] = f"client {k}: no connected node holds partition {k}"
         for reply in self.exchange(messages):
+            out.timed_out -= 1
             node = f"node {reply.metadata.src_node_id}"
             if reply.has_error():
                 out.failed[node] = f"{node}: {reply.error.reason}"
@@ -165,7 +163,6 @@ class FlowerTransport:
                 out.rejected[node] = str(exc)
                 continue
             receive(update)
-        out.timed_out = self.unanswered
         return out
 
 

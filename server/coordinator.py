@@ -148,17 +148,15 @@ class Coordinator:
         self.history: list[dict[str, Any]] = []
         self.totals = {"accepted": 0, "failed": 0, "timed_out": 0, "rejected": 0}
         self.rd = RunDir(run_dir, resume=resume, overwrite=overwrite, lock=lock) if run_dir else None
-        if self.rd is not None:
-            try:
+        try:
+            if self.rd is not None:
                 (self.rd.path / STOP).unlink(missing_ok=True)   # a stop asked of an earlier run
                 if resume:
                     self._resume(self.rd)
-                self.runlog = RunLog(cfg, self.rd, callbacks)
-            except BaseException:
-                self.rd.close()
-                raise
-        else:
-            self.runlog = RunLog(cfg, None, callbacks)
+            self.runlog = RunLog(cfg, self.rd, callbacks)
+        except BaseException:
+            self.close()
+            raise
         objective = build_objective(cfg)
         self.objective = objective
         _, self.val, self.test = run_splits(cfg)

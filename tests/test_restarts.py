@@ -9,7 +9,7 @@ import pytest
 from bpfree_core.config import load_config
 from bpfree_core.errors import BpfreeError, PeerUnavailableError
 from bpfree_core.run.executor import InProcessExecutor
-from bpfree_core.run.restarts import RoundFailedError, reconnecting, with_restarts
+from bpfree_core.run.restarts import RoundFailedError, reconnecting, rerun_from, with_restarts
 
 
 class _Recovering:
@@ -19,6 +19,10 @@ class _Recovering:
 
     def __init__(self) -> None:
         self.recovered = 0
+        self.restored: list[dict] = []
+
+    def restore(self, snapshot: dict) -> None:
+        self.restored.append(snapshot)
 
     def recover(self) -> list[int]:
         self.recovered += 1
@@ -56,3 +60,10 @@ def test_reaching_the_stages_again_has_the_same_budget() -> None:
     assert reconnecting(2, _failing(2), "configuring the stages") == ("done", 2)
     with pytest.raises(PeerUnavailableError, match="call 2"):
         reconnecting(1, _failing(2), "configuring the stages")
+
+
+def test_an_epoch_rerun_starts_again_from_its_snapshot() -> None:
+    executor, start = _Recovering(), {"weights": "epoch start"}
+    result, events = rerun_from(executor, start, 3, _failing(2), "epoch 1")
+    assert result == "done" and len(events) == 2
+    assert executor.restored == [start, start]   # before each rerun, never before the first try

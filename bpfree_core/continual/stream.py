@@ -44,7 +44,7 @@ from bpfree_core.model import Stage, build_layers, build_objective
 from bpfree_core.objectives import Objective
 from bpfree_core.run.callbacks import Callback
 from bpfree_core.run.executor import Executor
-from bpfree_core.run.restarts import with_restarts
+from bpfree_core.run.restarts import rerun_from
 from bpfree_core.run.rundir import RunDir, open_run_dir
 from bpfree_core.run.runlog import RunLog
 from bpfree_core.runtime import progress_bar
@@ -240,19 +240,12 @@ def _epoch_with_restarts(executor: Executor, packets: Callable[[], Iterator[Pack
     times: the stages are recovered, the epoch's starting snapshot (weights, optimiser and EWC /
     SI state) restored, and the epoch rerun, ending as an undisturbed one would."""
     total = cfg.continual.epochs_per_task
+    def run() -> dict[str, Any]:
+        return executor.train_epoch(packets(), k, total)
+
     if not executor.recovers or cfg.pipeline.restarts == 0:
-        return executor.train_epoch(packets(), k, total)
-    start = executor.snapshot()
-    attempts = 0
-
-    def attempt() -> dict[str, Any]:
-        nonlocal attempts
-        attempts += 1
-        if attempts > 1:   # recovered stages start fresh: back to the epoch's start
-            executor.restore(start)
-        return executor.train_epoch(packets(), k, total)
-
-    stats, events = with_restarts(executor, cfg.pipeline.restarts, attempt, what)
+        return run()
+    stats, events = rerun_from(executor, executor.snapshot(), cfg.pipeline.restarts, run, what)
     return {**stats, "restarts": len(events)}
 
 

@@ -39,6 +39,7 @@ class RoundFold:
         self.position = 0
         self.pending: dict[int, ClientUpdate] = {}      # arrived early: waits for its turn
         self.floats = [k for k, v in current.items() if v.is_floating_point()]
+        self.layer = {k: layer_of(k) for k in self.floats}   # parsed once, not per reply
         self.sums = {k: torch.zeros(current[k].shape, dtype=torch.float64) for k in self.floats}
         self.changed: set[str] = set()
         self.increments = {k: torch.zeros_like(v) for k, v in current.items()
@@ -69,7 +70,7 @@ class RoundFold:
             if key not in self.changed and not torch.equal(got, old):
                 self.changed.add(key)
             self.sums[key].add_(got.to(torch.float64), alpha=n)
-            layer = layer_of(key)
+            layer = self.layer[key]
             self.squares[layer] = self.squares.get(layer, 0.0) + n * _squared(got - old)
         for key, acc in self.increments.items():
             acc += weights[key] - self.current[key]
@@ -107,7 +108,7 @@ class RoundFold:
         update: dict[int, float] = {}
         cross: dict[int, float] = {}
         for key in self.floats:
-            layer = layer_of(key)
+            layer = self.layer[key]
             g = self.current[key].to(torch.float64)
             u = new[key].to(torch.float64) - g
             update[layer] = update.get(layer, 0.0) + float(u.pow(2).sum())

@@ -61,6 +61,23 @@ def with_restarts(executor: Any, restarts: int, attempt: Callable[[], T],
                            "recover_seconds": time.perf_counter() - t0})
 
 
+def rerun_from(executor: Any, start: dict[str, Any], restarts: int, run: Callable[[], T],
+               what: str) -> tuple[T, list[dict[str, Any]]]:
+    """`with_restarts` for work that changes the executor's state (an epoch): every rerun first
+    restores the snapshot `start` taken before the first attempt, since recovered stages start
+    fresh."""
+    attempts = 0
+
+    def attempt() -> T:
+        nonlocal attempts
+        attempts += 1
+        if attempts > 1:
+            executor.restore(start)
+        return run()
+
+    return with_restarts(executor, restarts, attempt, what)
+
+
 def reconnecting(restarts: int, connect: Callable[[], T], what: str) -> tuple[T, int]:
     """`connect()`, tried again while a stage is unavailable (its supervisor respawns it on its
     port), up to `restarts` more times: the same pipeline.restarts budget a round's reruns have.

@@ -30,7 +30,7 @@ from bpfree_core.model import build_objective
 from bpfree_core.objectives import Objective
 from bpfree_core.run.callbacks import Callback
 from bpfree_core.run.executor import Executor, InProcessExecutor
-from bpfree_core.run.restarts import with_restarts
+from bpfree_core.run.restarts import rerun_from
 from bpfree_core.run.rundir import RunDir, check_resumable, open_run_dir
 from bpfree_core.run.runlog import RunLog
 from bpfree_core.runtime import progress_bar, resolve_device
@@ -263,18 +263,12 @@ def _epoch_with_reruns(executor: Executor, start: dict[str, Any] | None, objecti
                        split: Split, cfg: ExperimentConfig, epoch: int, total: int,
                        progress: bool) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """run_epoch; after a stage failure (executors that recover), rerun it from `start`."""
-    if start is None:
-        return run_epoch(executor, objective, split, cfg, epoch, total, progress), []
-    attempts = 0
-
-    def attempt() -> dict[str, Any]:
-        nonlocal attempts
-        attempts += 1
-        if attempts > 1:   # the stages were recovered with fresh state: back to the epoch start
-            executor.restore(start)
+    def run() -> dict[str, Any]:
         return run_epoch(executor, objective, split, cfg, epoch, total, progress)
 
-    return with_restarts(executor, cfg.pipeline.restarts, attempt, f"epoch {epoch + 1}")
+    if start is None:
+        return run(), []
+    return rerun_from(executor, start, cfg.pipeline.restarts, run, f"epoch {epoch + 1}")
 
 
 def train_reference(
